@@ -1,0 +1,26 @@
+# The two set-up commands of README.md. Each creates .venv (if missing), installs the package
+# with everything it needs, then runs: `make quickstart` the end-to-end job on the embedded
+# default (real small model + real sample data), `make test` the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: quickstart test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/quickstart.sh
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,1 +1,1 @@
-"""m3composer.callbacks"""
+"""Callbacks: data refresh at epoch boundaries, FlagEmbedding-compatible export (more to come)."""

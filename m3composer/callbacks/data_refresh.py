@@ -1,0 +1,39 @@
+"""Data refresh at epoch boundaries (the seed's `TrainerCallbackForDataRefresh`).
+
+Composer never tells a dataset which epoch starts (it calls `set_epoch` only on a
+DistributedSampler), so this Callback does: at `EPOCH_START` the training dataset is set to the
+epoch, and it re-draws its plan — stream order, batch membership, positives, negatives and text
+shuffles are all functions of (seed, epoch) there, so the refresh is deterministic and
+resume-safe. `EPOCH_START` does not fire when a run resumes mid-epoch; the dataset's
+`load_state_dict` has set the epoch then.
+
+At `EPOCH_END` it checks the number of batches served against the plan: a store that keeps
+failing can make Streaming yield a short or empty epoch without raising (Composer notes §7),
+and a short epoch must not pass silently.
+"""
+from __future__ import annotations
+
+from composer.core import Callback, State
+from composer.loggers import Logger
+
+
+def _train_dataset(state: State):
+    dataloader = state.train_dataloader
+    return getattr(dataloader, "dataset", None)
+
+
+class DataRefresh(Callback):
+    def epoch_start(self, state: State, logger: Logger) -> None:
+        dataset = _train_dataset(state)
+        if dataset is not None and hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(int(state.timestamp.epoch))
+
+    def epoch_end(self, state: State, logger: Logger) -> None:
+        expected = state.dataloader_len
+        served = int(state.timestamp.batch_in_epoch)
+        # A run that stops at max_duration mid-epoch never reaches EPOCH_END, so a full epoch is expected here.
+        if expected is not None and served != int(expected):
+            raise RuntimeError(
+                f"epoch {int(state.timestamp.epoch)} served {served} batches but its plan has {int(expected)}: "
+                "the data source ended early (an object store that keeps failing does this silently)")
+        logger.log_metrics({"data/batches_in_epoch": served})

@@ -1,0 +1,213 @@
+"""One typed schema for a training run: YAML + `key=value` overrides -> a validated `TrainConfig`.
+
+`load_config(yaml_path, overrides)` merges the YAML and the command-line overrides onto the
+dataclass schema with omegaconf, so a misspelled or unknown key fails at start-up naming the key
+(`Key 'max_durration' not in 'TrainerConfig'. Did you mean: 'max_duration'?`), a value of the
+wrong type fails naming the key, and a missing required value fails naming it. `validate()` then
+checks ranges and cross-field rules, each error naming its key.
+
+Every option of the seed's `run.py`/data arguments has a field here with the same name and
+meaning (see the table in README.md). The sections mirror the pipeline: model, data, loss,
+optimizer, trainer, callbacks, loggers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+
+AUTO = "auto"  # instruction prefixes / pooling: take what the model folder records
+
+
+@dataclass
+class ModelConfig:
+    # A model folder, or `asset:e5-small` / `asset:tiny-xlmr` for the offline assets (built on demand).
+    name_or_path: str = MISSING
+    pooling: str = AUTO                 # auto (from the folder's m3composer.json) | cls | mean
+    colbert_dim: int = -1               # -1: the encoder's hidden size (the recipe)
+    gradient_checkpointing: bool = False
+    fix_position_embedding: bool = False
+    attn_implementation: Optional[str] = "sdpa"   # null: the encoder's default
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_data: str = MISSING           # a converted dir (`m3c convert` output): local path or s3://...
+    local_cache: Optional[str] = None   # where remote shards are cached; default <run_dir>/data-cache
+    train_group_size: int = 8           # 1 positive + G-1 negatives per query
+    query_max_len: int = 32
+    passage_max_len: int = 128
+    default_batch_size: int = 8         # per device, for buckets the table does not cover (seed: per_device_train_batch_size)
+    max_tokens_per_device_batch: Optional[int] = None   # token-budget batch sizes instead of the table
+    batch_size_table: Optional[dict[str, dict[int, int]]] = None  # null: the seed's tables for G=1 and G=8
+    small_threshold: int = 0            # streams with fewer rows are merged (0 = off, the seed's default)
+    drop_threshold: int = 0             # a merged group with fewer rows is dropped
+    tail: str = "keep_if_ge_2W"         # keep_if_ge_2W (the seed) | drop_partial
+    query_instruction_for_retrieval: Optional[str] = AUTO    # auto: from the model folder; null: none
+    passage_instruction_for_retrieval: Optional[str] = AUTO
+    shuffle_ratio: float = 0.0
+    num_workers: int = 0
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.02
+    unified_finetuning: bool = True
+    use_self_distill: bool = False
+    self_distill_start_step: str = "0ba"   # Composer time; a bare number = optimizer batches
+    self_distill_mode: str = "timestamp"   # timestamp | forward_calls (the seed's strict '>' counting)
+    negatives_cross_device: bool = False
+    cross_rank_grad_scale: str = "parity"  # parity (seed: dense term 1/W after DDP) | full_batch
+    knowledge_distillation: bool = False   # use pos_scores/neg_scores (m3_kd_loss) when a stream has them
+    bidirectional_parallel: bool = True    # passage->query term for parallel_ streams
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.0
+    warmup_steps: Optional[int] = None     # overrides warmup_ratio when set
+    max_grad_norm: Optional[float] = 1.0   # null: no clipping
+
+
+@dataclass
+class TrainerConfig:
+    max_duration: str = "1ep"
+    precision: str = "auto"             # auto: amp_bf16 on GPU, fp32 on CPU | fp32 | amp_bf16 | amp_fp16
+    device: str = "auto"                # auto | cpu | gpu
+    save_folder: Optional[str] = None   # local path or s3://...; {run_name} is expanded by Composer
+    save_interval: str = "1ep"
+    save_num_checkpoints_to_keep: int = 1
+    autoresume: bool = False
+    load_path: Optional[str] = None
+    progress_bar: bool = True
+    log_to_console: bool = False
+    console_log_interval: str = "10ba"
+    device_train_microbatch_size: Optional[int] = None   # null: the largest per-device batch (required)
+    fsdp: bool = False                  # Composer FSDP (FULL_SHARD) instead of DDP
+
+
+@dataclass
+class CallbacksConfig:
+    export_dir: Optional[str] = None    # default <run_dir>/export
+    export_interval: Optional[str] = None
+    speed_window: int = 10
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = MISSING
+    run_dir: str = "runs/${run_name}"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    loggers: dict[str, Any] = field(default_factory=dict)   # e.g. {mlflow: {experiment_name: m3}}, {wandb: {project: m3}}
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent; the message names the key."""
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Merge `yaml_path` and `key=value` overrides onto the schema; validate; return the dataclass."""
+    schema = OmegaConf.structured(TrainConfig)
+    layers = [schema]
+    if yaml_path is not None:
+        layers.append(OmegaConf.load(yaml_path))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad}")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    merged = OmegaConf.merge(*layers)
+    # Keys that are only missing through an interpolation (run_dir -> run_name) are not listed twice.
+    missing = sorted(k for k in OmegaConf.missing_keys(merged) if not _is_interpolation(merged, k))
+    if missing:
+        raise ConfigError(f"missing required value(s): {', '.join(missing)}")
+    OmegaConf.resolve(merged)
+    cfg: TrainConfig = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def _is_interpolation(cfg, dotted_key: str) -> bool:
+    parent, _, leaf = dotted_key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return OmegaConf.is_interpolation(node, leaf)
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Ranges and cross-field rules; each failure names the key."""
+    m, d, l, o, t = cfg.model, cfg.data, cfg.loss, cfg.optimizer, cfg.trainer
+    _check(m.pooling in (AUTO, "cls", "mean"), "model.pooling", f"must be auto, cls or mean, got {m.pooling!r}")
+    _check(m.colbert_dim == -1 or m.colbert_dim > 0, "model.colbert_dim", "must be -1 (hidden size) or positive")
+    _check(d.train_group_size >= 1, "data.train_group_size", "must be >= 1")
+    _check(d.query_max_len >= 3, "data.query_max_len", "must be >= 3 (<s>, a token, </s>)")
+    _check(d.passage_max_len >= 3, "data.passage_max_len", "must be >= 3 (<s>, a token, </s>)")
+    _check(d.default_batch_size >= 1, "data.default_batch_size", "must be >= 1")
+    _check(d.max_tokens_per_device_batch is None or d.max_tokens_per_device_batch > 0,
+           "data.max_tokens_per_device_batch", "must be positive or null")
+    _check(d.small_threshold >= 0, "data.small_threshold", "must be >= 0")
+    _check(d.drop_threshold >= 0, "data.drop_threshold", "must be >= 0")
+    _check(d.tail in ("keep_if_ge_2W", "drop_partial"), "data.tail", f"must be keep_if_ge_2W or drop_partial, got {d.tail!r}")
+    _check(0.0 <= d.shuffle_ratio <= 1.0, "data.shuffle_ratio", "must be in [0, 1]")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(l.temperature > 0 and math.isfinite(l.temperature), "loss.temperature", "must be a positive number")
+    _check(not l.use_self_distill or l.unified_finetuning, "loss.use_self_distill",
+           "needs loss.unified_finetuning=true (the ensemble is the self-distillation teacher)")
+    _check(l.self_distill_mode in ("timestamp", "forward_calls"), "loss.self_distill_mode",
+           "must be timestamp or forward_calls")
+    try:
+        from m3composer.algorithms.self_distill_warmup import parse_start
+        parse_start(l.self_distill_start_step)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"loss.self_distill_start_step: not a Composer time ({e})") from e
+    _check(l.cross_rank_grad_scale in ("parity", "full_batch"), "loss.cross_rank_grad_scale",
+           "must be parity or full_batch")
+    _check(o.lr > 0, "optimizer.lr", "must be positive")
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", "must be two numbers in [0, 1)")
+    _check(0.0 <= o.warmup_ratio < 1.0, "optimizer.warmup_ratio", "must be in [0, 1)")
+    _check(o.warmup_steps is None or o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+    _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be positive or null")
+    _check(t.precision in ("auto", "fp32", "amp_bf16", "amp_fp16"), "trainer.precision",
+           "must be auto, fp32, amp_bf16 or amp_fp16")
+    _check(t.device in ("auto", "cpu", "gpu"), "trainer.device", "must be auto, cpu or gpu")
+    _check(t.device_train_microbatch_size is None or t.device_train_microbatch_size >= 1,
+           "trainer.device_train_microbatch_size", "must be >= 1 or null (never 'auto': it splits the contrastive batch)")
+    _check(not t.autoresume or t.save_folder is not None, "trainer.autoresume", "needs trainer.save_folder")
+    _check(t.save_num_checkpoints_to_keep >= -1, "trainer.save_num_checkpoints_to_keep", "must be >= -1")
+    for key in ("max_duration", "save_interval", "console_log_interval"):
+        _check_time(getattr(t, key), f"trainer.{key}")
+    if cfg.callbacks.export_interval:
+        _check_time(cfg.callbacks.export_interval, "callbacks.export_interval")
+    unknown_loggers = set(cfg.loggers) - {"mlflow", "wandb", "tensorboard", "file"}
+    _check(not unknown_loggers, "loggers", f"unknown logger(s) {sorted(unknown_loggers)}; use mlflow, wandb, tensorboard or file")
+
+
+def _check_time(value: str, key: str) -> None:
+    from composer.core import Time
+    try:
+        Time.from_timestring(value)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {value!r} is not a Composer time string like '2ep' or '100ba' ({e})") from e

@@ -1,0 +1,85 @@
+"""m3composer/config.py: YAML + overrides -> typed config; bad keys and values fail naming the key."""
+import pytest
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from m3composer.config import ConfigError, TrainConfig, load_config
+
+MINIMAL = "run_name: t\nmodel: {name_or_path: asset:tiny-xlmr}\ndata: {train_data: /tmp/mds}\n"
+
+
+@pytest.fixture
+def yaml_path(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text(MINIMAL)
+    return p
+
+
+def test_yaml_and_overrides_merge_into_the_dataclass(yaml_path):
+    cfg = load_config(yaml_path, ["trainer.max_duration=8ba", "data.train_group_size=4", "loss.temperature=0.05"])
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.trainer.max_duration == "8ba"
+    assert cfg.data.train_group_size == 4
+    assert cfg.loss.temperature == 0.05
+    assert cfg.run_dir == "runs/t"          # interpolated from run_name
+    assert cfg.data.query_max_len == 32      # the seed's default
+
+
+def test_unknown_key_is_named_with_a_suggestion(yaml_path):
+    with pytest.raises(ConfigKeyError, match="max_durration.*Did you mean: 'max_duration'"):
+        load_config(yaml_path, ["trainer.max_durration=8ba"])
+
+
+def test_unknown_key_in_yaml_fails(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(MINIMAL + "loss: {temprature: 0.02}\n")
+    with pytest.raises(ConfigKeyError, match="temprature"):
+        load_config(p)
+
+
+def test_wrong_type_names_the_key(yaml_path):
+    with pytest.raises(ValidationError, match="data.train_group_size"):
+        load_config(yaml_path, ["data.train_group_size=four"])
+
+
+def test_missing_required_value_is_named(tmp_path):
+    p = tmp_path / "noname.yaml"
+    p.write_text("model: {name_or_path: x}\n")
+    with pytest.raises(ConfigError, match="data.train_data, run_name"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.tail=sometimes", "data.tail"),
+    ("data.shuffle_ratio=1.5", "data.shuffle_ratio"),
+    ("loss.temperature=0", "loss.temperature"),
+    ("loss.self_distill_start_step=soon", "loss.self_distill_start_step"),
+    ("optimizer.warmup_ratio=1.2", "optimizer.warmup_ratio"),
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("trainer.max_duration=forever", "trainer.max_duration"),
+    ("trainer.autoresume=true", "trainer.autoresume"),
+    ("model.pooling=max", "model.pooling"),
+])
+def test_out_of_range_values_fail_naming_the_key(yaml_path, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(yaml_path, [override])
+
+
+def test_self_distill_needs_unified(yaml_path):
+    with pytest.raises(ConfigError, match="loss.use_self_distill"):
+        load_config(yaml_path, ["loss.use_self_distill=true", "loss.unified_finetuning=false"])
+
+
+def test_override_without_equals_is_rejected(yaml_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(yaml_path, ["trainer.max_duration"])
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+    recipes = sorted(Path(__file__).resolve().parents[1].joinpath("yamls").glob("*.yaml"))
+    assert recipes, "yamls/ has no recipe"
+    for recipe in recipes:
+        cfg = load_config(recipe, ["data.train_data=/tmp/mds"])   # the GPU recipe requires it
+        assert cfg.run_name
+    with pytest.raises(ConfigError, match="data.train_data"):
+        load_config(recipes[0].parent / "bge-m3-unified.yaml")

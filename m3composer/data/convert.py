@@ -1,0 +1,612 @@
+"""`m3c convert`: FlagEmbedding JSONL -> tokenised MDS streams (one per task x length bucket).
+
+Input: JSONL files or directories of them (searched recursively), plain or `.gz`. Each file is
+one *task*; its name is the file stem without the `len-A-B` tag (or the directory name when the
+file is just `len-A-B.jsonl`), made unique and filesystem-safe. `len-A-B` in the file name gives
+the length bucket; a file without it is bucketed row by row by its measured token length (the
+longest of query, positives and negatives, special tokens included) under `bucket_edges`, so the
+seed's separate split script is not needed. `parallel_` anywhere in the path marks parallel data.
+
+Output: `OUT/<task>/<bucket>/` MDS streams and `OUT/m3_index.json` (the contract is in
+docs/architecture.md; the dataset reads exactly that). Text is tokenised here, once, with the
+fast tokenizer in batches (identical strings in a batch are tokenised once), untruncated, with
+`<s>`/`</s>`. Query/passage instructions are **not** applied here: the collator inserts the
+instruction's token ids at training time, so one converted dataset serves any instruction.
+
+Atomicity: a local OUT is built under `OUT.tmp-<pid>` and renamed into place at the end; an
+object-store OUT (`s3://...`, or any scheme Streaming can upload to) is staged locally and
+uploaded with Streaming's uploader, `m3_index.json` last, so a reader that finds the index finds
+a complete dataset. With `on_error="fail"` (default) the first bad line stops all writing, the
+rest of the input is still validated, and the error lists the defects; nothing is left behind.
+With `on_error="skip"` bad lines go to `OUT/rejects.jsonl` and every line is accounted for.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from m3composer.data.buckets import DEFAULT_EDGES, Bucket, bucket_for_length, parse_bucket
+from m3composer.data.rows import (DEFAULT_MAX_LINE_BYTES, REASONS, Row, RowError, ScoresConsistency,
+                                  iter_lines, parse_line)
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "m3_index.json"
+REJECTS_FILE = "rejects.jsonl"
+INDEX_VERSION = 1
+INPUT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+MAX_ERRORS_SHOWN = 20
+
+# The MDS columns of every row (docs/architecture.md). No pickle anywhere. Streaming cannot
+# encode an empty ndarray, so positives and negatives share one never-empty array (a row may
+# have no negatives) and a row without teacher scores stores NaN scores.
+COLUMNS: dict[str, str] = {
+    "query": "ndarray:int32",
+    "passages": "ndarray:int32",         # positives' ids then negatives' ids, concatenated
+    "passage_offsets": "ndarray:int32",  # num_pos + num_neg + 1 offsets into `passages`
+    "num_pos": "int32",
+    "scores": "ndarray:float32",         # teacher score per passage, same order; NaN when none
+    "row_id": "int64",
+    "source": "str",
+}
+
+_BUCKET_TAG = re.compile(r"[_.-]?len-\d+-(?:\d+|inf)")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class ConvertError(ValueError):
+    """Bad input under `on_error="fail"`: carries every defect found (the message shows the first)."""
+
+    def __init__(self, errors: list[RowError], lines: int):
+        self.errors = errors
+        by_reason: dict[str, int] = {}
+        for err in errors:
+            by_reason[err.reason] = by_reason.get(err.reason, 0) + 1
+        shown = "\n".join(f"  {err}" for err in errors[:MAX_ERRORS_SHOWN])
+        more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
+        counts = ", ".join(f"{reason} {n}" for reason, n in sorted(by_reason.items()))
+        super().__init__(f"{len(errors)} bad line(s) of {lines} ({counts}); nothing was written "
+                         f"(use --on-error=skip to keep the valid lines):\n{shown}{more}")
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+@dataclass(frozen=True)
+class InputFile:
+    """One JSONL file: where it is, how it is named in `source`, and what it feeds."""
+    path: Path
+    source_name: str          # relative name used in `source` and error messages
+    file_index: int           # position in sorted input order (high bits of row_id)
+    task: str
+    bucket: Bucket | None     # None: bucketed row by row by measured length
+    parallel: bool
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in sorted(INPUT_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _safe(name: str) -> str:
+    return _UNSAFE.sub("_", name).strip("._") or "task"
+
+
+def discover_inputs(inputs: list[str | os.PathLike]) -> list[InputFile]:
+    """Expand files and directories into the sorted list of input files with task names."""
+    found: dict[Path, tuple[Path, str]] = {}  # resolved path -> (path as given, source name)
+    for given in inputs:
+        root = Path(given)
+        if root.is_dir():
+            files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(INPUT_SUFFIXES))
+            if not files:
+                raise FileNotFoundError(f"{root}: no {'/'.join(INPUT_SUFFIXES)} files in this directory")
+            for p in files:
+                found.setdefault(p.resolve(), (p, str(Path(root.name) / p.relative_to(root))))
+        elif root.is_file():
+            found.setdefault(root.resolve(), (root, root.name))
+        else:
+            raise FileNotFoundError(f"{root}: no such file or directory")
+
+    ordered = sorted(found.items(), key=lambda item: str(item[0]))
+    # A task is (directory, name without the bucket tag): the buckets of one task become
+    # streams of that task. Different directories with the same name get distinct task names.
+    identities: list[tuple[Path, str]] = []
+    for resolved, _ in ordered:
+        base = _BUCKET_TAG.sub("", _strip_suffix(resolved.name))
+        identities.append((resolved.parent, _safe(base or resolved.parent.name)))
+    names = _unique_task_names(identities)
+
+    result = []
+    for index, ((resolved, (given, source_name)), identity) in enumerate(zip(ordered, identities)):
+        bucket = parse_bucket(resolved.name)
+        result.append(InputFile(path=given, source_name=source_name, file_index=index,
+                                task=names[identity], bucket=bucket,
+                                parallel="parallel_" in str(given)))
+    return result
+
+
+def _unique_task_names(identities: list[tuple[Path, str]]) -> dict[tuple[Path, str], str]:
+    distinct = list(dict.fromkeys(identities))
+    by_name: dict[str, list[tuple[Path, str]]] = {}
+    for ident in distinct:
+        by_name.setdefault(ident[1], []).append(ident)
+    names: dict[tuple[Path, str], str] = {}
+    taken: set[str] = set()
+    for name, group in by_name.items():
+        for ident in group:
+            # prefix the parent directory only when the bare name is ambiguous
+            candidate = name if len(group) == 1 else f"{_safe(ident[0].name)}__{name}"
+            unique, n = candidate, 2
+            while unique in taken:
+                unique, n = f"{candidate}-{n}", n + 1
+            taken.add(unique)
+            names[ident] = unique
+    return names
+
+
+# ---------------------------------------------------------------------------------------- streams
+
+@dataclass
+class StreamStats:
+    """What m3_index.json says about one stream; filled while rows are written."""
+    task: str
+    bucket: Bucket
+    parallel: bool
+    bucket_from: str                 # "file_name" or "measured"
+    rows: int = 0
+    rows_with_scores: int = 0
+    min_neg: int | None = None
+    max_neg: int = 0
+    query_tokens: int = 0
+    passage_tokens: int = 0
+    passages: int = 0
+    query_len_max: int = 0
+    passage_len_max: int = 0
+    row_len_max: int = 0
+    rows_outside_bucket: int = 0     # named bucket, but the measured length falls outside it
+    sources: set = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.bucket.name}"
+
+    def to_json(self) -> dict:
+        min_neg = self.min_neg or 0
+        return {
+            "name": self.name, "path": self.name, "task": self.task, "bucket": self.bucket.name,
+            "bucket_lo": self.bucket.lo, "bucket_hi": self.bucket.hi, "bucket_from": self.bucket_from,
+            "rows": self.rows, "parallel": self.parallel,
+            "has_scores": self.rows > 0 and self.rows_with_scores == self.rows,
+            "min_neg": min_neg, "max_neg": self.max_neg,
+            # G with every row filling its G-1 negatives without repeating one
+            "max_group_size_without_repeats": 1 + min_neg,
+            "tokens": {
+                "query_tokens": self.query_tokens, "passage_tokens": self.passage_tokens,
+                "passages": self.passages,
+                "query_len_max": self.query_len_max,
+                "query_len_mean": round(self.query_tokens / max(self.rows, 1), 2),
+                "passage_len_max": self.passage_len_max,
+                "passage_len_mean": round(self.passage_tokens / max(self.passages, 1), 2),
+                "row_len_max": self.row_len_max,
+            },
+            "rows_outside_bucket": self.rows_outside_bucket,
+            "sources": sorted(self.sources),
+        }
+
+
+@dataclass
+class ConvertSummary:
+    """What a conversion did; `lines == rows_kept + rows_rejected` always holds."""
+    out: str
+    files: int
+    lines: int
+    rows_kept: int
+    rows_rejected: int
+    rejected_by_reason: dict[str, int]
+    streams: list[dict]
+    tokens: int
+    seconds: float
+    rejects_path: str | None
+    empty_files: list[str]
+    warnings: list[str]
+
+    def table(self) -> str:
+        lines = [f"converted {self.files} file(s), {self.lines} line(s) in {self.seconds:.1f}s -> {self.out}",
+                 f"  rows kept      {self.rows_kept}",
+                 f"  rows rejected  {self.rows_rejected}"]
+        lines += [f"    {reason:<24}{n}" for reason, n in sorted(self.rejected_by_reason.items())]
+        lines.append(f"  tokens         {self.tokens}")
+        lines.append(f"  streams        {len(self.streams)}")
+        width = max([len(s["name"]) for s in self.streams] + [6])
+        lines.append(f"    {'stream':<{width}}  {'rows':>7}  {'neg':>7}  {'scores':>6}  {'parallel':>8}  {'max len':>7}")
+        for s in self.streams:
+            neg = f"{s['min_neg']}-{s['max_neg']}"
+            lines.append(f"    {s['name']:<{width}}  {s['rows']:>7}  {neg:>7}  {str(s['has_scores']):>6}  "
+                         f"{str(s['parallel']):>8}  {s['tokens']['row_len_max']:>7}")
+        if self.rejects_path:
+            lines.append(f"  rejects report {self.rejects_path}")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------- converter
+
+def is_remote(location: str | os.PathLike) -> bool:
+    """True for object-store URLs such as s3://bucket/prefix (not for local paths)."""
+    return len(urllib.parse.urlparse(str(location)).scheme) > 1
+
+
+def load_tokenizer(tokenizer):
+    """A fast tokenizer from a local folder (never a hub name), or the object itself."""
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    folder = Path(tokenizer)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: tokenizer folder not found (a local model folder is required)")
+    tok = AutoTokenizer.from_pretrained(str(folder), use_fast=True, local_files_only=True,
+                                        trust_remote_code=False)
+    if not tok.is_fast:
+        raise ValueError(f"{folder}: no fast tokenizer (tokenizer.json) in this folder")
+    return tok
+
+
+def _tokenizer_facts(tok, tokenizer_arg) -> dict:
+    name = str(tokenizer_arg) if isinstance(tokenizer_arg, (str, os.PathLike)) else tok.name_or_path
+    facts = {"tokenizer": Path(name).name or name, "tokenizer_vocab_size": len(tok)}
+    tok_json = Path(name) / "tokenizer.json"
+    if tok_json.is_file():
+        facts["tokenizer_sha256"] = hashlib.sha256(tok_json.read_bytes()).hexdigest()
+    return facts
+
+
+class _Converter:
+    """One conversion run into a local directory (the caller handles renaming and uploading)."""
+
+    def __init__(self, out_dir: Path, tok, *, bucket_edges, on_error, max_line_bytes, batch_rows,
+                 compression, shard_size_limit):
+        self.out_dir = out_dir
+        self.tok = tok
+        self.bucket_edges = tuple(bucket_edges)
+        self.on_error = on_error
+        self.max_line_bytes = max_line_bytes
+        self.batch_rows = batch_rows
+        self.compression = compression
+        self.shard_size_limit = shard_size_limit
+        self.writers: dict[tuple[str, Bucket], object] = {}
+        self.stats: dict[tuple[str, Bucket], StreamStats] = {}
+        self.errors: list[RowError] = []
+        self.rejects_fh = None
+        self.lines = 0
+        self.kept = 0
+        self.writing = True   # turned off at the first error under on_error="fail"
+        self.empty_files: list[str] = []
+
+    # rows -> MDS
+    def _tokenize(self, rows: list[Row]) -> dict[str, np.ndarray]:
+        unique = list(dict.fromkeys(text for row in rows for text in (row.query, *row.pos, *row.neg)))
+        encoded = self.tok(unique, add_special_tokens=True, truncation=False,
+                           return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        return {text: np.asarray(ids, dtype=np.int32) for text, ids in zip(unique, encoded)}
+
+    def _writer(self, inp: InputFile, bucket: Bucket):
+        key = (inp.task, bucket)
+        if key not in self.writers:
+            from streaming import MDSWriter
+
+            self.stats[key] = StreamStats(inp.task, bucket, inp.parallel,
+                                          "file_name" if inp.bucket else "measured")
+            self.writers[key] = MDSWriter(out=str(self.out_dir / inp.task / bucket.name), columns=COLUMNS,
+                                          compression=self.compression, size_limit=self.shard_size_limit,
+                                          max_workers=1)
+        stats = self.stats[key]
+        if stats.parallel != inp.parallel:
+            raise ValueError(f"{inp.source_name}: stream {stats.name} mixes parallel and non-parallel files")
+        return self.writers[key], stats
+
+    def _flush(self, inp: InputFile, rows: list[Row]) -> None:
+        if not rows:
+            return
+        ids = self._tokenize(rows)
+        for row in rows:
+            query = ids[row.query]
+            pos = [ids[t] for t in row.pos]
+            neg = [ids[t] for t in row.neg]
+            passage_lens = [len(a) for a in pos] + [len(a) for a in neg]
+            row_len = max(len(query), *passage_lens)
+            bucket = inp.bucket or bucket_for_length(row_len, self.bucket_edges)
+            writer, stats = self._writer(inp, bucket)
+            offsets = np.zeros(len(passage_lens) + 1, dtype=np.int32)
+            np.cumsum(passage_lens, out=offsets[1:])
+            scores = (np.asarray(row.pos_scores + row.neg_scores, dtype=np.float32) if row.has_scores
+                      else np.full(len(passage_lens), np.nan, dtype=np.float32))
+            writer.write({
+                "query": query, "passages": np.concatenate(pos + neg), "passage_offsets": offsets,
+                "num_pos": len(pos), "scores": scores,
+                "row_id": (inp.file_index << 32) | row.line_no,
+                "source": f"{inp.source_name}:{row.line_no}",
+            })
+            stats.rows += 1
+            stats.rows_with_scores += row.has_scores
+            stats.min_neg = len(neg) if stats.min_neg is None else min(stats.min_neg, len(neg))
+            stats.max_neg = max(stats.max_neg, len(neg))
+            stats.query_tokens += len(query)
+            stats.passage_tokens += sum(passage_lens)
+            stats.passages += len(passage_lens)
+            stats.query_len_max = max(stats.query_len_max, len(query))
+            stats.passage_len_max = max(stats.passage_len_max, *passage_lens)
+            stats.row_len_max = max(stats.row_len_max, row_len)
+            stats.rows_outside_bucket += not bucket.contains(row_len)
+            stats.sources.add(inp.source_name)
+        self.kept += len(rows)
+
+    def _reject(self, err: RowError) -> None:
+        self.errors.append(err)
+        if self.on_error == "fail":
+            self.writing = False  # the output will be thrown away: stop tokenising, keep validating
+        else:
+            if self.rejects_fh is None:
+                self.rejects_fh = open(self.out_dir / REJECTS_FILE, "w", encoding="utf-8")
+            self.rejects_fh.write(json.dumps(err.to_json(), ensure_ascii=False) + "\n")
+
+    def convert_file(self, inp: InputFile, progress) -> None:
+        consistency = ScoresConsistency()
+        batch: list[Row] = []
+        offset = 0
+        lines_before = self.lines
+        for line_no, raw, end_offset in iter_lines(inp.path, self.max_line_bytes):
+            self.lines += 1
+            result = parse_line(raw, path=inp.source_name, line_no=line_no, max_line_bytes=self.max_line_bytes)
+            if isinstance(result, Row):
+                result = consistency.check(result, raw)
+            if isinstance(result, RowError):
+                self._reject(result)
+            elif self.writing:
+                batch.append(result)
+                if len(batch) >= self.batch_rows:
+                    self._flush(inp, batch)
+                    batch = []
+            else:
+                self.kept += 1  # valid, counted, but not written: the run has already failed
+            progress.update(end_offset - offset)
+            offset = end_offset
+        if self.writing:
+            self._flush(inp, batch)
+        else:
+            self.kept += len(batch)
+        if self.lines == lines_before:
+            self.empty_files.append(inp.source_name)
+            log.warning("%s: empty file (no lines); it contributes no rows", inp.source_name)
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.finish()
+        if self.rejects_fh is not None:
+            self.rejects_fh.close()
+
+    def index(self, facts: dict) -> dict:
+        streams = [self.stats[k].to_json() for k in sorted(self.stats, key=lambda k: self.stats[k].name)]
+        return {"version": INDEX_VERSION, **facts, "bucket_edges": list(self.bucket_edges),
+                "rows": sum(s["rows"] for s in streams), "streams": streams}
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _prepare_local_out(out: Path, overwrite: bool) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{out}: output exists and is not empty (pass overwrite=True / --overwrite)")
+    work = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
+
+
+def _publish_local(work: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(work, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work, out)
+
+
+def _check_remote_out(remote: str, overwrite: bool):
+    from streaming.base.storage.upload import CloudUploader
+
+    probe_dir = tempfile.mkdtemp(prefix="m3c-probe-")
+    uploader = CloudUploader.get((probe_dir, remote), keep_local=True, exist_ok=True)
+    existing = uploader.list_objects()
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    if existing and not overwrite:
+        raise FileExistsError(f"{remote}: output prefix is not empty ({len(existing)} objects; "
+                              f"pass overwrite=True / --overwrite)")
+    if existing:
+        # Readers trust m3_index.json; take the old one down before new shards land.
+        bucket_key = urllib.parse.urlparse(remote.rstrip("/") + "/" + INDEX_FILE)
+        if not hasattr(uploader, "s3"):
+            raise ValueError(f"{remote}: overwriting is only supported on s3://; choose an empty prefix")
+        uploader.s3.delete_object(Bucket=bucket_key.netloc, Key=bucket_key.path.lstrip("/"))
+
+
+def _upload(staged: Path, remote: str, threads: int = 4) -> None:
+    """Upload every staged file with Streaming's uploader; the index goes last."""
+    from streaming.base.storage.upload import CloudUploader
+
+    uploader = CloudUploader.get((str(staged), remote.rstrip("/")), keep_local=True, exist_ok=True)
+    files = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
+    body = [f for f in files if f != INDEX_FILE]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(uploader.upload_file, body))  # list(): re-raise the first failure
+    uploader.upload_file(INDEX_FILE)
+
+
+def convert(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.PathLike, tokenizer, *,
+            on_error: str = "fail", max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+            bucket_edges: tuple[int, ...] = DEFAULT_EDGES, batch_rows: int = 1024,
+            local_cache: str | os.PathLike | None = None, overwrite: bool = False,
+            compression: str | None = "zstd", shard_size_limit: int = 1 << 26,
+            progress: bool | None = None) -> ConvertSummary:
+    """Convert FlagEmbedding JSONL to MDS streams + m3_index.json under `out` (dir or URL).
+
+    `tokenizer`: a local model folder or a loaded fast tokenizer. Raises `ConvertError` on bad
+    lines when `on_error="fail"`; with `"skip"` they are reported in `OUT/rejects.jsonl`.
+    """
+    from tqdm.auto import tqdm
+
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    bucket_edges = tuple(int(e) for e in bucket_edges)
+    if not bucket_edges or bucket_edges[0] != 0 or list(bucket_edges) != sorted(set(bucket_edges)):
+        raise ValueError(f"bucket_edges must start at 0 and increase strictly, got {bucket_edges}")
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    start = time.perf_counter()
+    files = discover_inputs(inputs)
+    tok = load_tokenizer(tokenizer)
+    # Untruncated on purpose: lift the limit so transformers does not warn about long rows.
+    saved_max_length, tok.model_max_length = tok.model_max_length, sys.maxsize
+
+    out_str = str(out)
+    remote = out_str.rstrip("/") if is_remote(out_str) else None
+    if remote:
+        _check_remote_out(remote, overwrite)
+        staging_root = Path(tempfile.mkdtemp(prefix="m3c-convert-", dir=local_cache))
+        work = staging_root / "dataset"
+        work.mkdir()
+    else:
+        work = _prepare_local_out(Path(out_str), overwrite)
+
+    conv = _Converter(work, tok, bucket_edges=bucket_edges, on_error=on_error, max_line_bytes=max_line_bytes,
+                      batch_rows=batch_rows, compression=compression, shard_size_limit=shard_size_limit)
+    total_bytes = sum(f.path.stat().st_size for f in files)
+    try:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="convert",
+                  disable=(not progress) if progress is not None else None) as bar:
+            for inp in files:
+                conv.convert_file(inp, bar)
+        conv.close()
+        if conv.errors and on_error == "fail":
+            raise ConvertError(conv.errors, conv.lines)
+        index = conv.index(_tokenizer_facts(tok, tokenizer))
+        _write_json_atomic(work / INDEX_FILE, index)  # last: its presence means complete
+        if remote:
+            _upload(work, remote)
+        else:
+            _publish_local(work, Path(out_str))
+    finally:
+        tok.model_max_length = saved_max_length
+        if conv.rejects_fh is not None:
+            conv.rejects_fh.close()
+        shutil.rmtree(staging_root if remote else work, ignore_errors=True)
+
+    warnings = [f"{name}: empty file" for name in conv.empty_files]
+    warnings += [f"{s['name']}: {s['rows_outside_bucket']} row(s) longer/shorter than the bucket in the file name"
+                 for s in index["streams"] if s["rows_outside_bucket"]]
+    by_reason: dict[str, int] = {}
+    for err in conv.errors:
+        by_reason[err.reason] = by_reason.get(err.reason, 0) + 1
+    rejects_path = None
+    if conv.errors:
+        rejects_path = f"{remote}/{REJECTS_FILE}" if remote else str(Path(out_str) / REJECTS_FILE)
+    summary = ConvertSummary(
+        out=out_str, files=len(files), lines=conv.lines, rows_kept=conv.kept, rows_rejected=len(conv.errors),
+        rejected_by_reason=by_reason, streams=index["streams"],
+        tokens=sum(s["tokens"]["query_tokens"] + s["tokens"]["passage_tokens"] for s in index["streams"]),
+        seconds=time.perf_counter() - start, rejects_path=rejects_path, empty_files=conv.empty_files,
+        warnings=warnings)
+    assert summary.lines == summary.rows_kept + summary.rows_rejected, "every line is kept or rejected"
+    return summary
+
+
+def read_index(root: str | os.PathLike, local_cache: str | os.PathLike | None = None) -> dict:
+    """The m3_index.json of a converted dataset, local or remote (downloaded into `local_cache`)."""
+    root_str = str(root).rstrip("/")
+    if is_remote(root_str):
+        from streaming.base.storage.download import CloudDownloader
+
+        cache = Path(local_cache or tempfile.mkdtemp(prefix="m3c-index-"))
+        local = cache / f"{INDEX_FILE}.{os.getpid()}.{time.monotonic_ns()}"
+        try:
+            CloudDownloader.direct_download(f"{root_str}/{INDEX_FILE}", str(local))
+        except Exception as exc:  # the downloaders raise provider-specific errors
+            raise FileNotFoundError(f"{root_str}/{INDEX_FILE}: cannot read the index ({exc}); "
+                                    f"an interrupted or never-finished conversion has none") from exc
+        try:
+            return json.loads(local.read_text(encoding="utf-8"))
+        finally:
+            local.unlink(missing_ok=True)
+    path = Path(root_str) / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no index; not a converted dataset, or the conversion did not finish")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def _edges(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="JSONL file(s) or directories (.jsonl, .json, .gz)")
+    parser.add_argument("--out", required=True, help="output directory or object-store URL (s3://bucket/prefix)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="local model folder with a fast tokenizer (default: the e5-small asset)")
+    parser.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                        help="fail: write nothing if any line is bad (default); skip: keep valid lines, "
+                             "write rejects.jsonl")
+    parser.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,
+                        help="reject longer lines (default 1 MiB)")
+    parser.add_argument("--bucket-edges", type=_edges, default=DEFAULT_EDGES,
+                        help="length-bucket edges for files without len-A-B in the name "
+                             f"(default {','.join(map(str, DEFAULT_EDGES))}; the last bucket is open)")
+    parser.add_argument("--local-cache", default=None, help="staging directory for object-store output")
+    parser.add_argument("--batch-rows", type=int, default=1024, help="rows tokenised per tokenizer call")
+    parser.add_argument("--compression", default="zstd", help="MDS shard compression ('' for none)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        from m3composer.assets.build import ensure_assets
+
+        tokenizer = ensure_assets()["e5-small"]
+    try:
+        summary = convert(args.inputs, args.out, tokenizer, on_error=args.on_error,
+                          max_line_bytes=args.max_line_bytes, bucket_edges=args.bucket_edges,
+                          batch_rows=args.batch_rows, local_cache=args.local_cache, overwrite=args.overwrite,
+                          compression=args.compression or None, progress=False if args.no_progress else None)
+    except (ConvertError, FileExistsError, FileNotFoundError) as exc:
+        print(f"m3c convert: {exc}", file=sys.stderr)
+        return 1
+    print(summary.table())
+    return 0

@@ -1,0 +1,134 @@
+"""BGE-M3 losses as pure tensor functions (imports only torch).
+
+Every function takes score matrices that are **already divided by τ** (see `model/scores.py`),
+arranged `(rows = queries, columns = passages)` in the in-batch layout: query `b` owns the `G`
+passages at columns `b·G … b·G+G−1`, its positive first (column `b·G`). Notation: `N` queries,
+`G = train_group_size`, `S_x` the score matrix of head x ∈ {dense, lex (sparse), mul (ColBERT),
+ens (ensemble)}, `CE(S, y) = mean_b −log softmax(S[b])[y_b]`.
+
+The composition used in training (spec §5; numbers checked against FlagEmbedding, Appendix A):
+
+    L       = ( L_dense + L_ens + 0.1·L_lex + L_mul ) / 4                     unified_loss
+    L'      = ( L'_dense + 0.1·L'_lex + L'_mul ) / 3                          self_distill_loss
+    L_total = ( L + L' ) / 2  when self-distillation is on, else L            combine_self_distill
+
+where each `L_x` is `info_nce(S_x, y)` (or `m3_kd_loss` when teacher scores are used) and each
+`L'_x` is the soft cross entropy of `S_x` against `softmax(S_ens.detach())`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+UNIFIED_LOSS_WEIGHTS = (1.0, 0.1, 1.0, 1.0)      # (dense, lex, mul, ens), spec §5.3
+SELF_DISTILL_WEIGHTS = (1.0, 0.1, 1.0)           # (dense, lex, mul), spec §5.4
+
+
+def in_batch_targets(num_queries: int, group_size: int, device=None) -> torch.Tensor:
+    """Column of each query's positive: `y_b = b·G`, shape `(N,)`."""
+    return torch.arange(num_queries, device=device) * group_size
+
+
+def info_nce(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Temperature-scaled InfoNCE with in-batch negatives.
+
+    `L = mean_b −log( exp(S[b, y_b]) / Σ_c exp(S[b, c]) )`, scores `(N, M)` (÷τ already), targets
+    `(N,)` long. Every other column of row b is a negative: b's own hard negatives and all passages
+    of the other queries (and of the other ranks, for gathered dense scores).
+    """
+    return F.cross_entropy(scores.float(), targets)
+
+
+def soft_cross_entropy(scores: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """`−mean_b Σ_c T[b, c] · log_softmax(S)[b, c]`, scores and teacher `(N, M)`, teacher rows sum to 1.
+
+    (FlagEmbedding calls this its "kl_div" distill loss; it is a cross entropy, the teacher's
+    entropy is not subtracted. Gradient flows into `scores` only.)
+    """
+    return -(teacher_probs * torch.log_softmax(scores.float(), dim=-1)).sum(dim=-1).mean()
+
+
+def unified_loss(dense: torch.Tensor, sparse: torch.Tensor, colbert: torch.Tensor, ensemble: torch.Tensor,
+                 weights: tuple[float, float, float, float] = UNIFIED_LOSS_WEIGHTS) -> torch.Tensor:
+    """`L = (λ_dense·L_dense + λ_ens·L_ens + λ_lex·L_lex + λ_mul·L_mul) / 4`, λ = (1, 0.1, 1, 1) by default.
+
+    Inputs are the four scalar per-head losses (CE or m3_kd_loss). The divisor stays 4 whatever
+    the weights, as in the recipe.
+    """
+    w_dense, w_lex, w_mul, w_ens = weights
+    return (w_dense * dense + w_ens * ensemble + w_lex * sparse + w_mul * colbert) / 4
+
+
+def self_distill_loss(ensemble_scores: torch.Tensor, dense_scores: torch.Tensor, sparse_scores: torch.Tensor,
+                      colbert_scores: torch.Tensor,
+                      weights: tuple[float, float, float] = SELF_DISTILL_WEIGHTS) -> torch.Tensor:
+    """Self-knowledge distillation: the ensemble is a detached teacher for each head.
+
+        T    = softmax(S_ens.detach(), dim=-1)                 (N, M), rows over all in-batch passages
+        L'_x = −mean_b Σ_c T[b, c] · log_softmax(S_x)[b, c]    x ∈ {dense, lex, mul}
+        L'   = (L'_dense + 0.1·L'_lex + L'_mul) / 3
+
+    All four score matrices are local `(N, N·G)` (the dense one too, also with cross-rank
+    negatives). No gradient reaches the teacher.
+    """
+    teacher = torch.softmax(ensemble_scores.detach().float(), dim=-1)
+    w_dense, w_lex, w_mul = weights
+    return (w_dense * soft_cross_entropy(dense_scores, teacher)
+            + w_lex * soft_cross_entropy(sparse_scores, teacher)
+            + w_mul * soft_cross_entropy(colbert_scores, teacher)) / 3
+
+
+def combine_self_distill(unified: torch.Tensor, self_distill: torch.Tensor) -> torch.Tensor:
+    """`L_total = (L + L') / 2` (the recipe halves the sum once self-distillation is on)."""
+    return (unified + self_distill) / 2
+
+
+def m3_kd_loss(scores: torch.Tensor, teacher_targets: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Knowledge distillation from teacher scores, FlagEmbedding's `m3_kd_loss` (spec §5.5).
+
+    scores `(N, N·G)` (÷τ), teacher_targets `t = softmax(teacher_scores)` of shape `(N, G)`: column 0
+    the positive, then the negatives (sorted by teacher score, descending). Each own passage i in
+    turn is the target, against the other queries' passages and own passages not used yet:
+
+        for i in 0..G−1:   y_i[b] = b·G + i
+                           ℓ_i[b] = −log softmax(S[b] masked)[y_i[b]]
+                           L     += mean_b t[b, i] · ℓ_i[b]
+                           mask column y_i[b] of row b for the following rounds
+
+    Masked columns are set to the dtype's most negative finite value (probability exactly 0).
+    Because of the masking the order of the group matters (a Plackett–Luce-like listwise loss).
+    """
+    scores = scores.float()
+    num_queries = scores.shape[0]
+    rows = torch.arange(num_queries, device=scores.device)
+    used = torch.zeros_like(scores, dtype=torch.bool)
+    lowest = torch.finfo(scores.dtype).min
+    loss = scores.new_zeros(())
+    for i in range(group_size):
+        targets = rows * group_size + i
+        per_row = F.cross_entropy(scores.masked_fill(used, lowest), targets, reduction="none")
+        loss = loss + (teacher_targets[:, i].float() * per_row).mean()
+        used = used.clone()
+        used[rows, targets] = True
+    return loss
+
+
+def bidirectional_loss(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Passage→query InfoNCE for parallel (`parallel_`, e.g. bitext) batches.
+
+    From the query→passage scores `S (N, N·G)` take the columns of the positives,
+    `S_pq = S[:, y]ᵀ` with `y = arange(N)·G` (shape `(N, N)`: row a = positive passage of query a,
+    column b = query b), and
+
+        L_bi = mean_a −log( exp(S_pq[a, a]) / Σ_b exp(S_pq[a, b]) )
+
+    i.e. each positive passage must retrieve its own query among all queries of the batch. Hard
+    negatives have no query of their own, so they are not rows here. The model uses it on the
+    dense head for parallel batches as `(L_dense + L_bi) / 2` in place of `L_dense`
+    (the symmetric InfoNCE of sentence-transformers' MultipleNegativesSymmetricRankingLoss).
+    FlagEmbedding parses the `parallel_` flag but never uses it (spec §1.3).
+    """
+    num_queries = scores.shape[0]
+    positives = in_batch_targets(num_queries, group_size, scores.device)
+    passage_to_query = scores[:, positives].T
+    return F.cross_entropy(passage_to_query.float(), torch.arange(num_queries, device=scores.device))

@@ -1,0 +1,131 @@
+"""m3composer.losses: each loss against hand-computed values, the spec's reference numbers, and gradients."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from m3composer import losses
+
+# Appendix A of the training spec: score matrices of case A (already ÷ τ), B = 2 queries, G = 2.
+S_DENSE = torch.tensor([[49.798645, 48.194595, 49.857792, 49.372311],
+                        [49.849072, 48.351624, 49.808052, 49.277126]])
+S_LEX = torch.tensor([[19.579647, 0.0, 0.0, 0.0],
+                      [0.0, 0.0, 0.0, 0.0]])
+S_MUL = torch.tensor([[49.018509, 45.668518, 45.096268, 48.615753],
+                      [49.709358, 46.539116, 47.023472, 48.651379]])
+TEACHER_RAW = torch.tensor([[0.9, 0.1], [0.7, 0.6]])
+G = 2
+
+
+def row_ce(row: list[float], target: int) -> float:
+    """−log softmax(row)[target], written out."""
+    return -row[target] + math.log(sum(math.exp(x) for x in row))
+
+
+def test_in_batch_targets_point_at_each_querys_positive():
+    assert losses.in_batch_targets(3, 4).tolist() == [0, 4, 8]
+
+
+def test_info_nce_matches_hand_computed_cross_entropy():
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.5, 0.5, 3.0, 0.0]])
+    expected = (row_ce([2.0, 1.0, 0.0, -1.0], 0) + row_ce([0.5, 0.5, 3.0, 0.0], 2)) / 2
+    got = losses.info_nce(scores, losses.in_batch_targets(2, G))
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_m3_kd_loss_matches_hand_computed_rounds_with_masking():
+    s = [[1.0, 2.0, 0.5, -1.0], [0.0, 1.5, 2.5, 1.0]]
+    t = [[0.7, 0.3], [0.4, 0.6]]
+    # round 0: own passage 0 is the target (columns 0 / 2), nothing masked
+    round0 = (t[0][0] * row_ce(s[0], 0) + t[1][0] * row_ce(s[1], 2)) / 2
+    # round 1: own passage 1 is the target (columns 1 / 3); the round-0 targets are removed from the rows
+    row0 = [s[0][1], s[0][2], s[0][3]]          # column 0 masked
+    row1 = [s[1][0], s[1][1], s[1][3]]          # column 2 masked
+    round1 = (t[0][1] * row_ce(row0, 0) + t[1][1] * row_ce(row1, 2)) / 2
+    got = losses.m3_kd_loss(torch.tensor(s), torch.tensor(t), G)
+    assert got.item() == pytest.approx(round0 + round1, abs=1e-6)
+
+
+def test_bidirectional_loss_is_passage_to_query_cross_entropy_over_positives():
+    s = [[2.0, 1.0, 0.0, -1.0], [0.5, 0.5, 3.0, 0.0]]
+    # positive of q0 is column 0, of q1 column 2; passage a must find query a among both queries
+    expected = (row_ce([s[0][0], s[1][0]], 0) + row_ce([s[0][2], s[1][2]], 1)) / 2
+    assert losses.bidirectional_loss(torch.tensor(s), G).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_bidirectional_loss_equals_forward_loss_for_symmetric_scores_and_g1():
+    a = torch.randn(5, 5)
+    symmetric = a + a.T
+    targets = losses.in_batch_targets(5, 1)
+    assert torch.allclose(losses.bidirectional_loss(symmetric, 1), losses.info_nce(symmetric, targets))
+
+
+def test_unified_and_self_distill_coefficients():
+    one = torch.tensor(1.0)
+    assert losses.unified_loss(one * 4, one * 10, one * 8, one * 2).item() == pytest.approx((4 + 2 + 1 + 8) / 4)
+    assert losses.combine_self_distill(one * 3, one).item() == pytest.approx(2.0)
+    # self-distillation with a teacher equal to the student: the student terms are the teacher's entropy
+    scores = torch.tensor([[1.0, 0.0, 2.0]])
+    p = torch.softmax(scores, -1)
+    entropy = -(p * p.log()).sum().item()
+    got = losses.self_distill_loss(scores, scores, scores, scores).item()
+    assert got == pytest.approx(entropy * (1 + 0.1 + 1) / 3, abs=1e-6)
+
+
+def _ensemble(dense, lex, mul):
+    return dense + 0.3 * lex + mul
+
+
+def test_reference_case_a_and_b_in_batch_unified_with_and_without_self_distill():
+    targets = losses.in_batch_targets(2, G)
+    ens = _ensemble(S_DENSE, S_LEX, S_MUL)
+    unified = losses.unified_loss(losses.info_nce(S_DENSE, targets), losses.info_nce(S_LEX, targets),
+                                  losses.info_nce(S_MUL, targets), losses.info_nce(ens, targets))
+    assert unified.item() == pytest.approx(1.104364, abs=1e-5)                       # case B
+    total = losses.combine_self_distill(unified, losses.self_distill_loss(ens, S_DENSE, S_LEX, S_MUL))
+    assert total.item() == pytest.approx(0.849707, abs=1e-5)                         # case A
+
+
+def test_reference_case_c_m3_kd_loss_unified_with_self_distill():
+    t = torch.softmax(TEACHER_RAW, dim=-1)
+    ens = _ensemble(S_DENSE, S_LEX, S_MUL)
+    unified = losses.unified_loss(losses.m3_kd_loss(S_DENSE, t, G), losses.m3_kd_loss(S_LEX, t, G),
+                                  losses.m3_kd_loss(S_MUL, t, G), losses.m3_kd_loss(ens, t, G))
+    total = losses.combine_self_distill(unified, losses.self_distill_loss(ens, S_DENSE, S_LEX, S_MUL))
+    assert total.item() == pytest.approx(0.922237, abs=1e-5)
+
+
+def test_reference_dense_only_loss():
+    # the spec's cross-device check: dense-only loss of the full batch is 1.060854
+    assert losses.info_nce(S_DENSE, losses.in_batch_targets(2, G)).item() == pytest.approx(1.060854, abs=1e-5)
+
+
+def test_self_distill_teacher_sends_no_gradient():
+    dense, lex, mul = (x.clone().requires_grad_(True) for x in (S_DENSE, S_LEX, S_MUL))
+    ens = _ensemble(dense, lex, mul)
+    losses.self_distill_loss(ens, dense, lex, mul).backward()
+    with_graph = [x.grad.clone() for x in (dense, lex, mul)]
+
+    # same loss with the teacher built from constants: identical gradients means the teacher path adds nothing
+    dense2, lex2, mul2 = (x.clone().requires_grad_(True) for x in (S_DENSE, S_LEX, S_MUL))
+    losses.self_distill_loss(_ensemble(S_DENSE, S_LEX, S_MUL), dense2, lex2, mul2).backward()
+    for a, b in zip(with_graph, (dense2.grad, lex2.grad, mul2.grad)):
+        assert torch.equal(a, b)
+    assert dense.grad.abs().sum() > 0
+
+    leaf_teacher = _ensemble(S_DENSE, S_LEX, S_MUL).requires_grad_(True)
+    losses.self_distill_loss(leaf_teacher, S_DENSE, S_LEX, S_MUL.clone().requires_grad_(True)).backward()
+    assert leaf_teacher.grad is None
+
+
+def test_m3_kd_loss_gradient_skips_masked_columns_only_in_later_rounds():
+    # with a one-hot teacher on the positive, only round 0 counts: plain CE of the positive
+    scores = S_MUL.clone().requires_grad_(True)
+    one_hot = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    kd = losses.m3_kd_loss(scores, one_hot, G)
+    ce = losses.info_nce(S_MUL, losses.in_batch_targets(2, G))
+    assert kd.item() == pytest.approx(ce.item(), abs=1e-6)
+    kd.backward()
+    assert torch.isfinite(scores.grad).all()

@@ -1,0 +1,82 @@
+"""The three M3 heads: from an encoder's last hidden state to dense, sparse and ColBERT representations.
+
+These are plain functions over tensors (the `nn.Linear` heads are passed in), so the model class
+stays short and every head can be tested with hand-made tensors. Shapes: `hidden (n, L, H)`,
+`input_ids`/`attention_mask (n, L)`. See the training spec §4.
+
+* dense:   pooled vector (`cls` = position 0, the recipe; `mean` = attention-mask-weighted mean,
+           what e5 models were trained with), L2-normalised when `normalize`.
+* sparse:  `w[n, l] = ReLU(sparse_linear(hidden[n, l]))`, aggregated per token id with **max** into a
+           `(n, V)` vocabulary vector; the special ids (cls, eos, pad, unk) get weight 0.
+* ColBERT: `colbert_linear(hidden[:, 1:])` (every token after CLS), padding rows zeroed, each row
+           L2-normalised when `normalize`.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+POOLING_METHODS = ("cls", "mean")
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """`x / max(‖x‖₂, 1e-12)` along the last dim (zero rows stay zero), as the recipe does."""
+    return F.normalize(x, p=2, dim=-1, eps=1e-12)
+
+
+def pool_dense(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Sentence vector `(n, H)` from `hidden (n, L, H)`; not normalised here."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+    raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLING_METHODS}")
+
+
+def sparse_token_weights(hidden: torch.Tensor, sparse_linear: nn.Linear) -> torch.Tensor:
+    """Per-position lexical weight `ReLU(sparse_linear(hidden))`, shape `(n, L)`, every position."""
+    return torch.relu(sparse_linear(hidden)).squeeze(-1)
+
+
+def special_token_mask(vocab_size: int, special_token_ids: Iterable[int], device=None, dtype=None) -> torch.Tensor:
+    """`(V,)` tensor: 0 at the special ids, 1 elsewhere (multiplied in, so autograd sees no in-place edit)."""
+    keep = torch.ones(vocab_size, device=device, dtype=dtype)
+    ids = sorted(set(int(i) for i in special_token_ids if i is not None))
+    if ids:
+        keep[ids] = 0
+    return keep
+
+
+def sparse_vocab_weights(token_weights: torch.Tensor, input_ids: torch.Tensor, vocab_size: int,
+                         special_token_ids: Iterable[int]) -> torch.Tensor:
+    """Vocabulary vector `v (n, V)`: `v[n, t] = max_{l: input_ids[n,l]=t} token_weights[n, l]`, 0 elsewhere.
+
+    Built with one `scatter_reduce(..., "amax")` into `(n, V)`, never an `(n, L, V)` tensor (the
+    seed's out-of-memory path, spec §7 #8). Weights are ≥ 0, so including the zero initial value
+    changes nothing. The special ids' columns are zeroed by multiplying with a constant 0/1 mask,
+    out of place, so the graph stays valid. Memory: `n·V` floats, about 1 MB per text for V=250,002
+    in fp32, plus the same again for its gradient: fine for a few hundred texts per step.
+    """
+    n = token_weights.shape[0]
+    vocab = torch.zeros(n, vocab_size, dtype=token_weights.dtype, device=token_weights.device)
+    vocab = vocab.scatter_reduce(1, input_ids, token_weights, reduce="amax", include_self=True)
+    keep = special_token_mask(vocab_size, special_token_ids, device=vocab.device, dtype=vocab.dtype)
+    return vocab * keep
+
+
+def colbert_vectors(hidden: torch.Tensor, attention_mask: torch.Tensor, colbert_linear: nn.Linear,
+                    normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ColBERT token vectors `(n, L-1, D)` for every position after CLS, and their mask `(n, L-1)`.
+
+    Padding rows are exactly zero (multiplied by the mask before normalising), which is what makes
+    the max-sim see zeros from padding (spec §3.2; kept for parity).
+    """
+    mask = attention_mask[:, 1:]
+    vecs = colbert_linear(hidden[:, 1:]) * mask.unsqueeze(-1).to(hidden.dtype)
+    if normalize:
+        vecs = l2_normalize(vecs)
+    return vecs, mask

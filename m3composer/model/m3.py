@@ -1,0 +1,288 @@
+"""M3Model: a Hugging Face encoder with BGE-M3's dense, sparse and ColBERT heads.
+
+Two steps are kept apart on purpose (a gradient cache later works on the seam between them):
+
+    encode(input_ids, attention_mask) -> M3Reps     (token ids -> each head's representation)
+    score(q_reps, p_reps, temperature) -> M3Scores  (representations -> score matrices, scores.py)
+
+A saved folder is what FlagEmbedding's `BGEM3FlagModel` loads: the encoder (`config.json` +
+`model.safetensors`) and tokenizer at the root, `colbert_linear.pt` and `sparse_linear.pt` as plain
+CPU state dicts (keys `weight`, `bias`), plus our `m3composer.json` (pooling, normalisation,
+instruction prefixes) that FlagEmbedding ignores.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+
+from m3composer.assets.paths import read_model_meta, write_model_meta
+from m3composer.model import heads
+from m3composer.model.scores import COLBERT_MAX_ELEMENTS, ENSEMBLE_WEIGHTS, M3Reps, M3Scores, score
+
+log = logging.getLogger(__name__)
+
+COLBERT_FILE = "colbert_linear.pt"
+SPARSE_FILE = "sparse_linear.pt"
+# XLM-R / bge-m3 ids of <s>, <pad>, </s>, <unk>: used only when neither a tokenizer nor explicit ids exist.
+XLMR_SPECIAL_IDS = {"cls": 0, "pad": 1, "eos": 2, "unk": 3}
+
+
+def special_ids_from_tokenizer(tokenizer) -> dict[str, int]:
+    """cls/eos/pad/unk ids, the four tokens whose sparse weight is zeroed (as FlagEmbedding does)."""
+    ids = {"cls": tokenizer.cls_token_id, "eos": tokenizer.eos_token_id,
+           "pad": tokenizer.pad_token_id, "unk": tokenizer.unk_token_id}
+    return {k: int(v) for k, v in ids.items() if v is not None}
+
+
+def _load_encoder(folder: str | os.PathLike, **kwargs) -> PreTrainedModel:
+    """AutoModel without the pooler where the class has one (an unused pooler breaks DDP)."""
+    try:
+        return AutoModel.from_pretrained(folder, add_pooling_layer=False, trust_remote_code=False, **kwargs)
+    except TypeError:  # encoder classes without a pooler do not accept the argument
+        return AutoModel.from_pretrained(folder, trust_remote_code=False, **kwargs)
+
+
+def _right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists to the longest: `(input_ids, attention_mask)`, both `(n, L)` long."""
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, :len(seq)] = 1
+    return input_ids, attention_mask
+
+
+class M3Model(nn.Module):
+    """Encoder + `colbert_linear (H -> D)` + `sparse_linear (H -> 1)`; see module doc.
+
+    `pooling` ("cls" | "mean") and `normalize` are the dense head's settings; they are saved in
+    `m3composer.json`. `special_token_ids` are the ids whose sparse weight is forced to 0.
+    """
+
+    def __init__(self, encoder: PreTrainedModel, colbert_linear: nn.Linear, sparse_linear: nn.Linear, *,
+                 pooling: str = "cls", normalize: bool = True, special_token_ids: Optional[dict[str, int]] = None,
+                 tokenizer=None, query_instruction: Optional[str] = None,
+                 passage_instruction: Optional[str] = None):
+        super().__init__()
+        if pooling not in heads.POOLING_METHODS:
+            raise ValueError(f"pooling must be one of {heads.POOLING_METHODS}, got {pooling!r}")
+        self.encoder = encoder
+        self.colbert_linear = colbert_linear
+        self.sparse_linear = sparse_linear
+        self.pooling = pooling
+        self.normalize = normalize
+        self.tokenizer = tokenizer
+        if special_token_ids is None:
+            if tokenizer is not None:
+                special_token_ids = special_ids_from_tokenizer(tokenizer)
+            else:
+                log.warning("M3Model: no tokenizer and no special_token_ids; assuming XLM-R ids %s", XLMR_SPECIAL_IDS)
+                special_token_ids = dict(XLMR_SPECIAL_IDS)
+        self.special_token_ids = dict(special_token_ids)
+        self.query_instruction = query_instruction
+        self.passage_instruction = passage_instruction
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def new_heads(hidden_size: int, colbert_dim: int = -1) -> tuple[nn.Linear, nn.Linear]:
+        """Fresh heads with PyTorch's default init, as the recipe (`colbert_dim <= 0` means D = H)."""
+        colbert = nn.Linear(hidden_size, hidden_size if colbert_dim <= 0 else colbert_dim)
+        sparse = nn.Linear(hidden_size, 1)
+        return colbert, sparse
+
+    @classmethod
+    def from_encoder(cls, encoder: PreTrainedModel, *, colbert_dim: int = -1, **kwargs) -> "M3Model":
+        """Wrap an encoder with freshly initialised heads."""
+        colbert, sparse = cls.new_heads(encoder.config.hidden_size, colbert_dim)
+        return cls(encoder, colbert, sparse, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, *, pooling: Optional[str] = None,
+                        normalize: Optional[bool] = None, colbert_dim: int = -1,
+                        load_tokenizer: bool = True, special_token_ids: Optional[dict[str, int]] = None,
+                        **encoder_kwargs) -> "M3Model":
+        """Load an M3 folder (ours, FlagEmbedding's, or a plain HF encoder folder), in eval mode.
+
+        Defaults for `pooling`/`normalize`/instructions come from `m3composer.json` (BGE-M3's when
+        absent). The heads are read from `colbert_linear.pt`/`sparse_linear.pt` with
+        `weights_only=True` when both exist (D is then the saved one); otherwise they are
+        initialised as the recipe does and a warning says so.
+        """
+        folder = Path(folder)
+        meta = read_model_meta(folder)
+        encoder = _load_encoder(folder, **encoder_kwargs)
+        tokenizer = None
+        if load_tokenizer and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                   "sentencepiece.bpe.model")):
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        hidden = encoder.config.hidden_size
+        colbert_path, sparse_path = folder / COLBERT_FILE, folder / SPARSE_FILE
+        if colbert_path.is_file() and sparse_path.is_file():
+            colbert_state = torch.load(colbert_path, map_location="cpu", weights_only=True)
+            sparse_state = torch.load(sparse_path, map_location="cpu", weights_only=True)
+            colbert_linear = nn.Linear(hidden, colbert_state["weight"].shape[0])
+            sparse_linear = nn.Linear(hidden, 1)
+            try:
+                colbert_linear.load_state_dict(colbert_state)
+                sparse_linear.load_state_dict(sparse_state)
+            except RuntimeError as err:
+                raise RuntimeError(f"{folder}: head files do not fit an encoder of hidden size {hidden}: {err}") from err
+            colbert_linear.to(dtype=encoder.dtype)
+            sparse_linear.to(dtype=encoder.dtype)
+        else:
+            log.warning("%s: no %s/%s; the ColBERT and sparse heads are newly initialised "
+                        "(fine for training, not for inference)", folder, COLBERT_FILE, SPARSE_FILE)
+            colbert_linear, sparse_linear = cls.new_heads(hidden, colbert_dim)
+        model = cls(encoder, colbert_linear, sparse_linear,
+                    pooling=pooling or meta["pooling"],
+                    normalize=meta["normalize"] if normalize is None else normalize,
+                    special_token_ids=special_token_ids, tokenizer=tokenizer,
+                    query_instruction=meta["query_instruction"], passage_instruction=meta["passage_instruction"])
+        return model.eval()   # like transformers' from_pretrained; the trainer switches to train()
+
+    # ------------------------------------------------------------------ encode / score
+    @property
+    def vocab_size(self) -> int:
+        return self.encoder.config.vocab_size
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+               with_sparse: bool = True, with_colbert: bool = True) -> M3Reps:
+        """Token ids `(n, L)` -> `M3Reps` (dense `(n, H)`, sparse `(n, V)`, ColBERT `(n, L-1, D)` + mask)."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        dense = heads.pool_dense(hidden, attention_mask, self.pooling)
+        if self.normalize:
+            dense = heads.l2_normalize(dense)
+        reps = M3Reps(dense=dense)
+        if with_sparse:
+            # Padding positions carry the pad id (zeroed below anyway); masking also covers a collator
+            # that pads with some other id.
+            weights = heads.sparse_token_weights(hidden, self.sparse_linear) * attention_mask.to(hidden.dtype)
+            reps.sparse = heads.sparse_vocab_weights(weights, input_ids, self.vocab_size,
+                                                     self.special_token_ids.values())
+        if with_colbert:
+            reps.colbert, reps.colbert_mask = heads.colbert_vectors(hidden, attention_mask, self.colbert_linear,
+                                                                    self.normalize)
+        return reps
+
+    @staticmethod
+    def score(q: M3Reps, p: M3Reps, temperature: float, *,
+              ensemble_weights: tuple[float, float, float] = ENSEMBLE_WEIGHTS,
+              colbert_max_elements: int = COLBERT_MAX_ELEMENTS) -> M3Scores:
+        """Score matrices `(len(q), len(p))` of every head present; see `scores.score`."""
+        return score(q, p, temperature, ensemble_weights=ensemble_weights, colbert_max_elements=colbert_max_elements)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> M3Reps:
+        return self.encode(input_ids, attention_mask)
+
+    # ------------------------------------------------------------------ save
+    def save_pretrained(self, folder: str | os.PathLike, tokenizer=None) -> Path:
+        """Write a FlagEmbedding-loadable folder atomically (temp folder + rename); returns its path.
+
+        Encoder weights as safetensors, the tokenizer (`tokenizer` or the attached one), the two heads
+        as plain CPU state dicts, and `m3composer.json`. An existing folder is replaced.
+        """
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            # Clone to CPU so the saved tensors never alias live (possibly GPU/DDP) parameters.
+            state = {k: v.detach().clone().cpu() for k, v in self.encoder.state_dict().items()}
+            self.encoder.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, head in ((COLBERT_FILE, self.colbert_linear), (SPARSE_FILE, self.sparse_linear)):
+                torch.save({k: v.detach().clone().cpu() for k, v in head.state_dict().items()}, tmp / name)
+            write_model_meta(tmp, pooling=self.pooling, normalize=self.normalize,
+                             query_instruction=self.query_instruction, passage_instruction=self.passage_instruction)
+            old = None
+            if folder.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+                os.rename(folder, old / "previous")
+            os.rename(tmp, folder)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+    # ------------------------------------------------------------------ inference
+    def encode_texts(self, texts: Sequence[str] | str, tokenizer=None, *, batch_size: int = 32,
+                     max_length: int = 512, instruction: Optional[str] = None, return_dense: bool = True,
+                     return_sparse: bool = True, return_colbert_vecs: bool = True) -> dict:
+        """Encode texts with the meaning of `BGEM3FlagModel.encode`.
+
+        Returns `{"dense_vecs": (n, H) float32 array, "lexical_weights": [{token id as str: weight}],
+        "colbert_vecs": [(tokens-1, D) float32 arrays]}` (a key is None when not requested; a
+        single string gives single items). Lexical weights keep, per token id, the max weight over
+        its positions, dropping special ids and zero weights; ColBERT vectors drop padding.
+        `instruction` is prepended verbatim (e.g. the folder's `query_instruction`). Texts are
+        sorted by length for batching and returned in input order.
+        """
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        if tokenizer is None:
+            raise ValueError("encode_texts needs a tokenizer (none attached to this model)")
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        if instruction:
+            texts = [instruction + t for t in texts]
+        encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        order = np.argsort([-len(ids) for ids in encoded], kind="stable")
+        special = set(self.special_token_ids.values())
+        device = next(self.parameters()).device
+        dense_out: list[Optional[np.ndarray]] = [None] * len(texts)
+        lexical_out: list[Optional[dict]] = [None] * len(texts)
+        colbert_out: list[Optional[np.ndarray]] = [None] * len(texts)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(texts), batch_size):
+                    idx = order[start:start + batch_size]
+                    input_ids, attention_mask = _right_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
+                    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                    hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                          return_dict=True).last_hidden_state
+                    if return_dense:
+                        dense = heads.pool_dense(hidden, attention_mask, self.pooling)
+                        dense = heads.l2_normalize(dense) if self.normalize else dense
+                        for row, i in enumerate(idx):
+                            dense_out[i] = dense[row].float().cpu().numpy()
+                    if return_sparse:
+                        weights = heads.sparse_token_weights(hidden, self.sparse_linear).float().cpu().numpy()
+                        for row, i in enumerate(idx):
+                            lexical: dict[str, float] = {}
+                            for token_id, w in zip(encoded[i], weights[row]):
+                                if token_id in special or w <= 0:
+                                    continue
+                                key = str(token_id)
+                                if w > lexical.get(key, 0.0):
+                                    lexical[key] = float(w)
+                            lexical_out[i] = lexical
+                    if return_colbert_vecs:
+                        vecs, mask = heads.colbert_vectors(hidden, attention_mask, self.colbert_linear, self.normalize)
+                        vecs = vecs.float().cpu().numpy()
+                        for row, i in enumerate(idx):
+                            colbert_out[i] = vecs[row, :len(encoded[i]) - 1]
+        finally:
+            self.train(was_training)
+        result = {
+            "dense_vecs": np.stack(dense_out) if return_dense else None,
+            "lexical_weights": lexical_out if return_sparse else None,
+            "colbert_vecs": colbert_out if return_colbert_vecs else None,
+        }
+        if single:
+            result = {k: (v[0] if v is not None else None) for k, v in result.items()}
+        return result

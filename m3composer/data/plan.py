@@ -1,0 +1,186 @@
+"""The epoch plan: which rows form each step's global batch, as a pure function of (seed, epoch, W).
+
+This is the seed's `SameDatasetTrainDataset.refresh_epoch` (spec §2.3–§2.4) made reproducible:
+
+* Streams (one task × length bucket each, from `m3_index.json`) become *groups*: a stream on its
+  own, or — with `small_threshold > 0` — all streams of one task with fewer rows than the
+  threshold merged into one group whose per-device batch size is the smallest of its members'
+  (dropped, and logged, if its total is below `drop_threshold`). Defaults 0/0 = no merging, as in
+  the seed. Unlike the seed we merge per (task, has teacher scores, parallel), because a batch's
+  teacher scores and bidirectional flag are all-or-nothing (the seed crashes on a mixed merge).
+* Each epoch, every group's rows are permuted, cut into global batches of
+  `per_device_batch_size × W` rows, and the list of all batches is permuted again, so every
+  global batch comes from one group and both the order and the membership change per epoch.
+* Rank r takes rows `[r·k, (r+1)·k)` of a step's global batch, k = its per-rank size.
+* The tail rule (spec §2.4, §7 #12): `keep_if_ge_2W` (the seed) keeps a final short chunk of
+  n ≥ 2·W rows and splits it floor(n/W) per rank (the n mod W leftover rows sit out the epoch);
+  `drop_partial` keeps full global batches only. What sits out is counted per group in
+  `EpochPlan.left_out` and logged by the dataset — never silent.
+
+Where the seed shuffles in place with one generator across epochs (so epoch e can only be
+reproduced by replaying epochs 0..e-1), here epoch e draws from `default_rng([seed, PLAN_STREAM,
+epoch])`: any step of any epoch can be recomputed directly, which is what makes resume exact.
+The purpose tag sits before the epoch because numpy's SeedSequence ignores trailing zeros
+(`[42, 0]` and `[42]` give the same generator).
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TAIL_RULES = ("keep_if_ge_2W", "drop_partial")
+
+# Purpose tags for numpy SeedSequence entropy: [seed, tag, ...]. Distinct, non-zero.
+PLAN_STREAM = 1
+ROW_STREAM = 2
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    """One stream of `m3_index.json` (the MDS contract in docs/architecture.md)."""
+    name: str
+    path: str
+    task: str
+    bucket: str
+    rows: int
+    parallel: bool
+    has_scores: bool
+    min_neg: int | None = None
+    bucket_hi: int | None = None
+    query_len_max: int | None = None      # measured by the converter (tokens), when known
+    passage_len_max: int | None = None
+
+    @classmethod
+    def from_index(cls, entry: dict, where: str = "m3_index.json") -> "StreamEntry":
+        tokens = entry.get("tokens") or {}
+        try:
+            return cls(name=str(entry["name"]), path=str(entry["path"]), task=str(entry["task"]),
+                       bucket=str(entry["bucket"]), rows=int(entry["rows"]),
+                       parallel=bool(entry["parallel"]), has_scores=bool(entry["has_scores"]),
+                       min_neg=None if entry.get("min_neg") is None else int(entry["min_neg"]),
+                       bucket_hi=None if entry.get("bucket_hi") is None else int(entry["bucket_hi"]),
+                       query_len_max=int(tokens["query_len_max"]) if tokens.get("query_len_max") else None,
+                       passage_len_max=int(tokens["passage_len_max"]) if tokens.get("passage_len_max") else None)
+        except KeyError as missing:
+            raise ValueError(f"{where}: stream entry {entry.get('name', entry)!r} lacks {missing}") from None
+
+
+@dataclass(frozen=True)
+class Group:
+    """A batching unit: every global batch is drawn from exactly one group."""
+    name: str
+    streams: tuple[int, ...]      # positions in the index's stream list; rows are concatenated in this order
+    rows: int
+    per_device_batch_size: int
+    is_parallel: bool
+    has_scores: bool
+
+
+def group_streams(streams: Sequence[StreamEntry], batch_sizes: Sequence[int], *,
+                  small_threshold: int = 0, drop_threshold: int = 0) -> tuple[list[Group], list[str]]:
+    """Groups of the spec §2.3 small-file merge; returns (groups, names of dropped merged groups).
+
+    Streams with `0 < rows < small_threshold` are merged per (task, has_scores, parallel) into one
+    group named `<task>/small` whose batch size is the members' minimum; a merged group with fewer
+    than `drop_threshold` rows is dropped. Streams with 0 rows are never a group.
+    """
+    groups: list[Group] = []
+    small: dict[tuple[str, bool, bool], list[int]] = defaultdict(list)
+    for i, stream in enumerate(streams):
+        if stream.rows <= 0:
+            continue
+        if stream.rows < small_threshold:
+            small[(stream.task, stream.has_scores, stream.parallel)].append(i)
+        else:
+            groups.append(Group(stream.name, (i,), stream.rows, int(batch_sizes[i]), stream.parallel,
+                                stream.has_scores))
+    dropped: list[str] = []
+    keys_per_task = defaultdict(int)
+    for task, _, _ in small:
+        keys_per_task[task] += 1
+    for (task, has_scores, parallel), members in small.items():
+        name = f"{task}/small"
+        if keys_per_task[task] > 1:  # a task whose small streams differ in scores/parallel: keep names unique
+            name += f"-{'scores' if has_scores else 'noscores'}{'-parallel' if parallel else ''}"
+        total = sum(streams[i].rows for i in members)
+        if total < drop_threshold:
+            dropped.append(name)
+            log.warning("dropping merged small streams %s of task %s: %d rows < drop_threshold %d",
+                        [streams[i].name for i in members], task, total, drop_threshold)
+            continue
+        groups.append(Group(name, tuple(members), total, min(int(batch_sizes[i]) for i in members),
+                            parallel, has_scores))
+    return groups, dropped
+
+
+@dataclass(frozen=True)
+class Step:
+    """One global batch: `rows` are group-local row indices, rank r's slice is `rank_rows(r)`."""
+    group: int
+    rows: np.ndarray          # exactly per_rank × W rows (leftovers are not part of the step)
+    per_rank: int
+
+    def rank_rows(self, rank: int) -> np.ndarray:
+        return self.rows[rank * self.per_rank:(rank + 1) * self.per_rank]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    epoch: int
+    world_size: int
+    steps: list[Step]
+    left_out: list[int]       # per group: rows that sit out this epoch (tail rule)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def samples_per_step(self) -> np.ndarray:
+        """Global queries of each step (what Composer counts with get_num_samples_in_batch × W)."""
+        return np.array([s.per_rank * self.world_size for s in self.steps], dtype=np.int64)
+
+
+def _chunk_sizes(rows: int, per_device_batch_size: int, world_size: int, tail: str) -> list[int]:
+    """Global batch sizes of one group, in order; the last may be short (tail rule)."""
+    if tail not in TAIL_RULES:
+        raise ValueError(f"tail must be one of {TAIL_RULES}, got {tail!r}")
+    if per_device_batch_size < 1 or world_size < 1:
+        raise ValueError(f"per_device_batch_size and world_size must be >= 1, got {per_device_batch_size}, {world_size}")
+    global_batch = per_device_batch_size * world_size
+    full, rest = divmod(rows, global_batch)
+    sizes = [global_batch] * full
+    if rest and tail == "keep_if_ge_2W" and rest >= 2 * world_size:
+        sizes.append(rest - rest % world_size)
+    return sizes
+
+
+def steps_per_epoch(group_rows: Sequence[int], per_device_batch_sizes: Sequence[int], *,
+                    world_size: int, tail: str = "keep_if_ge_2W") -> int:
+    """Number of steps of every epoch (it does not depend on the epoch)."""
+    return sum(len(_chunk_sizes(n, b, world_size, tail)) for n, b in zip(group_rows, per_device_batch_sizes))
+
+
+def plan_epoch(group_rows: Sequence[int], per_device_batch_sizes: Sequence[int], *, seed: int, epoch: int,
+               world_size: int, tail: str = "keep_if_ge_2W") -> EpochPlan:
+    """The steps of `epoch`: identical on every rank, a pure function of its arguments."""
+    if len(group_rows) != len(per_device_batch_sizes):
+        raise ValueError("group_rows and per_device_batch_sizes differ in length")
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got {seed}, {epoch}")
+    rng = np.random.default_rng([seed, PLAN_STREAM, epoch])
+    steps: list[Step] = []
+    left_out: list[int] = []
+    for g, (rows, batch) in enumerate(zip(group_rows, per_device_batch_sizes)):
+        order = rng.permutation(rows)
+        start = 0
+        for size in _chunk_sizes(rows, batch, world_size, tail):
+            steps.append(Step(g, order[start:start + size], size // world_size))
+            start += size
+        left_out.append(rows - start)
+    shuffled = rng.permutation(len(steps))
+    return EpochPlan(epoch, world_size, [steps[i] for i in shuffled], left_out)

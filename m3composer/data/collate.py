@@ -1,0 +1,240 @@
+"""One query's training group (positive + negatives + teacher scores), padding, and the DataSpec.
+
+Rows arrive pre-tokenised (MDS columns of docs/architecture.md: `passages` = positives then
+negatives, ids with `<s>`…`</s>`, not truncated, teacher `scores` per passage). Per query, following the seed's `create_batch_data` (spec §2.5, R):
+
+1. positive: one of the positives, uniformly; its teacher score travels with it;
+2. `shuffle_text` on the positive only (see `shuffle_text_tokens`);
+3. G−1 negatives: sampled without replacement, from the negatives repeated ceil((G−1)/n) times
+   when there are n < G−1 (so duplicates are possible); with teacher scores the chosen
+   negatives are sorted by score, descending (R; it matters for the listwise m3_kd_loss);
+4. a row without negatives (valid input; the seed divides by zero there) takes its negatives
+   from other rows of the same group through the `borrow` callable the dataset passes
+   (see `M3TrainDataset`); no teacher score exists for those, so the dataset serves such
+   streams without teacher scores;
+5. instruction prefixes: the instruction's token ids (tokenised once, without special tokens)
+   go right after `<s>`. For SentencePiece tokenizers this equals tokenising the string
+   `instruction + text` when the instruction ends with a space (e5's "query: "), which the
+   tests check with the real tokenizer;
+6. truncation like HF `truncation=True`: keep `<s>` and the first max_len−2 content tokens,
+   then `</s>`.
+
+Every random choice comes from a generator the caller seeds per row (the dataset uses
+(seed, epoch, row_id)), so a row draws the same group whatever the worker count or resume point,
+and a different one each epoch.
+
+The collated batch (the contract) is a dict of tensors: `query_input_ids`/`query_attention_mask`
+(B, Lq), `passage_input_ids`/`passage_attention_mask` (B·G, Lp) example-major, `teacher_scores`
+(B, G) float32 (zeros when absent), `has_teacher_scores` and `is_parallel` (0-dim bool),
+`row_ids` (B,). Queries and passages are right-padded to the longest in the batch.
+
+The DataSpec keeps a device batch whole (`split_batch` returns `[batch]`): the contrastive loss
+needs every query's passages and every other query's passages in one forward, so the trainer
+must set `device_train_microbatch_size` ≥ the largest per-device batch. Samples are counted in
+queries — the unit `M3TrainDataset.state_dict(num_samples)` expects.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from composer.core import DataSpec
+
+# The seed shuffles texts longer than 100 characters. Text is pre-tokenised here, so the test is on
+# content tokens (without <s>/</s>): SentencePiece on XLM-R's vocabulary averages roughly 4
+# characters per token on English prose, hence 25 tokens ≈ 100 characters.
+SHUFFLE_MIN_TOKENS = 25
+SHUFFLE_CHUNKS = 3
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """Special ids and instruction prefixes (token ids, no special tokens) for one tokenizer."""
+    cls_id: int = 0           # XLM-R / bge-m3 / e5 ids: <s>=0, <pad>=1, </s>=2
+    pad_id: int = 1
+    eos_id: int = 2
+    query_prefix: tuple[int, ...] = ()
+    passage_prefix: tuple[int, ...] = ()
+
+
+def instruction_token_ids(tokenizer, instruction: str | None) -> tuple[int, ...]:
+    """Token ids of an instruction, without special tokens (empty for None or "")."""
+    if not instruction:
+        return ()
+    return tuple(int(i) for i in tokenizer(instruction, add_special_tokens=False)["input_ids"])
+
+
+def token_spec_from_tokenizer(tokenizer, query_instruction: str | None = None,
+                              passage_instruction: str | None = None) -> TokenSpec:
+    """TokenSpec of a Hugging Face tokenizer (object or local folder path)."""
+    if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
+        from transformers import AutoTokenizer  # local folders only; never a hub name
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True, trust_remote_code=False)
+    for attr in ("cls_token_id", "pad_token_id", "eos_token_id"):
+        if getattr(tokenizer, attr) is None:
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no {attr}")
+    return TokenSpec(cls_id=tokenizer.cls_token_id, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                     query_prefix=instruction_token_ids(tokenizer, query_instruction),
+                     passage_prefix=instruction_token_ids(tokenizer, passage_instruction))
+
+
+def split_passages(ids: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
+    """The `pos`/`neg` column (all passages concatenated) cut at its n+1 offsets."""
+    return [ids[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def sample_negative_indices(num_neg: int, num_needed: int, rng: np.random.Generator) -> np.ndarray:
+    """R's rule: `num_needed` of `range(num_neg)` without replacement, from the list repeated
+    ceil(needed/num_neg) times when it is too short (each index then at most that many times)."""
+    if num_needed == 0:
+        return np.zeros(0, dtype=np.int64)
+    if num_neg <= 0:
+        raise ValueError("no negatives to sample from")
+    repeats = math.ceil(num_needed / num_neg) if num_neg < num_needed else 1
+    pool = np.tile(np.arange(num_neg), repeats)
+    return pool[rng.choice(len(pool), size=num_needed, replace=False)]
+
+
+def shuffle_text_tokens(ids: np.ndarray, rng: np.random.Generator, shuffle_ratio: float) -> np.ndarray:
+    """The seed's `shuffle_text` on token ids: with probability `shuffle_ratio`, a passage with more
+    than SHUFFLE_MIN_TOKENS content tokens is cut into 3 consecutive chunks (size n//3 + 1, the
+    last shorter) whose order is shuffled; `<s>` and `</s>` stay in place.
+
+    Differences from the seed: chunks are cut between tokens, not characters (no word is split)
+    and are joined without the extra space the seed inserts; the length threshold is in tokens.
+    """
+    if shuffle_ratio <= 0 or len(ids) - 2 <= SHUFFLE_MIN_TOKENS or rng.random() >= shuffle_ratio:
+        return ids
+    content = ids[1:-1]
+    size = len(content) // SHUFFLE_CHUNKS + 1
+    chunks = [content[s:s + size] for s in range(0, len(content), size)]
+    order = rng.permutation(len(chunks))
+    return np.concatenate([ids[:1]] + [chunks[i] for i in order] + [ids[-1:]])
+
+
+@dataclass
+class Example:
+    """One query with its G passages (positive first), before prefixing and truncation."""
+    row_id: int
+    query: np.ndarray
+    passages: list[np.ndarray]
+    teacher_scores: list[float] | None
+
+
+# borrow(num_needed, rng) -> passages (token ids) from other rows of the same group
+Borrow = Callable[[int, np.random.Generator], list[np.ndarray]]
+
+
+def row_passages(row: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(positives, negatives) of an MDS row: `passages` cut at `passage_offsets`, split at `num_pos`."""
+    passages = split_passages(row["passages"], row["passage_offsets"])
+    num_pos = int(row["num_pos"])
+    return passages[:num_pos], passages[num_pos:]
+
+
+def draw_example(row: dict, train_group_size: int, rng: np.random.Generator, *, with_scores: bool,
+                 shuffle_ratio: float = 0.0, borrow: Borrow | None = None) -> Example:
+    """Draw the positive, shuffle it (maybe), and draw G−1 negatives for one MDS row."""
+    positives, negatives = row_passages(row)
+    if not positives:
+        raise ValueError(f"row {int(row['row_id'])} ({row.get('source', '?')}) has no positive passage")
+    scores_all = np.asarray(row["scores"], dtype=np.float32) if with_scores else None
+    j = int(rng.integers(len(positives)))
+    passages = [shuffle_text_tokens(positives[j], rng, shuffle_ratio)]
+    scores = [float(scores_all[j])] if with_scores else None
+    needed = train_group_size - 1
+    if needed > 0 and negatives:
+        idx = sample_negative_indices(len(negatives), needed, rng)
+        if with_scores:
+            neg_scores = scores_all[len(positives) + idx]
+            order = np.argsort(-neg_scores, kind="stable")      # R: descending teacher score
+            idx, neg_scores = idx[order], neg_scores[order]
+            scores += [float(s) for s in neg_scores]
+        passages += [negatives[i] for i in idx]
+    elif needed > 0:
+        if with_scores:
+            raise ValueError(f"row {int(row['row_id'])} ({row.get('source', '?')}) has no negatives, so no teacher "
+                             "scores for them; serve its stream without teacher scores")
+        borrowed = borrow(needed, rng) if borrow is not None else []
+        # A group of a single row has nothing to borrow: repeat the positive (a finite, useless term).
+        passages += borrowed if borrowed else [passages[0]] * needed
+    if with_scores and not np.all(np.isfinite(scores)):
+        raise ValueError(f"row {int(row['row_id'])} ({row.get('source', '?')}): teacher score missing (NaN) "
+                         "in a stream marked has_scores")
+    return Example(int(row["row_id"]), row["query"], passages, scores)
+
+
+def with_prefix(ids: np.ndarray, prefix: Sequence[int], max_len: int, eos_id: int) -> np.ndarray:
+    """`<s>` + prefix + content + `</s>`, truncated to max_len keeping `</s>` (HF truncation=True)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if prefix:
+        ids = np.concatenate([ids[:1], np.asarray(prefix, dtype=np.int64), ids[1:]])
+    if len(ids) > max_len:
+        ids = np.concatenate([ids[:max_len - 1], np.array([eos_id], dtype=np.int64)])
+    return ids
+
+
+def _pad(seqs: list[np.ndarray], pad_id: int, pad_to_multiple_of: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(s) for s in seqs)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.from_numpy(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def collate_examples(examples: Sequence[Example], spec: TokenSpec, *, query_max_len: int, passage_max_len: int,
+                     has_teacher_scores: bool, is_parallel: bool,
+                     pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """The collated batch of the contract (docs/architecture.md)."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    group_size = len(examples[0].passages)
+    if any(len(e.passages) != group_size for e in examples):
+        raise ValueError("examples of one batch have different group sizes")
+    queries = [with_prefix(e.query, spec.query_prefix, query_max_len, spec.eos_id) for e in examples]
+    passages = [with_prefix(p, spec.passage_prefix, passage_max_len, spec.eos_id)
+                for e in examples for p in e.passages]
+    query_ids, query_mask = _pad(queries, spec.pad_id, pad_to_multiple_of)
+    passage_ids, passage_mask = _pad(passages, spec.pad_id, pad_to_multiple_of)
+    if has_teacher_scores:
+        teacher = torch.tensor([e.teacher_scores for e in examples], dtype=torch.float32)
+    else:
+        teacher = torch.zeros((len(examples), group_size), dtype=torch.float32)
+    return {
+        "query_input_ids": query_ids,
+        "query_attention_mask": query_mask,
+        "passage_input_ids": passage_ids,
+        "passage_attention_mask": passage_mask,
+        "teacher_scores": teacher,
+        "has_teacher_scores": torch.tensor(bool(has_teacher_scores)),
+        "is_parallel": torch.tensor(bool(is_parallel)),
+        "row_ids": torch.tensor([e.row_id for e in examples], dtype=torch.long),
+    }
+
+
+def split_batch(batch: dict, microbatch_size: int) -> list[dict]:
+    """Never split: the in-batch contrastive loss needs the whole device batch in one forward."""
+    return [batch]
+
+
+def num_samples_in_batch(batch: dict) -> int:
+    """Queries in the device batch (the unit of M3TrainDataset.state_dict)."""
+    return int(batch["query_input_ids"].shape[0])
+
+
+def num_tokens_in_batch(batch: dict) -> int:
+    """Non-pad tokens of queries and passages."""
+    return int(batch["query_attention_mask"].sum() + batch["passage_attention_mask"].sum())
+
+
+def make_data_spec(dataloader) -> DataSpec:
+    """Composer DataSpec for a DataLoader over M3TrainDataset (batch_size=None)."""
+    return DataSpec(dataloader, split_batch=split_batch, get_num_samples_in_batch=num_samples_in_batch,
+                    get_num_tokens_in_batch=num_tokens_in_batch)

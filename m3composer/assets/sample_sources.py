@@ -79,8 +79,7 @@ def pydoc_sections(min_passage_chars: int = 100) -> list[Item]:
     top title ("Compound statements: Guards") because bare sub-titles repeat across topics."""
     from pydoc_data.topics import topics
 
-    items: list[Item] = []
-    seen_bodies: set[str] = set()
+    candidates: list[tuple[bool, str, int, Item]] = []
     for topic in sorted(topics):
         lines = topics[topic].split("\n")
         heads = [i for i in range(len(lines) - 1) if _is_underline(lines[i], lines[i + 1])]
@@ -88,14 +87,19 @@ def pydoc_sections(min_passage_chars: int = 100) -> list[Item]:
         for n, head in enumerate(heads):
             end = heads[n + 1] if n + 1 < len(heads) else len(lines)
             body = "\n".join(lines[head + 2:end]).strip()
-            # The same section is printed under several topics ("augassign" and "assignment"):
-            # keep its first appearance only.
-            if len(body) < min_passage_chars or body in seen_bodies:
-                continue
-            seen_bodies.add(body)
             title = lines[head].strip()
-            query = title if n == 0 or title == top_title else f"{top_title}: {title}"
-            items.append(Item(f"pydoc:{topic}#{n}", topic, query, body))
+            is_sub = n > 0 and title != top_title
+            query = f"{top_title}: {title}" if is_sub else title
+            candidates.append((is_sub, topic, n, Item(f"pydoc:{topic}#{n}", topic, query, body)))
+    # The same section is printed under several topics ("if" on its own and inside "compound"):
+    # keep one copy, preferring the topic where it is the top section (its bare title is the query).
+    items: list[Item] = []
+    seen_bodies: set[str] = set()
+    for _, _, _, item in sorted(candidates, key=lambda c: c[:3]):
+        if len(item.passage) >= min_passage_chars and item.passage not in seen_bodies:
+            seen_bodies.add(item.passage)
+            items.append(item)
+    items.sort(key=lambda i: (i.group, int(i.item_id.rsplit("#", 1)[1])))
     return _drop_duplicates(items)
 
 

@@ -283,7 +283,9 @@ def _mean_pooled(folder: Path, tokenizer, texts: list[str]) -> np.ndarray:
     """e5's recipe: mean over the attention mask (specials included), then L2 normalisation."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(folder).eval()
+    model, info = AutoModel.from_pretrained(folder, add_pooling_layer=False, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    model.eval()
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state

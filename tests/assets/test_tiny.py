@@ -1,0 +1,60 @@
+"""Proves `m3composer/assets/tiny.py`: the tiny XLM-R folder loads with the recorded shape,
+carries the real tokenizer, runs 512-token inputs, and is the same model on every build."""
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from m3composer.assets.paths import read_model_meta
+from m3composer.assets.tiny import build_tiny
+
+
+def test_tiny_folder_loads_as_a_2_layer_hidden_32_xlm_roberta(tiny_dir):
+    from transformers import AutoModel
+
+    model, info = AutoModel.from_pretrained(tiny_dir, add_pooling_layer=False, output_loading_info=True)
+    assert type(model).__name__ == "XLMRobertaModel"
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (2, 32, 2, 128)
+    assert cfg.vocab_size == 250_002 and cfg.pad_token_id == 1
+    # Every weight comes from the file; there is no pooler (CLS pooling is done by our heads).
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert not any(k.startswith("pooler") for k in load_file(tiny_dir / "model.safetensors"))
+    assert (tiny_dir / "model.safetensors").is_file() and not (tiny_dir / "pytorch_model.bin").exists()
+
+
+def test_tiny_folder_carries_the_e5_tokenizer(tiny_dir, tokenizer):
+    from transformers import AutoTokenizer
+
+    ours = AutoTokenizer.from_pretrained(tiny_dir, use_fast=True)
+    slow = AutoTokenizer.from_pretrained(tiny_dir, use_fast=False)
+    texts = ["Hello World!", "Der schnelle braune Fuchs.", "東京は日本の首都です。"]
+    assert ours(texts)["input_ids"] == tokenizer(texts)["input_ids"] == slow(texts)["input_ids"]
+    assert ours.encode("Hello World!") == [0, 35378, 6661, 38, 2]
+
+
+def test_tiny_model_encodes_a_full_512_token_window(tiny_dir, tokenizer):
+    """XLM-R positions run from pad+1 = 2, so 514 position rows are exactly enough for 512 tokens."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_dir, add_pooling_layer=False).eval()
+    batch = tokenizer(["word " * 2000, "short"], padding=True, truncation=True, max_length=512, return_tensors="pt")
+    assert batch["input_ids"].shape == (2, 512)
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    assert hidden.shape == (2, 512, 32) and torch.isfinite(hidden).all()
+
+
+def test_tiny_metadata_is_a_bge_m3_layout(tiny_dir):
+    assert read_model_meta(tiny_dir) == {"pooling": "cls", "normalize": True,
+                                         "query_instruction": None, "passage_instruction": None}
+
+
+def test_tiny_build_is_deterministic(tmp_path, tiny_dir, e5_dir):
+    rebuilt = build_tiny(tmp_path / "tiny", tokenizer_dir=e5_dir)
+    cached, fresh = load_file(tiny_dir / "model.safetensors"), load_file(rebuilt / "model.safetensors")
+    assert cached.keys() == fresh.keys()
+    for name in cached:
+        assert torch.equal(cached[name], fresh[name]), name
+    # Random init, not zeros or copies of one value.
+    assert cached["embeddings.word_embeddings.weight"].std() > 0.01

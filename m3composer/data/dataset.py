@@ -1,0 +1,315 @@
+"""The training dataset: one whole, collated per-rank batch per step, from one group on every rank.
+
+`M3TrainDataset` reads a converted dir (`m3_index.json` + one MDS stream per task × bucket,
+local or `s3://…`) and yields, step by step, this rank's slice of the global batch the epoch plan
+(`plan.py`) lays out. The batch size depends on the bucket (the seed's tables, or a token budget),
+every global batch comes from one group, and batch membership, positives, negatives and text
+shuffles are re-drawn each epoch, deterministically from the seed.
+
+Design: our own plan over random access, instead of Streaming's sampler.
+Composer notes §6.4 compare (a) pre-packed rows with (b) one StreamingDataset per bucket under a
+wrapper that picks the bucket per step and pins each bucket's Streaming shuffle. We keep (b)'s
+wrapper shape (an IterableDataset that owns the epoch, ~2 ints of state, DataLoader
+`batch_size=None`) but take membership from our own permutation of row indices and read rows with
+`StreamingDataset.__getitem__` (one StreamingDataset over all streams). Reasons:
+* the plan is then entirely a pure function of (seed, epoch, W): resume is `{'epoch', 'step'}`
+  with nothing of Streaming's partition/shuffle state to pin, and the seed's rules are reproduced
+  exactly — per-group chunks of B·W rows, rank r takes rows [r·k, (r+1)·k), the `keep_if_ge_2W`
+  tail. Streaming's own iteration pads each rank's share by repeating samples and cuts tails its
+  own way, so neither would match the seed;
+* a failing store cannot shorten an epoch silently (notes §7 saw Streaming's iterator yield 0 of
+  16 rows without raising): random access downloads the shard in the calling thread and raises
+  there, and we also check every batch and the epoch's count against the plan;
+* the cost: no background prefetch (a shard is downloaded when a planned row first needs it,
+  then stays in the local cache), and each node caches every shard of the streams it reads,
+  rather than only its partition. For this recipe's data (tokenised text, a few GB at most per
+  node) that is acceptable; use `local` on fast disk, or pre-download, for large remote sets.
+
+Epochs: Composer never tells a dataset the epoch; `set_epoch(e)` must be called at every
+EPOCH_START (`m3composer.callbacks.data_refresh.DataRefresh` does it). `load_state_dict` sets the
+epoch and step when resuming mid-epoch, where EPOCH_START does not fire. Use DataLoader workers
+without `persistent_workers` (workers copy the dataset at each `iter`, so they see `set_epoch`);
+with N workers, worker w serves steps w, w+N, …, which the DataLoader returns in plan order.
+
+Rows whose `neg` is empty: with G > 1 their negatives are borrowed — a random positive of each of
+G−1 other random rows of the same group, drawn with the row's own generator. Such passages have
+no teacher score, so a stream with teacher scores whose `min_neg` is 0 (when G > 1) is served
+without teacher scores, with a warning; the flag stays a property of the stream, hence the same on
+every rank of a step (the loss may gather across ranks).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+from composer.utils import dist
+from streaming import Stream, StreamingDataset
+from torch.utils.data import IterableDataset, get_worker_info
+
+from m3composer.data import buckets
+from m3composer.data.collate import TokenSpec, collate_examples, draw_example, row_passages, token_spec_from_tokenizer
+from m3composer.data.convert import INDEX_FILE, read_index
+from m3composer.data.plan import (ROW_STREAM, TAIL_RULES, EpochPlan, Group, StreamEntry, group_streams, plan_epoch,
+                                  steps_per_epoch)
+
+log = logging.getLogger(__name__)
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+class M3TrainDataset(IterableDataset):
+    """Per-rank collated batches of the M3 recipe; see the module docstring.
+
+    Args (names as in the recipe / config):
+        data: converted dir, local path or `s3://…`.
+        local: cache dir for shards (required for a remote `data`; for a local `data` the shards
+            are read in place when None).
+        tokenizer: HF tokenizer or local folder, for special ids and instruction ids; or give
+            `token_spec` instead (tests with synthetic ids). Default: XLM-R ids, no instructions.
+        train_group_size: G, passages per query (1 positive + G−1 negatives).
+        default_batch_size: per-device batch size of buckets the table does not cover.
+        batch_size_table: {bucket: {G: per-device batch}}; None = the seed's tables (G ∈ {1, 8}).
+        max_tokens_per_device_batch: when set, per-device batch sizes come from this token budget.
+        query_max_len, passage_max_len: truncation lengths (tokens, `<s>`/`</s>` included).
+        small_threshold, drop_threshold: the small-stream merge (0/0 = off).
+        tail: `keep_if_ge_2W` | `drop_partial`.
+        seed: plan and draw seed.
+        query_instruction, passage_instruction: instruction strings (need `tokenizer`).
+        shuffle_ratio: probability of `shuffle_text` on a positive.
+        world_size, rank: default from the launcher's environment.
+    """
+
+    def __init__(self, data: str, *, local: str | None = None, tokenizer: Any = None,
+                 token_spec: TokenSpec | None = None, train_group_size: int = 8, default_batch_size: int = 8,
+                 batch_size_table: Mapping[str, Mapping[int, int]] | None = None,
+                 max_tokens_per_device_batch: int | None = None, query_max_len: int = 32,
+                 passage_max_len: int = 128, small_threshold: int = 0, drop_threshold: int = 0,
+                 tail: str = "keep_if_ge_2W", seed: int = 42, query_instruction: str | None = None,
+                 passage_instruction: str | None = None, shuffle_ratio: float = 0.0,
+                 pad_to_multiple_of: int | None = None, world_size: int | None = None, rank: int | None = None,
+                 download_retry: int = 2, download_timeout: float = 60):
+        if tail not in TAIL_RULES:
+            raise ValueError(f"tail must be one of {TAIL_RULES}, got {tail!r}")
+        if train_group_size < 1:
+            raise ValueError(f"train_group_size must be >= 1, got {train_group_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if not 0.0 <= shuffle_ratio <= 1.0:
+            raise ValueError(f"shuffle_ratio must be in [0, 1], got {shuffle_ratio}")
+        if token_spec is None:
+            if tokenizer is not None:
+                token_spec = token_spec_from_tokenizer(tokenizer, query_instruction, passage_instruction)
+            elif query_instruction or passage_instruction:
+                raise ValueError("instructions need a tokenizer (or a token_spec with prefix ids)")
+            else:
+                token_spec = TokenSpec()
+        elif query_instruction or passage_instruction:
+            raise ValueError("give instructions either as strings with a tokenizer or inside token_spec, not both")
+        self.data = data
+        self.token_spec = token_spec
+        self.train_group_size = train_group_size
+        self.query_max_len = query_max_len
+        self.passage_max_len = passage_max_len
+        self.tail = tail
+        self.seed = seed
+        self.shuffle_ratio = shuffle_ratio
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.world_size = dist.get_world_size() if world_size is None else int(world_size)
+        self.rank = dist.get_global_rank() if rank is None else int(rank)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+
+        if _is_remote(data) and local is None:
+            raise ValueError(f"{data} is remote: pass `local`, a cache dir for its shards")
+        index = read_index(data, local)
+        where = f"{data}/{INDEX_FILE}"
+        if index.get("version") != 1 or not isinstance(index.get("streams"), list):
+            raise ValueError(f"{where}: expected version 1 with a 'streams' list")
+        entries = [StreamEntry.from_index(e, where) for e in index["streams"]]
+        self.streams = [e for e in entries if e.rows > 0]
+        for e in entries:
+            if e.rows <= 0:
+                log.warning("%s: stream %s has no rows; skipped", where, e.name)
+        if not self.streams:
+            raise ValueError(f"{where}: no stream with rows")
+
+        sizes = [self._batch_size(s, default_batch_size, batch_size_table, max_tokens_per_device_batch)
+                 for s in self.streams]
+        self.groups, self.dropped_groups = group_streams(self.streams, sizes, small_threshold=small_threshold,
+                                                         drop_threshold=drop_threshold)
+        if not self.groups:
+            raise ValueError(f"{where}: every stream was dropped (drop_threshold={drop_threshold})")
+        self.group_has_teacher_scores = [self._serve_scores(g) for g in self.groups]
+        # group-local row index -> global sample index of the StreamingDataset (streams concatenated)
+        self._stream_offset = np.cumsum([0] + [s.rows for s in self.streams])[:-1]
+        self._group_row_starts = [np.cumsum([0] + [self.streams[i].rows for i in g.streams]) for g in self.groups]
+
+        root = data.rstrip("/")
+        self._sd = StreamingDataset(
+            streams=[Stream(remote=f"{root}/{s.path}" if (_is_remote(data) or local) else None,
+                            local=os.path.join(local, s.path) if local else os.path.join(root, s.path))
+                     for s in self.streams],
+            batch_size=1, shuffle=False, download_retry=download_retry, download_timeout=download_timeout)
+        for s, n in zip(self.streams, self._sd.samples_per_stream):
+            if int(n) != s.rows:
+                raise ValueError(f"{where}: stream {s.name} lists {s.rows} rows but its MDS index has {int(n)}")
+
+        self._steps = steps_per_epoch([g.rows for g in self.groups], [g.per_device_batch_size for g in self.groups],
+                                      world_size=self.world_size, tail=tail)
+        if self._steps == 0:
+            raise ValueError(f"{where}: no step fits: every group has fewer rows than the tail rule {tail!r} "
+                             f"needs at world size {self.world_size}")
+        self._plan: EpochPlan | None = None
+        self.epoch = 0
+        self._start_step = 0
+        self.set_epoch(0)
+
+    # ---- sizes and flags -------------------------------------------------------------------------
+    def _batch_size(self, stream: StreamEntry, default_batch_size: int, table, max_tokens: int | None) -> int:
+        if max_tokens is None:
+            return buckets.table_batch_size(stream.bucket, self.train_group_size, default_batch_size,
+                                            None if table is None else {k: dict(v) for k, v in table.items()})
+        # The longest a row of this stream can be after prefixing and truncation: the converter's
+        # measured maximum, else the bucket's edge (lengths < hi), else the max_len.
+        q_longest = stream.query_len_max or (stream.bucket_hi - 1 if stream.bucket_hi else None)
+        p_longest = stream.passage_len_max or (stream.bucket_hi - 1 if stream.bucket_hi else None)
+        q_len = self.query_max_len if q_longest is None else min(
+            self.query_max_len, q_longest + len(self.token_spec.query_prefix))
+        p_len = self.passage_max_len if p_longest is None else min(
+            self.passage_max_len, p_longest + len(self.token_spec.passage_prefix))
+        return buckets.token_budget_batch_size(max_tokens, q_len, p_len, self.train_group_size)
+
+    def _serve_scores(self, group: Group) -> bool:
+        if not group.has_scores:
+            return False
+        lacking = [self.streams[i].name for i in group.streams
+                   if self.train_group_size > 1 and (self.streams[i].min_neg or 0) == 0]
+        if lacking:
+            log.warning("streams %s have teacher scores but rows without negatives: served without teacher "
+                        "scores (borrowed negatives have none)", lacking)
+            return False
+        return True
+
+    @property
+    def per_device_batch_sizes(self) -> dict[str, int]:
+        return {g.name: g.per_device_batch_size for g in self.groups}
+
+    @property
+    def max_per_device_batch_size(self) -> int:
+        """The largest per-rank batch: the trainer's device_train_microbatch_size must be at least this."""
+        return max(g.per_device_batch_size for g in self.groups)
+
+    # ---- epochs and plan -------------------------------------------------------------------------
+    def plan(self, epoch: int) -> EpochPlan:
+        if self._plan is None or self._plan.epoch != epoch:
+            self._plan = plan_epoch([g.rows for g in self.groups], [g.per_device_batch_size for g in self.groups],
+                                    seed=self.seed, epoch=epoch, world_size=self.world_size, tail=self.tail)
+        return self._plan
+
+    def left_out(self, epoch: int) -> dict[str, int]:
+        """Rows per group that sit out `epoch` (tail rule)."""
+        return {g.name: n for g, n in zip(self.groups, self.plan(epoch).left_out) if n}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first step (DataRefresh calls this at EPOCH_START)."""
+        self.epoch, self._start_step = int(epoch), 0
+        self._log_plan()
+
+    def _log_plan(self) -> None:
+        left = self.left_out(self.epoch)
+        if left and self.rank == 0:
+            log.info("epoch %d: %d steps; rows left out by the tail rule %r: %s", self.epoch, self._steps, self.tail,
+                     left)
+
+    def __len__(self) -> int:
+        return self._steps
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def _sample_index(self, group: int, row: int) -> tuple[int, int]:
+        g = self.groups[group]
+        member = int(np.searchsorted(self._group_row_starts[group], row, side="right")) - 1
+        stream = g.streams[member]
+        return stream, int(self._stream_offset[stream] + row - self._group_row_starts[group][member])
+
+    def _read(self, group: int, row: int, epoch: int, step: int) -> dict:
+        stream, sample = self._sample_index(group, row)
+        try:
+            return self._sd[sample]
+        except Exception as err:  # a missing/corrupt shard or a store that keeps failing: fail the epoch loudly
+            raise RuntimeError(f"stream {self.streams[stream].name}: cannot read row {row} of group "
+                               f"{self.groups[group].name} (sample {sample}) for epoch {epoch} step {step}: "
+                               f"{type(err).__name__}: {err}") from err
+
+    def _borrow(self, group: int, own_row: int, epoch: int, step: int):
+        rows = self.groups[group].rows
+
+        def borrow(needed: int, rng: np.random.Generator) -> list[np.ndarray]:
+            if rows < 2:
+                return []
+            picks = rng.choice(rows - 1, size=needed, replace=needed > rows - 1)
+            passages = []
+            for p in picks:
+                other_row = int(p) + int(int(p) >= own_row)       # skip the row itself
+                other = self._read(group, other_row, epoch, step)
+                positives, _ = row_passages(other)
+                passages.append(positives[int(rng.integers(len(positives)))])
+            return passages
+
+        return borrow
+
+    def batch(self, epoch: int, step: int) -> dict:
+        """This rank's collated batch of (epoch, step): a pure function of them and the config."""
+        planned = self.plan(epoch).steps[step]
+        group = self.groups[planned.group]
+        with_scores = self.group_has_teacher_scores[planned.group]
+        examples = []
+        for row in planned.rank_rows(self.rank):
+            record = self._read(planned.group, int(row), epoch, step)
+            rng = np.random.default_rng([self.seed, ROW_STREAM, epoch, int(record["row_id"])])
+            examples.append(draw_example(record, self.train_group_size, rng, with_scores=with_scores,
+                                         shuffle_ratio=self.shuffle_ratio,
+                                         borrow=self._borrow(planned.group, int(row), epoch, step)))
+        if len(examples) != planned.per_rank:
+            raise RuntimeError(f"group {group.name}: epoch {epoch} step {step} got {len(examples)} rows, "
+                               f"the plan has {planned.per_rank}")
+        return collate_examples(examples, self.token_spec, query_max_len=self.query_max_len,
+                                passage_max_len=self.passage_max_len, has_teacher_scores=with_scores,
+                                is_parallel=group.is_parallel, pad_to_multiple_of=self.pad_to_multiple_of)
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, start = self.epoch, self._start_step
+        worker = get_worker_info()
+        worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        expected = len(range(start + worker_id, self._steps, num_workers))
+        served = 0
+        for step in range(start + worker_id, self._steps, num_workers):
+            yield self.batch(epoch, step)
+            served += 1
+        if served != expected:  # defensive: the loop above cannot end early without raising
+            raise RuntimeError(f"epoch {epoch}: served {served} of {expected} planned batches")
+
+    # ---- Composer checkpoint hooks (state.py: dataset.state_dict(sample_in_epoch, True)) -------------
+    def state_dict(self, num_samples: int, from_beginning: bool = True) -> dict:
+        """Position after `num_samples` global queries of the current epoch (Composer's count)."""
+        if not from_beginning:
+            raise ValueError("M3TrainDataset.state_dict counts samples from the beginning of the epoch")
+        done = np.concatenate([[0], np.cumsum(self.plan(self.epoch).samples_per_step())])
+        step = int(np.searchsorted(done, num_samples))
+        if step >= len(done) or done[step] != num_samples:
+            raise ValueError(f"{num_samples} samples is not a step boundary of epoch {self.epoch}: is "
+                             "get_num_samples_in_batch counting queries (collate.num_samples_in_batch)?")
+        return {"epoch": self.epoch, "step": step, "seed": self.seed, "world_size": self.world_size,
+                "steps_per_epoch": self._steps}
+
+    def load_state_dict(self, obj: dict) -> None:
+        """Resume at (epoch, step); the plan must be the one the checkpoint was taken with."""
+        for key, mine in (("seed", self.seed), ("world_size", self.world_size), ("steps_per_epoch", self._steps)):
+            if obj.get(key) != mine:
+                raise ValueError(f"cannot resume exactly: checkpoint has {key}={obj.get(key)}, this run {mine} "
+                                 "(the epoch plan depends on it)")
+        self.epoch, self._start_step = int(obj["epoch"]), int(obj["step"])
+        self._log_plan()

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -298,6 +298,10 @@ class _Converter:
         self.kept = 0
         self.writing = True   # turned off at the first error under on_error="fail"
         self.empty_files: list[str] = []
+        # The Rust tokenizer releases the GIL: tokenise batch k+1 in a thread while batch k is
+        # encoded and written to MDS in this one.
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3c-tokenize")
+        self.pending: tuple[InputFile, list[Row], Future] | None = None
 
     # rows -> MDS
     def _tokenize(self, rows: list[Row]) -> dict[str, np.ndarray]:
@@ -321,10 +325,22 @@ class _Converter:
             raise ValueError(f"{inp.source_name}: stream {stats.name} mixes parallel and non-parallel files")
         return self.writers[key], stats
 
-    def _flush(self, inp: InputFile, rows: list[Row]) -> None:
+    def _submit(self, inp: InputFile, rows: list[Row]) -> None:
+        """Start tokenising `rows` in the background, then write the batch submitted before."""
         if not rows:
             return
-        ids = self._tokenize(rows)
+        self.kept += len(rows)
+        future = self.pool.submit(self._tokenize, rows)
+        self._drain()
+        self.pending = (inp, rows, future)
+
+    def _drain(self) -> None:
+        if self.pending is not None:
+            inp, rows, future = self.pending
+            self.pending = None
+            self._write(inp, rows, future.result())
+
+    def _write(self, inp: InputFile, rows: list[Row], ids: dict[str, np.ndarray]) -> None:
         for row in rows:
             query = ids[row.query]
             pos = [ids[t] for t in row.pos]
@@ -355,7 +371,6 @@ class _Converter:
             stats.row_len_max = max(stats.row_len_max, row_len)
             stats.rows_outside_bucket += not bucket.contains(row_len)
             stats.sources.add(inp.source_name)
-        self.kept += len(rows)
 
     def _reject(self, err: RowError) -> None:
         self.errors.append(err)
@@ -381,14 +396,14 @@ class _Converter:
             elif self.writing:
                 batch.append(result)
                 if len(batch) >= self.batch_rows:
-                    self._flush(inp, batch)
+                    self._submit(inp, batch)
                     batch = []
             else:
                 self.kept += 1  # valid, counted, but not written: the run has already failed
             progress.update(end_offset - offset)
             offset = end_offset
         if self.writing:
-            self._flush(inp, batch)
+            self._submit(inp, batch)
         else:
             self.kept += len(batch)
         if self.lines == lines_before:
@@ -396,10 +411,17 @@ class _Converter:
             log.warning("%s: empty file (no lines); it contributes no rows", inp.source_name)
 
     def close(self) -> None:
+        if self.writing:
+            self._drain()
+        self.shutdown()
         for writer in self.writers.values():
             writer.finish()
         if self.rejects_fh is not None:
             self.rejects_fh.close()
+
+    def shutdown(self) -> None:
+        self.pending = None
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     def index(self, facts: dict) -> dict:
         streams = [self.stats[k].to_json() for k in sorted(self.stats, key=lambda k: self.stats[k].name)]
@@ -502,6 +524,8 @@ def convert(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.P
     conv = _Converter(work, tok, bucket_edges=bucket_edges, on_error=on_error, max_line_bytes=max_line_bytes,
                       batch_rows=batch_rows, compression=compression, shard_size_limit=shard_size_limit)
     total_bytes = sum(f.path.stat().st_size for f in files)
+    # hashing tokenizer.json (tens of MB) overlaps with reading the first batch
+    facts = conv.pool.submit(_tokenizer_facts, tok, tokenizer)
     try:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="convert",
                   disable=(not progress) if progress is not None else None) as bar:
@@ -510,13 +534,14 @@ def convert(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.P
         conv.close()
         if conv.errors and on_error == "fail":
             raise ConvertError(conv.errors, conv.lines)
-        index = conv.index(_tokenizer_facts(tok, tokenizer))
+        index = conv.index(facts.result())
         _write_json_atomic(work / INDEX_FILE, index)  # last: its presence means complete
         if remote:
             _upload(work, remote)
         else:
             _publish_local(work, Path(out_str))
     finally:
+        conv.shutdown()
         tok.model_max_length = saved_max_length
         if conv.rejects_fh is not None:
             conv.rejects_fh.close()

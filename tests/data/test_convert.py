@@ -302,15 +302,15 @@ def test_interrupted_conversion_leaves_no_output(tmp_path, word_tokenizer_dir, m
     from m3composer.data import convert as convert_module
 
     calls = {"n": 0}
-    real_flush = convert_module._Converter._flush
+    real_write = convert_module._Converter._write
 
-    def flaky_flush(self, inp, rows):
+    def flaky_write(self, inp, rows, ids):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("simulated interruption")
-        return real_flush(self, inp, rows)
+        return real_write(self, inp, rows, ids)
 
-    monkeypatch.setattr(convert_module._Converter, "_flush", flaky_flush)
+    monkeypatch.setattr(convert_module._Converter, "_write", flaky_write)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         convert(converted_source, out, word_tokenizer_dir, batch_rows=5, progress=False)

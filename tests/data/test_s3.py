@@ -95,10 +95,10 @@ def test_s3_failed_or_interrupted_conversion_uploads_nothing(s3_server, converte
                 local_cache=tmp_path, progress=False)
     assert keys(s3_server, "failed/") == []
 
-    def broken_flush(self, inp, rows):
+    def broken_write(self, inp, rows, ids):
         raise KeyboardInterrupt("simulated interruption")
 
-    monkeypatch.setattr(convert_module._Converter, "_flush", broken_flush)
+    monkeypatch.setattr(convert_module._Converter, "_write", broken_write)
     with pytest.raises(KeyboardInterrupt):
         convert(converted_source, f"s3://{s3_server['bucket']}/interrupted", word_tokenizer_dir,
                 local_cache=tmp_path, progress=False)

@@ -455,29 +455,36 @@ def _publish_local(work: Path, out: Path) -> None:
         os.replace(work, out)
 
 
-def _check_remote_out(remote: str, overwrite: bool):
+def _remote_is_used(remote: str, overwrite: bool) -> bool:
+    """Refuse a non-empty prefix unless `overwrite`; True when there is an old dataset to replace."""
     from streaming.base.storage.upload import CloudUploader
 
     probe_dir = tempfile.mkdtemp(prefix="m3c-probe-")
-    uploader = CloudUploader.get((probe_dir, remote), keep_local=True, exist_ok=True)
-    existing = uploader.list_objects()
-    shutil.rmtree(probe_dir, ignore_errors=True)
+    try:
+        existing = CloudUploader.get((probe_dir, remote), keep_local=True, exist_ok=True).list_objects()
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
     if existing and not overwrite:
         raise FileExistsError(f"{remote}: output prefix is not empty ({len(existing)} objects; "
                               f"pass overwrite=True / --overwrite)")
-    if existing:
-        # Readers trust m3_index.json; take the old one down before new shards land.
-        bucket_key = urllib.parse.urlparse(remote.rstrip("/") + "/" + INDEX_FILE)
-        if not hasattr(uploader, "s3"):
-            raise ValueError(f"{remote}: overwriting is only supported on s3://; choose an empty prefix")
-        uploader.s3.delete_object(Bucket=bucket_key.netloc, Key=bucket_key.path.lstrip("/"))
+    return bool(existing)
 
 
-def _upload(staged: Path, remote: str, threads: int = 4) -> None:
-    """Upload every staged file with Streaming's uploader; the index goes last."""
+def _upload(staged: Path, remote: str, replace: bool, threads: int = 4) -> None:
+    """Upload every staged file with Streaming's uploader; the index goes last.
+
+    When replacing an old dataset, its m3_index.json is deleted first so that no reader pairs
+    it with half-uploaded new streams (s3:// only). Old objects the new dataset does not
+    overwrite stay behind, unreferenced by the new index.
+    """
     from streaming.base.storage.upload import CloudUploader
 
-    uploader = CloudUploader.get((str(staged), remote.rstrip("/")), keep_local=True, exist_ok=True)
+    uploader = CloudUploader.get((str(staged), remote), keep_local=True, exist_ok=True)
+    if replace:
+        if not hasattr(uploader, "s3"):
+            raise ValueError(f"{remote}: replacing a dataset is only supported on s3://; choose an empty prefix")
+        url = urllib.parse.urlparse(f"{remote}/{INDEX_FILE}")
+        uploader.s3.delete_object(Bucket=url.netloc, Key=url.path.lstrip("/"))
     files = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
     body = [f for f in files if f != INDEX_FILE]
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -514,7 +521,7 @@ def convert(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.P
     out_str = str(out)
     remote = out_str.rstrip("/") if is_remote(out_str) else None
     if remote:
-        _check_remote_out(remote, overwrite)
+        replace_remote = _remote_is_used(remote, overwrite)
         staging_root = Path(tempfile.mkdtemp(prefix="m3c-convert-", dir=local_cache))
         work = staging_root / "dataset"
         work.mkdir()
@@ -537,7 +544,7 @@ def convert(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.P
         index = conv.index(facts.result())
         _write_json_atomic(work / INDEX_FILE, index)  # last: its presence means complete
         if remote:
-            _upload(work, remote)
+            _upload(work, remote, replace_remote)
         else:
             _publish_local(work, Path(out_str))
     finally:
@@ -572,17 +579,19 @@ def read_index(root: str | os.PathLike, local_cache: str | os.PathLike | None = 
     if is_remote(root_str):
         from streaming.base.storage.download import CloudDownloader
 
-        cache = Path(local_cache or tempfile.mkdtemp(prefix="m3c-index-"))
-        local = cache / f"{INDEX_FILE}.{os.getpid()}.{time.monotonic_ns()}"
+        if local_cache:
+            Path(local_cache).mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="m3c-index-", dir=local_cache))
         try:
-            CloudDownloader.direct_download(f"{root_str}/{INDEX_FILE}", str(local))
-        except Exception as exc:  # the downloaders raise provider-specific errors
-            raise FileNotFoundError(f"{root_str}/{INDEX_FILE}: cannot read the index ({exc}); "
-                                    f"an interrupted or never-finished conversion has none") from exc
-        try:
+            local = folder / INDEX_FILE
+            try:
+                CloudDownloader.direct_download(f"{root_str}/{INDEX_FILE}", str(local))
+            except Exception as exc:  # the downloaders raise provider-specific errors
+                raise FileNotFoundError(f"{root_str}/{INDEX_FILE}: cannot read the index ({exc}); "
+                                        f"an interrupted or never-finished conversion has none") from exc
             return json.loads(local.read_text(encoding="utf-8"))
         finally:
-            local.unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
     path = Path(root_str) / INDEX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no index; not a converted dataset, or the conversion did not finish")
@@ -630,7 +639,7 @@ def run(args: argparse.Namespace) -> int:
                           max_line_bytes=args.max_line_bytes, bucket_edges=args.bucket_edges,
                           batch_rows=args.batch_rows, local_cache=args.local_cache, overwrite=args.overwrite,
                           compression=args.compression or None, progress=False if args.no_progress else None)
-    except (ConvertError, FileExistsError, FileNotFoundError) as exc:
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:  # ConvertError is a ValueError
         print(f"m3c convert: {exc}", file=sys.stderr)
         return 1
     print(summary.table())

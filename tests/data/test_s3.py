@@ -79,8 +79,14 @@ def test_s3_refuses_a_used_prefix_and_overwrites_on_request(s3_server, word_toke
     with pytest.raises(FileExistsError, match="not empty"):
         convert(tmp_path / "in2", remote, word_tokenizer_dir, local_cache=tmp_path, progress=False)
     assert [s["name"] for s in read_index(remote, tmp_path)["streams"]] == ["t/len-0-500"]
+    # a replacement that fails leaves the old dataset readable
+    write_jsonl(tmp_path / "bad/v_len-0-500.jsonl", ["{oops"])
+    with pytest.raises(ConvertError):
+        convert(tmp_path / "bad", remote, word_tokenizer_dir, local_cache=tmp_path, overwrite=True, progress=False)
+    assert [s["name"] for s in read_index(remote, tmp_path)["streams"]] == ["t/len-0-500"]
     convert(tmp_path / "in2", remote, word_tokenizer_dir, local_cache=tmp_path, overwrite=True, progress=False)
     assert [(s["name"], s["rows"]) for s in read_index(remote, tmp_path)["streams"]] == [("u/len-0-500", 5)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "in", "in2"]  # no staging or index copies left
 
 
 def test_s3_failed_or_interrupted_conversion_uploads_nothing(s3_server, converted_source, word_tokenizer_dir,

@@ -1,4 +1,4 @@
-"""A small BM25 baseline (pure Python + numpy) and the two ranking metrics we report.
+"""A small BM25 baseline (pure Python + numpy), evaluated with the ranking metrics of `metrics.py`.
 
 Used to mine lexically hard negatives and teacher scores for the sample data, and as the cheap
 baseline the held-out BEIR split must beat. Nothing here knows about models or tokenizers.
@@ -14,14 +14,17 @@ characters; a CJK run becomes one token, which is fine for a lexical baseline).
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+
+# The metrics and the BEIR reader live in their own modules; re-exported here for existing callers.
+from m3composer.retrieval.beir import load_beir  # noqa: F401
+from m3composer.retrieval.metrics import ndcg_at_k, recall_at_k  # noqa: F401
 
 _WORD = re.compile(r"\w+")
 
@@ -81,24 +84,6 @@ class BM25:
 
 # --- metrics (binary or graded relevance; `ranked` is best first) --------------------------------
 
-def recall_at_k(ranked: Sequence[str], relevant: Mapping[str, float], k: int) -> float:
-    """Share of the relevant documents (score > 0) found in the first k."""
-    wanted = {d for d, rel in relevant.items() if rel > 0}
-    if not wanted:
-        raise ValueError("recall is undefined for a query without relevant documents")
-    return len(wanted.intersection(ranked[:k])) / len(wanted)
-
-
-def ndcg_at_k(ranked: Sequence[str], relevant: Mapping[str, float], k: int) -> float:
-    """nDCG@k with linear gain rel / log2(rank + 1), as BEIR's pytrec_eval computes it."""
-    dcg = sum(relevant.get(d, 0.0) / math.log2(rank + 2) for rank, d in enumerate(ranked[:k]))
-    ideal = sorted((r for r in relevant.values() if r > 0), reverse=True)[:k]
-    idcg = sum(r / math.log2(rank + 2) for rank, r in enumerate(ideal))
-    if idcg == 0:
-        raise ValueError("nDCG is undefined for a query without relevant documents")
-    return dcg / idcg
-
-
 def random_expectation(num_docs: int, num_relevant: int, k: int) -> dict[str, float]:
     """Expected recall@k and nDCG@k of a uniformly random ranking (binary relevance).
 
@@ -110,39 +95,6 @@ def random_expectation(num_docs: int, num_relevant: int, k: int) -> dict[str, fl
     discounts = [1.0 / math.log2(r + 2) for r in range(k_eff)]
     idcg = sum(discounts[:min(num_relevant, k_eff)])
     return {"recall@k": k_eff / num_docs, "ndcg@k": p * sum(discounts) / idcg}
-
-
-# --- BEIR folders ---------------------------------------------------------------------------------
-
-def load_beir(folder: str | Path, split: str = "test"):
-    """(corpus {id: (title, text)}, queries {id: text}, qrels {qid: {doc id: score}}) of a BEIR folder."""
-    folder = Path(folder)
-
-    def read_jsonl(path: Path) -> Iterable[dict]:
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{line_no}: not JSON ({err})") from None
-
-    corpus = {d["_id"]: (d.get("title", ""), d["text"]) for d in read_jsonl(folder / "corpus.jsonl")}
-    queries = {q["_id"]: q["text"] for q in read_jsonl(folder / "queries.jsonl")}
-    qrels: dict[str, dict[str, float]] = {}
-    qrels_path = folder / "qrels" / f"{split}.tsv"
-    with qrels_path.open(encoding="utf-8") as f:
-        header = f.readline().rstrip("\n").split("\t")
-        if header != ["query-id", "corpus-id", "score"]:
-            raise ValueError(f"{qrels_path}:1: expected header query-id/corpus-id/score, got {header}")
-        for line_no, line in enumerate(f, 2):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != 3:
-                raise ValueError(f"{qrels_path}:{line_no}: expected 3 tab-separated fields")
-            qrels.setdefault(parts[0], {})[parts[1]] = float(parts[2])
-    return corpus, queries, qrels
 
 
 def evaluate_bm25_on_beir(folder: str | Path, k: int = 10, split: str = "test") -> dict:

@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "assets": ("m3composer.assets.build", "build the offline model folders (e5-small and the tiny test model)"),
     "sample-data": ("m3composer.assets.sample_data", "write real multi-task sample data (JSONL + BEIR eval split)"),
     "convert": ("m3composer.data.convert", "JSONL -> tokenised MDS streams per task x length bucket"),
+    "eval": ("m3composer.retrieval.evaluate", "retrieval metrics per head (dense, sparse, ColBERT, ensemble) on a BEIR folder or JSONL"),
+    "score-teacher": ("m3composer.retrieval.teacher", "add a teacher model's pos_scores/neg_scores to a JSONL (knowledge distillation)"),
 }
 
 

@@ -1,0 +1,183 @@
+"""Teacher scores for knowledge distillation: the `m3c score-teacher` command.
+
+    m3c score-teacher INPUT.jsonl OUTPUT.jsonl --model DIR [--score dense|ensemble] [--scale 1.0]
+
+Reads FlagEmbedding JSONL (`query`, `pos`, `neg`, any other fields), scores every positive and
+negative against its query with a model folder as the teacher, and writes the same rows with
+`pos_scores` / `neg_scores` added (existing ones replaced, other fields and line order kept). The
+output is written to a temporary name and renamed, so a failure leaves no partial file. Every
+line is validated as `m3c convert` does; the first bad line stops the run with its file:line.
+
+Scale of the scores: raw BGE-M3 inference scores (no temperature), times `--scale`:
+
+    dense     <e_q, e_p>, the cosine similarity for a normalising model: in [-1, 1]
+    ensemble  0.4·dense + 0.2·sparse + 0.4·colbert (sparse is unbounded ≥ 0, ColBERT in [-1, 1])
+
+The recipe's distillation target is `softmax(teacher_scores)` over the query's group with no
+temperature (spec §5.5), so cosine-range scores give an almost flat target. `--scale 50` (= 1/τ
+for the recipe's τ = 0.02, the student's own score scale) gives a target as sharp as the student's
+distribution; reranker logits, the usual teacher in FlagEmbedding, are already on a wide scale.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from m3composer.retrieval.evaluate import (DEFAULT_WEIGHTS, HEADS, add_instruction_arguments, heads_in_folder,
+                                           instructions_from_args, load_model_for_inference, parse_weights,
+                                           unwrap_m3)
+
+SCORE_KINDS = ("dense", "ensemble")
+
+
+def lexical_match(q_weights: dict, p_weights: dict) -> float:
+    """Σ over tokens in both of `w_q[t] · w_p[t]` (BGE-M3's lexical matching score)."""
+    if len(p_weights) < len(q_weights):
+        q_weights, p_weights = p_weights, q_weights
+    return float(sum(w * p_weights[t] for t, w in q_weights.items() if t in p_weights))
+
+
+def colbert_match(q_vecs: np.ndarray, p_vecs: np.ndarray) -> float:
+    """Mean over the query's vectors of the max inner product with the passage's vectors."""
+    return float((q_vecs @ p_vecs.T).max(axis=1).mean())
+
+
+def pair_scores(query: dict, passages: Sequence[dict], score: str = "dense",
+                weights: Sequence[float] = DEFAULT_WEIGHTS) -> list[float]:
+    """Teacher scores of `passages` against `query`; each item holds one text's `dense_vecs`,
+    `lexical_weights`, `colbert_vecs` as `M3Model.encode_texts` returns them."""
+    if score not in SCORE_KINDS:
+        raise ValueError(f"score must be one of {SCORE_KINDS}, got {score!r}")
+    w_dense, w_sparse, w_colbert = weights
+    out = []
+    for p in passages:
+        value = float(np.dot(query["dense_vecs"], p["dense_vecs"]))
+        if score == "ensemble":
+            value = (w_dense * value + w_sparse * lexical_match(query["lexical_weights"], p["lexical_weights"])
+                     + w_colbert * colbert_match(query["colbert_vecs"], p["colbert_vecs"]))
+        out.append(value)
+    return out
+
+
+def _split(encoded: dict, n: int) -> list[dict]:
+    return [{k: (v[i] if v is not None else None) for k, v in encoded.items()} for i in range(n)]
+
+
+def score_teacher(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *, score: str = "dense",
+                  batch_size: int = 32, query_instruction: Optional[str] = None,
+                  passage_instruction: Optional[str] = None, query_max_len: int = 64, passage_max_len: int = 512,
+                  weights: Sequence[float] = DEFAULT_WEIGHTS, scale: float = 1.0, rows_per_chunk: int = 256,
+                  progress: bool = True) -> dict:
+    """Write `output_path` = `input_path` with teacher `pos_scores`/`neg_scores`; returns counts.
+
+    `model` is an `M3Model` (or a wrapper `unwrap_m3` opens). Instructions default (None) to the
+    model's recorded ones; "" means none. Raises `ValueError("file:line: reason")` on a bad line.
+    """
+    from tqdm.auto import tqdm
+
+    from m3composer.data.rows import RowError, iter_lines, parse_line
+
+    if score not in SCORE_KINDS:
+        raise ValueError(f"score must be one of {SCORE_KINDS}, got {score!r}")
+    m3 = unwrap_m3(model)
+    q_inst = (m3.query_instruction or "") if query_instruction is None else query_instruction
+    p_inst = (m3.passage_instruction or "") if passage_instruction is None else passage_instruction
+    full = score == "ensemble"
+    input_path, output_path = Path(input_path), Path(output_path)
+    if input_path.resolve() == output_path.resolve():
+        raise ValueError(f"{output_path}: output must differ from the input")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    counts = {"rows": 0, "passages": 0}
+
+    def encode(texts: list[str], instruction: str, max_length: int) -> list[dict]:
+        encoded = m3.encode_texts(texts, batch_size=batch_size, max_length=max_length, instruction=instruction,
+                                  return_dense=True, return_sparse=full, return_colbert_vecs=full)
+        return _split(encoded, len(texts))
+
+    def flush(pending: list[tuple[dict, object]], out) -> None:
+        if not pending:
+            return
+        queries = encode([row.query for _, row in pending], q_inst, query_max_len)
+        texts = [t for _, row in pending for t in row.pos + row.neg]
+        passages = encode(texts, p_inst, passage_max_len)
+        at = 0
+        for (obj, row), q in zip(pending, queries):
+            n_pos, n = len(row.pos), len(row.pos) + len(row.neg)
+            values = [v * scale for v in pair_scores(q, passages[at:at + n], score, weights)]
+            at += n
+            obj["pos_scores"], obj["neg_scores"] = values[:n_pos], values[n_pos:]
+            out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            counts["rows"] += 1
+            counts["passages"] += n
+        pending.clear()
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".tmp", dir=output_path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out, \
+                tqdm(total=input_path.stat().st_size, unit="B", unit_scale=True, desc="score-teacher",
+                     disable=not progress) as bar:
+            pending: list[tuple[dict, object]] = []
+            position = 0
+            for line_no, raw, end_offset in iter_lines(input_path):
+                row = parse_line(raw, path=str(input_path), line_no=line_no)
+                if isinstance(row, RowError):
+                    raise ValueError(str(row))
+                # The teacher scores replace whatever scores the row had; validate the rest as convert does.
+                pending.append((json.loads(raw), row))
+                if len(pending) >= rows_per_chunk:
+                    flush(pending, out)
+                bar.update(end_offset - position)
+                position = end_offset
+            flush(pending, out)
+        os.replace(tmp, output_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dict(counts, score=score, scale=scale, query_instruction=q_inst, passage_instruction=p_inst)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="FlagEmbedding JSONL (query, pos, neg), plain or .gz")
+    parser.add_argument("output", help="where to write the rows with pos_scores/neg_scores")
+    parser.add_argument("--model", required=True, help="teacher model folder")
+    parser.add_argument("--score", choices=SCORE_KINDS, default="dense",
+                        help="dense inner product, or the 0.4/0.2/0.4 ensemble of all three heads (default: dense)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every score (default 1: raw scores; 50 = 1/τ of the recipe)")
+    parser.add_argument("--weights", type=parse_weights, default=DEFAULT_WEIGHTS,
+                        help="ensemble weights dense,sparse,colbert (default: 0.4,0.2,0.4)")
+    add_instruction_arguments(parser)
+    parser.add_argument("--pooling", choices=("cls", "mean"), default=None,
+                        help="dense pooling (default: the folder's m3composer.json, else cls)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--query-max-len", type=int, default=64)
+    parser.add_argument("--passage-max-len", type=int, default=512)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.score == "ensemble" and heads_in_folder(args.model) != HEADS:
+        print(f"m3c score-teacher: error: {args.model} has no colbert_linear.pt/sparse_linear.pt; "
+              f"use --score dense", file=sys.stderr)
+        return 2
+    model = load_model_for_inference(args.model, pooling=args.pooling)
+    query_instruction, passage_instruction = instructions_from_args(args)
+    try:
+        summary = score_teacher(args.input, args.output, model, score=args.score, batch_size=args.batch_size,
+                                query_instruction=query_instruction, passage_instruction=passage_instruction,
+                                query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
+                                weights=args.weights, scale=args.scale, progress=not args.no_progress)
+    except (OSError, ValueError) as err:
+        print(f"m3c score-teacher: error: {err}", file=sys.stderr)
+        return 2
+    print(f"[score-teacher] {args.output}: {summary['rows']} rows, {summary['passages']} passages scored "
+          f"({summary['score']}, scale {summary['scale']}, instructions q={summary['query_instruction']!r} "
+          f"p={summary['passage_instruction']!r})")
+    return 0

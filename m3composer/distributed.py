@@ -1,0 +1,70 @@
+"""Cross-rank negatives: gather representations from all ranks, with either gradient convention.
+
+Everything here is a no-op on one process, with or without a process group (the seed calls
+`dist.get_rank()` unconditionally and crashes without one, spec §7 #3).
+
+Two conventions for the gradient of a loss computed on gathered tensors (spec §5.2):
+
+* `parity` (FlagEmbedding, the default): the other ranks' tensors are constants, the local slice
+  is put back so only it carries a gradient (`gather_local_grad`). Every rank computes the same
+  global loss; DDP then averages the W identical-shaped local gradients, so the applied gradient is
+  `(1/W)·∇L_global` — the dense term weighs 1/W relative to the local terms.
+* `full_batch`: the gather is differentiable (`gather_with_grad`, torch.distributed.nn); its
+  backward sums every rank's gradient for this rank's slice, so after DDP's average the applied
+  gradient equals the one-process gradient of the loss on the concatenated batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+CROSS_RANK_GRAD_SCALES = ("parity", "full_batch")
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (same shape on every rank) from all ranks in rank order, differentiably."""
+    if not is_distributed():
+        return x
+    from torch.distributed.nn.functional import all_gather  # differentiable collective
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def gather_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks in rank order; only the local slice keeps its gradient."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts, dim=0)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks (targets, teacher scores: no gradient needed)."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def gather_for_negatives(x: torch.Tensor, cross_rank_grad_scale: str = "parity") -> torch.Tensor:
+    """Gather `x` for cross-rank negatives under the named gradient convention (see module doc)."""
+    if cross_rank_grad_scale == "parity":
+        return gather_local_grad(x)
+    if cross_rank_grad_scale == "full_batch":
+        return gather_with_grad(x)
+    raise ValueError(f"cross_rank_grad_scale must be one of {CROSS_RANK_GRAD_SCALES}, got {cross_rank_grad_scale!r}")

@@ -1,0 +1,182 @@
+"""PNG plots of a run: per-head training losses and retrieval metrics over steps.
+
+    RUN_DIR/plots/losses.png   loss/train/<term> (dense, sparse, colbert, ensemble, self_distill,
+                               bidirectional, total), raw per step plus a moving average
+    RUN_DIR/plots/eval.png     metrics/<label>/<head>/<metric> (what RetrievalEval logs): one panel
+                               per metric, one line per head
+
+`write_plots(run_dir, history)` is the plain function; `history` maps a metric name to its
+`(step, value)` points, or is an `InMemoryLogger.data` dict (points `(Timestamp, value)`). The
+`Plots` logger destination records those metrics as they are logged and writes the plots at fit end
+on rank 0. Put it in `Trainer(loggers=[...])`; placed in `callbacks=[...]` it adds itself to the
+loggers at `Event.INIT`. Files are written under a temporary name and renamed; matplotlib runs
+with the Agg backend (no display needed).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from composer.core import State
+from composer.loggers import Logger, LoggerDestination
+from composer.utils import dist
+
+LOSS_PREFIX = "loss/train/"
+EVAL_PREFIX = "metrics/"
+HEAD_ORDER = ("dense", "sparse", "colbert", "ensemble")
+# The loss terms in the order ComposerM3 logs them; unknown terms go just before "total".
+LOSS_ORDER = ("dense", "sparse", "colbert", "ensemble", "self_distill", "bidirectional", "total")
+
+
+def _step_of(when: Any) -> int:
+    # InMemoryLogger stores a Timestamp; our own recorder stores the int step.
+    batch = getattr(when, "batch", None)
+    return int(batch.value if hasattr(batch, "value") else batch) if batch is not None else int(when)
+
+
+def normalize_history(history: Mapping[str, Sequence[tuple[Any, Any]]]) -> dict[str, list[tuple[int, float]]]:
+    """`{name: [(step, float value)]}` from our history or an `InMemoryLogger.data` dict."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for name, points in history.items():
+        clean = []
+        for when, value in points:
+            try:
+                clean.append((_step_of(when), float(value.item() if hasattr(value, "item") else value)))
+            except (TypeError, ValueError):
+                continue   # non-numeric entries (text, images) are not plotted
+        if clean:
+            out[name] = clean
+    return out
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _save_atomic(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _eval_series(history: dict[str, list[tuple[int, float]]]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """`{metric: {"<label>/<head>" or "<head>": points}}` from `metrics/<label>/<head>/<metric>` keys."""
+    panels: dict[str, dict[str, list]] = defaultdict(dict)
+    labels = {name.split("/")[1] for name in history if name.startswith(EVAL_PREFIX) and name.count("/") == 3}
+    for name, points in history.items():
+        parts = name.split("/")
+        if name.startswith(EVAL_PREFIX) and len(parts) == 4:
+            _, label, head, metric = parts
+            panels[metric][head if len(labels) == 1 else f"{label}/{head}"] = points
+    return panels
+
+
+def _metric_order(metric: str) -> tuple:
+    """recall@1, recall@10, ..., then mrr@k, ndcg@k, then anything else by name."""
+    name, _, k = metric.partition("@")
+    rank = {"recall": 0, "mrr": 1, "ndcg": 2}.get(name, 3)
+    return rank, int(k) if k.isdigit() else 0, metric
+
+
+def write_plots(run_dir: str | os.PathLike, history: Mapping[str, Sequence[tuple[Any, Any]]],
+                smoothing_window: int = 10) -> list[Path]:
+    """Write `plots/losses.png` and `plots/eval.png` under `run_dir` (each only when it has data);
+    returns the paths written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = normalize_history(history)
+    plots_dir = Path(run_dir) / "plots"
+    written = []
+
+    losses = {name[len(LOSS_PREFIX):]: pts for name, pts in history.items() if name.startswith(LOSS_PREFIX)}
+    # Terms that stayed exactly zero (switched off for the whole run) only clutter the figure.
+    losses = {term: pts for term, pts in losses.items() if any(v != 0 for _, v in pts)}
+    if losses:
+        terms = sorted(losses, key=lambda t: (LOSS_ORDER.index(t) if t in LOSS_ORDER else len(LOSS_ORDER) - 1, t))
+        fig, axes = plt.subplots(len(terms), 1, figsize=(8, 2.2 * len(terms)), sharex=True, squeeze=False)
+        for ax, term in zip(axes[:, 0], terms):
+            steps, values = zip(*sorted(losses[term]))
+            ax.plot(steps, values, lw=0.8, alpha=0.45, label="per step")
+            if len(values) > 2:
+                ax.plot(steps, _moving_average(list(values), smoothing_window), lw=1.6,
+                        label=f"trailing mean of {smoothing_window}")
+            ax.set_ylabel(term)
+            ax.grid(alpha=0.3)
+        axes[0, 0].set_title("training loss terms (loss/train/*)")
+        axes[0, 0].legend(loc="upper right", fontsize=8)
+        axes[-1, 0].set_xlabel("step (batch)")
+        fig.tight_layout()
+        _save_atomic(fig, plots_dir / "losses.png")
+        plt.close(fig)
+        written.append(plots_dir / "losses.png")
+
+    panels = _eval_series(history)
+    if panels:
+        metrics = sorted(panels, key=_metric_order)
+        cols = min(2, len(metrics))
+        rows = (len(metrics) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.4 * rows), squeeze=False)
+        for ax, metric in zip(axes.flat, metrics):
+            series = panels[metric]
+            order = sorted(series, key=lambda h: (HEAD_ORDER.index(h.split("/")[-1])
+                                                  if h.split("/")[-1] in HEAD_ORDER else 9, h))
+            for head in order:
+                steps, values = zip(*sorted(series[head]))
+                ax.plot(steps, values, marker="o", ms=3, label=head)
+            ax.set_title(metric)
+            ax.set_xlabel("step (batch)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        for ax in list(axes.flat)[len(metrics):]:
+            ax.set_visible(False)
+        fig.suptitle("retrieval evaluation (metrics/<label>/<head>/<metric>)")
+        fig.tight_layout()
+        _save_atomic(fig, plots_dir / "eval.png")
+        plt.close(fig)
+        written.append(plots_dir / "eval.png")
+    return written
+
+
+class Plots(LoggerDestination):
+    """Records `loss/train/*` and `metrics/*` as they are logged; writes the plots at fit end."""
+
+    def __init__(self, run_dir: str | os.PathLike, smoothing_window: int = 10):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.smoothing_window = smoothing_window
+        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self.written: list[Path] = []
+
+    def init(self, state: State, logger: Logger) -> None:
+        # Given as a callback rather than a logger: join the destinations so log_metrics reaches us.
+        if not any(d is self for d in logger.destinations):
+            logger.destinations = (*logger.destinations, self)
+
+    def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
+        for name, value in metrics.items():
+            if name.startswith((LOSS_PREFIX, EVAL_PREFIX)):
+                try:
+                    self.history[name].append((int(step or 0), float(value)))
+                except (TypeError, ValueError):
+                    continue
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() == 0:
+            self.written = write_plots(self.run_dir, self.history, self.smoothing_window)

@@ -11,7 +11,8 @@ Composer notes §6.4 compare (a) pre-packed rows with (b) one StreamingDataset p
 wrapper that picks the bucket per step and pins each bucket's Streaming shuffle. We keep (b)'s
 wrapper shape (an IterableDataset that owns the epoch, ~2 ints of state, DataLoader
 `batch_size=None`) but take membership from our own permutation of row indices and read rows with
-`StreamingDataset.__getitem__` (one StreamingDataset over all streams). Reasons:
+`StreamingDataset.__getitem__`. One StreamingDataset spans all streams: per-bucket instances
+existed in (b) only to keep separate Streaming shuffles, which random access does not use. Reasons:
 * the plan is then entirely a pure function of (seed, epoch, W): resume is `{'epoch', 'step'}`
   with nothing of Streaming's partition/shuffle state to pin, and the seed's rules are reproduced
   exactly — per-group chunks of B·W rows, rank r takes rows [r·k, (r+1)·k), the `keep_if_ge_2W`
@@ -19,7 +20,9 @@ wrapper shape (an IterableDataset that owns the epoch, ~2 ints of state, DataLoa
   own way, so neither would match the seed;
 * a failing store cannot shorten an epoch silently (notes §7 saw Streaming's iterator yield 0 of
   16 rows without raising): random access downloads the shard in the calling thread and raises
-  there, and we also check every batch and the epoch's count against the plan;
+  there (the error names the stream, row, epoch and step); each batch's size is checked against
+  the plan, and at start-up every stream's MDS row count against the index (a half-uploaded
+  stream would otherwise be a short epoch);
 * the cost: no background prefetch (a shard is downloaded when a planned row first needs it,
   then stays in the local cache), and each node caches every shard of the streams it reads,
   rather than only its partition. For this recipe's data (tokenised text, a few GB at most per
@@ -31,7 +34,7 @@ epoch and step when resuming mid-epoch, where EPOCH_START does not fire. Use Dat
 without `persistent_workers` (workers copy the dataset at each `iter`, so they see `set_epoch`);
 with N workers, worker w serves steps w, w+N, …, which the DataLoader returns in plan order.
 
-Rows whose `neg` is empty: with G > 1 their negatives are borrowed — a random positive of each of
+Rows without negatives (valid input): with G > 1 their negatives are borrowed — a random positive of each of
 G−1 other random rows of the same group, drawn with the row's own generator. Such passages have
 no teacher score, so a stream with teacher scores whose `min_neg` is 0 (when G > 1) is served
 without teacher scores, with a warning; the flag stays a property of the stream, hence the same on
@@ -44,21 +47,18 @@ import os
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+import torch.distributed
 from composer.utils import dist
 from streaming import Stream, StreamingDataset
 from torch.utils.data import IterableDataset, get_worker_info
 
 from m3composer.data import buckets
 from m3composer.data.collate import TokenSpec, collate_examples, draw_example, row_passages, token_spec_from_tokenizer
-from m3composer.data.convert import INDEX_FILE, read_index
+from m3composer.data.convert import INDEX_FILE, is_remote, read_index
 from m3composer.data.plan import (ROW_STREAM, TAIL_RULES, EpochPlan, Group, StreamEntry, group_streams, plan_epoch,
                                   steps_per_epoch)
 
 log = logging.getLogger(__name__)
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path
 
 
 class M3TrainDataset(IterableDataset):
@@ -122,8 +122,13 @@ class M3TrainDataset(IterableDataset):
         self.rank = dist.get_global_rank() if rank is None else int(rank)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        if dist.get_world_size() > 1 and not torch.distributed.is_initialized():
+            # Streaming would open and close its own process group on MASTER_PORT, racing with the
+            # Trainer's (a 2-rank test hung there); one process group for the whole run avoids that.
+            raise RuntimeError("M3TrainDataset under a launcher: call composer.utils.dist.initialize_dist(device) "
+                               "before building it")
 
-        if _is_remote(data) and local is None:
+        if is_remote(data) and local is None:
             raise ValueError(f"{data} is remote: pass `local`, a cache dir for its shards")
         index = read_index(data, local)
         where = f"{data}/{INDEX_FILE}"
@@ -150,7 +155,7 @@ class M3TrainDataset(IterableDataset):
 
         root = data.rstrip("/")
         self._sd = StreamingDataset(
-            streams=[Stream(remote=f"{root}/{s.path}" if (_is_remote(data) or local) else None,
+            streams=[Stream(remote=f"{root}/{s.path}" if (is_remote(data) or local) else None,
                             local=os.path.join(local, s.path) if local else os.path.join(root, s.path))
                      for s in self.streams],
             batch_size=1, shuffle=False, download_retry=download_retry, download_timeout=download_timeout)
@@ -171,8 +176,9 @@ class M3TrainDataset(IterableDataset):
     # ---- sizes and flags -------------------------------------------------------------------------
     def _batch_size(self, stream: StreamEntry, default_batch_size: int, table, max_tokens: int | None) -> int:
         if max_tokens is None:
-            return buckets.table_batch_size(stream.bucket, self.train_group_size, default_batch_size,
-                                            None if table is None else {k: dict(v) for k, v in table.items()})
+            # YAML may give the group-size keys as strings
+            table = None if table is None else {k: {int(g): int(b) for g, b in v.items()} for k, v in table.items()}
+            return buckets.table_batch_size(stream.bucket, self.train_group_size, default_batch_size, table)
         # The longest a row of this stream can be after prefixing and truncation: the converter's
         # measured maximum, else the bucket's edge (lengths < hi), else the max_len.
         q_longest = stream.query_len_max or (stream.bucket_hi - 1 if stream.bucket_hi else None)
@@ -284,17 +290,18 @@ class M3TrainDataset(IterableDataset):
         epoch, start = self.epoch, self._start_step
         worker = get_worker_info()
         worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
-        expected = len(range(start + worker_id, self._steps, num_workers))
-        served = 0
+        # Rows are read by index, so a step either yields its planned rows or raises (a missing shard,
+        # a store that keeps failing): an epoch cannot end short without an error.
         for step in range(start + worker_id, self._steps, num_workers):
             yield self.batch(epoch, step)
-            served += 1
-        if served != expected:  # defensive: the loop above cannot end early without raising
-            raise RuntimeError(f"epoch {epoch}: served {served} of {expected} planned batches")
 
     # ---- Composer checkpoint hooks (state.py: dataset.state_dict(sample_in_epoch, True)) -------------
     def state_dict(self, num_samples: int, from_beginning: bool = True) -> dict:
-        """Position after `num_samples` global queries of the current epoch (Composer's count)."""
+        """Position after `num_samples` global queries of the current epoch (Composer's count).
+
+        A checkpoint taken at EPOCH_CHECKPOINT has num_samples 0 and the finished epoch's number;
+        on resume, EPOCH_START fires there (batch_in_epoch is 0) and DataRefresh sets the next epoch.
+        """
         if not from_beginning:
             raise ValueError("M3TrainDataset.state_dict counts samples from the beginning of the epoch")
         done = np.concatenate([[0], np.cumsum(self.plan(self.epoch).samples_per_step())])

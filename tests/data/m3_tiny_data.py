@@ -126,6 +126,8 @@ def run_composer(data: str, record: str, *, max_duration: str, save_folder: str 
         def fit_end(self, state, logger):
             Path(record).write_text(json.dumps(self.rows))
 
+    from composer.utils import dist
+    dist.initialize_dist("cpu")       # before the dataset: one process group for Streaming and the Trainer
     dataset = M3TrainDataset(data, train_group_size=4, default_batch_size=2, batch_size_table=RESUME_TABLE,
                              seed=5, query_max_len=16, passage_max_len=16)
     model = Dummy()

@@ -3,6 +3,7 @@ negatives, workers, state dict, loud failures on a broken store, and the real co
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -241,3 +242,20 @@ def test_reads_the_converters_output_with_instructions(converted_dir, word_token
             assert (t[:, 0] >= t[:, 1]).all() and (t[:, 1] >= t[:, 2]).all()
     assert sum(served.values()) == len(seen) == sum(rows.values()) - sum(ds.left_out(0).values())
     assert served[(True, False)] > 0 and served[(False, True)] > 0 and served[(False, False)] > 0
+
+
+def test_left_out_rows_are_logged_per_stream(tiny, caplog):
+    with caplog.at_level(logging.INFO, logger="m3composer.data.dataset"):
+        make(tiny, world_size=2, rank=0).set_epoch(3)
+    line = [r.getMessage() for r in caplog.records if "epoch 3" in r.getMessage()][0]
+    assert "'t1/len-0-500': 1" in line and "'t1/len-500-1000': 2" in line and "'parallel_t2/len-0-500': 2" in line
+
+
+def test_index_and_mds_row_counts_must_agree(tiny, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny, copy)
+    index = json.loads((copy / "m3_index.json").read_text())
+    index["streams"][1]["rows"] += 1          # e.g. an index written for more shards than were uploaded
+    (copy / "m3_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="t1/len-500-1000 lists 11 rows but its MDS index has 10"):
+        make(copy)

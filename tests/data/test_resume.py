@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,10 +46,17 @@ def _launch(args: list[str], logs: Path) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     cmd = [str(launcher), "-n", "2", "--stdout", str(logs / "r{rank}.out"), "--stderr", str(logs / "r{rank}.err"),
            str(HERE / "m3_tiny_data.py"), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONHASHSEED": "0"})
+    # own session, so a hung rank can be killed with the launcher (the launcher alone would leave it running)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        stderr = "timed out after 240 s\n" + stderr
     if proc.returncode != 0:
         errs = "\n".join(p.read_text()[-3000:] for p in sorted(logs.glob("r*.err")))
-        pytest.fail(f"composer -n 2 failed ({proc.returncode}):\n{proc.stderr[-3000:]}\n{errs}")
+        pytest.fail(f"composer -n 2 failed ({proc.returncode}):\n{stderr[-3000:]}\n{errs}")
 
 
 def test_resume_two_ranks_same_stream_disjoint_rows_exact(tmp_path):

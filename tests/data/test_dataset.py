@@ -259,3 +259,11 @@ def test_index_and_mds_row_counts_must_agree(tiny, tmp_path):
     (copy / "m3_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="t1/len-500-1000 lists 11 rows but its MDS index has 10"):
         make(copy)
+
+
+def test_under_a_launcher_the_process_group_must_exist_first(tiny, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match="initialize_dist"):
+        make(tiny)

@@ -98,7 +98,12 @@ class TrainerConfig:
 class CallbacksConfig:
     export_dir: Optional[str] = None    # default <run_dir>/export
     export_interval: Optional[str] = None
-    speed_window: int = 10
+    speed_window: int = 10              # SpeedMonitor window (batches) for samples/s and tokens/s
+    eval_data: Optional[str] = None     # BEIR folder or query/pos JSONL: retrieval eval during training
+    eval_interval: Optional[str] = None # e.g. 50ba; null: at the end of training only
+    eval_max_queries: Optional[int] = None
+    eval_batch_size: int = 32
+    eval_passage_max_len: int = 512
 
 
 @dataclass
@@ -199,8 +204,10 @@ def validate(cfg: TrainConfig) -> None:
     _check(t.save_num_checkpoints_to_keep >= -1, "trainer.save_num_checkpoints_to_keep", "must be >= -1")
     for key in ("max_duration", "save_interval", "console_log_interval"):
         _check_time(getattr(t, key), f"trainer.{key}")
-    if cfg.callbacks.export_interval:
-        _check_time(cfg.callbacks.export_interval, "callbacks.export_interval")
+    for key in ("export_interval", "eval_interval"):
+        if getattr(cfg.callbacks, key):
+            _check_time(getattr(cfg.callbacks, key), f"callbacks.{key}")
+    _check(cfg.callbacks.eval_batch_size >= 1, "callbacks.eval_batch_size", "must be >= 1")
     unknown_loggers = set(cfg.loggers) - {"mlflow", "wandb", "tensorboard", "file"}
     _check(not unknown_loggers, "loggers", f"unknown logger(s) {sorted(unknown_loggers)}; use mlflow, wandb, tensorboard or file")
 

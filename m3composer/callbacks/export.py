@@ -8,6 +8,7 @@ Periodic exports go to `<export_dir>/step-<N>`; the final one to `<export_dir>` 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -19,11 +20,21 @@ log = logging.getLogger(__name__)
 
 
 def export_model(state: State, out_dir: str | Path) -> None:
-    """Save the unwrapped model of `state` to `out_dir` on rank 0; barrier on every rank."""
-    model = getattr(state.model, "module", state.model)
-    if dist.get_global_rank() == 0:
-        model.save_pretrained(out_dir)
-        log.info("exported the model to %s", out_dir)
+    """Save the M3Model inside `state.model` to `out_dir` on rank 0; barrier on every rank.
+
+    Under FSDP every rank first joins `summon_full_params` (a collective) so rank 0 sees whole tensors.
+    """
+    from m3composer.retrieval.evaluate import unwrap_m3
+
+    m3 = unwrap_m3(state.model)
+    full_params = contextlib.nullcontext()
+    if state.fsdp_enabled:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        full_params = FullyShardedDataParallel.summon_full_params(state.model, writeback=False, rank0_only=True)
+    with full_params:
+        if dist.get_global_rank() == 0:
+            m3.save_pretrained(out_dir)
+            log.info("exported the model to %s", out_dir)
     dist.barrier()
 
 

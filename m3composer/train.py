@@ -1,0 +1,239 @@
+"""Build everything a training run needs from a `TrainConfig` and run `Trainer.fit`.
+
+This is the one place that wires the pipeline together: config -> model, data, optimizer,
+algorithms, callbacks, loggers -> Composer `Trainer`. `scripts/train.py` only parses the command
+line and calls `main`. Launch with `composer -n N scripts/train.py yamls/<recipe>.yaml key=value`
+(N ranks; gloo on CPU, nccl on GPU) or `python scripts/train.py ...` for one process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from composer import Trainer
+from composer.algorithms import GradientClipping
+from composer.callbacks import LRMonitor, MemoryMonitor, SpeedMonitor
+from composer.devices import DeviceCPU, DeviceGPU
+from composer.optim import LinearWithWarmupScheduler
+from composer.utils import dist, reproducibility
+from torch.utils.data import DataLoader
+
+from m3composer.algorithms import FreezePositionEmbeddings, SelfDistillWarmup, freeze_position_embeddings
+from m3composer.assets.paths import read_model_meta
+from m3composer.callbacks.data_refresh import DataRefresh
+from m3composer.callbacks.export import ExportModel
+from m3composer.config import AUTO, ConfigError, TrainConfig, load_config, to_dict
+from m3composer.data.collate import make_data_spec
+from m3composer.data.convert import is_remote
+from m3composer.data.dataset import M3TrainDataset
+from m3composer.model.composer_model import ComposerM3
+from m3composer.model.m3 import M3Model
+
+log = logging.getLogger("m3composer.train")
+
+ASSET_PREFIX = "asset:"
+# transformers' own rule: no weight decay on biases and LayerNorm weights (spec §5.7).
+NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight")
+
+
+# ---------------------------------------------------------------------------------------- model
+def resolve_model_path(name_or_path: str) -> Path:
+    """`asset:e5-small` -> the asset folder (built once, by local rank 0); else the local folder."""
+    if name_or_path.startswith(ASSET_PREFIX):
+        from m3composer.assets.build import ensure_assets
+        name = name_or_path[len(ASSET_PREFIX):]
+        if dist.get_local_rank() == 0:
+            ensure_assets()
+        dist.barrier()
+        assets = ensure_assets()   # reuses the folders local rank 0 built
+        if name not in assets:
+            raise ConfigError(f"model.name_or_path: unknown asset {name!r}; known: {', '.join(sorted(assets))}")
+        return Path(assets[name])
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"model.name_or_path: {name_or_path!r} is not a local folder (models are not fetched "
+                          "from a hub at run time: download it first, or use asset:e5-small / asset:tiny-xlmr)")
+    return path
+
+
+def model_aware_defaults(cfg: TrainConfig, model_dir: Path) -> dict:
+    """`auto` pooling and instructions -> what the model folder records (m3composer.json).
+
+    An e5 folder records mean pooling with `query: `/`passage: `; a BGE-M3 folder (no file)
+    gets CLS pooling and no instruction. Explicit values in the config win.
+    """
+    meta = read_model_meta(model_dir)
+    d = cfg.data
+
+    def pick(value, recorded):
+        return recorded if value == AUTO else value
+
+    return {"pooling": pick(cfg.model.pooling, meta["pooling"]),
+            "query_instruction": pick(d.query_instruction_for_retrieval, meta["query_instruction"]),
+            "passage_instruction": pick(d.passage_instruction_for_retrieval, meta["passage_instruction"])}
+
+
+def build_model(cfg: TrainConfig, model_dir: Path, chosen: dict) -> ComposerM3:
+    encoder_kwargs = {}
+    if cfg.model.attn_implementation:
+        encoder_kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if cfg.model.trust_remote_code:
+        encoder_kwargs["trust_remote_code"] = True
+    m3 = M3Model.from_pretrained(model_dir, pooling=chosen["pooling"], colbert_dim=cfg.model.colbert_dim,
+                                 **encoder_kwargs)
+    # The export records what training used, so evaluation defaults to the same prefixes.
+    m3.query_instruction = chosen["query_instruction"]
+    m3.passage_instruction = chosen["passage_instruction"]
+    m3.train()
+    if cfg.model.fix_position_embedding:
+        freeze_position_embeddings(m3.encoder)   # before the optimizer is built: it never sees the tensor
+    loss = cfg.loss
+    return ComposerM3(m3, temperature=loss.temperature, unified_finetuning=loss.unified_finetuning,
+                      use_self_distill=loss.use_self_distill, negatives_cross_device=loss.negatives_cross_device,
+                      cross_rank_grad_scale=loss.cross_rank_grad_scale, train_group_size=cfg.data.train_group_size,
+                      bidirectional_parallel=loss.bidirectional_parallel,
+                      knowledge_distillation=loss.knowledge_distillation,
+                      gradient_checkpointing=cfg.model.gradient_checkpointing)
+
+
+# ----------------------------------------------------------------------------------------- data
+def build_dataset(cfg: TrainConfig, tokenizer, chosen: dict) -> M3TrainDataset:
+    d = cfg.data
+    local = d.local_cache
+    if local is None and is_remote(d.train_data):
+        local = os.path.join(cfg.run_dir, "data-cache")
+    table = None
+    if d.batch_size_table is not None:
+        table = {bucket: {int(g): int(b) for g, b in sizes.items()} for bucket, sizes in d.batch_size_table.items()}
+    return M3TrainDataset(
+        d.train_data, local=local, tokenizer=tokenizer, train_group_size=d.train_group_size,
+        default_batch_size=d.default_batch_size, batch_size_table=table,
+        max_tokens_per_device_batch=d.max_tokens_per_device_batch, query_max_len=d.query_max_len,
+        passage_max_len=d.passage_max_len, small_threshold=d.small_threshold, drop_threshold=d.drop_threshold,
+        tail=d.tail, seed=cfg.seed, query_instruction=chosen["query_instruction"],
+        passage_instruction=chosen["passage_instruction"], shuffle_ratio=d.shuffle_ratio)
+
+
+# ------------------------------------------------------------------------------ optimisation
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if any(m in name for m in NO_DECAY_MARKERS) else decay).append(param)
+    o = cfg.optimizer
+    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def build_scheduler(cfg: TrainConfig) -> LinearWithWarmupScheduler:
+    """Linear warm-up then linear decay to 0 (HF's default schedule, as the seed)."""
+    o = cfg.optimizer
+    t_warmup = f"{o.warmup_steps}ba" if o.warmup_steps is not None else f"{o.warmup_ratio}dur"
+    return LinearWithWarmupScheduler(t_warmup=t_warmup, alpha_f=0.0)
+
+
+# ------------------------------------------------------------------- algorithms and callbacks
+def build_algorithms(cfg: TrainConfig) -> list:
+    algorithms = []
+    if cfg.loss.use_self_distill:
+        algorithms.append(SelfDistillWarmup(cfg.loss.self_distill_start_step, mode=cfg.loss.self_distill_mode))
+    if cfg.model.fix_position_embedding:
+        algorithms.append(FreezePositionEmbeddings())
+    if cfg.optimizer.max_grad_norm is not None:
+        algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.optimizer.max_grad_norm))
+    return algorithms
+
+
+def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: dict) -> list:
+    from m3composer.callbacks.plots import Plots
+    c = cfg.callbacks
+    callbacks = [DataRefresh(), SpeedMonitor(window_size=c.speed_window), LRMonitor(),
+                 ExportModel(c.export_dir or os.path.join(cfg.run_dir, "export"), c.export_interval),
+                 Plots(cfg.run_dir)]
+    if on_gpu:
+        callbacks.append(MemoryMonitor())
+    if c.eval_data:
+        from m3composer.callbacks.retrieval_eval import RetrievalEval
+        callbacks.append(RetrievalEval(
+            c.eval_data, interval=c.eval_interval, at_fit_end=True, max_queries=c.eval_max_queries,
+            query_instruction=chosen["query_instruction"] or "", passage_instruction=chosen["passage_instruction"] or "",
+            batch_size=c.eval_batch_size, query_max_len=cfg.data.query_max_len,
+            passage_max_len=c.eval_passage_max_len))
+    return callbacks
+
+
+def build_loggers(cfg: TrainConfig) -> list:
+    """Experiment loggers chosen in YAML only (`loggers: {mlflow: {...}}`); their packages are optional."""
+    from composer import loggers as composer_loggers
+    classes = {"mlflow": "MLFlowLogger", "wandb": "WandBLogger", "tensorboard": "TensorboardLogger",
+               "file": "FileLogger"}
+    return [getattr(composer_loggers, classes[name])(**(kwargs or {})) for name, kwargs in cfg.loggers.items()]
+
+
+# -------------------------------------------------------------------------------------- trainer
+def build_trainer(cfg: TrainConfig) -> Trainer:
+    on_gpu = cfg.trainer.device == "gpu" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
+    device = DeviceGPU() if on_gpu else DeviceCPU()
+    # One process group for the whole run, opened before the dataset (which reads rank/world size).
+    dist.initialize_dist(device)
+    reproducibility.seed_all(cfg.seed)
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        precision = "amp_bf16" if on_gpu else "fp32"
+    if precision != "fp32" and not on_gpu:
+        raise ConfigError(f"trainer.precision: {precision} needs a GPU; CPU runs are fp32")
+
+    model_dir = resolve_model_path(cfg.model.name_or_path)
+    chosen = model_aware_defaults(cfg, model_dir)
+    if dist.get_global_rank() == 0:
+        log.info("model %s: pooling=%s query_instruction=%r passage_instruction=%r (auto = from %s)",
+                 model_dir, chosen["pooling"], chosen["query_instruction"], chosen["passage_instruction"],
+                 model_dir / "m3composer.json")
+    model = build_model(cfg, model_dir, chosen)
+    dataset = build_dataset(cfg, model.model.tokenizer, chosen)
+    microbatch = cfg.trainer.device_train_microbatch_size or dataset.max_per_device_batch_size
+    if microbatch < dataset.max_per_device_batch_size:
+        raise ConfigError(
+            f"trainer.device_train_microbatch_size={microbatch} is below the largest per-device batch "
+            f"({dataset.max_per_device_batch_size}): the in-batch contrastive loss needs the whole device batch "
+            "in one forward")
+    if dist.get_global_rank() == 0:
+        log.info("per-device batch sizes: %s; %d steps per epoch on %d rank(s)", dataset.per_device_batch_sizes,
+                 len(dataset), dist.get_world_size())
+    dataloader = DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers,
+                            pin_memory=on_gpu, persistent_workers=False)
+    optimizer = build_optimizer(cfg, model)
+    t = cfg.trainer
+    parallelism = {"fsdp": {"sharding_strategy": "FULL_SHARD", "use_orig_params": True}} if t.fsdp else None
+    return Trainer(
+        run_name=cfg.run_name, model=model, train_dataloader=make_data_spec(dataloader),
+        optimizers=optimizer, schedulers=build_scheduler(cfg), step_schedulers_every_batch=True,
+        max_duration=t.max_duration, device=device, precision=precision, seed=cfg.seed,
+        device_train_microbatch_size=microbatch, parallelism_config=parallelism,
+        algorithms=build_algorithms(cfg), callbacks=build_callbacks(cfg, on_gpu, chosen),
+        loggers=build_loggers(cfg), progress_bar=t.progress_bar, log_to_console=t.log_to_console,
+        console_log_interval=t.console_log_interval, save_folder=t.save_folder, save_interval=t.save_interval,
+        save_num_checkpoints_to_keep=t.save_num_checkpoints_to_keep, save_overwrite=not t.autoresume,
+        autoresume=t.autoresume, load_path=t.load_path)
+
+
+def main(argv: list[str] | None = None) -> Trainer:
+    """`scripts/train.py RECIPE.yaml [key=value ...]`: load, validate, build, fit."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\nusage: scripts/train.py RECIPE.yaml [key=value ...]")
+        raise SystemExit(0 if argv else 2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = load_config(argv[0], argv[1:])
+    if dist.get_global_rank() == 0:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run_dir) / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    trainer = build_trainer(cfg)
+    trainer.fit()
+    return trainer

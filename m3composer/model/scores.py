@@ -14,6 +14,7 @@ ran in (spec §5.7). Formulas (spec §4), with `τ` the temperature:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,8 +23,8 @@ import torch
 ENSEMBLE_WEIGHTS = (1.0, 0.3, 1.0)   # (dense, sparse, colbert), spec §5.3
 
 # Largest (queries × query tokens × passages × passage tokens) block the ColBERT max-sim builds at
-# once: 2^27 fp32 elements = 512 MiB (plus the same again transiently in backward).
-COLBERT_MAX_ELEMENTS = 2 ** 27
+# once: 2^25 fp32 elements = 128 MiB (plus about the same again transiently in backward).
+COLBERT_MAX_ELEMENTS = 2 ** 25
 
 
 @dataclass
@@ -53,16 +54,29 @@ class M3Scores:
     ensemble: Optional[torch.Tensor] = None
 
 
+def _fp32(fn):
+    """Run `fn` with autocast off on its first argument's device, so the `.float()` matmuls stay fp32
+    (under bf16 autocast a matmul of fp32 tensors would otherwise be cast back down)."""
+    @functools.wraps(fn)
+    def wrapper(first: torch.Tensor, *args, **kwargs):
+        with torch.autocast(device_type=first.device.type, enabled=False):
+            return fn(first, *args, **kwargs)
+    return wrapper
+
+
+@_fp32
 def dense_scores(q_dense: torch.Tensor, p_dense: torch.Tensor, temperature: float) -> torch.Tensor:
     """`(Nq, H) × (Np, H) -> (Nq, Np)`: inner products / τ."""
     return q_dense.float() @ p_dense.float().T / temperature
 
 
+@_fp32
 def sparse_scores(q_sparse: torch.Tensor, p_sparse: torch.Tensor, temperature: float) -> torch.Tensor:
     """`(Nq, V) × (Np, V) -> (Nq, Np)`: lexical matching score / τ (yes, divided by τ, as the recipe)."""
     return q_sparse.float() @ p_sparse.float().T / temperature
 
 
+@_fp32
 def colbert_scores(q_vecs: torch.Tensor, q_mask: torch.Tensor, p_vecs: torch.Tensor, temperature: float,
                    max_elements: int = COLBERT_MAX_ELEMENTS) -> torch.Tensor:
     """Late-interaction max-sim `(Nq, Lq, D) × (Np, Lp, D) -> (Nq, Np)`, divided by `N_q` and τ.

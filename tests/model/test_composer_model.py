@@ -180,3 +180,16 @@ def test_a_few_trainer_steps_on_real_text_lower_the_loss(tiny_dir, tokenizer):
     for key in LOSS_KEYS:
         assert f"loss/train/{key}" in logger.data
     assert "metrics/train/dense_accuracy" in logger.data
+
+
+def test_bf16_autocast_keeps_scores_and_losses_in_fp32():
+    batch = recipe_batch()
+    model = ComposerM3(build_recipe_model(), use_self_distill=True).train()
+    reference = run(model, batch)["total"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(batch)
+        terms = model.loss(outputs, batch)
+    assert outputs.scores.dense.dtype == outputs.scores.colbert.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in terms.values())
+    assert torch.isfinite(terms["total"]) and abs(terms["total"].item() - reference.item()) < 0.2
+    terms["total"].backward()

@@ -1,7 +1,6 @@
 """m3composer.model.scores: each head's score matrix by its formula, chunked ColBERT == unchunked."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from m3composer.model import scores

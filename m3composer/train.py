@@ -35,29 +35,18 @@ from m3composer.model.m3 import M3Model
 
 log = logging.getLogger("m3composer.train")
 
-ASSET_PREFIX = "asset:"
 # transformers' own rule: no weight decay on biases and LayerNorm weights (spec §5.7).
 NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight")
 
 
 # ---------------------------------------------------------------------------------------- model
 def resolve_model_path(name_or_path: str) -> Path:
-    """`asset:e5-small` -> the asset folder (built once, by local rank 0); else the local folder."""
-    if name_or_path.startswith(ASSET_PREFIX):
-        from m3composer.assets.build import ensure_assets
-        name = name_or_path[len(ASSET_PREFIX):]
-        if dist.get_local_rank() == 0:
-            ensure_assets()
-        dist.barrier()
-        assets = ensure_assets()   # reuses the folders local rank 0 built
-        if name not in assets:
-            raise ConfigError(f"model.name_or_path: unknown asset {name!r}; known: {', '.join(sorted(assets))}")
-        return Path(assets[name])
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"model.name_or_path: {name_or_path!r} is not a local folder (models are not fetched "
-                          "from a hub at run time: download it first, or use asset:e5-small / asset:tiny-xlmr)")
-    return path
+    """`asset:e5-small` -> the asset folder (built once per node); else the local folder."""
+    from m3composer.assets.build import resolve_model_dir
+    try:
+        return resolve_model_dir(name_or_path, log=log.info)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"model.name_or_path: {err}") from err
 
 
 def model_aware_defaults(cfg: TrainConfig, model_dir: Path) -> dict:

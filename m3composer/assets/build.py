@@ -109,3 +109,25 @@ def run(args: argparse.Namespace) -> int:
     for name, folder in assets.items():
         print(f"{name}: {folder}")
     return 0
+
+
+ASSET_PREFIX = "asset:"
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike, log=print) -> Path:
+    """`asset:e5-small` / `asset:tiny-xlmr` -> the asset folder (built on demand); else a local folder.
+
+    Models are never fetched from a hub at run time, so anything else must be an existing folder.
+    Concurrent callers (the ranks of one node) are serialised by the build lock.
+    """
+    text = str(name_or_path)
+    if text.startswith(ASSET_PREFIX):
+        name = text[len(ASSET_PREFIX):]
+        if name not in ASSET_FORMAT:
+            raise ValueError(f"unknown asset {name!r}; known: {', '.join(sorted(ASSET_FORMAT))}")
+        return ensure_assets(log=log)[name]
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{text!r} is not a local model folder (models are not fetched from a hub: "
+                                "download it first, or use asset:e5-small / asset:tiny-xlmr)")
+    return path

@@ -360,7 +360,8 @@ def load_model_for_inference(folder: str | os.PathLike, pooling: Optional[str] =
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="model folder (m3composer / FlagEmbedding BGE-M3 layout, or a plain HF encoder)")
+    parser.add_argument("model_dir", help="model folder (m3composer / FlagEmbedding BGE-M3 layout, or a plain HF "
+                                          "encoder), or asset:e5-small / asset:tiny-xlmr")
     parser.add_argument("eval_path", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv) or a query/pos JSONL")
     parser.add_argument("--split", default="test", help="qrels split of a BEIR folder (default: test)")
     add_instruction_arguments(parser)
@@ -378,7 +379,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from m3composer.assets.build import resolve_model_dir
     try:
+        args.model_dir = resolve_model_dir(args.model_dir)
         eval_set = load_eval_set(args.eval_path, split=args.split).first_queries(args.max_queries)
     except (OSError, ValueError) as err:
         print(f"m3c eval: error: {err}", file=sys.stderr)

@@ -69,7 +69,7 @@ class LossConfig:
 @dataclass
 class OptimizerConfig:
     lr: float = 1e-5
-    weight_decay: float = 0.01
+    weight_decay: float = 0.0           # the seed (HF) default; the recipes use 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_ratio: float = 0.0
@@ -104,6 +104,7 @@ class CallbacksConfig:
     eval_max_queries: Optional[int] = None
     eval_batch_size: int = 32
     eval_passage_max_len: int = 512
+    loss_log: Optional[str] = None      # JSONL of per-step losses, lr, self_distill_on (rank 0); e.g. ${run_dir}/losses.jsonl
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CONVERTED_LAYOUT, WORDS, make_row, words, write_jsonl
+from tests.data.conftest import CONVERTED_LAYOUT, WORDS, make_row, words, write_jsonl
 from m3composer.data.convert import (COLUMNS, INDEX_FILE, REJECTS_FILE, ConvertError, convert, discover_inputs,
                                      read_index)
 

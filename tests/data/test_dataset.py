@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from m3_tiny_data import StreamSpec, write_converted
+from tests.data.m3_tiny_data import StreamSpec, write_converted
 from m3composer.data.dataset import M3TrainDataset
 
 SPECS = [

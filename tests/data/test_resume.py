@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import m3_tiny_data
-from m3_tiny_data import RESUME_SPECS, run_composer, write_converted
+from tests.data import m3_tiny_data
+from tests.data.m3_tiny_data import RESUME_SPECS, run_composer, write_converted
 
 HERE = Path(__file__).parent
 

@@ -67,7 +67,7 @@ def test_s3_round_trip(s3_server, converted_source, converted_dir, word_tokenize
 
 
 def test_s3_refuses_a_used_prefix_and_overwrites_on_request(s3_server, word_tokenizer_dir, tmp_path, monkeypatch):
-    from conftest import make_row, write_jsonl
+    from tests.data.conftest import make_row, write_jsonl
     import random
 
     monkeypatch.chdir(tmp_path)
@@ -91,7 +91,7 @@ def test_s3_refuses_a_used_prefix_and_overwrites_on_request(s3_server, word_toke
 
 def test_s3_failed_or_interrupted_conversion_uploads_nothing(s3_server, converted_source, word_tokenizer_dir,
                                                              tmp_path, monkeypatch):
-    from conftest import write_jsonl
+    from tests.data.conftest import write_jsonl
     from m3composer.data import convert as convert_module
 
     monkeypatch.chdir(tmp_path)

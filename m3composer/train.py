@@ -26,6 +26,7 @@ from m3composer.algorithms import FreezePositionEmbeddings, SelfDistillWarmup, f
 from m3composer.assets.paths import read_model_meta
 from m3composer.callbacks.data_refresh import DataRefresh
 from m3composer.callbacks.export import ExportModel
+from m3composer.callbacks.step_seed import StepSeed
 from m3composer.config import AUTO, ConfigError, TrainConfig, load_config, to_dict
 from m3composer.data.collate import make_data_spec
 from m3composer.data.convert import is_remote
@@ -142,9 +143,13 @@ def build_algorithms(cfg: TrainConfig) -> list:
 def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: dict) -> list:
     from m3composer.callbacks.plots import Plots
     c = cfg.callbacks
-    callbacks = [DataRefresh(), SpeedMonitor(window_size=c.speed_window), LRMonitor(),
+    # StepSeed: dropout masks as a function of (seed, rank, step), so a mid-epoch resume is exact.
+    callbacks = [StepSeed(), DataRefresh(), SpeedMonitor(window_size=c.speed_window), LRMonitor(),
                  ExportModel(c.export_dir or os.path.join(cfg.run_dir, "export"), c.export_interval),
                  Plots(cfg.run_dir)]
+    if c.loss_log:
+        from m3composer.callbacks.loss_log import LossLog
+        callbacks.append(LossLog(c.loss_log))
     if on_gpu:
         callbacks.append(MemoryMonitor())
     if c.eval_data:
@@ -222,7 +227,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         algorithms=build_algorithms(cfg), callbacks=build_callbacks(cfg, on_gpu, chosen),
         loggers=build_loggers(cfg), progress_bar=t.progress_bar, log_to_console=t.log_to_console,
         console_log_interval=t.console_log_interval, save_folder=t.save_folder, save_interval=t.save_interval,
-        save_num_checkpoints_to_keep=t.save_num_checkpoints_to_keep, save_overwrite=not t.autoresume,
+        # Overwrite even under autoresume: a run killed while writing checkpoint N leaves a partial
+        # ep*-baN file (and, on S3, maybe an uploaded one) newer than `latest`, and without overwrite
+        # the restart refuses to start (FileExistsError at FIT_START) or to re-upload checkpoint N.
+        save_num_checkpoints_to_keep=t.save_num_checkpoints_to_keep, save_overwrite=True,
         autoresume=t.autoresume, load_path=t.load_path)
 
 

@@ -1,0 +1,251 @@
+"""The trainer (m3composer/train.py) end to end in one process, on real sample text.
+
+The data is `m3c sample-data` (pydoc topics, stdlib docstrings, Django en->xx catalogues; 40 rows
+per task) converted with the real e5/XLM-R tokenizer; the model is the tiny random XLM-R asset
+(2 layers, hidden 32) trained with short lengths (query 32, passage 48 tokens), G=3, 4 queries
+per step. One 16-step run (self-distillation from step 10, a checkpoint every 4 steps) is shared
+by the tests that look at its loss, its export and its resume.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from m3composer.config import ConfigError, load_config
+
+SELF_DISTILL_START = 10
+MAX_STEPS = 16
+_SAMPLE: dict[str, Path] = {}
+
+
+def sample_mds(tmp_path_factory) -> Path:
+    """Real sample text, converted once per test session (also used by test_train_distributed.py)."""
+    if "mds" not in _SAMPLE:
+        from m3composer.cli import main as m3c
+
+        root = tmp_path_factory.mktemp("sample")
+        assert m3c(["sample-data", str(root / "jsonl"), "--max-rows-per-task", "40"]) == 0
+        assert m3c(["convert", str(root / "jsonl" / "train"), "--out", str(root / "mds"), "--no-progress"]) == 0
+        _SAMPLE["mds"] = root / "mds"
+    return _SAMPLE["mds"]
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def tiny_recipe(run_dir: Path, mds: Path, **sections) -> dict:
+    """The tiny-model recipe as a YAML dict; `sections` are merged in (e.g. trainer={...})."""
+    recipe = {
+        "run_name": "tiny", "run_dir": str(run_dir), "seed": 7,
+        "model": {"name_or_path": "asset:tiny-xlmr"},
+        "data": {"train_data": str(mds), "train_group_size": 3, "query_max_len": 32, "passage_max_len": 48,
+                 "default_batch_size": 4},
+        "loss": {"use_self_distill": True, "self_distill_start_step": f"{SELF_DISTILL_START}ba"},
+        "optimizer": {"lr": 1e-3, "warmup_steps": 2},
+        "trainer": {"max_duration": f"{MAX_STEPS}ba", "progress_bar": False, "log_to_console": False},
+        "callbacks": {"export_dir": str(run_dir / "export"), "loss_log": str(run_dir / "losses.jsonl")},
+    }
+    return _merge(recipe, sections)
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(recipe), path)
+    return path
+
+
+def read_loss_log(path: Path) -> list[list[dict]]:
+    """The loss log split into fits: one list of step records per `fit_start` line."""
+    fits: list[list[dict]] = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "fit_start":
+            fits.append([])
+        else:
+            fits[-1].append(record)
+    return fits
+
+
+def probe_loss(model, batches: list[dict]) -> float:
+    """Mean unified loss (no self-distillation, no dropout) of `model` on fixed batches."""
+    was_training, distill = model.training, model.self_distill_on
+    model.eval()
+    model.self_distill_on = False
+    try:
+        with torch.no_grad():
+            return sum(float(model.loss(model(b), b)["total"]) for b in batches) / len(batches)
+    finally:
+        model.train(was_training)
+        model.self_distill_on = distill
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory) -> Path:
+    return sample_mds(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, train_data):
+    """One 16-step run; returns what the tests need (the in-memory model stays alive)."""
+    from m3composer.train import build_trainer
+
+    run = tmp_path_factory.mktemp("run")
+    recipe = write_recipe(run / "recipe.yaml", tiny_recipe(
+        run, train_data, trainer={"save_folder": str(run / "ckpt"), "save_interval": "4ba",
+                                  "save_num_checkpoints_to_keep": -1}))
+    records = _Records()
+    train_log = logging.getLogger("m3composer.train")
+    train_log.addHandler(records)
+    old_level = train_log.level
+    train_log.setLevel(logging.INFO)
+    try:
+        trainer = build_trainer(load_config(recipe))
+    finally:
+        train_log.removeHandler(records)
+        train_log.setLevel(old_level)
+    model = trainer.state.model
+    dataset = trainer.state.train_dataloader.dataset
+    probe = [dataset.batch(0, step) for step in range(4)]
+    before = probe_loss(model, probe)
+    trainer.fit()
+    after = probe_loss(model, probe)
+    trainer.close()
+    return {"run": run, "data": train_data, "model": model, "probe": probe, "before": before, "after": after,
+            "log": records.messages, "steps_per_epoch": len(dataset)}
+
+
+def test_training_lowers_the_loss_on_fixed_batches(trained):
+    (fit,) = read_loss_log(trained["run"] / "losses.jsonl")
+    assert [r["step"] for r in fit] == list(range(MAX_STEPS))
+    assert all(torch.isfinite(torch.tensor(r["loss/train/total"])) for r in fit)
+    # The same 4 batches before and after 16 steps: a random-init model must have learnt something.
+    assert trained["after"] < 0.8 * trained["before"], (trained["before"], trained["after"])
+
+
+def test_loss_log_has_every_term_and_the_learning_rate(trained):
+    (fit,) = read_loss_log(trained["run"] / "losses.jsonl")
+    terms = {"dense", "sparse", "colbert", "ensemble", "self_distill", "bidirectional", "total"}
+    assert all({f"loss/train/{t}" for t in terms} <= set(r) for r in fit)
+    # HF's linear schedule f(t): warm-up over 2 steps to 1e-3, then linear decay to 0 at t = 16.
+    # Composer evaluates the schedule in scheduler.step() before it advances the timestamp, so step
+    # s >= 1 runs with f(s - 1): one step behind HF (read in composer/optim/scheduler.py + trainer.py).
+    def f(t):
+        return 1e-3 * t / 2 if t < 2 else 1e-3 * (MAX_STEPS - t) / (MAX_STEPS - 2)
+    lrs = [r["lr-AdamW/group0"] for r in fit]
+    assert lrs == pytest.approx([f(max(s - 1, 0)) for s in range(MAX_STEPS)])
+    assert [r["lr-AdamW/group1"] for r in fit] == lrs
+
+
+def test_self_distill_term_is_zero_before_the_start_step_and_on_after(trained):
+    (fit,) = read_loss_log(trained["run"] / "losses.jsonl")
+    for r in fit:
+        on = r["step"] >= SELF_DISTILL_START
+        assert r["self_distill_on"] is on
+        assert (r["loss/train/self_distill"] > 0) is on, r
+
+
+def test_resume_from_a_checkpoint_repeats_the_losses_and_switches_self_distill_at_the_same_step(trained, tmp_path):
+    """Resume at step 8 (before the switch at 10): every later loss term and learning rate equals the
+    uninterrupted run's, so data position, dropout, optimizer, scheduler and the switch all resumed."""
+    from m3composer.train import build_trainer
+
+    (full,) = read_loss_log(trained["run"] / "losses.jsonl")
+    checkpoint = trained["run"] / "ckpt" / "ep0-ba8-rank0.pt"
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tmp_path, trained["data"],
+                                                                trainer={"load_path": str(checkpoint)}))
+    trainer = build_trainer(load_config(recipe))
+    trainer.fit()
+    trainer.close()
+    (resumed,) = read_loss_log(tmp_path / "losses.jsonl")
+    assert [r["step"] for r in resumed] == list(range(8, MAX_STEPS))
+    for got, want in zip(resumed, full[8:], strict=True):
+        assert got["self_distill_on"] is want["self_distill_on"]
+        for key, value in want.items():
+            if key.startswith(("loss/", "lr-")):
+                assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (got["step"], key)
+
+
+def test_export_loads_and_gives_the_in_memory_models_outputs(trained):
+    from m3composer.model.m3 import M3Model
+
+    export = trained["run"] / "export"
+    for name in ("config.json", "model.safetensors", "colbert_linear.pt", "sparse_linear.pt", "m3composer.json",
+                 "tokenizer.json"):
+        assert (export / name).is_file(), name
+    assert not [p for p in export.parent.iterdir() if p.name.startswith(".export")], "temporary folder left behind"
+    # tiny-xlmr records CLS pooling and no instruction; the export records what training used
+    assert json.loads((export / "m3composer.json").read_text()) == {
+        "pooling": "cls", "normalize": True, "query_instruction": None, "passage_instruction": None}
+    loaded = M3Model.from_pretrained(export).eval()
+    live = trained["model"].model.eval()
+    batch = trained["probe"][0]
+    with torch.no_grad():
+        for ids, mask in ((batch["query_input_ids"], batch["query_attention_mask"]),
+                          (batch["passage_input_ids"], batch["passage_attention_mask"])):
+            a, b = loaded.encode(ids, mask), live.encode(ids, mask)
+            for field in ("dense", "sparse", "colbert"):
+                x, y = getattr(a, field), getattr(b, field)
+                assert x.shape == y.shape and torch.allclose(x, y, atol=1e-6), field
+    live.train()
+
+
+def test_the_chosen_pooling_and_instructions_are_logged(trained):
+    assert any("pooling=cls query_instruction=None passage_instruction=None" in m for m in trained["log"]), \
+        trained["log"]
+
+
+def _cfg(tmp_path: Path, mds: Path, **sections):
+    return load_config(write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tmp_path, mds, **sections)))
+
+
+def test_model_aware_defaults_follow_the_folder_and_explicit_values_win(tmp_path, e5_dir, tiny_dir):
+    from m3composer.train import model_aware_defaults
+
+    cfg = _cfg(tmp_path, tmp_path / "data")
+    assert model_aware_defaults(cfg, e5_dir) == {
+        "pooling": "mean", "query_instruction": "query: ", "passage_instruction": "passage: "}
+    assert model_aware_defaults(cfg, tiny_dir) == {
+        "pooling": "cls", "query_instruction": None, "passage_instruction": None}
+    explicit = _cfg(tmp_path, tmp_path / "data", model={"pooling": "cls"},
+                    data={"query_instruction_for_retrieval": None, "passage_instruction_for_retrieval": "doc: "})
+    assert model_aware_defaults(explicit, e5_dir) == {
+        "pooling": "cls", "query_instruction": None, "passage_instruction": "doc: "}
+
+
+def test_e5_defaults_are_logged_and_a_microbatch_below_the_device_batch_is_rejected(tmp_path, train_data, caplog):
+    from m3composer.train import build_trainer
+
+    caplog.set_level(logging.INFO, logger="m3composer.train")
+    cfg = _cfg(tmp_path, train_data, model={"name_or_path": "asset:e5-small"},
+               trainer={"device_train_microbatch_size": 3})
+    with pytest.raises(ConfigError, match=r"trainer\.device_train_microbatch_size=3 .*largest per-device batch \(4\)"):
+        build_trainer(cfg)
+    assert "pooling=mean query_instruction='query: ' passage_instruction='passage: '" in caplog.text
+
+
+def test_unknown_asset_and_missing_model_folder_are_errors_naming_the_key(tmp_path, train_data):
+    from m3composer.train import build_trainer
+
+    with pytest.raises(ConfigError, match=r"model\.name_or_path: .*no-such-asset"):
+        build_trainer(_cfg(tmp_path, train_data, model={"name_or_path": "asset:no-such-asset"}))
+    missing = tmp_path / "not-downloaded"
+    with pytest.raises(ConfigError, match=r"model\.name_or_path: .*not-downloaded"):
+        build_trainer(_cfg(tmp_path, train_data, model={"name_or_path": str(missing)}))

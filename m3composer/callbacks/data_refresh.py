@@ -29,11 +29,14 @@ class DataRefresh(Callback):
             dataset.set_epoch(int(state.timestamp.epoch))
 
     def epoch_end(self, state: State, logger: Logger) -> None:
+        # Composer has already moved `timestamp` to the next epoch (batch_in_epoch 0) when EPOCH_END
+        # fires; the epoch that just ended is `previous_timestamp`.
+        ended = state.previous_timestamp if state.previous_timestamp is not None else state.timestamp
         expected = state.dataloader_len
-        served = int(state.timestamp.batch_in_epoch)
+        served = int(ended.batch_in_epoch)
         # A run that stops at max_duration mid-epoch never reaches EPOCH_END, so a full epoch is expected here.
         if expected is not None and served != int(expected):
             raise RuntimeError(
-                f"epoch {int(state.timestamp.epoch)} served {served} batches but its plan has {int(expected)}: "
+                f"epoch {int(ended.epoch)} served {served} batches but its plan has {int(expected)}: "
                 "the data source ended early (an object store that keeps failing does this silently)")
         logger.log_metrics({"data/batches_in_epoch": served})

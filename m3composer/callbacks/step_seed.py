@@ -16,10 +16,13 @@ their own seeded generators), so the only effect is on the model's own randomnes
 """
 from __future__ import annotations
 
+import random
+
 import numpy as np
+import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
-from composer.utils import dist, reproducibility
+from composer.utils import dist
 
 
 def step_seed(rank_zero_seed: int, rank: int, step: int) -> int:
@@ -27,6 +30,13 @@ def step_seed(rank_zero_seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([int(rank_zero_seed), int(rank), int(step)]).generate_state(1)[0])
 
 
+def seed_step(seed: int) -> None:
+    """`reproducibility.seed_all` without its INFO line (it would log once per step)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)   # every device, CUDA included
+
+
 class StepSeed(Callback):
     def batch_start(self, state: State, logger: Logger) -> None:
-        reproducibility.seed_all(step_seed(state.rank_zero_seed, dist.get_global_rank(), int(state.timestamp.batch)))
+        seed_step(step_seed(state.rank_zero_seed, dist.get_global_rank(), int(state.timestamp.batch)))

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from m3composer.assets import paths
+from m3composer.fsutil import publish_dir
 
 MARKER_FILE = ".m3c-complete"
 # Bump when a builder's output changes, so existing caches are rebuilt instead of reused.
@@ -64,14 +65,7 @@ def _build_atomically(name: str, cache: Path, builder, force: bool, log) -> Path
             seconds = time.perf_counter() - start
             marker = {"asset": name, "format": ASSET_FORMAT[name], "build_seconds": round(seconds, 1)}
             (tmp / MARKER_FILE).write_text(json.dumps(marker) + "\n")
-            # os.replace cannot overwrite a non-empty folder: move the old one aside first.
-            old = None
-            if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=cache))
-                os.replace(target, old / name)
-            os.replace(tmp, target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            publish_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

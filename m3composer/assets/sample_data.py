@@ -47,6 +47,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from m3composer.fsutil import publish_dir
 from m3composer.assets.sample_sources import (Item, Translation, django_translations, pydoc_sections,
                                               stdlib_docstrings)
 from m3composer.data.buckets import DEFAULT_EDGES, bucket_for_length
@@ -315,14 +316,7 @@ def generate(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
         (tmp / "info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(_readme(info), encoding="utf-8")
 
-        if out_dir.exists():
-            # Replace as late as possible: the old folder is moved aside, then the new one renamed in.
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
+        publish_dir(tmp, out_dir)   # as late as possible: the old folder stays readable until here
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return info

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m3composer.fsutil import publish_dir
 from m3composer.data.buckets import DEFAULT_EDGES, Bucket, bucket_for_length, parse_bucket
 from m3composer.data.rows import (DEFAULT_MAX_LINE_BYTES, REASONS, Row, RowError, ScoresConsistency,
                                   iter_lines, parse_line)
@@ -446,13 +447,7 @@ def _prepare_local_out(out: Path, overwrite: bool) -> Path:
 
 
 def _publish_local(work: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
+    publish_dir(work, out)
 
 
 def _remote_is_used(remote: str, overwrite: bool) -> bool:

@@ -22,10 +22,12 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 from m3composer.assets.paths import read_model_meta, write_model_meta
+from m3composer.fsutil import publish_dir
 from m3composer.model import heads
 from m3composer.model.scores import COLBERT_MAX_ELEMENTS, ENSEMBLE_WEIGHTS, M3Reps, M3Scores, score
 
@@ -35,6 +37,9 @@ COLBERT_FILE = "colbert_linear.pt"
 SPARSE_FILE = "sparse_linear.pt"
 # XLM-R / bge-m3 ids of <s>, <pad>, </s>, <unk>: used only when neither a tokenizer nor explicit ids exist.
 XLMR_SPECIAL_IDS = {"cls": 0, "pad": 1, "eos": 2, "unk": 3}
+# Per-call overhead of the encoder in tokens (length_chunks); CPU figures measured, GPU estimated.
+OVERHEAD_TOKENS_CPU_MIN = 32.0
+OVERHEAD_TOKENS_GPU = 1024.0
 
 
 def special_ids_from_tokenizer(tokenizer) -> dict[str, int]:
@@ -61,6 +66,52 @@ def _right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, t
         input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention_mask[row, :len(seq)] = 1
     return input_ids, attention_mask
+
+
+def length_chunks(lengths: Sequence[int], hidden_size: int, overhead_tokens: Optional[float] = None,
+                  device_type: str = "cpu") -> list[np.ndarray]:
+    """Cut rows into chunks of similar length for the encoder: a list of row-index arrays (shortest
+    chunk first, rows of a chunk in input order), each chunk to be padded to its longest row.
+
+    Chooses the cut by dynamic programming over the sorted lengths, minimising the estimated encoder
+    cost `Σ_chunks rows·L·(1 + L/(6H)) + overhead_tokens·chunks`: per-token work (the layers'
+    matmuls, ~24·H² FLOPs a token, plus attention, ~4·L·H) on padded tokens, and a fixed cost per
+    encoder call. `overhead_tokens` defaults to 2¹⁹/H² tokens, from CPU measurements (one extra
+    call cost as much as ~130 tokens of a hidden-64 model and a few tokens of a hidden-384 one);
+    on a big model it is a few tokens, so chunks get small only when that saves padding.
+    """
+    lengths = np.asarray(lengths, dtype=np.float64)
+    n = len(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    if n <= 1:
+        return [order]
+    if overhead_tokens is None:
+        overhead_tokens = default_overhead_tokens(hidden_size, device_type)
+    longest = lengths[order]
+    per_row = longest * (1.0 + longest / (6.0 * hidden_size))    # cost of one row padded to longest[i]
+    best = np.zeros(n + 1)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    starts = np.arange(n)
+    for end in range(1, n + 1):
+        # chunk [i, end) costs (end - i) rows at the cost of its first row, plus the call overhead
+        cost = best[:end] + (end - starts[:end]) * per_row[:end] + overhead_tokens
+        i = int(np.argmin(cost))
+        best[end], cut[end] = cost[i], i
+    bounds, end = [], n
+    while end > 0:
+        bounds.append((cut[end], end))
+        end = cut[end]
+    # Shortest chunk first and each chunk's rows in input order: where the cut is just "queries |
+    # passages", the encoder sees exactly the two calls (and dropout draws) of separate encodes.
+    return [np.sort(order[a:b]) for a, b in bounds]
+
+
+def default_overhead_tokens(hidden_size: int, device_type: str = "cpu") -> float:
+    """The fixed cost of one more encoder call, in tokens of per-token work (see `length_chunks`)."""
+    if device_type == "cpu":
+        return max(OVERHEAD_TOKENS_CPU_MIN, 2.0 ** 19 / float(hidden_size) ** 2)
+    # A GPU runs a token's matmuls in microseconds while each call launches hundreds of kernels.
+    return OVERHEAD_TOKENS_GPU
 
 
 class M3Model(nn.Module):
@@ -92,6 +143,9 @@ class M3Model(nn.Module):
         self.special_token_ids = dict(special_token_ids)
         self.query_instruction = query_instruction
         self.passage_instruction = passage_instruction
+        # encode in length-sorted chunks (see encoder_hidden); off = one padded encoder call per encode
+        self.length_grouping = True
+        self.length_grouping_overhead_tokens: Optional[float] = None   # None: length_chunks' default
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -159,7 +213,69 @@ class M3Model(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                with_sparse: bool = True, with_colbert: bool = True) -> M3Reps:
         """Token ids `(n, L)` -> `M3Reps` (dense `(n, H)`, sparse `(n, V)`, ColBERT `(n, L-1, D)` + mask)."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        return self.encode_many([(input_ids, attention_mask)], with_sparse=with_sparse, with_colbert=with_colbert)[0]
+
+    def encode_many(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], *, with_sparse: bool = True,
+                    with_colbert: bool = True) -> list[M3Reps]:
+        """`encode` for several right-padded `(input_ids, attention_mask)` pairs (queries and passages)
+        at once: the encoder sees all their rows together, in length-sorted chunks (`encoder_hidden`);
+        the heads then run on each part with its own shape. Same results as one `encode` per part."""
+        if not self.length_grouping:    # one padded encoder call per part
+            return [self._heads(self.encoder_hidden(ids, mask), ids, mask, with_sparse, with_colbert)
+                    for ids, mask in parts]
+        widths = [ids.shape[1] for ids, _ in parts]
+        width = max(widths)
+        pad_id = self._pad_id()
+        if len(parts) == 1:
+            all_ids, all_mask = parts[0]
+        else:
+            all_ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=pad_id) for ids, _ in parts])
+            all_mask = torch.cat([F.pad(mask, (0, width - mask.shape[1]), value=0) for _, mask in parts])
+        hidden_all = self.encoder_hidden(all_ids, all_mask)
+        out, start = [], 0
+        for (ids, mask), w in zip(parts, widths):
+            hidden = hidden_all[start:start + ids.shape[0], :w]
+            start += ids.shape[0]
+            out.append(self._heads(hidden, ids, mask, with_sparse, with_colbert))
+        return out
+
+    def _pad_id(self) -> int:
+        pad = getattr(self.encoder.config, "pad_token_id", None)
+        return int(pad) if pad is not None else int(self.special_token_ids.get("pad", XLMR_SPECIAL_IDS["pad"]))
+
+    def encoder_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden state `(n, L, H)`; positions past each row's length are 0 when grouped.
+
+        With `length_grouping` (default) the rows are sorted by length and cut into chunks
+        (`length_chunks`), each run through the encoder padded only to its own longest row, so the
+        encoder does far less work on padding (the sample batches are about half padding). A row's
+        hidden states do not depend on how much padding follows it (attention masks padding out;
+        XLM-R's position ids count only real tokens), so this equals one padded call up to float
+        rounding; only dropout draws differ. Needs right padding; anything else takes one call.
+        """
+        n, width = input_ids.shape
+        lengths = attention_mask.sum(dim=1)
+        right_padded = bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all()) if width > 1 else True
+        chunks = None
+        if self.length_grouping and n > 1 and right_padded:
+            chunks = length_chunks(lengths.tolist(), self.encoder.config.hidden_size,
+                                   self.length_grouping_overhead_tokens, device_type=input_ids.device.type)
+        if chunks is None or (len(chunks) == 1 and int(lengths.max()) == width):
+            return self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        outputs = []
+        for rows in chunks:
+            index = torch.as_tensor(rows, device=input_ids.device)
+            longest = max(1, int(lengths[index].max()))
+            hidden = self.encoder(input_ids=input_ids[index, :longest], attention_mask=attention_mask[index, :longest],
+                                  return_dict=True).last_hidden_state
+            outputs.append(F.pad(hidden, (0, 0, 0, width - longest)))
+        order = torch.as_tensor(np.concatenate(chunks), device=input_ids.device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(n, device=order.device)
+        return torch.cat(outputs)[inverse]
+
+    def _heads(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               with_sparse: bool, with_colbert: bool) -> M3Reps:
         dense = heads.pool_dense(hidden, attention_mask, self.pooling)
         if self.normalize:
             dense = heads.l2_normalize(dense)
@@ -206,13 +322,7 @@ class M3Model(nn.Module):
                 torch.save({k: v.detach().clone().cpu() for k, v in head.state_dict().items()}, tmp / name)
             write_model_meta(tmp, pooling=self.pooling, normalize=self.normalize,
                              query_instruction=self.query_instruction, passage_instruction=self.passage_instruction)
-            old = None
-            if folder.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-                os.rename(folder, old / "previous")
-            os.rename(tmp, folder)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            publish_dir(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -359,11 +359,8 @@ def load_model_for_inference(folder: str | os.PathLike, pooling: Optional[str] =
         m3_log.setLevel(previous)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="model folder (m3composer / FlagEmbedding BGE-M3 layout, or a plain HF "
-                                          "encoder), or asset:e5-small / asset:tiny-xlmr")
-    parser.add_argument("eval_path", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv) or a query/pos JSONL")
-    parser.add_argument("--split", default="test", help="qrels split of a BEIR folder (default: test)")
+def add_encoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `m3c eval` and `m3c score-teacher`: how texts are prefixed, pooled, batched, cut."""
     add_instruction_arguments(parser)
     parser.add_argument("--pooling", choices=("cls", "mean"), default=None,
                         help="dense pooling (default: the folder's m3composer.json, else cls)")
@@ -372,6 +369,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passage-max-len", type=int, default=512)
     parser.add_argument("--weights", type=parse_weights, default=DEFAULT_WEIGHTS,
                         help="ensemble weights dense,sparse,colbert (default: 0.4,0.2,0.4)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", help="model folder (m3composer / FlagEmbedding BGE-M3 layout, or a plain HF "
+                                          "encoder), or asset:e5-small / asset:tiny-xlmr")
+    parser.add_argument("eval_path", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv) or a query/pos JSONL")
+    parser.add_argument("--split", default="test", help="qrels split of a BEIR folder (default: test)")
+    add_encoding_arguments(parser)
     parser.add_argument("--heads", type=parse_heads, default=HEADS, help="heads to evaluate (default: all three)")
     parser.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N queries")
     parser.add_argument("--output", default=None, help="write the metrics as JSON here ('-' = stdout)")

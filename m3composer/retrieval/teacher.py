@@ -30,8 +30,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from m3composer.retrieval.evaluate import (DEFAULT_WEIGHTS, HEADS, add_instruction_arguments, heads_in_folder,
-                                           instructions_from_args, load_model_for_inference, parse_weights,
+from m3composer.retrieval.evaluate import (DEFAULT_WEIGHTS, HEADS, add_encoding_arguments, heads_in_folder,
+                                           instructions_from_args, load_model_for_inference,
                                            unwrap_m3)
 
 SCORE_KINDS = ("dense", "ensemble")
@@ -151,14 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dense inner product, or the 0.4/0.2/0.4 ensemble of all three heads (default: dense)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every score (default 1: raw scores; 50 = 1/τ of the recipe)")
-    parser.add_argument("--weights", type=parse_weights, default=DEFAULT_WEIGHTS,
-                        help="ensemble weights dense,sparse,colbert (default: 0.4,0.2,0.4)")
-    add_instruction_arguments(parser)
-    parser.add_argument("--pooling", choices=("cls", "mean"), default=None,
-                        help="dense pooling (default: the folder's m3composer.json, else cls)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--query-max-len", type=int, default=64)
-    parser.add_argument("--passage-max-len", type=int, default=512)
+    add_encoding_arguments(parser)
     parser.add_argument("--no-progress", action="store_true")
 
 

@@ -140,8 +140,11 @@ class ComposerM3(ComposerModel):
 
     def forward(self, batch: dict[str, Any]) -> M3Outputs:
         group_size = self.group_size(batch)
-        q = self.encode(batch["query_input_ids"], batch["query_attention_mask"])
-        p = self.encode(batch["passage_input_ids"], batch["passage_attention_mask"])
+        # Queries and passages go through the encoder together (length-sorted chunks, M3Model.encode_many).
+        unified = self.unified_finetuning
+        q, p = self.model.encode_many([(batch["query_input_ids"], batch["query_attention_mask"]),
+                                       (batch["passage_input_ids"], batch["passage_attention_mask"])],
+                                      with_sparse=unified, with_colbert=unified)
         return M3Outputs(queries=q, passages=p, scores=self.score(q, p), group_size=group_size)
 
     # ------------------------------------------------------------------ loss

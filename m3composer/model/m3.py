@@ -218,20 +218,23 @@ class M3Model(nn.Module):
     def encode_many(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], *, with_sparse: bool = True,
                     with_colbert: bool = True) -> list[M3Reps]:
         """`encode` for several right-padded `(input_ids, attention_mask)` pairs (queries and passages)
-        at once: the encoder sees all their rows together, in length-sorted chunks (`encoder_hidden`);
-        the heads then run on each part with its own shape. Same results as one `encode` per part."""
-        if not self.length_grouping:    # one padded encoder call per part
-            return [self._heads(self.encoder_hidden(ids, mask), ids, mask, with_sparse, with_colbert)
-                    for ids, mask in parts]
-        widths = [ids.shape[1] for ids, _ in parts]
-        width = max(widths)
-        pad_id = self._pad_id()
-        if len(parts) == 1:
-            all_ids, all_mask = parts[0]
-        else:
+        at once: the encoder sees all their rows together, in length-sorted chunks (`encoder_hidden`),
+        so short passages share a call with the queries; the heads then run on each part with its own
+        shape. Same results as one `encode` per part (up to float rounding and dropout draws)."""
+        chunks = None
+        if self.length_grouping and len(parts) > 1:
+            widths = [ids.shape[1] for ids, _ in parts]
+            width = max(widths)
+            pad_id = self._pad_id()
             all_ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=pad_id) for ids, _ in parts])
             all_mask = torch.cat([F.pad(mask, (0, width - mask.shape[1]), value=0) for _, mask in parts])
-        hidden_all = self.encoder_hidden(all_ids, all_mask)
+            chunks = self._length_chunks(all_mask)
+        if chunks is None or len(chunks) <= 1:
+            # One call for everything would pad the queries to the passages' width: keep each part
+            # at its own width instead (each part is still length-grouped on its own).
+            return [self._heads(self.encoder_hidden(ids, mask), ids, mask, with_sparse, with_colbert)
+                    for ids, mask in parts]
+        hidden_all = self.encoder_hidden(all_ids, all_mask, chunks=chunks)
         out, start = [], 0
         for (ids, mask), w in zip(parts, widths):
             hidden = hidden_all[start:start + ids.shape[0], :w]
@@ -243,7 +246,18 @@ class M3Model(nn.Module):
         pad = getattr(self.encoder.config, "pad_token_id", None)
         return int(pad) if pad is not None else int(self.special_token_ids.get("pad", XLMR_SPECIAL_IDS["pad"]))
 
-    def encoder_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _length_chunks(self, attention_mask: torch.Tensor) -> Optional[list[np.ndarray]]:
+        """`length_chunks` of these rows, or None when grouping is off or the padding is not on the right."""
+        n, width = attention_mask.shape
+        if not self.length_grouping or n <= 1:
+            return None
+        if width > 1 and not bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all()):
+            return None
+        return length_chunks(attention_mask.sum(dim=1).tolist(), self.encoder.config.hidden_size,
+                             self.length_grouping_overhead_tokens, device_type=attention_mask.device.type)
+
+    def encoder_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                       chunks: Optional[list[np.ndarray]] = None) -> torch.Tensor:
         """Last hidden state `(n, L, H)`; positions past each row's length are 0 when grouped.
 
         With `length_grouping` (default) the rows are sorted by length and cut into chunks
@@ -254,12 +268,9 @@ class M3Model(nn.Module):
         rounding; only dropout draws differ. Needs right padding; anything else takes one call.
         """
         n, width = input_ids.shape
+        if chunks is None:
+            chunks = self._length_chunks(attention_mask)
         lengths = attention_mask.sum(dim=1)
-        right_padded = bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all()) if width > 1 else True
-        chunks = None
-        if self.length_grouping and n > 1 and right_padded:
-            chunks = length_chunks(lengths.tolist(), self.encoder.config.hidden_size,
-                                   self.length_grouping_overhead_tokens, device_type=input_ids.device.type)
         if chunks is None or (len(chunks) == 1 and int(lengths.max()) == width):
             return self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
         outputs = []

@@ -182,12 +182,14 @@ def _pad(seqs: list[np.ndarray], pad_id: int, pad_to_multiple_of: int | None) ->
     length = max(len(s) for s in seqs)
     if pad_to_multiple_of:
         length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    # Filled in numpy and handed to torch once: per-row torch slice assignments cost ~4x more.
+    ids = np.full((len(seqs), length), pad_id, dtype=np.int64)
+    lengths = np.empty(len(seqs), dtype=np.int64)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.from_numpy(s)
-        mask[i, :len(s)] = 1
-    return ids, mask
+        ids[i, :len(s)] = s
+        lengths[i] = len(s)
+    mask = (np.arange(length) < lengths[:, None]).astype(np.int64)
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def collate_examples(examples: Sequence[Example], spec: TokenSpec, *, query_max_len: int, passage_max_len: int,

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from m3composer.algorithms import FreezePositionEmbeddings, SelfDistillWarmup, freeze_position_embeddings
 from m3composer.assets.paths import read_model_meta
 from m3composer.callbacks.data_refresh import DataRefresh
-from m3composer.callbacks.export import ExportModel
+from m3composer.callbacks.export import ExportModel, export_model
 from m3composer.callbacks.step_seed import StepSeed
 from m3composer.config import AUTO, ConfigError, TrainConfig, load_config, to_dict
 from m3composer.data.collate import make_data_spec
@@ -246,5 +246,15 @@ def main(argv: list[str] | None = None) -> Trainer:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     trainer = build_trainer(cfg)
+    if trainer.state.timestamp >= trainer.state.max_duration:
+        # Autoresume found the final checkpoint (the run was killed after it, e.g. while uploading):
+        # Composer's fit() would raise. Re-export (the kill may have come before the export) and stop.
+        log.info("%s is already complete at %s: nothing to train; exporting again", cfg.run_name,
+                 trainer.state.max_duration)
+        for callback in trainer.state.callbacks:
+            if isinstance(callback, ExportModel):
+                export_model(trainer.state, callback.export_dir)
+        trainer.close()
+        return trainer
     trainer.fit()
     return trainer

@@ -1,0 +1,180 @@
+"""2-rank training through the launcher (`composer -n 2 scripts/train.py RECIPE`), gloo on CPU.
+
+* an uninterrupted reference run with `model.fix_position_embedding=true` and cross-rank negatives:
+  trains under DDP without errors and exports position embeddings equal to the initial ones;
+* SIGKILL and autoresume: the whole process group is killed after step 5, the same command is
+  started again, and every step after the restart logs the same loss terms and learning rate as
+  the reference run (so the data position, the dropout masks, the optimizer, the schedule and the
+  self-distill switch at step 10 all resumed);
+* checkpoints on a local S3 server (moto): saved to s3://, resumed from there in another working
+  directory (Composer stages remote checkpoints under `./s3:/...` of the cwd), again step-exact.
+
+The recipe is test_train.py's tiny one (tiny XLM-R, real sample text, 16 steps).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.data.conftest import s3_server  # noqa: F401  (fixture: moto S3 on 127.0.0.1)
+from tests.test_train import MAX_STEPS, SELF_DISTILL_START, read_loss_log, sample_mds, tiny_recipe, write_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = Path(sys.executable).parent / "composer"
+TIMEOUT_S = 240
+KILL_AFTER_STEP = 5
+
+
+def _last_logged_step(loss_log: Path) -> int:
+    steps = [json.loads(line).get("step", -1) for line in loss_log.read_text().splitlines()] \
+        if loss_log.exists() else []
+    return max(steps, default=-1)
+
+
+def _tails(logs: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.glob("*")) if p.is_file())
+
+
+def launch(recipe: Path, logs: Path, *, cwd: Path, kill_when: Callable[[int], bool] | None = None) -> bool:
+    """Run the recipe on 2 ranks; with `kill_when`, SIGKILL the whole process group as soon as
+    `kill_when(last step in the loss log)` is true. Returns whether it was killed; fails the test on
+    error or timeout."""
+    logs.mkdir(parents=True)
+    cwd.mkdir(parents=True, exist_ok=True)
+    loss_log = Path(_recipe_value(recipe, "callbacks", "loss_log"))
+    cmd = [str(LAUNCHER), "-n", "2", "--stdout", str(logs / "r{rank}.out"), "--stderr", str(logs / "r{rank}.err"),
+           str(REPO / "scripts" / "train.py"), str(recipe)]
+    with open(logs / "launcher.txt", "w") as out:
+        # Own session: the launcher and both ranks form one process group we can kill.
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + TIMEOUT_S
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"composer -n 2 timed out after {TIMEOUT_S} s\n{_tails(logs)}")
+                if kill_when is not None and kill_when(_last_logged_step(loss_log)):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    return True
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if proc.returncode != 0:
+        pytest.fail(f"composer -n 2 failed ({proc.returncode})\n{_tails(logs)}")
+    return False
+
+
+def _recipe_value(recipe: Path, section: str, key: str):
+    return OmegaConf.load(recipe)[section][key]
+
+
+def two_rank_recipe(run_dir: Path, mds: Path, save_folder: str, save_interval: str = "2ba") -> Path:
+    return write_recipe(run_dir / "recipe.yaml", tiny_recipe(
+        run_dir, mds,
+        model={"fix_position_embedding": True},
+        loss={"negatives_cross_device": True},
+        trainer={"save_folder": save_folder, "save_interval": save_interval, "autoresume": True,
+                 "save_num_checkpoints_to_keep": 1}))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted 2-rank run."""
+    mds = sample_mds(tmp_path_factory)
+    run = tmp_path_factory.mktemp("reference")
+    recipe = two_rank_recipe(run, mds, str(run / "ckpt"))
+    assert not launch(recipe, run / "logs", cwd=run)
+    (fit,) = read_loss_log(run / "losses.jsonl")
+    return {"run": run, "mds": mds, "steps": fit}
+
+
+def test_frozen_position_embeddings_train_under_ddp_and_are_exported_unchanged(reference, tiny_dir):
+    from safetensors.torch import load_file
+
+    assert [r["step"] for r in reference["steps"]] == list(range(MAX_STEPS))
+    initial = load_file(tiny_dir / "model.safetensors")
+    exported = load_file(reference["run"] / "export" / "model.safetensors")
+
+    def one(weights: dict, part: str):
+        (key,) = [k for k in weights if f"{part}.weight" in k]
+        return weights[key]
+
+    assert one(exported, "position_embeddings").equal(one(initial, "position_embeddings"))
+    # ... while the rest of the encoder trained
+    assert not one(exported, "word_embeddings").equal(one(initial, "word_embeddings"))
+    assert not one(exported, "layer.0.attention.self.query").equal(one(initial, "layer.0.attention.self.query"))
+
+
+def assert_same_as_reference(steps: list[dict], reference_steps: list[dict]) -> None:
+    """Every loss term, learning rate and the self-distill switch equal the reference run's at each step."""
+    want = {r["step"]: r for r in reference_steps}
+    for got in steps:
+        ref = want[got["step"]]
+        assert got["self_distill_on"] is ref["self_distill_on"] is (got["step"] >= SELF_DISTILL_START)
+        assert (got["loss/train/self_distill"] > 0) is ref["self_distill_on"]
+        for key, value in ref.items():
+            if key.startswith(("loss/", "lr-")):
+                assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (got["step"], key)
+
+
+def test_sigkill_then_the_same_command_resumes_exactly(reference, tmp_path):
+    recipe = two_rank_recipe(tmp_path / "run", reference["mds"], str(tmp_path / "ckpt"))
+    assert launch(recipe, tmp_path / "logs1", cwd=tmp_path, kill_when=lambda step: step >= KILL_AFTER_STEP), \
+        "the run finished before it could be killed"
+    assert not launch(recipe, tmp_path / "logs2", cwd=tmp_path)
+
+    starts = [json.loads(line)["step"] for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()
+              if '"fit_start"' in line]
+    killed, restarted = read_loss_log(tmp_path / "run" / "losses.jsonl")
+    assert starts[0] == 0
+    resumed_at = starts[1]
+    # from the last checkpoint (every 2 steps) at or before the kill, and before the switch at step 10,
+    # so the restarted run has to switch self-distillation on by itself
+    assert 2 <= resumed_at <= killed[-1]["step"] + 1 and resumed_at % 2 == 0, (resumed_at, killed[-1]["step"])
+    assert resumed_at < SELF_DISTILL_START
+    assert [r["step"] for r in restarted] == list(range(resumed_at, MAX_STEPS))
+    assert_same_as_reference(killed + restarted, reference["steps"])
+
+
+def test_checkpoints_saved_to_s3_resume_exactly_on_another_node(reference, tmp_path, s3_server):
+    """Save to s3://, kill the run once checkpoint 8 is in the store, resume from it in another working
+    directory (nothing staged locally: the checkpoint must come from the store)."""
+    bucket, client = s3_server["bucket"], s3_server["client"]
+    prefix = f"ckpt-{tmp_path.name}/tiny/"    # {run_name} = tiny
+    save_folder = f"s3://{bucket}/ckpt-{tmp_path.name}/{{run_name}}"
+    # A checkpoint of the 250k-vocabulary model is 96 MB; uploads to moto next to 2 busy ranks are
+    # slow, so save at steps 8 and 16 only.
+    recipe = two_rank_recipe(tmp_path / "run", reference["mds"], save_folder, save_interval="8ba")
+    polled = [0.0]
+
+    def checkpoint_8_uploaded(step: int) -> bool:
+        if step < 8 or time.monotonic() - polled[0] < 0.5:
+            return False
+        polled[0] = time.monotonic()
+        listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+        return any(obj["Key"] == f"{prefix}ep0-ba8-rank0.pt" for obj in listed)
+
+    launch(recipe, tmp_path / "logs1", cwd=tmp_path / "node1", kill_when=checkpoint_8_uploaded)
+    # Composer uploads the remote `latest` pointer only after polling the store every 30 s, so a short
+    # run may not have one yet: resume from the checkpoint's URI.
+    resume_recipe = OmegaConf.to_container(OmegaConf.load(recipe))
+    # No save folder this time: uploading the final checkpoint would only add a minute of waiting.
+    resume_recipe["trainer"].update(autoresume=False, save_folder=None,
+                                    load_path=f"s3://{bucket}/{prefix}ep0-ba8-rank0.pt")
+    resume = write_recipe(tmp_path / "resume.yaml", resume_recipe)
+    assert not launch(resume, tmp_path / "logs2", cwd=tmp_path / "node2")
+
+    fits = read_loss_log(tmp_path / "run" / "losses.jsonl")
+    assert [r["step"] for r in fits[-1]] == list(range(8, MAX_STEPS))
+    assert_same_as_reference(fits[-1], reference["steps"])

@@ -4,25 +4,64 @@ Rank 0 writes the folder (encoder safetensors + tokenizer + `colbert_linear.pt` 
 `sparse_linear.pt` + `m3composer.json`) through the model's own `save_pretrained`, which writes
 to a temporary name and renames, so a crash never leaves a half-written export. All ranks then
 meet at a barrier so nobody exits (or starts the next step) before the folder exists.
-Periodic exports go to `<export_dir>/step-<N>`; the final one to `<export_dir>` itself.
+Periodic exports go to `<export_dir>/step-<N>`; the final one to `<export_dir>` itself, which keeps
+the `step-<N>` folders (the replaced folder is not simply deleted with them).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from composer.core import Callback, State, Time
+from composer.core import Callback, Event, State, Time
 from composer.loggers import Logger
 from composer.utils import dist
+from composer.utils.misc import create_interval_scheduler
 
 log = logging.getLogger(__name__)
 
 
-def export_model(state: State, out_dir: str | Path) -> None:
+PERIODIC_PREFIX = "step-"
+
+
+def _save_keeping_periodic(m3, folder: Path) -> None:
+    """`m3.save_pretrained(folder)`, carrying the periodic `step-N` exports inside `folder` over.
+
+    save_pretrained replaces the whole folder, which would delete the periodic exports written into
+    it. So the new export is staged next to it (atomically, by save_pretrained), the `step-N`
+    folders are moved into it (one rename each), and the staged folder takes the old one's place.
+    """
+    staged = Path(m3.save_pretrained(folder.parent / f".{folder.name}.staged-{os.getpid()}"))
+    moved: list[str] = []
+    try:
+        if folder.is_dir():
+            for sub in sorted(folder.glob(f"{PERIODIC_PREFIX}*")):
+                os.rename(sub, staged / sub.name)
+                moved.append(sub.name)
+        old = None
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.rename(folder, old / "previous")
+        os.rename(staged, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if folder.is_dir():     # give the periodic exports back before dropping the staged folder
+            for name in moved:
+                if (staged / name).exists():
+                    os.rename(staged / name, folder / name)
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+def export_model(state: State, out_dir: str | Path, *, keep_periodic: bool = False) -> None:
     """Save the M3Model inside `state.model` to `out_dir` on rank 0; barrier on every rank.
 
     Under FSDP every rank first joins `summon_full_params` (a collective) so rank 0 sees whole tensors.
+    `keep_periodic`: keep the `step-N` exports inside `out_dir` (the final export of ExportModel).
     """
     from m3composer.retrieval.evaluate import unwrap_m3
 
@@ -33,7 +72,10 @@ def export_model(state: State, out_dir: str | Path) -> None:
         full_params = FullyShardedDataParallel.summon_full_params(state.model, writeback=False, rank0_only=True)
     with full_params:
         if dist.get_global_rank() == 0:
-            m3.save_pretrained(out_dir)
+            if keep_periodic:
+                _save_keeping_periodic(m3, Path(out_dir))
+            else:
+                m3.save_pretrained(out_dir)
             log.info("exported the model to %s", out_dir)
     dist.barrier()
 
@@ -41,14 +83,20 @@ def export_model(state: State, out_dir: str | Path) -> None:
 class ExportModel(Callback):
     def __init__(self, export_dir: str, export_interval: str | None = None):
         self.export_dir = Path(export_dir)
-        self.interval = Time.from_timestring(export_interval) if export_interval else None
+        # Composer's own interval rule (as for checkpoints): `ba`/`sp`/`tok` intervals fire at
+        # BATCH_END when a multiple is crossed, `ep` intervals at EPOCH_END.
+        self.due = (create_interval_scheduler(Time.from_timestring(export_interval), include_end_of_training=False,
+                                              checkpoint_events=False) if export_interval else None)
+
+    def _periodic(self, state: State, event: Event) -> None:
+        if self.due is not None and self.due(state, event):
+            export_model(state, self.export_dir / f"{PERIODIC_PREFIX}{int(state.timestamp.batch)}")
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        if self.interval is None:
-            return
-        now = state.timestamp.get(self.interval.unit).value
-        if now > 0 and now % self.interval.value == 0:
-            export_model(state, self.export_dir / f"step-{int(state.timestamp.batch)}")
+        self._periodic(state, Event.BATCH_END)
+
+    def epoch_end(self, state: State, logger: Logger) -> None:
+        self._periodic(state, Event.EPOCH_END)
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        export_model(state, self.export_dir)
+        export_model(state, self.export_dir, keep_periodic=True)

@@ -1,0 +1,103 @@
+"""ExportModel (m3composer/callbacks/export.py): the FlagEmbedding-layout folder at fit end and every
+N batches or epochs, written atomically, in real Composer runs of the tiny XLM-R model on the
+synthetic streams of tests/data/m3_tiny_data.py (24 rows, 4 per step: 6 steps per epoch)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from composer import Trainer
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from m3composer.callbacks.export import ExportModel, export_model
+from m3composer.data.collate import make_data_spec
+from m3composer.data.dataset import M3TrainDataset
+from m3composer.model.composer_model import ComposerM3
+from m3composer.model.m3 import M3Model
+from tests.data.m3_tiny_data import StreamSpec, write_converted
+
+FILES = {"config.json", "model.safetensors", "colbert_linear.pt", "sparse_linear.pt", "m3composer.json"}
+
+
+def _trainer(tmp_path: Path, tiny_dir: Path, callbacks: list, max_duration: str) -> Trainer:
+    data = write_converted(tmp_path / "mds", [StreamSpec("t", "len-0-500", 24, num_pos=1, num_neg=3)])
+    dataset = M3TrainDataset(str(data), train_group_size=2, default_batch_size=4, seed=1, query_max_len=16,
+                             passage_max_len=16)
+    model = ComposerM3(M3Model.from_pretrained(tiny_dir), train_group_size=2)
+    return Trainer(model=model, train_dataloader=make_data_spec(DataLoader(dataset, batch_size=None)),
+                   optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2), max_duration=max_duration,
+                   device="cpu", device_train_microbatch_size=dataset.max_per_device_batch_size,
+                   callbacks=callbacks, progress_bar=False, seed=1)
+
+
+def _weights(folder: Path) -> dict:
+    return load_file(folder / "model.safetensors")
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_exports_every_n_batches_every_epoch_and_at_fit_end(tmp_path, tiny_dir):
+    by_batch, by_epoch = tmp_path / "by_batch", tmp_path / "by_epoch"
+    trainer = _trainer(tmp_path, tiny_dir, [ExportModel(str(by_batch), "3ba"), ExportModel(str(by_epoch), "1ep")],
+                       "8ba")
+    trainer.fit()
+    trainer.close()
+
+    # every 3 batches -> steps 3 and 6; once per epoch (6 steps) -> step 6; both: the final one at step 8
+    assert sorted(p.name for p in by_batch.iterdir() if p.is_dir()) == ["step-3", "step-6"]
+    assert sorted(p.name for p in by_epoch.iterdir() if p.is_dir()) == ["step-6"]
+    for folder in (by_batch, by_batch / "step-3", by_batch / "step-6", by_epoch, by_epoch / "step-6"):
+        assert FILES <= {p.name for p in folder.iterdir()}, folder
+        M3Model.from_pretrained(folder)   # loadable
+    step3, step6, final = _weights(by_batch / "step-3"), _weights(by_batch / "step-6"), _weights(by_batch)
+    assert _same(step6, _weights(by_epoch / "step-6")) and _same(final, _weights(by_epoch))
+    assert not _same(step3, step6) and not _same(step6, final)     # each export is the model of its step
+    live = trainer.state.model.model.encoder.state_dict()
+    assert all(final[k].equal(live[k]) for k in final)
+    assert not [p for p in tmp_path.rglob(".*tmp-*")], "temporary folder left behind"
+
+
+def test_a_failing_export_leaves_no_half_folder_and_keeps_the_previous_one(tmp_path, tiny_dir, monkeypatch):
+    import m3composer.model.m3 as m3_module
+
+    export = tmp_path / "export"
+    trainer = _trainer(tmp_path, tiny_dir, [ExportModel(str(export))], "2ba")
+    trainer.fit()
+    before = _weights(export)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    # the last file of the folder fails: everything else has been written by then
+    monkeypatch.setattr(m3_module, "write_model_meta", disk_full)
+    with torch.no_grad():
+        for p in trainer.state.model.parameters():
+            p.add_(1.0)                      # a different model, so a partial overwrite would show
+    with pytest.raises(OSError, match="disk full"):
+        export_model(trainer.state, export)                  # replacing an existing export
+    with pytest.raises(OSError, match="disk full"):
+        export_model(trainer.state, tmp_path / "new-export")  # a first export
+    trainer.close()
+
+    assert _same(_weights(export), before)
+    assert FILES <= {p.name for p in export.iterdir()}
+    assert not (tmp_path / "new-export").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "mds"], "temporary folders left behind"
+
+
+def test_an_export_that_fails_at_fit_end_fails_the_run(tmp_path, tiny_dir, monkeypatch):
+    import m3composer.model.m3 as m3_module
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(m3_module, "write_model_meta", disk_full)
+    trainer = _trainer(tmp_path, tiny_dir, [ExportModel(str(tmp_path / "export"))], "1ba")
+    with pytest.raises(OSError, match="disk full"):
+        trainer.fit()
+    trainer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mds"]

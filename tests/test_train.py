@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,21 @@ def test_unknown_asset_and_missing_model_folder_are_errors_naming_the_key(tmp_pa
     missing = tmp_path / "not-downloaded"
     with pytest.raises(ConfigError, match=r"model\.name_or_path: .*not-downloaded"):
         build_trainer(_cfg(tmp_path, train_data, model={"name_or_path": str(missing)}))
+
+
+def test_the_same_command_after_a_finished_autoresume_run_only_exports_again(tmp_path, train_data):
+    """Killed after its final checkpoint (e.g. while uploading it): the restart must not crash in
+    Composer's fit() ('max_duration ... less than or equal to the elapsed training duration')."""
+    from m3composer.train import main
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(
+        tmp_path, train_data, trainer={"max_duration": "2ba", "save_folder": str(tmp_path / "ckpt"),
+                                       "save_interval": "2ba", "autoresume": True}))
+    main([str(recipe)]).close()
+    export = tmp_path / "export"
+    shutil.rmtree(export)                           # as if the kill came before the export
+    trainer = main([str(recipe)])
+    assert int(trainer.state.timestamp.batch) == 2
+    assert (export / "model.safetensors").is_file()
+    fits = read_loss_log(tmp_path / "losses.jsonl")
+    assert [[r["step"] for r in fit] for fit in fits] == [[0, 1]]   # the second run trained nothing

@@ -22,6 +22,10 @@ It measures, per rank, then combines over ranks on rank 0:
   batch, padded to the longest row), and the padding the encoder really runs on after
   length grouping (`M3Model.encode_many`: length-sorted chunks, each padded to its own longest).
 * loss per step (`total`, averaged over ranks like Composer's log), the peak RSS of each rank.
+* model FLOPs per step and the achieved FLOP/s (`train_flops`: encoder matmuls + attention on the
+  shapes the encoder really ran, ×3 for forward+backward, ×4 with gradient checkpointing, plus the
+  ColBERT max-sim), all ranks together: on a GPU, divide by the peak to get the utilisation the
+  BENCHMARKS.md estimate assumes (40 %).
 
 `--profile DIR` records a torch.profiler trace of steps 3-7 on rank 0 and prints the operator
 table (self CPU time), to see what bounds a step.
@@ -49,27 +53,49 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def encoder_tokens(model, query_mask, passage_mask) -> int:
-    """Token positions the encoder processes for this batch, following `M3Model.encode_many`."""
+def encoder_calls(model, query_mask, passage_mask) -> list[tuple[int, int]]:
+    """(rows, width) of every encoder call for this batch, following `M3Model.encode_many`."""
     import torch
     import torch.nn.functional as F
     from m3composer.retrieval.evaluate import unwrap_m3
 
     m3 = unwrap_m3(model)
+
+    def calls(mask, chunks):
+        if chunks is None:
+            return [tuple(mask.shape)]
+        lengths = mask.sum(dim=1)
+        return [(len(c), int(lengths[torch.as_tensor(c)].max())) for c in chunks]
+
     width = max(query_mask.shape[1], passage_mask.shape[1])
     joint = torch.cat([F.pad(query_mask, (0, width - query_mask.shape[1])),
                        F.pad(passage_mask, (0, width - passage_mask.shape[1]))])
-
-    def tokens(mask, chunks):
-        if chunks is None:
-            return mask.numel()
-        lengths = mask.sum(dim=1)
-        return sum(len(c) * int(lengths[torch.as_tensor(c)].max()) for c in chunks)
-
     chunks = m3._length_chunks(joint)
     if chunks is None or len(chunks) <= 1:
-        return sum(tokens(m, m3._length_chunks(m)) for m in (query_mask, passage_mask))
-    return tokens(joint, chunks)
+        return [c for m in (query_mask, passage_mask) for c in calls(m, m3._length_chunks(m))]
+    return calls(joint, chunks)
+
+
+def train_flops(model, query_mask, passage_mask, calls: list[tuple[int, int]]) -> float:
+    """Model FLOPs of one training step on this rank (the estimate BENCHMARKS.md uses for GPUs).
+
+    Encoder: per call of `rows` × `width` tokens, forward = rows·width·(2·P + 4·layers·H·width)
+    (P = the encoder's matmul weights, embeddings excluded; 4·layers·H·width = QKᵀ and AV); a
+    training step is 3 forwards (forward + backward), 4 with gradient checkpointing. ColBERT max-sim:
+    3 × 2·(B·Lq)·(B·G·Lp)·D on the padded tensors. The sparse and dense scores are negligible.
+    """
+    from m3composer.retrieval.evaluate import unwrap_m3
+
+    m3 = unwrap_m3(model)
+    cfg = m3.encoder.config
+    if not hasattr(m3, "_bench_matmul_params"):
+        m3._bench_matmul_params = sum(p.numel() for n, p in m3.encoder.named_parameters()
+                                      if p.dim() == 2 and "embeddings" not in n)
+    P, layers, hidden = m3._bench_matmul_params, cfg.num_hidden_layers, cfg.hidden_size
+    passes = 4 if getattr(m3.encoder, "is_gradient_checkpointing", False) else 3
+    encoder = sum(r * w * (2 * P + 4 * layers * hidden * w) for r, w in calls) * passes
+    colbert = 3 * 2 * query_mask.numel() * passage_mask.numel() * m3.colbert_linear.out_features
+    return float(encoder + colbert)
 
 
 class BenchTimer(Callback):
@@ -87,6 +113,7 @@ class BenchTimer(Callback):
         self.pad = {"query_tokens": 0, "query_pad": 0, "passage_tokens": 0, "passage_pad": 0,
                     "encoder_tokens": 0}
         self.queries = 0
+        self.flops = 0.0
         self.total_wct_s = None
         self.profile_dir = profile_dir
         self.profile_steps = profile_steps
@@ -110,7 +137,9 @@ class BenchTimer(Callback):
         self.pad["query_pad"] += qm.numel() - int(qm.sum())
         self.pad["passage_tokens"] += pm.numel()
         self.pad["passage_pad"] += pm.numel() - int(pm.sum())
-        self.pad["encoder_tokens"] += encoder_tokens(state.model, qm, pm)
+        calls = encoder_calls(state.model, qm, pm)
+        self.pad["encoder_tokens"] += sum(r * w for r, w in calls)
+        self.flops += train_flops(state.model, qm, pm, calls)
         self.queries += int(qm.shape[0])
         step = int(state.timestamp.batch)
         if self.profile_dir and dist.get_global_rank() == 0 and step == self.profile_steps[0]:
@@ -149,7 +178,7 @@ class BenchTimer(Callback):
         return {"steps": len(self.losses), "queries": self.queries, "total_wct_s": self.total_wct_s,
                 "loop_to_last_batch_s": self.loop_to_last_batch_s, "first_step_s": self.first_step_s,
                 "step_period": self.step_period, "dl_wait": self.dl_wait, "end_to_batch": self.end_to_batch,
-                "losses": self.losses, "pad": self.pad, "peak_rss_mib": _peak_rss_mib()}
+                "losses": self.losses, "pad": self.pad, "flops": self.flops, "peak_rss_mib": _peak_rss_mib()}
 
 
 def combine(per_rank: list[dict], extra: dict) -> dict:
@@ -182,6 +211,8 @@ def combine(per_rank: list[dict], extra: dict) -> dict:
                                                - pad["passage_pad"]) / max(1, pad["encoder_tokens"]), 4),
         "query_padding_fraction": round(pad["query_pad"] / max(1, pad["query_tokens"]), 4),
         "passage_padding_fraction": round(pad["passage_pad"] / max(1, pad["passage_tokens"]), 4),
+        "model_tflop_per_step": round(sum(r["flops"] for r in per_rank) / max(1, steps) / 1e12, 4),
+        "achieved_tflops": round(sum(r["flops"] for r in per_rank) / loop_s / 1e12, 4),
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "losses": [round(x, 5) for x in losses],
         "peak_rss_mib_per_rank": [round(r["peak_rss_mib"], 1) for r in per_rank],

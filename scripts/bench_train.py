@@ -14,10 +14,12 @@ It measures, per rank, then combines over ranks on rank 0:
   Hugging Face's `train_runtime`, which the FlagEmbedding peer reports.
 * samples/s: query groups (1 query + G passages) trained per second, all ranks together
   (global batch × steps / loop time).
-* data-loader wait: time from BEFORE_DATALOADER to AFTER_DATALOADER (the `next()` on the
-  DataLoader, including collation when `data.num_workers=0`), as a share of the step period
-  (BATCH_END to BATCH_END). Also the time from BATCH_END to AFTER_DATALOADER (Composer's
-  per-step overhead + the wait).
+* data-loader time: with `data.num_workers=0` the batch is built on the training thread, so the
+  wait is the time `M3TrainDataset.batch` takes (read rows, draw groups, pad), timed around that
+  method; with workers it is the `next()` on the DataLoader. Both as a share of the mean step
+  period (BATCH_END to BATCH_END). Also reported: BEFORE_DATALOADER to AFTER_DATALOADER, which
+  adds Composer's own per-step work there (an all_reduce of an "iteration finished" flag, event
+  dispatch, counting samples and tokens), and BATCH_END to AFTER_DATALOADER.
 * padding fraction: pad tokens / all tokens of the padded query and passage tensors (the collated
   batch, padded to the longest row), and the padding the encoder really runs on after
   length grouping (`M3Model.encode_many`: length-sorted chunks, each padded to its own longest).
@@ -106,6 +108,7 @@ class BenchTimer(Callback):
         self.before_dl = None
         self.last_batch_end = None
         self.dl_wait: list[float] = []          # BEFORE_DATALOADER -> AFTER_DATALOADER
+        self.batch_build: list[float] = []      # M3TrainDataset.batch (num_workers=0)
         self.end_to_batch: list[float] = []     # BATCH_END -> AFTER_DATALOADER (from step 2 on)
         self.step_period: list[float] = []      # BATCH_END -> BATCH_END (from step 2 on)
         self.first_step_s = None
@@ -118,6 +121,18 @@ class BenchTimer(Callback):
         self.profile_dir = profile_dir
         self.profile_steps = profile_steps
         self._prof = None
+
+    def time_batch_building(self, dataset) -> None:
+        """Wrap `dataset.batch` (same process only: num_workers=0) to time building each batch."""
+        build = dataset.batch
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return build(*args, **kwargs)
+            finally:
+                self.batch_build.append(time.perf_counter() - t0)
+        dataset.batch = timed
 
     def fit_start(self, state: State, logger: Logger) -> None:
         self.t_fit_start = time.perf_counter()
@@ -177,7 +192,7 @@ class BenchTimer(Callback):
     def summary(self) -> dict:
         return {"steps": len(self.losses), "queries": self.queries, "total_wct_s": self.total_wct_s,
                 "loop_to_last_batch_s": self.loop_to_last_batch_s, "first_step_s": self.first_step_s,
-                "step_period": self.step_period, "dl_wait": self.dl_wait, "end_to_batch": self.end_to_batch,
+                "step_period": self.step_period, "dl_wait": self.dl_wait, "batch_build": self.batch_build, "end_to_batch": self.end_to_batch,
                 "losses": self.losses, "pad": self.pad, "flops": self.flops, "peak_rss_mib": _peak_rss_mib()}
 
 
@@ -191,6 +206,9 @@ def combine(per_rank: list[dict], extra: dict) -> dict:
     med_period = max(statistics.median(r["step_period"]) for r in per_rank) if steps > 1 else None
     # data-loader waits exclude the first fetch (the first shard read, once per run)
     waits = [statistics.mean(r["dl_wait"][1:]) for r in per_rank if len(r["dl_wait"]) > 1]
+    builds = [statistics.mean(r["batch_build"][1:]) for r in per_rank if len(r["batch_build"]) > 1]
+    # the loader's share: batch building on the training thread (workers=0), else the next() wait
+    loader = builds if builds else waits
     overhead = [statistics.mean(r["end_to_batch"]) for r in per_rank if r["end_to_batch"]]
     mean_period = [statistics.mean(r["step_period"]) for r in per_rank if r["step_period"]]
     pad = {k: sum(r["pad"][k] for r in per_rank) for k in per_rank[0]["pad"]}
@@ -202,8 +220,9 @@ def combine(per_rank: list[dict], extra: dict) -> dict:
         "samples_per_s": round(queries / loop_s, 3),
         "first_step_s": round(max(r["first_step_s"] for r in per_rank), 3),
         "median_step_s": None if med_period is None else round(med_period, 4),
-        "dataloader_wait_ms": round(1000 * max(waits), 3) if waits else None,
-        "dataloader_wait_pct": round(100 * max(w / p for w, p in zip(waits, mean_period)), 2) if waits else None,
+        "dataloader_wait_ms": round(1000 * max(loader), 3) if loader else None,
+        "dataloader_wait_pct": round(100 * max(w / p for w, p in zip(loader, mean_period)), 2) if loader else None,
+        "before_to_after_dataloader_ms": round(1000 * max(waits), 3) if waits else None,
         "batch_end_to_next_batch_ms": round(1000 * max(overhead), 3) if overhead else None,
         "padding_fraction": round((pad["query_pad"] + pad["passage_pad"])
                                   / max(1, pad["query_tokens"] + pad["passage_tokens"]), 4),
@@ -239,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer = build_trainer(cfg)
     timer = BenchTimer(profile_dir=args.profile)
     trainer.state.callbacks.append(timer)
+    if cfg.data.num_workers == 0:
+        timer.time_batch_building(trainer.state.train_dataloader.dataset)
     t_built = time.perf_counter()
     trainer.fit()
     t_fit = time.perf_counter()

@@ -60,7 +60,8 @@ GIB = 1024 ** 3
 COMMON_OVERRIDES = [
     "data.train_group_size=4", "data.query_max_len=64", "data.passage_max_len=128", "data.default_batch_size=8",
     "loss.unified_finetuning=true", "loss.use_self_distill=true", "loss.self_distill_start_step=0ba",
-    "optimizer.lr=1e-5", "optimizer.warmup_ratio=0.1", "seed=42", "trainer.precision=fp32",
+    "optimizer.lr=1e-5", "optimizer.warmup_ratio=0.1", "optimizer.weight_decay=0.0",   # HF's default, as run_peer.sh
+    "seed=42", "trainer.precision=fp32",
     "trainer.save_folder=null", "trainer.progress_bar=false", "trainer.log_to_console=false",
     "model.pooling=cls", "data.query_instruction_for_retrieval=null", "data.passage_instruction_for_retrieval=null",
 ]

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=runs/quickstart
-EVAL_ARGS=(--passage-max-len 256 --no-progress)
+EVAL_ARGS=(--passage-max-len 192 --no-progress)
 mkdir -p "$RUN"
 step() { printf '\n=== [%s] %s ===\n' "$(date +%H:%M:%S)" "$*"; }
 start=$(date +%s)

@@ -12,31 +12,15 @@ import pytest
 import torch
 from composer import Callback, Trainer
 from composer.loggers import InMemoryLogger
-from composer.models import ComposerModel
 from torch.utils.data import DataLoader
 
 from m3composer.callbacks.data_refresh import DataRefresh
 from m3composer.data.collate import make_data_spec
 from m3composer.data.dataset import M3TrainDataset
-from tests.data.m3_tiny_data import StreamSpec, write_converted
+from tests.data.m3_tiny_data import Dummy, StreamSpec, write_converted
 
 SPECS = [StreamSpec("t1", "len-0-500", 12, num_pos=1, num_neg=6),
          StreamSpec("t1", "len-500-1000", 8, num_pos=1, num_neg=6, first_row_id=1000, bucket_hi=1000)]
-
-
-class Dummy(ComposerModel):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, batch):
-        return self.w * batch["query_input_ids"].shape[0]
-
-    def loss(self, outputs, batch):
-        return (outputs - 1).pow(2).sum()
-
-    def get_metrics(self, is_train=False):
-        return {}
 
 
 class Record(Callback):

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from composer.models import ComposerModel
 from streaming import MDSWriter
 
 COLUMNS = {
@@ -84,30 +86,31 @@ RESUME_SPECS = [
 RESUME_TABLE = {"len-0-500": {4: 3}, "len-500-1000": {4: 2}}
 
 
+class Dummy(ComposerModel):
+    """One parameter and a loss that ignores the data: the Trainer runs, only the batches matter."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, batch):
+        return self.w * batch["query_input_ids"].shape[0]
+
+    def loss(self, outputs, batch):
+        return (outputs - 1).pow(2).sum()
+
+    def get_metrics(self, is_train=False):
+        return {}
+
+
 def run_composer(data: str, record: str, *, max_duration: str, save_folder: str | None = None,
                  load_path: str | None = None, num_workers: int = 0) -> int:
     """Train a dummy model on M3TrainDataset, recording every batch's (batch, epoch, row_ids, passage ids)."""
-    import torch
     from composer import Callback, Trainer
-    from composer.models import ComposerModel
     from torch.utils.data import DataLoader
 
     from m3composer.data.collate import make_data_spec
     from m3composer.data.dataset import M3TrainDataset
-
-    class Dummy(ComposerModel):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def forward(self, batch):
-            return self.w * batch["query_input_ids"].shape[0]
-
-        def loss(self, outputs, batch):
-            return (outputs - 1).pow(2).sum()
-
-        def get_metrics(self, is_train=False):
-            return {}
 
     class SetEpoch(Callback):
         def epoch_start(self, state, logger):

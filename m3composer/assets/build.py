@@ -26,7 +26,7 @@ from m3composer.fsutil import publish_dir
 
 MARKER_FILE = ".m3c-complete"
 # Bump when a builder's output changes, so existing caches are rebuilt instead of reused.
-ASSET_FORMAT = {paths.E5_SMALL: 1, paths.TINY: 1}
+ASSET_FORMAT = {paths.E5_SMALL: 1, paths.TINY: 2}   # tiny 2: attention init that keeps texts apart
 
 
 def is_complete(folder: str | os.PathLike, name: str) -> bool:

@@ -4,6 +4,15 @@ It has BGE-M3's layout (an `XLMRobertaModel`, CLS pooling, no instruction prefix
 size 250,002) at 2 layers x 32 hidden units, so tests exercise the real tokenisation, the real
 sparse-head width and the real special ids while a training step stays in tens of milliseconds.
 XLM-R numbers positions from pad+1, so 514 positions hold 512 tokens, as in bge-m3.
+
+Why the attention weights get a larger init than transformers' (std 0.02 everywhere): at 0.02 the
+attention logits are ~0, so every token attends uniformly, and the values are too small to move
+the residual stream. The CLS vector is then `<s>`'s own embedding for every text (dense cosine
+1.0000 between unrelated texts, so retrieval tests ranked rounding noise). Queries/keys at std 1.0
+make attention peaked on a few content tokens, values/outputs at std 0.2 (about 1/sqrt(hidden))
+make what is attended to count: unrelated texts then get dense cosines of about 0.3-0.9 while each
+token keeps its own hidden state, so a random sparse head still gives some tokens positive weights
+and some zero. `tests/assets/test_tiny.py` guards that distinct texts stay apart.
 """
 from __future__ import annotations
 
@@ -17,6 +26,8 @@ TINY_LAYERS = 2
 TINY_HEADS = 2
 TINY_INTERMEDIATE_SIZE = 128
 TINY_SEED = 0
+TINY_QUERY_KEY_INIT_STD = 1.0      # peaked attention (see the module docstring)
+TINY_VALUE_OUTPUT_INIT_STD = 0.2   # attended tokens move the residual stream
 
 
 def tiny_config(vocab_size: int):
@@ -47,6 +58,13 @@ def build_tiny(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, use_fast=True)
     torch.manual_seed(TINY_SEED)
     model = XLMRobertaModel(tiny_config(len(tokenizer)), add_pooling_layer=False)
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            attention = layer.attention
+            for linear in (attention.self.query, attention.self.key):
+                linear.weight.normal_(0.0, TINY_QUERY_KEY_INIT_STD)
+            for linear in (attention.self.value, attention.output.dense):
+                linear.weight.normal_(0.0, TINY_VALUE_OUTPUT_INIT_STD)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     write_model_meta(out, pooling="cls", normalize=True, query_instruction=None, passage_instruction=None)

@@ -1,7 +1,9 @@
 """Proves `m3composer/assets/tiny.py`: the tiny XLM-R folder loads with the recorded shape,
-carries the real tokenizer, runs 512-token inputs, and is the same model on every build."""
+carries the real tokenizer, runs 512-token inputs, is the same model on every build, and keeps
+distinct texts apart (so retrieval tests on it rank real score gaps, not rounding noise)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -58,3 +60,27 @@ def test_tiny_build_is_deterministic(tmp_path, tiny_dir, e5_dir):
         assert torch.equal(cached[name], fresh[name]), name
     # Random init, not zeros or copies of one value.
     assert cached["embeddings.word_embeddings.weight"].std() > 0.01
+
+
+# Unrelated texts in several languages and scripts, code and numbers: no two say the same thing.
+DISTINCT_TEXTS = ["the cat sat on the mat", "how do I open a file in python", "Der Hund läuft im Park",
+                  "def main(): return 0", "numbers 1 2 3 4", "a quick brown fox jumps",
+                  "what is the capital of france", "SELECT * FROM users", "ошибка при открытии файла",
+                  "打开文件失败", "json.loads parses a string", "sorted() returns a new list"]
+
+
+def test_tiny_model_gives_distinct_texts_clearly_different_dense_vectors(tiny_dir):
+    """The guard against the collapse of transformers' default init at this size (every CLS vector
+    the same, dense cosine 1.0000 between unrelated texts): see `assets/tiny.py`."""
+    from m3composer.model.m3 import M3Model
+
+    torch.manual_seed(0)
+    out = M3Model.from_pretrained(tiny_dir).encode_texts(DISTINCT_TEXTS)
+    dense = out["dense_vecs"]
+    cosines = (dense @ dense.T)[~np.eye(len(DISTINCT_TEXTS), dtype=bool)]
+    assert cosines.max() < 0.99, cosines.max()
+    assert cosines.mean() < 0.9, cosines.mean()
+    # tokens keep hidden states of their own: a random sparse head weights some tokens, not all or none
+    kept = sum(len(w) for w in out["lexical_weights"])
+    tokens = sum(len(set(ids)) - 2 for ids in M3Model.from_pretrained(tiny_dir).tokenizer(DISTINCT_TEXTS)["input_ids"])
+    assert 0.05 * tokens < kept < 0.95 * tokens, (kept, tokens)

@@ -23,7 +23,7 @@ What it does (issue 10):
 Settings common to both: G=4, query 64 / passage 128 tokens, per-device batch 8, unified loss +
 self-distillation from step 0, lr 1e-5, warm-up 0.1, seed 42, fp32, CLS pooling (the peer folder has
 no m3composer.json), the same thread count per process (cores / processes). 2 processes: gloo,
-cross-rank negatives (`negatives_cross_device`). Steps: tiny 100, big 24 (as the peer README).
+cross-rank negatives (`negatives_cross_device`). Steps: tiny 100, big 24 (the harness's defaults).
 
 Counting, the same for both:
 * samples/s = query groups (1 query + G passages) trained per second, all processes together.

@@ -6,7 +6,7 @@ dataclass schema with omegaconf, so a misspelled or unknown key fails at start-u
 wrong type fails naming the key, and a missing required value fails naming it. `validate()` then
 checks ranges and cross-field rules, each error naming its key.
 
-Every option of the seed's `run.py`/data arguments has a field here with the same name and
+Every option of FlagEmbedding's `run.py`/data arguments has a field here with the same name and
 meaning (see the table in README.md). The sections mirror the pipeline: model, data, loss,
 optimizer, trainer, callbacks, loggers.
 """
@@ -41,12 +41,12 @@ class DataConfig:
     train_group_size: int = 8           # 1 positive + G-1 negatives per query
     query_max_len: int = 32
     passage_max_len: int = 128
-    default_batch_size: int = 8         # per device, for buckets the table does not cover (seed: per_device_train_batch_size)
+    default_batch_size: int = 8         # per device, outside the table (FlagEmbedding's per_device_train_batch_size)
     max_tokens_per_device_batch: Optional[int] = None   # token-budget batch sizes instead of the table
-    batch_size_table: Optional[dict[str, dict[int, int]]] = None  # null: the seed's tables for G=1 and G=8
-    small_threshold: int = 0            # streams with fewer rows are merged (0 = off, the seed's default)
+    batch_size_table: Optional[dict[str, dict[int, int]]] = None  # null: FlagEmbedding's tables for G=1 and G=8
+    small_threshold: int = 0            # streams with fewer rows are merged (0 = off, FlagEmbedding's default)
     drop_threshold: int = 0             # a merged group with fewer rows is dropped
-    tail: str = "keep_if_ge_2W"         # keep_if_ge_2W (the seed) | drop_partial
+    tail: str = "keep_if_ge_2W"         # keep_if_ge_2W (FlagEmbedding) | drop_partial
     query_instruction_for_retrieval: Optional[str] = AUTO    # auto: from the model folder; null: none
     passage_instruction_for_retrieval: Optional[str] = AUTO
     shuffle_ratio: float = 0.0
@@ -59,9 +59,9 @@ class LossConfig:
     unified_finetuning: bool = True
     use_self_distill: bool = False
     self_distill_start_step: str = "0ba"   # Composer time; a bare number = optimizer batches
-    self_distill_mode: str = "timestamp"   # timestamp | forward_calls (the seed's strict '>' counting)
+    self_distill_mode: str = "timestamp"   # timestamp | forward_calls (FlagEmbedding's strict '>' counting)
     negatives_cross_device: bool = False
-    cross_rank_grad_scale: str = "parity"  # parity (seed: dense term 1/W after DDP) | full_batch
+    cross_rank_grad_scale: str = "parity"  # parity (FlagEmbedding: dense term 1/W after DDP) | full_batch
     knowledge_distillation: bool = False   # use pos_scores/neg_scores (m3_kd_loss) when a stream has them
     bidirectional_parallel: bool = True    # passage->query term for parallel_ streams
 
@@ -69,7 +69,7 @@ class LossConfig:
 @dataclass
 class OptimizerConfig:
     lr: float = 1e-5
-    weight_decay: float = 0.0           # the seed (HF) default; the recipes use 0.01
+    weight_decay: float = 0.0           # FlagEmbedding's (HF) default; the recipes use 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_ratio: float = 0.0

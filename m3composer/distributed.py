@@ -1,9 +1,10 @@
 """Cross-rank negatives: gather representations from all ranks, with either gradient convention.
 
-Everything here is a no-op on one process, with or without a process group (the seed calls
-`dist.get_rank()` unconditionally and crashes without one, spec §7 #3).
+Everything here is a no-op on one process, with or without a process group (FlagEmbedding
+calls `dist.get_rank()` unconditionally and crashes without one).
 
-Two conventions for the gradient of a loss computed on gathered tensors (spec §5.2):
+Two conventions for the gradient of a loss computed on gathered tensors (docs/recipe.md
+§Cross-rank negatives, §Gathers and gradients):
 
 * `parity` (FlagEmbedding, the default): the other ranks' tensors are constants, the local slice
   is put back so only it carries a gradient (`gather_local_grad`). Every rank computes the same

@@ -6,7 +6,8 @@ passages at columns `b·G … b·G+G−1`, its positive first (column `b·G`). N
 `G = train_group_size`, `S_x` the score matrix of head x ∈ {dense, lex (sparse), mul (ColBERT),
 ens (ensemble)}, `CE(S, y) = mean_b −log softmax(S[b])[y_b]`.
 
-The composition used in training (spec §5; numbers checked against FlagEmbedding, Appendix A):
+The composition used in training (docs/recipe.md §Unified loss, §Self-distillation; checked against
+FlagEmbedding's own numbers, recipe.md §Reference numbers):
 
     L       = ( L_dense + L_ens + 0.1·L_lex + L_mul ) / 4                     unified_loss
     L'      = ( L'_dense + 0.1·L'_lex + L'_mul ) / 3                          self_distill_loss
@@ -20,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-UNIFIED_LOSS_WEIGHTS = (1.0, 0.1, 1.0, 1.0)      # (dense, lex, mul, ens), spec §5.3
-SELF_DISTILL_WEIGHTS = (1.0, 0.1, 1.0)           # (dense, lex, mul), spec §5.4
+UNIFIED_LOSS_WEIGHTS = (1.0, 0.1, 1.0, 1.0)      # (dense, lex, mul, ens), recipe.md §Unified loss
+SELF_DISTILL_WEIGHTS = (1.0, 0.1, 1.0)           # (dense, lex, mul), recipe.md §Self-distillation
 
 
 def in_batch_targets(num_queries: int, group_size: int, device=None) -> torch.Tensor:
@@ -84,7 +85,7 @@ def combine_self_distill(unified: torch.Tensor, self_distill: torch.Tensor) -> t
 
 
 def m3_kd_loss(scores: torch.Tensor, teacher_targets: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Knowledge distillation from teacher scores, FlagEmbedding's `m3_kd_loss` (spec §5.5).
+    """Knowledge distillation from teacher scores, FlagEmbedding's `m3_kd_loss` (recipe.md §m3_kd_loss).
 
     scores `(N, N·G)` (÷τ), teacher_targets `t = softmax(teacher_scores)` of shape `(N, G)`: column 0
     the positive, then the negatives (sorted by teacher score, descending). Each own passage i in
@@ -126,7 +127,7 @@ def bidirectional_loss(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     negatives have no query of their own, so they are not rows here. The model uses it on the
     dense head for parallel batches as `(L_dense + L_bi) / 2` in place of `L_dense`
     (the symmetric InfoNCE of sentence-transformers' MultipleNegativesSymmetricRankingLoss).
-    FlagEmbedding parses the `parallel_` flag but never uses it (spec §1.3).
+    FlagEmbedding parses the `parallel_` flag but never uses it (recipe.md §Bidirectional loss).
     """
     num_queries = scores.shape[0]
     positives = in_batch_targets(num_queries, group_size, scores.device)

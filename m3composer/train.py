@@ -36,7 +36,7 @@ from m3composer.model.m3 import M3Model
 
 log = logging.getLogger("m3composer.train")
 
-# transformers' own rule: no weight decay on biases and LayerNorm weights (spec §5.7).
+# transformers' own rule: no weight decay on biases and LayerNorm weights (docs/recipe.md §Optimizer and schedule).
 NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight")
 
 
@@ -116,15 +116,16 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Ada
         if param.requires_grad:
             (no_decay if any(m in name for m in NO_DECAY_MARKERS) else decay).append(param)
     o = cfg.optimizer
-    # fused: one kernel over all tensors (CPU and CUDA); measured on CPU 3-5x faster than the default
-    # per-tensor loop (e5-small's 118M parameters: 700 -> 142 ms per step), same update rule.
+    # fused: one kernel over all tensors (CPU and CUDA), same update rule as the default per-tensor
+    # loop and several times faster on CPU (BENCHMARKS.md §Training, "What was changed").
     return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
 
 
 def build_scheduler(cfg: TrainConfig) -> LinearWithWarmupScheduler:
-    """Linear warm-up then linear decay to 0 (HF's default schedule, as the seed)."""
+    """Linear warm-up then linear decay to 0 (HF's default schedule, as FlagEmbedding; Composer applies
+    it one step behind HF, docs/recipe.md §Learning-rate lag)."""
     o = cfg.optimizer
     t_warmup = f"{o.warmup_steps}ba" if o.warmup_steps is not None else f"{o.warmup_ratio}dur"
     return LinearWithWarmupScheduler(t_warmup=t_warmup, alpha_f=0.0)
@@ -177,7 +178,7 @@ def set_cpu_threads() -> int:
     """Share the cores among the ranks of this node unless OMP_NUM_THREADS says otherwise.
 
     torch defaults every process to all cores, so N CPU ranks on one node oversubscribe N-fold
-    (measured: 2 ranks x 2 threads on 2 cores ran several times slower than 2 x 1).
+    (BENCHMARKS.md §Measurements behind code comments).
     """
     if "OMP_NUM_THREADS" not in os.environ:
         local_world = max(1, dist.get_local_world_size())

@@ -13,7 +13,7 @@ Figures (best of `--repeats`, wall clock, this process only):
   tokenizer already loaded; tokens/s counts every row's tokens, duplicates included, like the raw
   run, so the ratio compares the same work;
 * parse only: reading + validating the lines (no tokenizer), to show where the rest goes;
-* dataloader: `M3TrainDataset` batches (G=8, the seed's batch tables, recipe max lengths
+* dataloader: `M3TrainDataset` batches (G=8, FlagEmbedding's batch tables, recipe max lengths
   512/8192) through a `DataLoader(batch_size=None, num_workers=0)` from an empty shard cache
   (shards are decompressed into it when a row first needs them: that cost is in the first
   batches of each stream, hence median and max).

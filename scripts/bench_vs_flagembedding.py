@@ -3,12 +3,17 @@
     python scripts/bench_vs_flagembedding.py [--work DIR] [--peer-venv DIR] [--repeats 2]
                                              [--configs tiny-1,tiny-2,big-1,big-2] [--long-passage 128,2048]
 
+It needs the *peer harness*, a folder outside this repository (`--peer-dir`, default
+`../shared/peer` beside the checkout) that holds `setup.sh` (builds FlagEmbedding's virtualenv),
+`make_tiny_model.py`, `make_data.py` and `run_peer.sh` (runs FlagEmbedding's M3 trainer and
+prints samples/s and losses). BENCHMARKS.md §Versus FlagEmbedding describes the method and results.
+
 What it does (issue 10):
-1. builds the peer's models and data with `../shared/peer/make_tiny_model.py` and `make_data.py`
+1. builds the peer's models and data with the harness's `make_tiny_model.py` and `make_data.py`
    in the peer's virtualenv (tiny: 2 layers, hidden 64, vocabulary 8000; big: 6 layers, hidden 384),
    so both trainers read the same model folder and the same JSONL; converts that JSONL with
    `m3c convert` (our tokens are then the peer tokenizer's tokens);
-2. for every configuration, runs FlagEmbedding through `../shared/peer/run_peer.sh` and m3composer
+2. for every configuration, runs FlagEmbedding through the harness's `run_peer.sh` and m3composer
    through `scripts/bench_train.py` (the normal `build_trainer` + `fit`, one passive timing
    callback), one after the other, swapping which goes first in every repeat, so both see the
    same machine state;
@@ -18,7 +23,7 @@ What it does (issue 10):
 Settings common to both: G=4, query 64 / passage 128 tokens, per-device batch 8, unified loss +
 self-distillation from step 0, lr 1e-5, warm-up 0.1, seed 42, fp32, CLS pooling (the peer folder has
 no m3composer.json), the same thread count per process (cores / processes). 2 processes: gloo,
-cross-rank negatives (`negatives_cross_device`). Steps: tiny 100, big 24 (as the peer README).
+cross-rank negatives (`negatives_cross_device`). Steps: tiny 100, big 24 (the harness's defaults).
 
 Counting, the same for both:
 * samples/s = query groups (1 query + G passages) trained per second, all processes together.

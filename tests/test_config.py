@@ -21,7 +21,7 @@ def test_yaml_and_overrides_merge_into_the_dataclass(yaml_path):
     assert cfg.data.train_group_size == 4
     assert cfg.loss.temperature == 0.05
     assert cfg.run_dir == "runs/t"          # interpolated from run_name
-    assert cfg.data.query_max_len == 32      # the seed's default
+    assert cfg.data.query_max_len == 32      # FlagEmbedding's default
 
 
 def test_unknown_key_is_named_with_a_suggestion(yaml_path):

@@ -1,6 +1,7 @@
 """m3composer.distributed + cross-rank negatives in ComposerM3, on 2 real gloo processes.
 
-The spec's check (Appendix A): rank r holds query r and passages 2r, 2r+1 of the recipe batch.
+FlagEmbedding's reference check (docs/recipe.md §Reference numbers): rank r holds query r and
+passages 2r, 2r+1 of the reference batch.
 With cross-rank negatives each rank's dense loss is the one-process loss of the whole batch
 (1.060854); after DDP averages gradients, the dense term's gradient is 1/W of the one-process
 gradient under the parity convention, and equal to it under `full_batch`.
@@ -159,7 +160,8 @@ def test_full_batch_convention_gradient_equals_one_process_gradient(two_rank_res
 
 
 def test_unified_self_distill_per_rank_losses_match_the_spec(two_rank_results):
-    # only the dense term is global, so the ranks' totals differ (spec Appendix A)
+    # only the dense term is global, so the ranks' totals differ (FlagEmbedding's numbers,
+    # recipe.md §Reference numbers)
     totals = [r["unified_self_distill"]["terms"]["total"].item() for r in two_rank_results]
     assert totals == pytest.approx([0.173227, 0.793068], abs=1e-5)
     for r in two_rank_results:

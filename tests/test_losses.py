@@ -1,4 +1,4 @@
-"""m3composer.losses: each loss against hand-computed values, the spec's reference numbers, and gradients."""
+"""m3composer.losses: each loss against hand-computed values, FlagEmbedding's reference numbers, and gradients."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import torch
 
 from m3composer import losses
 
-# Appendix A of the training spec: score matrices of case A (already ÷ τ), B = 2 queries, G = 2.
+# FlagEmbedding's score matrices of case A (docs/recipe.md §Reference numbers; already ÷ τ), B = 2 queries, G = 2.
 S_DENSE = torch.tensor([[49.798645, 48.194595, 49.857792, 49.372311],
                         [49.849072, 48.351624, 49.808052, 49.277126]])
 S_LEX = torch.tensor([[19.579647, 0.0, 0.0, 0.0],
@@ -98,7 +98,7 @@ def test_reference_case_c_m3_kd_loss_unified_with_self_distill():
 
 
 def test_reference_dense_only_loss():
-    # the spec's cross-device check: dense-only loss of the full batch is 1.060854
+    # the cross-device reference: dense-only loss of the full batch is 1.060854 (recipe.md §Reference numbers)
     assert losses.info_nce(S_DENSE, losses.in_batch_targets(2, G)).item() == pytest.approx(1.060854, abs=1e-5)
 
 

@@ -8,7 +8,7 @@ The function works without a Trainer. The Algorithm calls it at `Event.INIT`, wh
 fires before it wraps the model in DDP, so DDP never registers the frozen tensor and no
 unused-parameter error can come from it. Optimizers built before INIT still list the tensor;
 that is harmless: torch optimizers skip parameters whose `.grad` is None, weight decay included
-(verified in the Composer notes §3). The train builder also leaves frozen tensors out of the
+(docs/recipe.md §INIT before DDP). The train builder also leaves frozen tensors out of the
 optimizer, so the Algorithm is a safety net as well as the documented switch.
 """
 from __future__ import annotations

@@ -1,18 +1,19 @@
-"""Self-distillation switches on after `self_distill_start_step` (spec §5.4).
+"""Self-distillation switches on after `self_distill_start_step` (docs/recipe.md §Self-distillation).
 
-The seed keeps a forward-call counter on the model: it counts micro-batches per process and
-restarts at 0 on resume, so a resumed run switches self-distillation on late (FlagEmbedding's
-resume probe shows it). Here the decision is derived from `state.timestamp`, which Composer
-checkpoints, so a resumed run switches at exactly the same optimizer step.
+FlagEmbedding keeps a forward-call counter on the model: it counts micro-batches per process and
+restarts at 0 on resume, so a resumed run switches self-distillation on late. Here the decision
+is derived from `state.timestamp`, which Composer checkpoints (it saves an Algorithm's attributes
+only as a repr: recipe.md §Algorithm state), so a resumed run switches at exactly the same
+optimizer step.
 
 * `mode="timestamp"` (default): on iff `state.timestamp.get(unit) >= start`, with `start` a
   Composer time string (`"6000ba"`, `"2ep"`, `"0ba"` = from the first step). A bare integer
   string means optimizer batches.
-* `mode="forward_calls"` (parity with the seed): on iff the number of training forward calls
-  made before this batch is `> start` (strict, as the seed; `-1` = always on, `1` = off for the
+* `mode="forward_calls"` (parity with FlagEmbedding): on iff the number of training forward calls
+  made before this batch is `> start` (strict, as FlagEmbedding; `-1` = always on, `1` = off for the
   first two forwards). m3composer runs one forward per optimizer step (the device batch is one
   micro-batch), so the count is the timestamp's batch count; derived, not kept in an attribute,
-  it survives a resume — the one place we deliberately differ from the seed's counter.
+  it survives a resume — the one place we deliberately differ from FlagEmbedding's counter.
 
 The switch itself is the model's `self_distill_on` attribute; the loss stays a pure function.
 """

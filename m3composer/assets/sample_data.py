@@ -26,7 +26,7 @@ positives plus every other passage of the same groups (all pydoc sections; all d
 held-out queries' modules), so the distractors are the hard siblings.
 
 Length bucket of a row = the largest token count over query, positives and negatives, with the
-real tokenizer, special tokens included, no truncation (spec §1.3; edges from `data.buckets`).
+real tokenizer, special tokens included, no truncation (docs/recipe.md §Length buckets; edges from `data.buckets`).
 The output is byte-identical for the same seed, Python (stdlib text), Django and tokenizer.
 """
 from __future__ import annotations

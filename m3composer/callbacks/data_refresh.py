@@ -1,15 +1,15 @@
-"""Data refresh at epoch boundaries (the seed's `TrainerCallbackForDataRefresh`).
+"""Data refresh at epoch boundaries (FlagEmbedding's `TrainerCallbackForDataRefresh`).
 
 Composer never tells a dataset which epoch starts (it calls `set_epoch` only on a
-DistributedSampler), so this Callback does: at `EPOCH_START` the training dataset is set to the
-epoch, and it re-draws its plan — stream order, batch membership, positives, negatives and text
-shuffles are all functions of (seed, epoch) there, so the refresh is deterministic and
-resume-safe. `EPOCH_START` does not fire when a run resumes mid-epoch; the dataset's
-`load_state_dict` has set the epoch then.
+DistributedSampler; docs/recipe.md §Epochs and set_epoch), so this Callback does: at
+`EPOCH_START` the training dataset is set to the epoch, and it re-draws its plan — stream order,
+batch membership, positives, negatives and text shuffles are all functions of (seed, epoch)
+there, so the refresh is deterministic and resume-safe. `EPOCH_START` does not fire when a run
+resumes mid-epoch; the dataset's `load_state_dict` has set the epoch then.
 
 At `EPOCH_END` it checks the number of batches served against the plan: a store that keeps
-failing can make Streaming yield a short or empty epoch without raising (Composer notes §7),
-and a short epoch must not pass silently.
+failing can make Streaming yield a short or empty epoch without raising (docs/recipe.md
+§Failing object store), and a short epoch must not pass silently.
 """
 from __future__ import annotations
 

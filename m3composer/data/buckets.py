@@ -1,11 +1,11 @@
-"""Length buckets and per-bucket batch sizes (spec §1.3, §2.2).
+"""Length buckets and per-bucket batch sizes (docs/recipe.md §Length buckets, §Batch sizes).
 
 A bucket is a half-open token-length range `[lo, hi)`; `hi=None` is the open last bucket
-(`len-7000-inf`). A file's bucket comes from `len-<lo>-<hi|inf>` in its name (a regex, not the
-seed's substring test), or is measured: the longest of query, positives and negatives in tokens
-of the real tokenizer, special tokens included, no truncation.
+(`len-7000-inf`). A file's bucket comes from `len-<lo>-<hi|inf>` in its name (a regex, not
+FlagEmbedding's substring test), or is measured: the longest of query, positives and negatives
+in tokens of the real tokenizer, special tokens included, no truncation.
 
-Batch sizes: the seed's tables for group size 1 and 8 (tuned for 80 GB GPUs at query 512 /
+Batch sizes: FlagEmbedding's tables for group size 1 and 8 (tuned for 80 GB GPUs at query 512 /
 passage 8192), `default_batch_size` otherwise, or a token budget per device batch.
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 BUCKET_RE = re.compile(r"len-(\d+)-(\d+|inf)")
 
-# The seed's split_data_by_length.py edges: [0,500) [500,1000) [1000,2000) ... [6000,7000) [7000,inf)
+# FlagEmbedding's split_data_by_length.py edges: [0,500) [500,1000) [1000,2000) ... [6000,7000) [7000,inf)
 DEFAULT_EDGES: tuple[int, ...] = (0, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000)
 
-# bucket name -> {group size -> per-device batch size} (spec §2.2)
+# bucket name -> {group size -> per-device batch size} (FlagEmbedding's; recipe.md §Batch sizes)
 DEFAULT_BATCH_TABLE: dict[str, dict[int, int]] = {
     "len-0-500": {8: 48, 1: 700},
     "len-500-1000": {8: 32, 1: 570},
@@ -68,7 +68,7 @@ def bucket_for_length(length: int, edges: tuple[int, ...] = DEFAULT_EDGES) -> Bu
 
 def table_batch_size(bucket_name: str, train_group_size: int, default_batch_size: int,
                      table: dict[str, dict[int, int]] | None = None) -> int:
-    """The seed's lookup: the table value for (bucket, G) if there is one, else the default."""
+    """FlagEmbedding's lookup: the table value for (bucket, G) if there is one, else the default."""
     table = DEFAULT_BATCH_TABLE if table is None else table
     return int(table.get(bucket_name, {}).get(train_group_size, default_batch_size))
 

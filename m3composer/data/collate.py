@@ -1,38 +1,18 @@
 """One query's training group (positive + negatives + teacher scores), padding, and the DataSpec.
 
-Rows arrive pre-tokenised (MDS columns of docs/architecture.md: `passages` = positives then
-negatives, ids with `<s>`…`</s>`, not truncated, teacher `scores` per passage). Per query,
-following the seed's `create_batch_data` (spec §2.5, R):
-
-1. positive: one of the positives, uniformly; its teacher score travels with it;
-2. `shuffle_text` on the positive only (see `shuffle_text_tokens`);
-3. G−1 negatives: sampled without replacement, from the negatives repeated ceil((G−1)/n) times
-   when there are n < G−1 (so duplicates are possible); with teacher scores the chosen
-   negatives are sorted by score, descending (R; it matters for the listwise m3_kd_loss);
-4. a row without negatives (valid input; the seed divides by zero there) takes its negatives
-   from other rows of the same group through the `borrow` callable the dataset passes
-   (see `M3TrainDataset`); no teacher score exists for those, so the dataset serves such
-   streams without teacher scores;
-5. instruction prefixes: the instruction's token ids (tokenised once, without special tokens)
-   go right after `<s>`. For SentencePiece tokenizers this equals tokenising the string
-   `instruction + text` when the instruction ends with a space (e5's "query: "), which the
-   tests check with the real tokenizer;
-6. truncation like HF `truncation=True`: keep `<s>` and the first max_len−2 content tokens,
-   then `</s>`.
+Rows arrive pre-tokenised (the MDS columns of docs/architecture.md). `draw_example` draws one
+query's group of G passages, `collate_examples` prefixes, truncates and pads a batch of them into
+the collated batch (its keys and shapes: docs/architecture.md §The collated batch). The drawing
+rules and where they differ from FlagEmbedding's `create_batch_data` are in docs/recipe.md
+§Collation and §shuffle_text.
 
 Every random choice comes from a generator the caller seeds per row (the dataset uses
 (seed, epoch, row_id)), so a row draws the same group whatever the worker count or resume point,
 and a different one each epoch.
 
-The collated batch (the contract) is a dict of tensors: `query_input_ids`/`query_attention_mask`
-(B, Lq), `passage_input_ids`/`passage_attention_mask` (B·G, Lp) example-major, `teacher_scores`
-(B, G) float32 (zeros when absent), `has_teacher_scores` and `is_parallel` (0-dim bool),
-`row_ids` (B,). Queries and passages are right-padded to the longest in the batch.
-
-The DataSpec keeps a device batch whole (`split_batch` returns `[batch]`): the contrastive loss
-needs every query's passages and every other query's passages in one forward, so the trainer
-must set `device_train_microbatch_size` ≥ the largest per-device batch. Samples are counted in
-queries — the unit `M3TrainDataset.state_dict(num_samples)` expects.
+The DataSpec keeps a device batch whole (`split_batch` returns `[batch]`) and counts samples in
+queries, the unit `M3TrainDataset.state_dict(num_samples)` expects: docs/recipe.md §Whole device
+batch, §Sample counting.
 """
 from __future__ import annotations
 
@@ -44,9 +24,9 @@ import numpy as np
 import torch
 from composer.core import DataSpec
 
-# The seed shuffles texts longer than 100 characters. Text is pre-tokenised here, so the test is on
-# content tokens (without <s>/</s>): the XLM-R SentencePiece vocabulary (e5-small's) gave 3.3
-# characters per token on English docstrings (8,499 characters, 2,538 tokens), so 100 ≈ 30 tokens.
+# FlagEmbedding shuffles texts longer than 100 characters. Text is pre-tokenised here, so the test is
+# on content tokens (without <s>/</s>): about 3.3 characters per XLM-R token on English text, so
+# 100 characters ≈ 30 tokens (BENCHMARKS.md §Measurements behind code comments).
 SHUFFLE_MIN_TOKENS = 30
 SHUFFLE_CHUNKS = 3
 
@@ -88,8 +68,8 @@ def split_passages(ids: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
 
 
 def sample_negative_indices(num_neg: int, num_needed: int, rng: np.random.Generator) -> np.ndarray:
-    """R's rule: `num_needed` of `range(num_neg)` without replacement, from the list repeated
-    ceil(needed/num_neg) times when it is too short (each index then at most that many times)."""
+    """FlagEmbedding's rule: `num_needed` of `range(num_neg)` without replacement, from the list
+    repeated ceil(needed/num_neg) times when it is too short (each index then at most that often)."""
     if num_needed == 0:
         return np.zeros(0, dtype=np.int64)
     if num_neg <= 0:
@@ -100,12 +80,12 @@ def sample_negative_indices(num_neg: int, num_needed: int, rng: np.random.Genera
 
 
 def shuffle_text_tokens(ids: np.ndarray, rng: np.random.Generator, shuffle_ratio: float) -> np.ndarray:
-    """The seed's `shuffle_text` on token ids: with probability `shuffle_ratio`, a passage with more
+    """FlagEmbedding's `shuffle_text` on token ids: with probability `shuffle_ratio`, a passage with more
     than SHUFFLE_MIN_TOKENS content tokens is cut into 3 consecutive chunks (size n//3 + 1, the
     last shorter) whose order is shuffled; `<s>` and `</s>` stay in place.
 
-    Differences from the seed: chunks are cut between tokens, not characters (no word is split)
-    and are joined without the extra space the seed inserts; the length threshold is in tokens.
+    Differences from FlagEmbedding: chunks are cut between tokens, not characters (no word is
+    split) and are joined without the extra space it inserts; the threshold is in tokens.
     """
     if shuffle_ratio <= 0 or len(ids) - 2 <= SHUFFLE_MIN_TOKENS or rng.random() >= shuffle_ratio:
         return ids
@@ -151,7 +131,7 @@ def draw_example(row: dict, train_group_size: int, rng: np.random.Generator, *, 
         idx = sample_negative_indices(len(negatives), needed, rng)
         if with_scores:
             neg_scores = scores_all[len(positives) + idx]
-            order = np.argsort(-neg_scores, kind="stable")      # R: descending teacher score
+            order = np.argsort(-neg_scores, kind="stable")      # FlagEmbedding: descending teacher score
             idx, neg_scores = idx[order], neg_scores[order]
             scores += [float(s) for s in neg_scores]
         passages += [negatives[i] for i in idx]
@@ -182,7 +162,8 @@ def _pad(seqs: list[np.ndarray], pad_id: int, pad_to_multiple_of: int | None) ->
     length = max(len(s) for s in seqs)
     if pad_to_multiple_of:
         length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    # Filled in numpy and handed to torch once: per-row torch slice assignments cost ~4x more.
+    # Filled in numpy and handed to torch once: much cheaper than per-row torch slice assignments
+    # (BENCHMARKS.md §Training, "What was changed").
     ids = np.full((len(seqs), length), pad_id, dtype=np.int64)
     lengths = np.empty(len(seqs), dtype=np.int64)
     for i, s in enumerate(seqs):

@@ -4,8 +4,9 @@ Input: JSONL files or directories of them (searched recursively), plain or `.gz`
 one *task*; its name is the file stem without the `len-A-B` tag (or the directory name when the
 file is just `len-A-B.jsonl`), made unique and filesystem-safe. `len-A-B` in the file name gives
 the length bucket; a file without it is bucketed row by row by its measured token length (the
-longest of query, positives and negatives, special tokens included) under `bucket_edges`, so the
-seed's separate split script is not needed. `parallel_` anywhere in the path marks parallel data.
+longest of query, positives and negatives, special tokens included) under `bucket_edges`, so
+FlagEmbedding's separate split script is not needed (docs/recipe.md §Length buckets).
+`parallel_` anywhere in the path marks parallel data.
 
 Output: `OUT/<task>/<bucket>/` MDS streams and `OUT/m3_index.json` (the contract is in
 docs/architecture.md; the dataset reads exactly that). Text is tokenised here, once, with the

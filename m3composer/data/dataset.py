@@ -1,44 +1,16 @@
 """The training dataset: one whole, collated per-rank batch per step, from one group on every rank.
 
 `M3TrainDataset` reads a converted dir (`m3_index.json` + one MDS stream per task × bucket,
-local or `s3://…`) and yields, step by step, this rank's slice of the global batch the epoch plan
-(`plan.py`) lays out. The batch size depends on the bucket (the seed's tables, or a token budget),
-every global batch comes from one group, and batch membership, positives, negatives and text
-shuffles are re-drawn each epoch, deterministically from the seed.
+local or `s3://…`) and yields, step by step, this rank's slice of the global batch that the epoch
+plan (`plan.py`) lays out. Rows are read by index from one `StreamingDataset` over all streams and
+collated by `collate.py`. The rules it applies (per-bucket batch sizes, same-group batches, the
+tail rule, per-epoch re-draws, borrowed negatives) are in docs/recipe.md §Batch sizes, §Epoch plan,
+§Collation; why it reads by index instead of using Streaming's sampler, how it owns the epoch and
+how it resumes are in docs/architecture.md §Training data: our own epoch plan over random access.
 
-Design: our own plan over random access, instead of Streaming's sampler.
-Composer notes §6.4 compare (a) pre-packed rows with (b) one StreamingDataset per bucket under a
-wrapper that picks the bucket per step and pins each bucket's Streaming shuffle. We keep (b)'s
-wrapper shape (an IterableDataset that owns the epoch, ~2 ints of state, DataLoader
-`batch_size=None`) but take membership from our own permutation of row indices and read rows with
-`StreamingDataset.__getitem__`. One StreamingDataset spans all streams: per-bucket instances
-existed in (b) only to keep separate Streaming shuffles, which random access does not use. Reasons:
-* the plan is then entirely a pure function of (seed, epoch, W): resume is `{'epoch', 'step'}`
-  with nothing of Streaming's partition/shuffle state to pin, and the seed's rules are reproduced
-  exactly — per-group chunks of B·W rows, rank r takes rows [r·k, (r+1)·k), the `keep_if_ge_2W`
-  tail. Streaming's own iteration pads each rank's share by repeating samples and cuts tails its
-  own way, so neither would match the seed;
-* a failing store cannot shorten an epoch silently (notes §7 saw Streaming's iterator yield 0 of
-  16 rows without raising): random access downloads the shard in the calling thread and raises
-  there (the error names the stream, row, epoch and step); each batch's size is checked against
-  the plan, and at start-up every stream's MDS row count against the index (a half-uploaded
-  stream would otherwise be a short epoch);
-* the cost: no background prefetch (a shard is downloaded when a planned row first needs it,
-  then stays in the local cache), and each node caches every shard of the streams it reads,
-  rather than only its partition. For this recipe's data (tokenised text, a few GB at most per
-  node) that is acceptable; use `local` on fast disk, or pre-download, for large remote sets.
-
-Epochs: Composer never tells a dataset the epoch; `set_epoch(e)` must be called at every
-EPOCH_START (`m3composer.callbacks.data_refresh.DataRefresh` does it). `load_state_dict` sets the
-epoch and step when resuming mid-epoch, where EPOCH_START does not fire. Use DataLoader workers
-without `persistent_workers` (workers copy the dataset at each `iter`, so they see `set_epoch`);
-with N workers, worker w serves steps w, w+N, …, which the DataLoader returns in plan order.
-
-Rows without negatives (valid input): with G > 1 their negatives are borrowed — a random positive of each of
-G−1 other random rows of the same group, drawn with the row's own generator. Such passages have
-no teacher score, so a stream with teacher scores whose `min_neg` is 0 (when G > 1) is served
-without teacher scores, with a warning; the flag stays a property of the stream, hence the same on
-every rank of a step (the loss may gather across ranks).
+Epochs: call `set_epoch(e)` at every EPOCH_START (`callbacks.data_refresh.DataRefresh` does);
+`load_state_dict` sets epoch and step on a mid-epoch resume. Use DataLoader workers without
+`persistent_workers`; with N workers, worker w serves steps w, w+N, … in plan order.
 """
 from __future__ import annotations
 
@@ -72,7 +44,7 @@ class M3TrainDataset(IterableDataset):
             `token_spec` instead (tests with synthetic ids). Default: XLM-R ids, no instructions.
         train_group_size: G, passages per query (1 positive + G−1 negatives).
         default_batch_size: per-device batch size of buckets the table does not cover.
-        batch_size_table: {bucket: {G: per-device batch}}; None = the seed's tables (G ∈ {1, 8}).
+        batch_size_table: {bucket: {G: per-device batch}}; None = FlagEmbedding's tables (G ∈ {1, 8}).
         max_tokens_per_device_batch: when set, per-device batch sizes come from this token budget.
         query_max_len, passage_max_len: truncation lengths (tokens, `<s>`/`</s>` included).
         small_threshold, drop_threshold: the small-stream merge (0/0 = off).

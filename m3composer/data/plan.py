@@ -1,27 +1,14 @@
 """The epoch plan: which rows form each step's global batch, as a pure function of (seed, epoch, W).
 
-This is the seed's `SameDatasetTrainDataset.refresh_epoch` (spec §2.3–§2.4) made reproducible:
+Streams (one task × length bucket each, from `m3_index.json`) become groups (`group_streams`: a
+stream on its own, or a task's small streams merged); every global batch comes from one group;
+rank r takes its slice of it. The rules and how they compare with FlagEmbedding's
+`SameDatasetTrainDataset.refresh_epoch` are in docs/recipe.md §Small-stream merge, §Epoch plan,
+§Tail rule. Rows that sit out an epoch under the tail rule are counted in `EpochPlan.left_out`
+and logged by the dataset.
 
-* Streams (one task × length bucket each, from `m3_index.json`) become *groups*: a stream on its
-  own, or — with `small_threshold > 0` — all streams of one task with fewer rows than the
-  threshold merged into one group whose per-device batch size is the smallest of its members'
-  (dropped, and logged, if its total is below `drop_threshold`). Defaults 0/0 = no merging, as in
-  the seed. Unlike the seed we merge per (task, has teacher scores, parallel), because a batch's
-  teacher scores and bidirectional flag are all-or-nothing (the seed crashes on a mixed merge).
-* Each epoch, every group's rows are permuted, cut into global batches of
-  `per_device_batch_size × W` rows, and the list of all batches is permuted again, so every
-  global batch comes from one group and both the order and the membership change per epoch.
-* Rank r takes rows `[r·k, (r+1)·k)` of a step's global batch, k = its per-rank size.
-* The tail rule (spec §2.4, §7 #12): `keep_if_ge_2W` (the seed) keeps a final short chunk of
-  n ≥ 2·W rows and splits it floor(n/W) per rank (the n mod W leftover rows sit out the epoch);
-  `drop_partial` keeps full global batches only. What sits out is counted per group in
-  `EpochPlan.left_out` and logged by the dataset — never silent.
-
-Where the seed shuffles in place with one generator across epochs (so epoch e can only be
-reproduced by replaying epochs 0..e-1), here epoch e draws from `default_rng([seed, PLAN_STREAM,
-epoch])`: any step of any epoch can be recomputed directly, which is what makes resume exact.
-The purpose tag sits before the epoch because numpy's SeedSequence ignores trailing zeros
-(`[42, 0]` and `[42]` give the same generator).
+Epoch e draws from `default_rng([seed, PLAN_STREAM, e])`, so any step of any epoch can be
+recomputed directly, which is what makes resume exact.
 """
 from __future__ import annotations
 
@@ -36,7 +23,8 @@ log = logging.getLogger(__name__)
 
 TAIL_RULES = ("keep_if_ge_2W", "drop_partial")
 
-# Purpose tags for numpy SeedSequence entropy: [seed, tag, ...]. Distinct, non-zero.
+# Purpose tags for numpy SeedSequence entropy: [seed, tag, ...]. Distinct, non-zero, and before the
+# epoch, because SeedSequence ignores trailing zeros (`[42, 0]` and `[42]` give the same generator).
 PLAN_STREAM = 1
 ROW_STREAM = 2
 
@@ -84,7 +72,7 @@ class Group:
 
 def group_streams(streams: Sequence[StreamEntry], batch_sizes: Sequence[int], *,
                   small_threshold: int = 0, drop_threshold: int = 0) -> tuple[list[Group], list[str]]:
-    """Groups of the spec §2.3 small-file merge; returns (groups, names of dropped merged groups).
+    """The small-stream merge (docs/recipe.md §Small-stream merge): (groups, names of dropped merged groups).
 
     Streams with `0 < rows < small_threshold` are merged per (task, has_scores, parallel) into one
     group named `<task>/small` whose batch size is the members' minimum; a merged group with fewer

@@ -1,7 +1,7 @@
 """One FlagEmbedding JSONL line -> a valid training row, or an error naming file:line and a reason.
 
-The seed loads every file with a forced schema, so one extra field or one bad line crashes the
-whole run (spec §1.2, §7 #4). Here every line is judged on its own:
+FlagEmbedding loads every file with a forced schema, so one extra field or one bad line crashes
+the whole run (docs/recipe.md §Data format). Here every line is judged on its own:
 
 * a valid line has a non-empty string `query`, `pos` = a non-empty list of non-empty strings,
   and optionally `neg` = a list of non-empty strings (missing `neg` means no hard negatives,
@@ -18,7 +18,7 @@ kept and rejected rows always add up to the number of lines.
 
 Whether a file has teacher scores is decided by its first valid row; a later row that
 disagrees is rejected as `mixed_scores` (see `ScoresConsistency`). This keeps every stream
-all-KD or all-plain, which the seed also requires (a batch's teacher list is all or nothing).
+all-KD or all-plain, which FlagEmbedding also requires (a batch's teacher list is all or nothing).
 """
 from __future__ import annotations
 

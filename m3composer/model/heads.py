@@ -2,7 +2,7 @@
 
 These are plain functions over tensors (the `nn.Linear` heads are passed in), so the model class
 stays short and every head can be tested with hand-made tensors. Shapes: `hidden (n, L, H)`,
-`input_ids`/`attention_mask (n, L)`. See the training spec §4.
+`input_ids`/`attention_mask (n, L)`. Formulas: docs/recipe.md §Dense head, §Sparse head, §ColBERT head.
 
 * dense:   pooled vector (`cls` = position 0, the recipe; `mean` = attention-mask-weighted mean,
            what e5 models were trained with), L2-normalised when `normalize`.
@@ -55,11 +55,12 @@ def sparse_vocab_weights(token_weights: torch.Tensor, input_ids: torch.Tensor, v
                          special_token_ids: Iterable[int]) -> torch.Tensor:
     """Vocabulary vector `v (n, V)`: `v[n, t] = max_{l: input_ids[n,l]=t} token_weights[n, l]`, 0 elsewhere.
 
-    Built with one `scatter_reduce(..., "amax")` into `(n, V)`, never an `(n, L, V)` tensor (the
-    seed's out-of-memory path, spec §7 #8). Weights are ≥ 0, so including the zero initial value
-    changes nothing. The special ids' columns are zeroed by multiplying with a constant 0/1 mask,
-    out of place, so the graph stays valid. Memory: `n·V` floats, about 1 MB per text for V=250,002
-    in fp32, plus the same again for its gradient: fine for a few hundred texts per step.
+    Built with one `scatter_reduce(..., "amax")` into `(n, V)`, never an `(n, L, V)` tensor
+    (FlagEmbedding's out-of-memory path, recipe.md §Sparse head). Weights are ≥ 0, so including
+    the zero initial value changes nothing. The special ids' columns are zeroed by multiplying
+    with a constant 0/1 mask, out of place, so the graph stays valid. Memory: `n·V` floats, about
+    1 MB per text for V=250,002 in fp32, plus the same again for its gradient: fine for a few
+    hundred texts per step.
     """
     n = token_weights.shape[0]
     vocab = torch.zeros(n, vocab_size, dtype=token_weights.dtype, device=token_weights.device)
@@ -73,7 +74,7 @@ def colbert_vectors(hidden: torch.Tensor, attention_mask: torch.Tensor, colbert_
     """ColBERT token vectors `(n, L-1, D)` for every position after CLS, and their mask `(n, L-1)`.
 
     Padding rows are exactly zero (multiplied by the mask before normalising), which is what makes
-    the max-sim see zeros from padding (spec §3.2; kept for parity).
+    the max-sim see zeros from padding (kept for parity with FlagEmbedding; recipe.md §Scores).
     """
     mask = attention_mask[:, 1:]
     vecs = colbert_linear(hidden[:, 1:]) * mask.unsqueeze(-1).to(hidden.dtype)

@@ -37,7 +37,8 @@ COLBERT_FILE = "colbert_linear.pt"
 SPARSE_FILE = "sparse_linear.pt"
 # XLM-R / bge-m3 ids of <s>, <pad>, </s>, <unk>: used only when neither a tokenizer nor explicit ids exist.
 XLMR_SPECIAL_IDS = {"cls": 0, "pad": 1, "eos": 2, "unk": 3}
-# Per-call overhead of the encoder in tokens (length_chunks); CPU figures measured, GPU estimated.
+# Per-call overhead of the encoder in tokens (length_chunks); CPU measured, GPU estimated (BENCHMARKS.md
+# §Measurements behind code comments).
 OVERHEAD_TOKENS_CPU_MIN = 32.0
 OVERHEAD_TOKENS_GPU = 1024.0
 
@@ -76,9 +77,9 @@ def length_chunks(lengths: Sequence[int], hidden_size: int, overhead_tokens: Opt
     Chooses the cut by dynamic programming over the sorted lengths, minimising the estimated encoder
     cost `Σ_chunks rows·L·(1 + L/(6H)) + overhead_tokens·chunks`: per-token work (the layers'
     matmuls, ~24·H² FLOPs a token, plus attention, ~4·L·H) on padded tokens, and a fixed cost per
-    encoder call. `overhead_tokens` defaults to 2¹⁹/H² tokens, from CPU measurements (one extra
-    call cost as much as ~130 tokens of a hidden-64 model and a few tokens of a hidden-384 one);
-    on a big model it is a few tokens, so chunks get small only when that saves padding.
+    encoder call. `overhead_tokens` defaults to 2¹⁹/H² tokens (at least 32) on CPU, fitted to
+    measurements (BENCHMARKS.md §Measurements behind code comments), and 1024 on GPU; on a big
+    model it is a few tokens, so chunks get small only when that saves padding.
     """
     lengths = np.asarray(lengths, dtype=np.float64)
     n = len(lengths)
@@ -262,7 +263,8 @@ class M3Model(nn.Module):
 
         With `length_grouping` (default) the rows are sorted by length and cut into chunks
         (`length_chunks`), each run through the encoder padded only to its own longest row, so the
-        encoder does far less work on padding (the sample batches are about half padding). A row's
+        encoder does far less work on padding (a sample batch is about half padding, BENCHMARKS.md
+        §Training). A row's
         hidden states do not depend on how much padding follows it (attention masks padding out;
         XLM-R's position ids count only real tokens), so this equals one padded call up to float
         rounding; only dropout draws differ. Needs right padding; anything else takes one call.

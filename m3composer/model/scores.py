@@ -5,7 +5,7 @@ a passage `M3Reps` into `(queries, passages)` score matrices; `m3composer.losses
 losses. A gradient cache hooks in between encode and score, so nothing here touches the encoder.
 
 All scores are computed in fp32 (`.float()` before dividing by τ), whatever precision the encoder
-ran in (spec §5.7). Formulas (spec §4), with `τ` the temperature:
+ran in. Formulas (docs/recipe.md §Scores), with `τ` the temperature:
 
     S_dense[q, p] = <e_q, e_p> / τ
     S_lex[q, p]   = Σ_t v_q[t] · v_p[t] / τ
@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-ENSEMBLE_WEIGHTS = (1.0, 0.3, 1.0)   # (dense, sparse, colbert), spec §5.3
+ENSEMBLE_WEIGHTS = (1.0, 0.3, 1.0)   # (dense, sparse, colbert), recipe.md §Scores
 
 # Largest (queries × query tokens × passages × passage tokens) block the ColBERT max-sim builds at
 # once: 2^25 fp32 elements = 128 MiB (plus about the same again transiently in backward).
@@ -85,8 +85,8 @@ def colbert_scores(q_vecs: torch.Tensor, q_mask: torch.Tensor, p_vecs: torch.Ten
     passages × 8192 tokens, 4·10⁹ floats). When that exceeds `max_elements` the passages (and, if
     one passage is still too big, the queries) are processed in chunks. Only the max indices of each
     chunk are kept for backward, so peak memory is one chunk, in the forward and the backward pass.
-    Padding rows are zero vectors: they count in the max over passage tokens (spec §3.2) and add
-    0 to the sum over query tokens.
+    Padding rows are zero vectors: they count in the max over passage tokens and add 0 to the sum
+    over query tokens (FlagEmbedding's training score, kept for parity: recipe.md §Scores).
     """
     q_vecs, p_vecs = q_vecs.float(), p_vecs.float()
     n_q, len_q = q_vecs.shape[:2]

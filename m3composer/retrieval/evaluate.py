@@ -6,7 +6,7 @@
 query instruction and corpus texts the passage instruction; both default to what the model folder
 records in `m3composer.json` (e5 models: `query: ` / `passage: `), flags override them.
 
-Scores are BGE-M3's inference scores (spec §4; no temperature):
+Scores are BGE-M3's inference scores (no temperature; docs/recipe.md §Scores, §ColBERT max-sim variants):
 
     dense     <e_q, e_d>
     sparse    Σ over tokens shared by q and d of w_q[t] · w_d[t]  (per-token max weights)

@@ -14,7 +14,7 @@ Scale of the scores: raw BGE-M3 inference scores (no temperature), times `--scal
     ensemble  0.4·dense + 0.2·sparse + 0.4·colbert (sparse is unbounded ≥ 0, ColBERT in [-1, 1])
 
 The recipe's distillation target is `softmax(teacher_scores)` over the query's group with no
-temperature (spec §5.5), so cosine-range scores give an almost flat target. `--scale 50` (= 1/τ
+temperature (docs/recipe.md §m3_kd_loss), so cosine-range scores give an almost flat target. `--scale 50` (= 1/τ
 for the recipe's τ = 0.02, the student's own score scale) gives a target as sharp as the student's
 distribution; reranker logits, the usual teacher in FlagEmbedding, are already on a wide scale.
 """

@@ -61,7 +61,7 @@ def test_draw_example_positive_first_then_negatives_of_the_row():
 
 
 def test_teacher_scores_travel_with_passages_and_negatives_sorted_descending():
-    # Spec Appendix A: 2 negatives for 3 slots with scores -> duplicates, sorted by score, descending
+    # As FlagEmbedding (recipe.md §Collation): 2 negatives for 3 slots -> duplicates, sorted by score, descending
     scores = [0.9, 0.4, 0.0, 0.1]            # pos0, pos1, neg0, neg1
     row = make_row(num_pos=2, num_neg=2, scores=scores)
     score_of = {(11, 0): 0.9, (11, 1): 0.4, (12, 0): 0.0, (12, 1): 0.1}
@@ -101,7 +101,7 @@ def test_same_generator_state_same_draw():
 def test_shuffle_text_tokens_permutes_three_chunks_and_keeps_specials():
     content = np.arange(100, 100 + 40)               # 40 content tokens > SHUFFLE_MIN_TOKENS
     ids = np.concatenate([[0], content, [2]])
-    size = 40 // 3 + 1                               # the seed's chunk size: 14, 14, 12
+    size = 40 // 3 + 1                               # FlagEmbedding's chunk size: 14, 14, 12
     chunks = [tuple(content[s:s + size]) for s in range(0, 40, size)]
     orders = set()
     for seed in range(40):

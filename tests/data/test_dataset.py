@@ -79,7 +79,7 @@ def test_seed_tables_for_group_size_8_and_1(tmp_path):
     data = write_converted(tmp_path / "mds", [StreamSpec("a", "len-0-500", 100, num_neg=3),
                                               StreamSpec("a", "len-500-1000", 70, first_row_id=1000, bucket_hi=1000),
                                               StreamSpec("a", "len-9-10", 5, first_row_id=2000, bucket_hi=10)])
-    # spec §2.2: G=8 -> 48 / 32, G=1 -> 700 / 570, other G or unknown bucket -> default_batch_size
+    # recipe.md §Batch sizes: G=8 -> 48 / 32, G=1 -> 700 / 570, other G or unknown bucket -> default_batch_size
     g8 = M3TrainDataset(str(data), train_group_size=8, default_batch_size=4)
     assert g8.per_device_batch_sizes == {"a/len-0-500": 48, "a/len-500-1000": 32, "a/len-9-10": 4}
     sizes = collections.Counter(b["row_ids"].shape[0] for b in g8)

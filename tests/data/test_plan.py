@@ -1,4 +1,4 @@
-"""m3composer/data/plan.py: the epoch plan is the seed's refresh_epoch, reproducible per (seed, epoch, W)."""
+"""m3composer/data/plan.py: the epoch plan is FlagEmbedding's refresh_epoch, reproducible per (seed, epoch, W)."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +17,7 @@ def _global_sizes(plan):
 
 
 def test_seed_tail_rule_examples_from_the_spec():
-    # Spec §2.4 (verified on the seed): 23 rows, bs 3, W 2 -> chunks 6, 6, 6, 5; the chunk of 5
+    # FlagEmbedding's own numbers (recipe.md §Tail rule): 23 rows, bs 3, W 2 -> chunks 6, 6, 6, 5; the chunk of 5
     # gives floor(5/2) = 2 rows per rank and 1 row sits out. 9 rows -> 6 kept, tail 3 < 2W dropped.
     plan = plan_epoch([23], [3], seed=0, epoch=0, world_size=2)
     assert _global_sizes(plan) == [4, 6, 6, 6]
@@ -98,8 +98,9 @@ def test_bad_tail_rule_is_refused():
 
 
 def test_small_streams_merge_per_task_with_minimum_batch_size():
-    # Spec Appendix A data check: W=2, default bs 3, small 6 / drop 8: files of 23 rows, 5 and 4 rows
-    # (merged to 9), and a parallel file of 9 rows -> global chunk sizes {6, 5, 6, 6, 6, 6}.
+    # FlagEmbedding's data check (recipe.md §Reference numbers): W=2, default bs 3, small 6 / drop 8:
+    # files of 23, 5 and 4 rows (5 and 4 merged to 9) and a parallel file of 9 rows -> global chunk
+    # sizes {6, 5, 6, 6, 6, 6}.
     streams = [_entry("a/len-0-500", 23), _entry("a/len-500-1000", 5, bucket="len-500-1000"),
                _entry("a/len-1000-2000", 4, bucket="len-1000-2000"),
                _entry("parallel_b/len-0-500", 9, task="parallel_b", parallel=True, has_scores=True)]
@@ -112,7 +113,7 @@ def test_small_streams_merge_per_task_with_minimum_batch_size():
     assert by_name["parallel_b/len-0-500"].is_parallel and by_name["parallel_b/len-0-500"].has_scores
     plan = plan_epoch([g.rows for g in groups], [g.per_device_batch_size for g in groups], seed=42, epoch=0,
                       world_size=2)
-    # the chunk of 5 serves 2 rows per rank (4 rows); the seed counts it as a chunk of 5
+    # the chunk of 5 serves 2 rows per rank (4 rows); FlagEmbedding counts it as a chunk of 5
     assert sorted(len(s.rows) + (1 if len(s.rows) == 4 else 0) for s in plan.steps) == [5, 6, 6, 6, 6, 6]
 
 

@@ -1,4 +1,5 @@
-"""Fixtures for the model tests: the spec's Appendix A recipe model and batch (hand-made ids)."""
+"""Fixtures for the model tests: the reference model and batch of docs/recipe.md §Reference numbers
+(hand-made ids), on which FlagEmbedding's losses were computed."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,7 @@ RECIPE_TEACHER = [[0.9, 0.1], [0.7, 0.6]]
 
 
 def build_recipe_model() -> M3Model:
-    """The spec's Appendix A model: seed 0, encoder first, then colbert and sparse heads."""
+    """The reference model: torch seed 0, encoder first, then colbert and sparse heads (order matters)."""
     torch.manual_seed(0)
     cfg = XLMRobertaConfig(vocab_size=32, hidden_size=4, num_hidden_layers=1, num_attention_heads=1,
                            intermediate_size=8, max_position_embeddings=40, pad_token_id=1, type_vocab_size=1,

@@ -1,4 +1,4 @@
-"""m3composer.model.composer_model: the spec's reference losses end to end, the fixed loss dict,
+"""m3composer.model.composer_model: FlagEmbedding's reference losses end to end, the fixed loss dict,
 the gradient-cache seam, gradient checkpointing, metrics, and a short real training run."""
 from __future__ import annotations
 

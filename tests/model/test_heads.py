@@ -23,7 +23,7 @@ def test_l2_normalize_keeps_zero_rows_zero():
 
 
 def _brute_force_vocab(weights, ids, vocab_size, special):
-    """The seed's construction: an (n, L, V) tensor, then max over positions, then zero the specials."""
+    """FlagEmbedding's construction: an (n, L, V) tensor, then max over positions, then zero the specials."""
     n, length = ids.shape
     full = torch.zeros(n, length, vocab_size)
     full.scatter_(2, ids.unsqueeze(-1), weights.unsqueeze(-1))

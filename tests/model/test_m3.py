@@ -1,4 +1,5 @@
-"""m3composer.model.m3: encode/score on the spec's recipe model, save/load round trips, encode_texts."""
+"""m3composer.model.m3: encode/score on the reference model (docs/recipe.md §Reference numbers),
+save/load round trips, encode_texts."""
 from __future__ import annotations
 
 import json

@@ -156,7 +156,7 @@ TEXTS_SET = EvalSet(
 
 
 def reference_scores(model, eval_set, weights):
-    """Full score matrices from `encode_texts` (BGEM3FlagModel semantics) and the spec's formulas."""
+    """Full score matrices from `encode_texts` (BGEM3FlagModel semantics) and recipe.md §Scores."""
     q = model.encode_texts(eval_set.queries, batch_size=8, max_length=64)
     p = model.encode_texts(eval_set.docs, batch_size=8, max_length=512)
     dense = q["dense_vecs"] @ p["dense_vecs"].T

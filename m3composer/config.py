@@ -19,7 +19,15 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
 
+from m3composer.algorithms.self_distill_warmup import SELF_DISTILL_MODES, parse_start
+from m3composer.data.plan import TAIL_RULES
+from m3composer.distributed import CROSS_RANK_GRAD_SCALES
+from m3composer.model.heads import POOLING_METHODS
+
 AUTO = "auto"  # instruction prefixes / pooling: take what the model folder records
+# `loggers:` keys -> Composer logger class (their packages are optional)
+LOGGERS = {"mlflow": "MLFlowLogger", "wandb": "WandBLogger", "tensorboard": "TensorboardLogger", "file": "FileLogger"}
+PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
 
 
 @dataclass
@@ -157,6 +165,11 @@ def to_dict(cfg: TrainConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
+def _choices(*names: str) -> str:
+    """`a, b or c`: the allowed values in an error message."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
@@ -165,7 +178,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Ranges and cross-field rules; each failure names the key."""
     m, d, l, o, t = cfg.model, cfg.data, cfg.loss, cfg.optimizer, cfg.trainer
-    _check(m.pooling in (AUTO, "cls", "mean"), "model.pooling", f"must be auto, cls or mean, got {m.pooling!r}")
+    _check(m.pooling in (AUTO, *POOLING_METHODS), "model.pooling", f"must be {_choices(AUTO, *POOLING_METHODS)}, got {m.pooling!r}")
     _check(m.colbert_dim == -1 or m.colbert_dim > 0, "model.colbert_dim", "must be -1 (hidden size) or positive")
     _check(d.train_group_size >= 1, "data.train_group_size", "must be >= 1")
     _check(d.query_max_len >= 3, "data.query_max_len", "must be >= 3 (<s>, a token, </s>)")
@@ -175,29 +188,26 @@ def validate(cfg: TrainConfig) -> None:
            "data.max_tokens_per_device_batch", "must be positive or null")
     _check(d.small_threshold >= 0, "data.small_threshold", "must be >= 0")
     _check(d.drop_threshold >= 0, "data.drop_threshold", "must be >= 0")
-    _check(d.tail in ("keep_if_ge_2W", "drop_partial"), "data.tail", f"must be keep_if_ge_2W or drop_partial, got {d.tail!r}")
+    _check(d.tail in TAIL_RULES, "data.tail", f"must be {_choices(*TAIL_RULES)}, got {d.tail!r}")
     _check(0.0 <= d.shuffle_ratio <= 1.0, "data.shuffle_ratio", "must be in [0, 1]")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(l.temperature > 0 and math.isfinite(l.temperature), "loss.temperature", "must be a positive number")
     _check(not l.use_self_distill or l.unified_finetuning, "loss.use_self_distill",
            "needs loss.unified_finetuning=true (the ensemble is the self-distillation teacher)")
-    _check(l.self_distill_mode in ("timestamp", "forward_calls"), "loss.self_distill_mode",
-           "must be timestamp or forward_calls")
+    _check(l.self_distill_mode in SELF_DISTILL_MODES, "loss.self_distill_mode", f"must be {_choices(*SELF_DISTILL_MODES)}")
     try:
-        from m3composer.algorithms.self_distill_warmup import parse_start
         parse_start(l.self_distill_start_step)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"loss.self_distill_start_step: not a Composer time ({e})") from e
-    _check(l.cross_rank_grad_scale in ("parity", "full_batch"), "loss.cross_rank_grad_scale",
-           "must be parity or full_batch")
+    _check(l.cross_rank_grad_scale in CROSS_RANK_GRAD_SCALES, "loss.cross_rank_grad_scale",
+           f"must be {_choices(*CROSS_RANK_GRAD_SCALES)}")
     _check(o.lr > 0, "optimizer.lr", "must be positive")
     _check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", "must be two numbers in [0, 1)")
     _check(0.0 <= o.warmup_ratio < 1.0, "optimizer.warmup_ratio", "must be in [0, 1)")
     _check(o.warmup_steps is None or o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be positive or null")
-    _check(t.precision in ("auto", "fp32", "amp_bf16", "amp_fp16"), "trainer.precision",
-           "must be auto, fp32, amp_bf16 or amp_fp16")
+    _check(t.precision in PRECISIONS, "trainer.precision", f"must be {_choices(*PRECISIONS)}")
     _check(t.device in ("auto", "cpu", "gpu"), "trainer.device", "must be auto, cpu or gpu")
     _check(t.device_train_microbatch_size is None or t.device_train_microbatch_size >= 1,
            "trainer.device_train_microbatch_size", "must be >= 1 or null (never 'auto': it splits the contrastive batch)")
@@ -209,8 +219,8 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg.callbacks, key):
             _check_time(getattr(cfg.callbacks, key), f"callbacks.{key}")
     _check(cfg.callbacks.eval_batch_size >= 1, "callbacks.eval_batch_size", "must be >= 1")
-    unknown_loggers = set(cfg.loggers) - {"mlflow", "wandb", "tensorboard", "file"}
-    _check(not unknown_loggers, "loggers", f"unknown logger(s) {sorted(unknown_loggers)}; use mlflow, wandb, tensorboard or file")
+    unknown_loggers = set(cfg.loggers) - set(LOGGERS)
+    _check(not unknown_loggers, "loggers", f"unknown logger(s) {sorted(unknown_loggers)}; use {_choices(*LOGGERS)}")
 
 
 def _check_time(value: str, key: str) -> None:

@@ -1,10 +1,59 @@
-"""Filesystem helpers shared by every writer that must never leave a half-written result."""
+"""Filesystem helpers shared by every writer that must never leave a half-written result.
+
+Two shapes cover every writer of the package: a file written beside its target and renamed over it
+(`atomic_file`, `write_json_atomic`), and a folder built beside its target and swapped in
+(`building_dir`, `publish_dir`). A crash at any point leaves the old result or the new one, and at
+most a dot-prefixed temporary that the next run ignores.
+"""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Iterator
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+    """Open a temporary file beside `path`; on success it replaces `path`, on error it is removed.
+    Text modes default to UTF-8 and '\\n' line ends."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if "b" not in mode:
+        open_kwargs.setdefault("encoding", "utf-8")
+        open_kwargs.setdefault("newline", "\n")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as handle:
+            yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    with atomic_file(path) as handle:
+        json.dump(obj, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+
+
+@contextmanager
+def building_dir(target: str | os.PathLike, prefix: str | None = None) -> Iterator[Path]:
+    """A fresh temporary folder beside `target` to build into; on success it replaces `target`
+    (`publish_dir`), on error it is removed and `target` is left as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        publish_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def publish_dir(built: str | os.PathLike, target: str | os.PathLike) -> Path:

@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from composer import Trainer
@@ -22,16 +24,16 @@ from composer.optim import LinearWithWarmupScheduler
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
-from m3composer.algorithms import FreezePositionEmbeddings, SelfDistillWarmup, freeze_position_embeddings
-from m3composer.assets.paths import read_model_meta
+from m3composer.algorithms import FreezePositionEmbeddings, SelfDistillWarmup
 from m3composer.callbacks.data_refresh import DataRefresh
 from m3composer.callbacks.export import ExportModel, export_model
 from m3composer.callbacks.step_seed import StepSeed
-from m3composer.config import AUTO, ConfigError, TrainConfig, load_config, to_dict
+from m3composer.config import AUTO, LOGGERS, ConfigError, TrainConfig, load_config, to_dict
 from m3composer.data.collate import make_data_spec
-from m3composer.data.convert import is_remote
 from m3composer.data.dataset import M3TrainDataset
+from m3composer.data.index import is_remote
 from m3composer.model.composer_model import ComposerM3
+from m3composer.model.folder_config import CONFIG_FILE, M3FolderConfig
 from m3composer.model.m3 import M3Model
 
 log = logging.getLogger("m3composer.train")
@@ -50,37 +52,44 @@ def resolve_model_path(name_or_path: str) -> Path:
         raise ConfigError(f"model.name_or_path: {err}") from err
 
 
-def model_aware_defaults(cfg: TrainConfig, model_dir: Path) -> dict:
+@dataclass(frozen=True)
+class ModelDefaults:
+    """The `auto` settings resolved against the model folder: what the run really uses."""
+    pooling: str
+    query_instruction_for_retrieval: Optional[str]
+    passage_instruction_for_retrieval: Optional[str]
+
+
+def model_aware_defaults(cfg: TrainConfig, model_dir: Path) -> ModelDefaults:
     """`auto` pooling and instructions -> what the model folder records (m3composer.json).
 
     An e5 folder records mean pooling with `query: `/`passage: `; a BGE-M3 folder (no file)
     gets CLS pooling and no instruction. Explicit values in the config win.
     """
-    meta = read_model_meta(model_dir)
+    recorded = M3FolderConfig.from_folder(model_dir)
     d = cfg.data
 
-    def pick(value, recorded):
-        return recorded if value == AUTO else value
+    def pick(value, from_folder):
+        return from_folder if value == AUTO else value
 
-    return {"pooling": pick(cfg.model.pooling, meta["pooling"]),
-            "query_instruction": pick(d.query_instruction_for_retrieval, meta["query_instruction"]),
-            "passage_instruction": pick(d.passage_instruction_for_retrieval, meta["passage_instruction"])}
+    return ModelDefaults(
+        pooling=pick(cfg.model.pooling, recorded.pooling),
+        query_instruction_for_retrieval=pick(d.query_instruction_for_retrieval, recorded.query_instruction),
+        passage_instruction_for_retrieval=pick(d.passage_instruction_for_retrieval, recorded.passage_instruction))
 
 
-def build_model(cfg: TrainConfig, model_dir: Path, chosen: dict) -> ComposerM3:
+def build_model(cfg: TrainConfig, model_dir: Path, chosen: ModelDefaults) -> ComposerM3:
     encoder_kwargs = {}
     if cfg.model.attn_implementation:
         encoder_kwargs["attn_implementation"] = cfg.model.attn_implementation
     if cfg.model.trust_remote_code:
         encoder_kwargs["trust_remote_code"] = True
-    m3 = M3Model.from_pretrained(model_dir, pooling=chosen["pooling"], colbert_dim=cfg.model.colbert_dim,
+    m3 = M3Model.from_pretrained(model_dir, pooling=chosen.pooling, colbert_dim=cfg.model.colbert_dim,
                                  **encoder_kwargs)
     # The export records what training used, so evaluation defaults to the same prefixes.
-    m3.query_instruction = chosen["query_instruction"]
-    m3.passage_instruction = chosen["passage_instruction"]
+    m3.query_instruction = chosen.query_instruction_for_retrieval
+    m3.passage_instruction = chosen.passage_instruction_for_retrieval
     m3.train()
-    if cfg.model.fix_position_embedding:
-        freeze_position_embeddings(m3.encoder)   # before the optimizer is built: it never sees the tensor
     loss = cfg.loss
     return ComposerM3(m3, temperature=loss.temperature, unified_finetuning=loss.unified_finetuning,
                       use_self_distill=loss.use_self_distill, negatives_cross_device=loss.negatives_cross_device,
@@ -91,21 +100,18 @@ def build_model(cfg: TrainConfig, model_dir: Path, chosen: dict) -> ComposerM3:
 
 
 # ----------------------------------------------------------------------------------------- data
-def build_dataset(cfg: TrainConfig, tokenizer, chosen: dict) -> M3TrainDataset:
+def build_dataset(cfg: TrainConfig, tokenizer, chosen: ModelDefaults) -> M3TrainDataset:
     d = cfg.data
     local = d.local_cache
     if local is None and is_remote(d.train_data):
         local = os.path.join(cfg.run_dir, "data-cache")
-    table = None
-    if d.batch_size_table is not None:
-        table = {bucket: {int(g): int(b) for g, b in sizes.items()} for bucket, sizes in d.batch_size_table.items()}
     return M3TrainDataset(
-        d.train_data, local=local, tokenizer=tokenizer, train_group_size=d.train_group_size,
-        default_batch_size=d.default_batch_size, batch_size_table=table,
+        d.train_data, local_cache=local, tokenizer=tokenizer, train_group_size=d.train_group_size,
+        default_batch_size=d.default_batch_size, batch_size_table=d.batch_size_table,
         max_tokens_per_device_batch=d.max_tokens_per_device_batch, query_max_len=d.query_max_len,
         passage_max_len=d.passage_max_len, small_threshold=d.small_threshold, drop_threshold=d.drop_threshold,
-        tail=d.tail, seed=cfg.seed, query_instruction=chosen["query_instruction"],
-        passage_instruction=chosen["passage_instruction"], shuffle_ratio=d.shuffle_ratio)
+        tail=d.tail, seed=cfg.seed, query_instruction_for_retrieval=chosen.query_instruction_for_retrieval,
+        passage_instruction_for_retrieval=chosen.passage_instruction_for_retrieval, shuffle_ratio=d.shuffle_ratio)
 
 
 # ------------------------------------------------------------------------------ optimisation
@@ -143,7 +149,7 @@ def build_algorithms(cfg: TrainConfig) -> list:
     return algorithms
 
 
-def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: dict) -> list:
+def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: ModelDefaults) -> list:
     from m3composer.callbacks.plots import Plots
     c = cfg.callbacks
     # StepSeed: dropout masks as a function of (seed, rank, step), so a mid-epoch resume is exact.
@@ -159,7 +165,7 @@ def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: dict) -> list:
         from m3composer.callbacks.retrieval_eval import RetrievalEval
         callbacks.append(RetrievalEval(
             c.eval_data, interval=c.eval_interval, at_fit_end=True, max_queries=c.eval_max_queries,
-            query_instruction=chosen["query_instruction"] or "", passage_instruction=chosen["passage_instruction"] or "",
+            query_instruction=chosen.query_instruction_for_retrieval or "", passage_instruction=chosen.passage_instruction_for_retrieval or "",
             batch_size=c.eval_batch_size, query_max_len=cfg.data.query_max_len,
             passage_max_len=c.eval_passage_max_len))
     return callbacks
@@ -168,9 +174,7 @@ def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: dict) -> list:
 def build_loggers(cfg: TrainConfig) -> list:
     """Experiment loggers chosen in YAML only (`loggers: {mlflow: {...}}`); their packages are optional."""
     from composer import loggers as composer_loggers
-    classes = {"mlflow": "MLFlowLogger", "wandb": "WandBLogger", "tensorboard": "TensorboardLogger",
-               "file": "FileLogger"}
-    return [getattr(composer_loggers, classes[name])(**(kwargs or {})) for name, kwargs in cfg.loggers.items()]
+    return [getattr(composer_loggers, LOGGERS[name])(**(kwargs or {})) for name, kwargs in cfg.loggers.items()]
 
 
 # -------------------------------------------------------------------------------------- trainer
@@ -204,8 +208,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     chosen = model_aware_defaults(cfg, model_dir)
     if dist.get_global_rank() == 0:
         log.info("model %s: pooling=%s query_instruction=%r passage_instruction=%r (auto = from %s)",
-                 model_dir, chosen["pooling"], chosen["query_instruction"], chosen["passage_instruction"],
-                 model_dir / "m3composer.json")
+                 model_dir, chosen.pooling, chosen.query_instruction_for_retrieval, chosen.passage_instruction_for_retrieval,
+                 model_dir / CONFIG_FILE)
     model = build_model(cfg, model_dir, chosen)
     dataset = build_dataset(cfg, model.model.tokenizer, chosen)
     microbatch = cfg.trainer.device_train_microbatch_size or dataset.max_per_device_batch_size

@@ -93,7 +93,7 @@ def dataloader_run(out_dir: str, tokenizer_dir: str, steps: int, cache: str | No
 
     from m3composer.data.dataset import M3TrainDataset
 
-    ds = M3TrainDataset(out_dir, local=cache, tokenizer=tokenizer_dir, train_group_size=8, default_batch_size=8,
+    ds = M3TrainDataset(out_dir, local_cache=cache, tokenizer=tokenizer_dir, train_group_size=8, default_batch_size=8,
                         query_max_len=512, passage_max_len=8192, world_size=1, rank=0)
     loader = DataLoader(ds, batch_size=None, num_workers=0)
     n = min(steps, len(ds))

@@ -59,7 +59,7 @@ def encoder_calls(model, query_mask, passage_mask) -> list[tuple[int, int]]:
     """(rows, width) of every encoder call for this batch, following `M3Model.encode_many`."""
     import torch
     import torch.nn.functional as F
-    from m3composer.retrieval.evaluate import unwrap_m3
+    from m3composer.model.inference import unwrap_m3
 
     m3 = unwrap_m3(model)
 
@@ -86,7 +86,7 @@ def train_flops(model, query_mask, passage_mask, calls: list[tuple[int, int]]) -
     training step is 3 forwards (forward + backward), 4 with gradient checkpointing. ColBERT max-sim:
     3 × 2·(B·Lq)·(B·G·Lp)·D on the padded tensors. The sparse and dense scores are negligible.
     """
-    from m3composer.retrieval.evaluate import unwrap_m3
+    from m3composer.model.inference import unwrap_m3
 
     m3 = unwrap_m3(model)
     cfg = m3.encoder.config

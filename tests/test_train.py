@@ -218,17 +218,14 @@ def _cfg(tmp_path: Path, mds: Path, **sections):
 
 
 def test_model_aware_defaults_follow_the_folder_and_explicit_values_win(tmp_path, e5_dir, tiny_dir):
-    from m3composer.train import model_aware_defaults
+    from m3composer.train import ModelDefaults, model_aware_defaults
 
     cfg = _cfg(tmp_path, tmp_path / "data")
-    assert model_aware_defaults(cfg, e5_dir) == {
-        "pooling": "mean", "query_instruction": "query: ", "passage_instruction": "passage: "}
-    assert model_aware_defaults(cfg, tiny_dir) == {
-        "pooling": "cls", "query_instruction": None, "passage_instruction": None}
+    assert model_aware_defaults(cfg, e5_dir) == ModelDefaults("mean", "query: ", "passage: ")
+    assert model_aware_defaults(cfg, tiny_dir) == ModelDefaults("cls", None, None)
     explicit = _cfg(tmp_path, tmp_path / "data", model={"pooling": "cls"},
                     data={"query_instruction_for_retrieval": None, "passage_instruction_for_retrieval": "doc: "})
-    assert model_aware_defaults(explicit, e5_dir) == {
-        "pooling": "cls", "query_instruction": None, "passage_instruction": "doc: "}
+    assert model_aware_defaults(explicit, e5_dir) == ModelDefaults("cls", None, "doc: ")
 
 
 def test_e5_defaults_are_logged_and_a_microbatch_below_the_device_batch_is_rejected(tmp_path, train_data, caplog):

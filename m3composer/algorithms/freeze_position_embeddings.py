@@ -8,8 +8,9 @@ The function works without a Trainer. The Algorithm calls it at `Event.INIT`, wh
 fires before it wraps the model in DDP, so DDP never registers the frozen tensor and no
 unused-parameter error can come from it. Optimizers built before INIT still list the tensor;
 that is harmless: torch optimizers skip parameters whose `.grad` is None, weight decay included
-(docs/recipe.md §INIT before DDP). The train builder also leaves frozen tensors out of the
-optimizer, so the Algorithm is a safety net as well as the documented switch.
+(docs/recipe.md §INIT before DDP). The trainer freezes only through this Algorithm
+(`model.fix_position_embedding` adds it), as Composer's algorithms do: the function says what,
+the Algorithm says when.
 """
 from __future__ import annotations
 

@@ -31,6 +31,9 @@ def parse_start(start: str | int) -> Time:
     return Time.from_timestring(text)
 
 
+SELF_DISTILL_MODES = ("timestamp", "forward_calls")
+
+
 def self_distill_active(state: State, start: Time, mode: str = "timestamp") -> bool:
     """Whether the self-distillation term is on for the batch about to run."""
     if mode == "timestamp":

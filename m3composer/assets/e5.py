@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m3composer.assets.paths import write_model_meta
+from m3composer.model.folder_config import M3FolderConfig
 
 MAGIC = b"E5S1"
 Q4_BLOCK = 32                 # weights per Q4_0 block
@@ -353,5 +353,5 @@ def convert_e5(out_dir: str | os.PathLike, model_file: str | os.PathLike | None 
     del model
     tokenizer = step(f"building the tokenizer ({len(e5.pieces)} pieces)", lambda: build_tokenizer(e5, out))
     step("saving the tokenizer", lambda: tokenizer.save_pretrained(out))
-    write_model_meta(out, pooling="mean", normalize=True, query_instruction="query: ", passage_instruction="passage: ")
+    M3FolderConfig(pooling="mean", normalize=True, query_instruction="query: ", passage_instruction="passage: ").save(out)
     return out

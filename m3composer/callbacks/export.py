@@ -13,13 +13,15 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from composer.core import Callback, Event, State, Time
 from composer.loggers import Logger
 from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
+
+from m3composer.fsutil import publish_dir
+from m3composer.model.inference import unwrap_m3
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +43,7 @@ def _save_keeping_periodic(m3, folder: Path) -> None:
             for sub in sorted(folder.glob(f"{PERIODIC_PREFIX}*")):
                 os.rename(sub, staged / sub.name)
                 moved.append(sub.name)
-        old = None
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.rename(folder, old / "previous")
-        os.rename(staged, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(staged, folder)
     except BaseException:
         if folder.is_dir():     # give the periodic exports back before dropping the staged folder
             for name in moved:
@@ -63,7 +59,6 @@ def export_model(state: State, out_dir: str | Path, *, keep_periodic: bool = Fal
     Under FSDP every rank first joins `summon_full_params` (a collective) so rank 0 sees whole tensors.
     `keep_periodic`: keep the `step-N` exports inside `out_dir` (the final export of ExportModel).
     """
-    from m3composer.retrieval.evaluate import unwrap_m3
 
     m3 = unwrap_m3(state.model)
     full_params = contextlib.nullcontext()

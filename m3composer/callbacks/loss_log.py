@@ -28,6 +28,13 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 
+def finished_step_losses(state: State) -> tuple[int, dict[str, float]]:
+    """At BATCH_END: `(step, {"loss/train/<term>": value})` of the step that just finished, the
+    rank-averaged terms Composer logs, with the 0-based step it logs them at (`timestamp.batch` has
+    already moved past the finished step). `Plots` records its loss curves from the same values."""
+    return int(state.timestamp.batch) - 1, {k: float(v) for k, v in (state.total_loss_dict or {}).items()}
+
+
 class LossLog(Callback):
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -57,9 +64,8 @@ class LossLog(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         if dist.get_global_rank() != 0:
             return
-        # timestamp.batch has already moved past the finished step at BATCH_END.
-        record = {"step": int(state.timestamp.batch) - 1, "epoch": int(state.timestamp.epoch)}
-        record.update({k: float(v) for k, v in (state.total_loss_dict or {}).items()})
+        step, losses = finished_step_losses(state)
+        record = {"step": step, "epoch": int(state.timestamp.epoch), **losses}
         record.update(self._lrs)
         if self._self_distill_on is not None:
             record["self_distill_on"] = self._self_distill_on

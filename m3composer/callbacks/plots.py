@@ -7,8 +7,8 @@
 
 `write_plots(run_dir, history)` is the plain function; `history` maps a metric name to its
 `(step, value)` points, or is an `InMemoryLogger.data` dict (points `(Timestamp, value)`). The
-`Plots` logger destination records those metrics as they are logged and writes the plots at fit end
-on rank 0. Put it in `Trainer(loggers=[...])`; placed in `callbacks=[...]` it adds itself to the
+`Plots` logger destination records the loss terms at every BATCH_END (from the same values as
+`LossLog`) and the retrieval metrics as they are logged, and writes the plots at fit end on rank 0. Put it in `Trainer(loggers=[...])`; placed in `callbacks=[...]` it adds itself to the
 loggers at `Event.INIT`. Files are written under a temporary name and renamed; matplotlib runs
 with the Agg backend (no display needed).
 """
@@ -23,6 +23,8 @@ from typing import Any, Mapping, Optional, Sequence
 from composer.core import State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
+
+from m3composer.callbacks.loss_log import finished_step_losses
 
 LOSS_PREFIX = "loss/train/"
 EVAL_PREFIX = "metrics/"
@@ -155,7 +157,8 @@ def write_plots(run_dir: str | os.PathLike, history: Mapping[str, Sequence[tuple
 
 
 class Plots(LoggerDestination):
-    """Records `loss/train/*` and `metrics/*` as they are logged; writes the plots at fit end."""
+    """Records the loss terms of every step (as `LossLog` does) and the `metrics/*` retrieval
+    evaluations as they are logged; writes the plots at fit end."""
 
     def __init__(self, run_dir: str | os.PathLike, smoothing_window: int = 10):
         super().__init__()
@@ -169,9 +172,15 @@ class Plots(LoggerDestination):
         if not any(d is self for d in logger.destinations):
             logger.destinations = (*logger.destinations, self)
 
+    def batch_end(self, state: State, logger: Logger) -> None:
+        step, losses = finished_step_losses(state)
+        for name, value in losses.items():
+            if name.startswith(LOSS_PREFIX):
+                self.history[name].append((step, value))
+
     def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
         for name, value in metrics.items():
-            if name.startswith((LOSS_PREFIX, EVAL_PREFIX)):
+            if name.startswith(EVAL_PREFIX):
                 try:
                     self.history[name].append((int(step or 0), float(value)))
                 except (TypeError, ValueError):

@@ -24,8 +24,9 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import create_interval_scheduler, dist
 
+from m3composer.model.scores import SCORE_NAMES
 from m3composer.retrieval.beir import EvalSet, load_eval_set
-from m3composer.retrieval.evaluate import HEADS, evaluate_model
+from m3composer.retrieval.evaluate import evaluate_model
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ EVAL_KWARGS = {"query_instruction", "passage_instruction", "batch_size", "query_
 def eval_metrics_to_log(results: dict, label: str = "eval") -> dict[str, float]:
     """`evaluate_model` results -> `{"metrics/<label>/<head>/<metric>": value}`."""
     return {f"metrics/{label}/{head}/{name}": float(value)
-            for head in HEADS + ("ensemble",) if head in results
+            for head in SCORE_NAMES if head in results
             for name, value in results[head].items()}
 
 
@@ -89,7 +90,7 @@ class RetrievalEval(Callback):
             self.history.append((batch, results))
             logger.log_metrics(eval_metrics_to_log(results, self.label))
             log.info("retrieval eval at batch %d: %s", batch,
-                     {h: round(results[h].get("ndcg@10", float("nan")), 4) for h in HEADS + ("ensemble",)
+                     {h: round(results[h].get("ndcg@10", float("nan")), 4) for h in SCORE_NAMES
                       if h in results})
         dist.barrier()
 

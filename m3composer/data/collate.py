@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from composer.core import DataSpec
 
+from m3composer.padding import right_pad
+
 # FlagEmbedding shuffles texts longer than 100 characters. Text is pre-tokenised here, so the test is
 # on content tokens (without <s>/</s>): about 3.3 characters per XLM-R token on English text, so
 # 100 characters ≈ 30 tokens (BENCHMARKS.md §Measurements behind code comments).
@@ -116,35 +118,35 @@ def row_passages(row: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return passages[:num_pos], passages[num_pos:]
 
 
-def draw_example(row: dict, train_group_size: int, rng: np.random.Generator, *, with_scores: bool,
+def draw_example(row: dict, train_group_size: int, rng: np.random.Generator, *, has_teacher_scores: bool,
                  shuffle_ratio: float = 0.0, borrow: Borrow | None = None) -> Example:
     """Draw the positive, shuffle it (maybe), and draw G−1 negatives for one MDS row."""
     positives, negatives = row_passages(row)
     if not positives:
         raise ValueError(f"row {int(row['row_id'])} ({row.get('source', '?')}) has no positive passage")
-    scores_all = np.asarray(row["scores"], dtype=np.float32) if with_scores else None
+    scores_all = np.asarray(row["scores"], dtype=np.float32) if has_teacher_scores else None
     j = int(rng.integers(len(positives)))
     passages = [shuffle_text_tokens(positives[j], rng, shuffle_ratio)]
-    scores = [float(scores_all[j])] if with_scores else None
+    scores = [float(scores_all[j])] if has_teacher_scores else None
     needed = train_group_size - 1
     if needed > 0 and negatives:
         idx = sample_negative_indices(len(negatives), needed, rng)
-        if with_scores:
+        if has_teacher_scores:
             neg_scores = scores_all[len(positives) + idx]
             order = np.argsort(-neg_scores, kind="stable")      # FlagEmbedding: descending teacher score
             idx, neg_scores = idx[order], neg_scores[order]
             scores += [float(s) for s in neg_scores]
         passages += [negatives[i] for i in idx]
     elif needed > 0:
-        if with_scores:
+        if has_teacher_scores:
             raise ValueError(f"row {int(row['row_id'])} ({row.get('source', '?')}) has no negatives, so no teacher "
                              "scores for them; serve its stream without teacher scores")
         borrowed = borrow(needed, rng) if borrow is not None else []
         # A group of a single row has nothing to borrow: repeat the positive (a finite, useless term).
         passages += borrowed if borrowed else [passages[0]] * needed
-    if with_scores and not np.all(np.isfinite(scores)):
+    if has_teacher_scores and not np.all(np.isfinite(scores)):
         raise ValueError(f"row {int(row['row_id'])} ({row.get('source', '?')}): teacher score missing (NaN) "
-                         "in a stream marked has_scores")
+                         "in a stream marked has_teacher_scores")
     return Example(int(row["row_id"]), row["query"], passages, scores)
 
 
@@ -156,21 +158,6 @@ def with_prefix(ids: np.ndarray, prefix: Sequence[int], max_len: int, eos_id: in
     if len(ids) > max_len:
         ids = np.concatenate([ids[:max_len - 1], np.array([eos_id], dtype=np.int64)])
     return ids
-
-
-def _pad(seqs: list[np.ndarray], pad_id: int, pad_to_multiple_of: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in seqs)
-    if pad_to_multiple_of:
-        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    # Filled in numpy and handed to torch once: much cheaper than per-row torch slice assignments
-    # (BENCHMARKS.md §Training, "What was changed").
-    ids = np.full((len(seqs), length), pad_id, dtype=np.int64)
-    lengths = np.empty(len(seqs), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = s
-        lengths[i] = len(s)
-    mask = (np.arange(length) < lengths[:, None]).astype(np.int64)
-    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def collate_examples(examples: Sequence[Example], spec: TokenSpec, *, query_max_len: int, passage_max_len: int,
@@ -185,8 +172,8 @@ def collate_examples(examples: Sequence[Example], spec: TokenSpec, *, query_max_
     queries = [with_prefix(e.query, spec.query_prefix, query_max_len, spec.eos_id) for e in examples]
     passages = [with_prefix(p, spec.passage_prefix, passage_max_len, spec.eos_id)
                 for e in examples for p in e.passages]
-    query_ids, query_mask = _pad(queries, spec.pad_id, pad_to_multiple_of)
-    passage_ids, passage_mask = _pad(passages, spec.pad_id, pad_to_multiple_of)
+    query_ids, query_mask = right_pad(queries, spec.pad_id, pad_to_multiple_of)
+    passage_ids, passage_mask = right_pad(passages, spec.pad_id, pad_to_multiple_of)
     if has_teacher_scores:
         teacher = torch.tensor([e.teacher_scores for e in examples], dtype=torch.float32)
     else:

@@ -24,6 +24,7 @@ With `on_error="skip"` bad lines go to `OUT/rejects.jsonl` and every line is acc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -42,14 +43,13 @@ import numpy as np
 
 from m3composer.fsutil import publish_dir
 from m3composer.data.buckets import DEFAULT_EDGES, Bucket, bucket_for_length, parse_bucket
-from m3composer.data.rows import (DEFAULT_MAX_LINE_BYTES, REASONS, Row, RowError, ScoresConsistency,
+from m3composer.data.index import INDEX_FILE, StreamEntry, TokenStats, is_remote, write_index
+from m3composer.data.rows import (DEFAULT_MAX_LINE_BYTES, Row, RowError, ScoresConsistency,
                                   iter_lines, parse_line)
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "m3_index.json"
 REJECTS_FILE = "rejects.jsonl"
-INDEX_VERSION = 1
 INPUT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 MAX_ERRORS_SHOWN = 20
 
@@ -95,7 +95,7 @@ class InputFile:
     file_index: int           # position in sorted input order (high bits of row_id)
     task: str
     bucket: Bucket | None     # None: bucketed row by row by measured length
-    parallel: bool
+    is_parallel: bool
 
 
 def _strip_suffix(name: str) -> str:
@@ -139,7 +139,7 @@ def discover_inputs(inputs: list[str | os.PathLike]) -> list[InputFile]:
         bucket = parse_bucket(resolved.name)
         result.append(InputFile(path=given, source_name=source_name, file_index=index,
                                 task=names[identity], bucket=bucket,
-                                parallel="parallel_" in str(given)))
+                                is_parallel="parallel_" in str(given)))
     return result
 
 
@@ -169,18 +169,13 @@ class StreamStats:
     """What m3_index.json says about one stream; filled while rows are written."""
     task: str
     bucket: Bucket
-    parallel: bool
+    is_parallel: bool
     bucket_from: str                 # "file_name" or "measured"
     rows: int = 0
     rows_with_scores: int = 0
     min_neg: int | None = None
     max_neg: int = 0
-    query_tokens: int = 0
-    passage_tokens: int = 0
-    passages: int = 0
-    query_len_max: int = 0
-    passage_len_max: int = 0
-    row_len_max: int = 0
+    tokens: TokenStats = field(default_factory=TokenStats)   # sums and maxima; means filled in to_entry
     rows_outside_bucket: int = 0     # named bucket, but the measured length falls outside it
     sources: set = field(default_factory=set)
 
@@ -188,28 +183,16 @@ class StreamStats:
     def name(self) -> str:
         return f"{self.task}/{self.bucket.name}"
 
-    def to_json(self) -> dict:
-        min_neg = self.min_neg or 0
-        return {
-            "name": self.name, "path": self.name, "task": self.task, "bucket": self.bucket.name,
-            "bucket_lo": self.bucket.lo, "bucket_hi": self.bucket.hi, "bucket_from": self.bucket_from,
-            "rows": self.rows, "parallel": self.parallel,
-            "has_scores": self.rows > 0 and self.rows_with_scores == self.rows,
-            "min_neg": min_neg, "max_neg": self.max_neg,
-            # G with every row filling its G-1 negatives without repeating one
-            "max_group_size_without_repeats": 1 + min_neg,
-            "tokens": {
-                "query_tokens": self.query_tokens, "passage_tokens": self.passage_tokens,
-                "passages": self.passages,
-                "query_len_max": self.query_len_max,
-                "query_len_mean": round(self.query_tokens / max(self.rows, 1), 2),
-                "passage_len_max": self.passage_len_max,
-                "passage_len_mean": round(self.passage_tokens / max(self.passages, 1), 2),
-                "row_len_max": self.row_len_max,
-            },
-            "rows_outside_bucket": self.rows_outside_bucket,
-            "sources": sorted(self.sources),
-        }
+    def to_entry(self) -> StreamEntry:
+        return StreamEntry(
+            name=self.name, path=self.name, task=self.task, bucket=self.bucket.name, rows=self.rows,
+            is_parallel=self.is_parallel, has_teacher_scores=self.rows > 0 and self.rows_with_scores == self.rows,
+            bucket_lo=self.bucket.lo, bucket_hi=self.bucket.hi, bucket_from=self.bucket_from,
+            min_neg=self.min_neg or 0, max_neg=self.max_neg, rows_outside_bucket=self.rows_outside_bucket,
+            tokens=dataclasses.replace(
+                self.tokens, query_len_mean=round(self.tokens.query_tokens / max(self.rows, 1), 2),
+                passage_len_mean=round(self.tokens.passage_tokens / max(self.tokens.passages, 1), 2)),
+            sources=sorted(self.sources))
 
 
 @dataclass
@@ -239,8 +222,8 @@ class ConvertSummary:
         lines.append(f"    {'stream':<{width}}  {'rows':>7}  {'neg':>7}  {'scores':>6}  {'parallel':>8}  {'max len':>7}")
         for s in self.streams:
             neg = f"{s['min_neg']}-{s['max_neg']}"
-            lines.append(f"    {s['name']:<{width}}  {s['rows']:>7}  {neg:>7}  {str(s['has_scores']):>6}  "
-                         f"{str(s['parallel']):>8}  {s['tokens']['row_len_max']:>7}")
+            lines.append(f"    {s['name']:<{width}}  {s['rows']:>7}  {neg:>7}  {str(s['has_teacher_scores']):>6}  "
+                         f"{str(s['is_parallel']):>8}  {s['tokens']['row_len_max']:>7}")
         if self.rejects_path:
             lines.append(f"  rejects report {self.rejects_path}")
         lines += [f"  warning: {w}" for w in self.warnings]
@@ -248,11 +231,6 @@ class ConvertSummary:
 
 
 # -------------------------------------------------------------------------------------- converter
-
-def is_remote(location: str | os.PathLike) -> bool:
-    """True for object-store URLs such as s3://bucket/prefix (not for local paths)."""
-    return len(urllib.parse.urlparse(str(location)).scheme) > 1
-
 
 def load_tokenizer(tokenizer):
     """A fast tokenizer from a local folder (never a hub name), or the object itself."""
@@ -317,13 +295,13 @@ class _Converter:
         if key not in self.writers:
             from streaming import MDSWriter
 
-            self.stats[key] = StreamStats(inp.task, bucket, inp.parallel,
+            self.stats[key] = StreamStats(inp.task, bucket, inp.is_parallel,
                                           "file_name" if inp.bucket else "measured")
             self.writers[key] = MDSWriter(out=str(self.out_dir / inp.task / bucket.name), columns=COLUMNS,
                                           compression=self.compression, size_limit=self.shard_size_limit,
                                           max_workers=1)
         stats = self.stats[key]
-        if stats.parallel != inp.parallel:
+        if stats.is_parallel != inp.is_parallel:
             raise ValueError(f"{inp.source_name}: stream {stats.name} mixes parallel and non-parallel files")
         return self.writers[key], stats
 
@@ -353,7 +331,7 @@ class _Converter:
             writer, stats = self._writer(inp, bucket)
             offsets = np.zeros(len(passage_lens) + 1, dtype=np.int32)
             np.cumsum(passage_lens, out=offsets[1:])
-            scores = (np.asarray(row.pos_scores + row.neg_scores, dtype=np.float32) if row.has_scores
+            scores = (np.asarray(row.pos_scores + row.neg_scores, dtype=np.float32) if row.has_teacher_scores
                       else np.full(len(passage_lens), np.nan, dtype=np.float32))
             writer.write({
                 "query": query, "passages": np.concatenate(pos + neg), "passage_offsets": offsets,
@@ -362,15 +340,16 @@ class _Converter:
                 "source": f"{inp.source_name}:{row.line_no}",
             })
             stats.rows += 1
-            stats.rows_with_scores += row.has_scores
+            stats.rows_with_scores += row.has_teacher_scores
             stats.min_neg = len(neg) if stats.min_neg is None else min(stats.min_neg, len(neg))
             stats.max_neg = max(stats.max_neg, len(neg))
-            stats.query_tokens += len(query)
-            stats.passage_tokens += sum(passage_lens)
-            stats.passages += len(passage_lens)
-            stats.query_len_max = max(stats.query_len_max, len(query))
-            stats.passage_len_max = max(stats.passage_len_max, *passage_lens)
-            stats.row_len_max = max(stats.row_len_max, row_len)
+            tokens = stats.tokens
+            tokens.query_tokens += len(query)
+            tokens.passage_tokens += sum(passage_lens)
+            tokens.passages += len(passage_lens)
+            tokens.query_len_max = max(tokens.query_len_max, len(query))
+            tokens.passage_len_max = max(tokens.passage_len_max, *passage_lens)
+            tokens.row_len_max = max(tokens.row_len_max, row_len)
             stats.rows_outside_bucket += not bucket.contains(row_len)
             stats.sources.add(inp.source_name)
 
@@ -425,16 +404,8 @@ class _Converter:
         self.pending = None
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def index(self, facts: dict) -> dict:
-        streams = [self.stats[k].to_json() for k in sorted(self.stats, key=lambda k: self.stats[k].name)]
-        return {"version": INDEX_VERSION, **facts, "bucket_edges": list(self.bucket_edges),
-                "rows": sum(s["rows"] for s in streams), "streams": streams}
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    def streams(self) -> list[StreamEntry]:
+        return [stats.to_entry() for stats in self.stats.values()]
 
 
 def _prepare_local_out(out: Path, overwrite: bool) -> Path:
@@ -537,8 +508,8 @@ def convert(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.P
         conv.close()
         if conv.errors and on_error == "fail":
             raise ConvertError(conv.errors, conv.lines)
-        index = conv.index(facts.result())
-        _write_json_atomic(work / INDEX_FILE, index)  # last: its presence means complete
+        # last: its presence means complete
+        index = write_index(work, {**facts.result(), "bucket_edges": list(conv.bucket_edges)}, conv.streams())
         if remote:
             _upload(work, remote, replace_remote)
         else:
@@ -569,31 +540,6 @@ def convert(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.P
     return summary
 
 
-def read_index(root: str | os.PathLike, local_cache: str | os.PathLike | None = None) -> dict:
-    """The m3_index.json of a converted dataset, local or remote (downloaded into `local_cache`)."""
-    root_str = str(root).rstrip("/")
-    if is_remote(root_str):
-        from streaming.base.storage.download import CloudDownloader
-
-        if local_cache:
-            Path(local_cache).mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix="m3c-index-", dir=local_cache))
-        try:
-            local = folder / INDEX_FILE
-            try:
-                CloudDownloader.direct_download(f"{root_str}/{INDEX_FILE}", str(local))
-            except Exception as exc:  # the downloaders raise provider-specific errors
-                raise FileNotFoundError(f"{root_str}/{INDEX_FILE}: cannot read the index ({exc}); "
-                                        f"an interrupted or never-finished conversion has none") from exc
-            return json.loads(local.read_text(encoding="utf-8"))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-    path = Path(root_str) / INDEX_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no index; not a converted dataset, or the conversion did not finish")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 # ------------------------------------------------------------------------------------------- CLI
 
 def _edges(text: str) -> tuple[int, ...]:
@@ -607,7 +553,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="JSONL file(s) or directories (.jsonl, .json, .gz)")
     parser.add_argument("--out", required=True, help="output directory or object-store URL (s3://bucket/prefix)")
     parser.add_argument("--tokenizer", default=None,
-                        help="local model folder with a fast tokenizer (default: the e5-small asset)")
+                        help="local model folder with a fast tokenizer, or asset:NAME (default: asset:e5-small)")
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                         help="fail: write nothing if any line is bad (default); skip: keep valid lines, "
                              "write rejects.jsonl")
@@ -625,13 +571,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    tokenizer = args.tokenizer
-    if tokenizer is None:
-        from m3composer.assets.build import ensure_assets
-
-        tokenizer = ensure_assets()["e5-small"]
     try:
-        summary = convert(args.inputs, args.out, tokenizer, on_error=args.on_error,
+        summary = convert(args.inputs, args.out, args.tokenizer, on_error=args.on_error,
                           max_line_bytes=args.max_line_bytes, bucket_edges=args.bucket_edges,
                           batch_rows=args.batch_rows, local_cache=args.local_cache, overwrite=args.overwrite,
                           compression=args.compression or None, progress=False if args.no_progress else None)

@@ -26,8 +26,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from m3composer.data import buckets
 from m3composer.data.collate import TokenSpec, collate_examples, draw_example, row_passages, token_spec_from_tokenizer
-from m3composer.data.convert import INDEX_FILE, is_remote, read_index
-from m3composer.data.plan import (ROW_STREAM, TAIL_RULES, EpochPlan, Group, StreamEntry, group_streams, plan_epoch,
+from m3composer.data.index import INDEX_FILE, StreamEntry, is_remote, read_streams
+from m3composer.data.plan import (ROW_STREAM, TAIL_RULES, EpochPlan, Group, group_streams, plan_epoch,
                                   steps_per_epoch)
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,10 @@ log = logging.getLogger(__name__)
 class M3TrainDataset(IterableDataset):
     """Per-rank collated batches of the M3 recipe; see the module docstring.
 
-    Args (names as in the recipe / config):
-        data: converted dir, local path or `s3://…`.
-        local: cache dir for shards (required for a remote `data`; for a local `data` the shards
-            are read in place when None).
+    Args (the names of the `data:` section of the config):
+        train_data: converted dir, local path or `s3://…`.
+        local_cache: cache dir for shards (required for a remote `train_data`; for a local one the
+            shards are read in place when None).
         tokenizer: HF tokenizer or local folder, for special ids and instruction ids; or give
             `token_spec` instead (tests with synthetic ids). Default: XLM-R ids, no instructions.
         train_group_size: G, passages per query (1 positive + G−1 negatives).
@@ -48,41 +48,27 @@ class M3TrainDataset(IterableDataset):
         max_tokens_per_device_batch: when set, per-device batch sizes come from this token budget.
         query_max_len, passage_max_len: truncation lengths (tokens, `<s>`/`</s>` included).
         small_threshold, drop_threshold: the small-stream merge (0/0 = off).
-        tail: `keep_if_ge_2W` | `drop_partial`.
+        tail: one of `plan.TAIL_RULES`.
         seed: plan and draw seed.
-        query_instruction, passage_instruction: instruction strings (need `tokenizer`).
+        query_instruction_for_retrieval, passage_instruction_for_retrieval: instruction strings
+            (need `tokenizer`).
         shuffle_ratio: probability of `shuffle_text` on a positive.
         world_size, rank: default from the launcher's environment.
     """
 
-    def __init__(self, data: str, *, local: str | None = None, tokenizer: Any = None,
+    def __init__(self, train_data: str, *, local_cache: str | None = None, tokenizer: Any = None,
                  token_spec: TokenSpec | None = None, train_group_size: int = 8, default_batch_size: int = 8,
                  batch_size_table: Mapping[str, Mapping[int, int]] | None = None,
                  max_tokens_per_device_batch: int | None = None, query_max_len: int = 32,
                  passage_max_len: int = 128, small_threshold: int = 0, drop_threshold: int = 0,
-                 tail: str = "keep_if_ge_2W", seed: int = 42, query_instruction: str | None = None,
-                 passage_instruction: str | None = None, shuffle_ratio: float = 0.0,
+                 tail: str = "keep_if_ge_2W", seed: int = 42, query_instruction_for_retrieval: str | None = None,
+                 passage_instruction_for_retrieval: str | None = None, shuffle_ratio: float = 0.0,
                  pad_to_multiple_of: int | None = None, world_size: int | None = None, rank: int | None = None,
                  download_retry: int = 2, download_timeout: float = 60):
-        if tail not in TAIL_RULES:
-            raise ValueError(f"tail must be one of {TAIL_RULES}, got {tail!r}")
-        if train_group_size < 1:
-            raise ValueError(f"train_group_size must be >= 1, got {train_group_size}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        if not 0.0 <= shuffle_ratio <= 1.0:
-            raise ValueError(f"shuffle_ratio must be in [0, 1], got {shuffle_ratio}")
-        if token_spec is None:
-            if tokenizer is not None:
-                token_spec = token_spec_from_tokenizer(tokenizer, query_instruction, passage_instruction)
-            elif query_instruction or passage_instruction:
-                raise ValueError("instructions need a tokenizer (or a token_spec with prefix ids)")
-            else:
-                token_spec = TokenSpec()
-        elif query_instruction or passage_instruction:
-            raise ValueError("give instructions either as strings with a tokenizer or inside token_spec, not both")
-        self.data = data
-        self.token_spec = token_spec
+        _check_arguments(tail=tail, train_group_size=train_group_size, seed=seed, shuffle_ratio=shuffle_ratio)
+        self.train_data = train_data
+        self.token_spec = _token_spec(tokenizer, token_spec, query_instruction_for_retrieval,
+                                      passage_instruction_for_retrieval)
         self.train_group_size = train_group_size
         self.query_max_len = query_max_len
         self.passage_max_len = passage_max_len
@@ -90,30 +76,12 @@ class M3TrainDataset(IterableDataset):
         self.seed = seed
         self.shuffle_ratio = shuffle_ratio
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.world_size = dist.get_world_size() if world_size is None else int(world_size)
-        self.rank = dist.get_global_rank() if rank is None else int(rank)
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
-        if dist.get_world_size() > 1 and not torch.distributed.is_initialized():
-            # Streaming would open and close its own process group on MASTER_PORT, racing with the
-            # Trainer's (a 2-rank test hung there); one process group for the whole run avoids that.
-            raise RuntimeError("M3TrainDataset under a launcher: call composer.utils.dist.initialize_dist(device) "
-                               "before building it")
+        self.world_size, self.rank = _rank_and_world_size(world_size, rank)
 
-        if is_remote(data) and local is None:
-            raise ValueError(f"{data} is remote: pass `local`, a cache dir for its shards")
-        index = read_index(data, local)
-        where = f"{data}/{INDEX_FILE}"
-        if index.get("version") != 1 or not isinstance(index.get("streams"), list):
-            raise ValueError(f"{where}: expected version 1 with a 'streams' list")
-        entries = [StreamEntry.from_index(e, where) for e in index["streams"]]
-        self.streams = [e for e in entries if e.rows > 0]
-        for e in entries:
-            if e.rows <= 0:
-                log.warning("%s: stream %s has no rows; skipped", where, e.name)
-        if not self.streams:
-            raise ValueError(f"{where}: no stream with rows")
-
+        where = f"{train_data}/{INDEX_FILE}"
+        if batch_size_table is not None:     # YAML may give the group-size keys as strings
+            batch_size_table = {k: {int(g): int(b) for g, b in v.items()} for k, v in batch_size_table.items()}
+        self.streams = _streams_with_rows(train_data, local_cache, where)
         sizes = [self._batch_size(s, default_batch_size, batch_size_table, max_tokens_per_device_batch)
                  for s in self.streams]
         self.groups, self.dropped_groups = group_streams(self.streams, sizes, small_threshold=small_threshold,
@@ -124,16 +92,8 @@ class M3TrainDataset(IterableDataset):
         # group-local row index -> global sample index of the StreamingDataset (streams concatenated)
         self._stream_offset = np.cumsum([0] + [s.rows for s in self.streams])[:-1]
         self._group_row_starts = [np.cumsum([0] + [self.streams[i].rows for i in g.streams]) for g in self.groups]
-
-        root = data.rstrip("/")
-        self._sd = StreamingDataset(
-            streams=[Stream(remote=f"{root}/{s.path}" if (is_remote(data) or local) else None,
-                            local=os.path.join(local, s.path) if local else os.path.join(root, s.path))
-                     for s in self.streams],
-            batch_size=1, shuffle=False, download_retry=download_retry, download_timeout=download_timeout)
-        for s, n in zip(self.streams, self._sd.samples_per_stream):
-            if int(n) != s.rows:
-                raise ValueError(f"{where}: stream {s.name} lists {s.rows} rows but its MDS index has {int(n)}")
+        self._sd = _open_streaming_dataset(train_data, local_cache, self.streams, where,
+                                           download_retry=download_retry, download_timeout=download_timeout)
 
         self._steps = steps_per_epoch([g.rows for g in self.groups], [g.per_device_batch_size for g in self.groups],
                                       world_size=self.world_size, tail=tail)
@@ -148,8 +108,6 @@ class M3TrainDataset(IterableDataset):
     # ---- sizes and flags -------------------------------------------------------------------------
     def _batch_size(self, stream: StreamEntry, default_batch_size: int, table, max_tokens: int | None) -> int:
         if max_tokens is None:
-            # YAML may give the group-size keys as strings
-            table = None if table is None else {k: {int(g): int(b) for g, b in v.items()} for k, v in table.items()}
             return buckets.table_batch_size(stream.bucket, self.train_group_size, default_batch_size, table)
         # The longest a row of this stream can be after prefixing and truncation: the converter's
         # measured maximum, else the bucket's edge (lengths < hi), else the max_len.
@@ -162,7 +120,7 @@ class M3TrainDataset(IterableDataset):
         return buckets.token_budget_batch_size(max_tokens, q_len, p_len, self.train_group_size)
 
     def _serve_scores(self, group: Group) -> bool:
-        if not group.has_scores:
+        if not group.has_teacher_scores:
             return False
         lacking = [self.streams[i].name for i in group.streams
                    if self.train_group_size > 1 and (self.streams[i].min_neg or 0) == 0]
@@ -243,19 +201,19 @@ class M3TrainDataset(IterableDataset):
         """This rank's collated batch of (epoch, step): a pure function of them and the config."""
         planned = self.plan(epoch).steps[step]
         group = self.groups[planned.group]
-        with_scores = self.group_has_teacher_scores[planned.group]
+        has_teacher_scores = self.group_has_teacher_scores[planned.group]
         examples = []
         for row in planned.rank_rows(self.rank):
             record = self._read(planned.group, int(row), epoch, step)
             rng = np.random.default_rng([self.seed, ROW_STREAM, epoch, int(record["row_id"])])
-            examples.append(draw_example(record, self.train_group_size, rng, with_scores=with_scores,
+            examples.append(draw_example(record, self.train_group_size, rng, has_teacher_scores=has_teacher_scores,
                                          shuffle_ratio=self.shuffle_ratio,
                                          borrow=self._borrow(planned.group, int(row), epoch, step)))
         if len(examples) != planned.per_rank:
             raise RuntimeError(f"group {group.name}: epoch {epoch} step {step} got {len(examples)} rows, "
                                f"the plan has {planned.per_rank}")
         return collate_examples(examples, self.token_spec, query_max_len=self.query_max_len,
-                                passage_max_len=self.passage_max_len, has_teacher_scores=with_scores,
+                                passage_max_len=self.passage_max_len, has_teacher_scores=has_teacher_scores,
                                 is_parallel=group.is_parallel, pad_to_multiple_of=self.pad_to_multiple_of)
 
     def __iter__(self) -> Iterator[dict]:
@@ -292,3 +250,72 @@ class M3TrainDataset(IterableDataset):
                                  "(the epoch plan depends on it)")
         self.epoch, self._start_step = int(obj["epoch"]), int(obj["step"])
         self._log_plan()
+
+
+# ---- construction helpers ------------------------------------------------------------------------
+def _check_arguments(*, tail: str, train_group_size: int, seed: int, shuffle_ratio: float) -> None:
+    if tail not in TAIL_RULES:
+        raise ValueError(f"tail must be one of {TAIL_RULES}, got {tail!r}")
+    if train_group_size < 1:
+        raise ValueError(f"train_group_size must be >= 1, got {train_group_size}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if not 0.0 <= shuffle_ratio <= 1.0:
+        raise ValueError(f"shuffle_ratio must be in [0, 1], got {shuffle_ratio}")
+
+
+def _token_spec(tokenizer, token_spec: TokenSpec | None, query_instruction: str | None,
+                passage_instruction: str | None) -> TokenSpec:
+    """Special and instruction ids: from the tokenizer, or the given spec, or XLM-R's without instructions."""
+    if token_spec is not None:
+        if query_instruction or passage_instruction:
+            raise ValueError("give instructions either as strings with a tokenizer or inside token_spec, not both")
+        return token_spec
+    if tokenizer is not None:
+        return token_spec_from_tokenizer(tokenizer, query_instruction, passage_instruction)
+    if query_instruction or passage_instruction:
+        raise ValueError("instructions need a tokenizer (or a token_spec with prefix ids)")
+    return TokenSpec()
+
+
+def _rank_and_world_size(world_size: int | None, rank: int | None) -> tuple[int, int]:
+    world_size = dist.get_world_size() if world_size is None else int(world_size)
+    rank = dist.get_global_rank() if rank is None else int(rank)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    if dist.get_world_size() > 1 and not torch.distributed.is_initialized():
+        # Streaming would open and close its own process group on MASTER_PORT, racing with the
+        # Trainer's (a 2-rank test hung there); one process group for the whole run avoids that.
+        raise RuntimeError("M3TrainDataset under a launcher: call composer.utils.dist.initialize_dist(device) "
+                           "before building it")
+    return world_size, rank
+
+
+def _streams_with_rows(train_data: str, local_cache: str | None, where: str) -> list[StreamEntry]:
+    """The index's streams that have rows (empty ones are logged and skipped)."""
+    if is_remote(train_data) and local_cache is None:
+        raise ValueError(f"{train_data} is remote: pass `local_cache`, a cache dir for its shards")
+    _, entries = read_streams(train_data, local_cache)
+    for e in entries:
+        if e.rows <= 0:
+            log.warning("%s: stream %s has no rows; skipped", where, e.name)
+    streams = [e for e in entries if e.rows > 0]
+    if not streams:
+        raise ValueError(f"{where}: no stream with rows")
+    return streams
+
+
+def _open_streaming_dataset(train_data: str, local_cache: str | None, streams: list[StreamEntry], where: str, *,
+                            download_retry: int, download_timeout: float) -> StreamingDataset:
+    """One StreamingDataset over all streams, read by global index; its row counts must match the index."""
+    root = train_data.rstrip("/")
+    remote = is_remote(train_data) or local_cache
+    sd = StreamingDataset(
+        streams=[Stream(remote=f"{root}/{s.path}" if remote else None,
+                        local=os.path.join(local_cache, s.path) if local_cache else os.path.join(root, s.path))
+                 for s in streams],
+        batch_size=1, shuffle=False, download_retry=download_retry, download_timeout=download_timeout)
+    for s, n in zip(streams, sd.samples_per_stream):
+        if int(n) != s.rows:
+            raise ValueError(f"{where}: stream {s.name} lists {s.rows} rows but its MDS index has {int(n)}")
+    return sd

@@ -19,6 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
+from m3composer.data.index import StreamEntry
+
 log = logging.getLogger(__name__)
 
 TAIL_RULES = ("keep_if_ge_2W", "drop_partial")
@@ -30,36 +32,6 @@ ROW_STREAM = 2
 
 
 @dataclass(frozen=True)
-class StreamEntry:
-    """One stream of `m3_index.json` (the MDS contract in docs/architecture.md)."""
-    name: str
-    path: str
-    task: str
-    bucket: str
-    rows: int
-    parallel: bool
-    has_scores: bool
-    min_neg: int | None = None
-    bucket_hi: int | None = None
-    query_len_max: int | None = None      # measured by the converter (tokens), when known
-    passage_len_max: int | None = None
-
-    @classmethod
-    def from_index(cls, entry: dict, where: str = "m3_index.json") -> "StreamEntry":
-        tokens = entry.get("tokens") or {}
-        try:
-            return cls(name=str(entry["name"]), path=str(entry["path"]), task=str(entry["task"]),
-                       bucket=str(entry["bucket"]), rows=int(entry["rows"]),
-                       parallel=bool(entry["parallel"]), has_scores=bool(entry["has_scores"]),
-                       min_neg=None if entry.get("min_neg") is None else int(entry["min_neg"]),
-                       bucket_hi=None if entry.get("bucket_hi") is None else int(entry["bucket_hi"]),
-                       query_len_max=int(tokens["query_len_max"]) if tokens.get("query_len_max") else None,
-                       passage_len_max=int(tokens["passage_len_max"]) if tokens.get("passage_len_max") else None)
-        except KeyError as missing:
-            raise ValueError(f"{where}: stream entry {entry.get('name', entry)!r} lacks {missing}") from None
-
-
-@dataclass(frozen=True)
 class Group:
     """A batching unit: every global batch is drawn from exactly one group."""
     name: str
@@ -67,14 +39,14 @@ class Group:
     rows: int
     per_device_batch_size: int
     is_parallel: bool
-    has_scores: bool
+    has_teacher_scores: bool
 
 
 def group_streams(streams: Sequence[StreamEntry], batch_sizes: Sequence[int], *,
                   small_threshold: int = 0, drop_threshold: int = 0) -> tuple[list[Group], list[str]]:
     """The small-stream merge (docs/recipe.md §Small-stream merge): (groups, names of dropped merged groups).
 
-    Streams with `0 < rows < small_threshold` are merged per (task, has_scores, parallel) into one
+    Streams with `0 < rows < small_threshold` are merged per (task, has_teacher_scores, is_parallel) into one
     group named `<task>/small` whose batch size is the members' minimum; a merged group with fewer
     than `drop_threshold` rows is dropped. Streams with 0 rows are never a group.
     """
@@ -84,18 +56,18 @@ def group_streams(streams: Sequence[StreamEntry], batch_sizes: Sequence[int], *,
         if stream.rows <= 0:
             continue
         if stream.rows < small_threshold:
-            small[(stream.task, stream.has_scores, stream.parallel)].append(i)
+            small[(stream.task, stream.has_teacher_scores, stream.is_parallel)].append(i)
         else:
-            groups.append(Group(stream.name, (i,), stream.rows, int(batch_sizes[i]), stream.parallel,
-                                stream.has_scores))
+            groups.append(Group(stream.name, (i,), stream.rows, int(batch_sizes[i]), stream.is_parallel,
+                                stream.has_teacher_scores))
     dropped: list[str] = []
     keys_per_task = defaultdict(int)
     for task, _, _ in small:
         keys_per_task[task] += 1
-    for (task, has_scores, parallel), members in small.items():
+    for (task, has_teacher_scores, is_parallel), members in small.items():
         name = f"{task}/small"
         if keys_per_task[task] > 1:  # a task whose small streams differ in scores/parallel: keep names unique
-            name += f"-{'scores' if has_scores else 'noscores'}{'-parallel' if parallel else ''}"
+            name += f"-{'scores' if has_teacher_scores else 'noscores'}{'-parallel' if is_parallel else ''}"
         total = sum(streams[i].rows for i in members)
         if total < drop_threshold:
             dropped.append(name)
@@ -103,7 +75,7 @@ def group_streams(streams: Sequence[StreamEntry], batch_sizes: Sequence[int], *,
                         [streams[i].name for i in members], task, total, drop_threshold)
             continue
         groups.append(Group(name, tuple(members), total, min(int(batch_sizes[i]) for i in members),
-                            parallel, has_scores))
+                            is_parallel, has_teacher_scores))
     return groups, dropped
 
 

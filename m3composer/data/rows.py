@@ -65,7 +65,7 @@ class Row:
     line_no: int
 
     @property
-    def has_scores(self) -> bool:
+    def has_teacher_scores(self) -> bool:
         return self.pos_scores is not None
 
 
@@ -179,14 +179,14 @@ class ScoresConsistency:
     """Per-file rule: the first valid row decides whether the file has teacher scores."""
 
     def __init__(self) -> None:
-        self.has_scores: bool | None = None
+        self.has_teacher_scores: bool | None = None
 
     def check(self, row: Row, raw: bytes = b"") -> Row | RowError:
-        if self.has_scores is None:
-            self.has_scores = row.has_scores
-        if row.has_scores == self.has_scores:
+        if self.has_teacher_scores is None:
+            self.has_teacher_scores = row.has_teacher_scores
+        if row.has_teacher_scores == self.has_teacher_scores:
             return row
-        detail = ("row has teacher scores; the file's first valid row has none" if row.has_scores
+        detail = ("row has teacher scores; the file's first valid row has none" if row.has_teacher_scores
                   else "row has no teacher scores; the file's first valid row has them")
         return RowError(row.path, row.line_no, "mixed_scores", detail, _excerpt(raw))
 

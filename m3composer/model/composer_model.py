@@ -30,12 +30,11 @@ from torchmetrics import Metric
 
 from m3composer import distributed, losses
 from m3composer.model.m3 import M3Model
-from m3composer.model.scores import COLBERT_MAX_ELEMENTS, M3Reps, M3Scores, dense_scores
+from m3composer.model.scores import COLBERT_MAX_ELEMENTS, SCORE_NAMES, M3Reps, M3Scores, dense_scores
 
 log = logging.getLogger(__name__)
 
 LOSS_KEYS = ("dense", "sparse", "colbert", "ensemble", "self_distill", "bidirectional", "total")
-HEADS = ("dense", "sparse", "colbert", "ensemble")
 
 
 class InBatchAccuracy(Metric):
@@ -118,7 +117,7 @@ class ComposerM3(ComposerModel):
         self.val_metrics = {f"{h}_accuracy": InBatchAccuracy(h) for h in self._heads()}
 
     def _heads(self) -> tuple[str, ...]:
-        return HEADS if self.unified_finetuning else ("dense",)
+        return SCORE_NAMES if self.unified_finetuning else ("dense",)
 
     # ------------------------------------------------------------------ encode + score
     def group_size(self, batch: dict[str, Any]) -> int:
@@ -151,7 +150,7 @@ class ComposerM3(ComposerModel):
     def loss(self, outputs: M3Outputs, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.loss_from_reps(outputs.queries, outputs.passages, batch, local_scores=outputs.scores)
 
-    def _uses_teacher(self, batch: dict[str, Any]) -> bool:
+    def _uses_teacher_scores(self, batch: dict[str, Any]) -> bool:
         return self.knowledge_distillation and bool(batch.get("has_teacher_scores", False))
 
     def loss_from_reps(self, q: M3Reps, p: M3Reps, batch: dict[str, Any],
@@ -162,7 +161,7 @@ class ComposerM3(ComposerModel):
         num_queries = scores.dense.shape[0]
         device = scores.dense.device
         teacher = None
-        if self._uses_teacher(batch):
+        if self._uses_teacher_scores(batch):
             teacher = torch.softmax(batch["teacher_scores"].to(device).float(), dim=-1)
 
         def head_loss(head_scores: torch.Tensor, head_teacher: Optional[torch.Tensor]) -> torch.Tensor:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -26,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
-from m3composer.assets.paths import read_model_meta, write_model_meta
-from m3composer.fsutil import publish_dir
+from m3composer.fsutil import building_dir
+from m3composer.model.folder_config import M3FolderConfig
+from m3composer.padding import right_pad
 from m3composer.model import heads
 from m3composer.model.scores import COLBERT_MAX_ELEMENTS, ENSEMBLE_WEIGHTS, M3Reps, M3Scores, score
 
@@ -56,17 +55,6 @@ def _load_encoder(folder: str | os.PathLike, **kwargs) -> PreTrainedModel:
         return AutoModel.from_pretrained(folder, add_pooling_layer=False, trust_remote_code=False, **kwargs)
     except TypeError:  # encoder classes without a pooler do not accept the argument
         return AutoModel.from_pretrained(folder, trust_remote_code=False, **kwargs)
-
-
-def _right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists to the longest: `(input_ids, attention_mask)`, both `(n, L)` long."""
-    longest = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, :len(seq)] = 1
-    return input_ids, attention_mask
 
 
 def length_chunks(lengths: Sequence[int], hidden_size: int, overhead_tokens: Optional[float] = None,
@@ -175,7 +163,7 @@ class M3Model(nn.Module):
         initialised as the recipe does and a warning says so.
         """
         folder = Path(folder)
-        meta = read_model_meta(folder)
+        recorded = M3FolderConfig.from_folder(folder)
         encoder = _load_encoder(folder, **encoder_kwargs)
         tokenizer = None
         if load_tokenizer and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
@@ -200,10 +188,10 @@ class M3Model(nn.Module):
                         "(fine for training, not for inference)", folder, COLBERT_FILE, SPARSE_FILE)
             colbert_linear, sparse_linear = cls.new_heads(hidden, colbert_dim)
         model = cls(encoder, colbert_linear, sparse_linear,
-                    pooling=pooling or meta["pooling"],
-                    normalize=meta["normalize"] if normalize is None else normalize,
+                    pooling=pooling or recorded.pooling,
+                    normalize=recorded.normalize if normalize is None else normalize,
                     special_token_ids=special_token_ids, tokenizer=tokenizer,
-                    query_instruction=meta["query_instruction"], passage_instruction=meta["passage_instruction"])
+                    query_instruction=recorded.query_instruction, passage_instruction=recorded.passage_instruction)
         return model.eval()   # like transformers' from_pretrained; the trainer switches to train()
 
     # ------------------------------------------------------------------ encode / score
@@ -315,6 +303,11 @@ class M3Model(nn.Module):
         return self.encode(input_ids, attention_mask)
 
     # ------------------------------------------------------------------ save
+    def folder_config(self) -> M3FolderConfig:
+        """What `save_pretrained` records in `m3composer.json` (and `from_pretrained` reads back)."""
+        return M3FolderConfig(pooling=self.pooling, normalize=self.normalize,
+                              query_instruction=self.query_instruction, passage_instruction=self.passage_instruction)
+
     def save_pretrained(self, folder: str | os.PathLike, tokenizer=None) -> Path:
         """Write a FlagEmbedding-loadable folder atomically (temp folder + rename); returns its path.
 
@@ -322,9 +315,7 @@ class M3Model(nn.Module):
         as plain CPU state dicts, and `m3composer.json`. An existing folder is replaced.
         """
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
+        with building_dir(folder) as tmp:
             # Clone to CPU so the saved tensors never alias live (possibly GPU/DDP) parameters.
             state = {k: v.detach().clone().cpu() for k, v in self.encoder.state_dict().items()}
             self.encoder.save_pretrained(tmp, state_dict=state, safe_serialization=True)
@@ -333,12 +324,7 @@ class M3Model(nn.Module):
                 tokenizer.save_pretrained(tmp)
             for name, head in ((COLBERT_FILE, self.colbert_linear), (SPARSE_FILE, self.sparse_linear)):
                 torch.save({k: v.detach().clone().cpu() for k, v in head.state_dict().items()}, tmp / name)
-            write_model_meta(tmp, pooling=self.pooling, normalize=self.normalize,
-                             query_instruction=self.query_instruction, passage_instruction=self.passage_instruction)
-            publish_dir(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            self.folder_config().save(tmp)
         return folder
 
     # ------------------------------------------------------------------ inference
@@ -374,7 +360,7 @@ class M3Model(nn.Module):
             with torch.inference_mode():
                 for start in range(0, len(texts), batch_size):
                     idx = order[start:start + batch_size]
-                    input_ids, attention_mask = _right_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
+                    input_ids, attention_mask = right_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
                     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
                     hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                                           return_dict=True).last_hidden_state

@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+HEADS = ("dense", "sparse", "colbert")          # the three heads of an M3 model
+SCORE_NAMES = HEADS + ("ensemble",)              # every score: the heads and their weighted sum
 ENSEMBLE_WEIGHTS = (1.0, 0.3, 1.0)   # (dense, sparse, colbert), recipe.md §Scores
 
 # Largest (queries × query tokens × passages × passage tokens) block the ColBERT max-sim builds at

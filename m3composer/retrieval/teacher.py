@@ -24,15 +24,16 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from m3composer.retrieval.evaluate import (DEFAULT_WEIGHTS, HEADS, add_encoding_arguments, heads_in_folder,
-                                           instructions_from_args, load_model_for_inference,
-                                           unwrap_m3)
+from m3composer.fsutil import atomic_file
+from m3composer.model.inference import heads_in_folder, load_model_for_inference, unwrap_m3
+from m3composer.model.scores import HEADS
+from m3composer.retrieval.cli_args import add_encoding_arguments, instructions_from_args
+from m3composer.retrieval.search import DEFAULT_WEIGHTS
 
 SCORE_KINDS = ("dense", "ensemble")
 
@@ -118,35 +119,29 @@ def score_teacher(input_path: str | os.PathLike, output_path: str | os.PathLike,
             counts["passages"] += n
         pending.clear()
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".tmp", dir=output_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out, \
-                tqdm(total=input_path.stat().st_size, unit="B", unit_scale=True, desc="score-teacher",
-                     disable=not progress) as bar:
-            pending: list[tuple[dict, object]] = []
-            position = 0
-            for line_no, raw, end_offset in iter_lines(input_path):
-                row = parse_line(raw, path=str(input_path), line_no=line_no)
-                if isinstance(row, RowError):
-                    raise ValueError(str(row))
-                # The teacher scores replace whatever scores the row had; validate the rest as convert does.
-                pending.append((json.loads(raw), row))
-                if len(pending) >= rows_per_chunk:
-                    flush(pending, out)
-                bar.update(end_offset - position)
-                position = end_offset
-            flush(pending, out)
-        os.replace(tmp, output_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(output_path) as out, \
+            tqdm(total=input_path.stat().st_size, unit="B", unit_scale=True, desc="score-teacher",
+                 disable=not progress) as bar:
+        pending: list[tuple[dict, object]] = []
+        position = 0
+        for line_no, raw, end_offset in iter_lines(input_path):
+            row = parse_line(raw, path=str(input_path), line_no=line_no)
+            if isinstance(row, RowError):
+                raise ValueError(str(row))
+            # The teacher scores replace whatever scores the row had; validate the rest as convert does.
+            pending.append((json.loads(raw), row))
+            if len(pending) >= rows_per_chunk:
+                flush(pending, out)
+            bar.update(end_offset - position)
+            position = end_offset
+        flush(pending, out)
     return dict(counts, score=score, scale=scale, query_instruction=q_inst, passage_instruction=p_inst)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="FlagEmbedding JSONL (query, pos, neg), plain or .gz")
     parser.add_argument("output", help="where to write the rows with pos_scores/neg_scores")
-    parser.add_argument("--model", required=True, help="teacher model folder")
+    parser.add_argument("--model", required=True, help="teacher model folder, or asset:e5-small")
     parser.add_argument("--score", choices=SCORE_KINDS, default="dense",
                         help="dense inner product, or the 0.4/0.2/0.4 ensemble of all three heads (default: dense)")
     parser.add_argument("--scale", type=float, default=1.0,

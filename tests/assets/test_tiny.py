@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from m3composer.assets.paths import read_model_meta
+from m3composer.model.folder_config import M3FolderConfig
 from m3composer.assets.tiny import build_tiny
 
 
@@ -48,7 +48,7 @@ def test_tiny_model_encodes_a_full_512_token_window(tiny_dir, tokenizer):
 
 
 def test_tiny_metadata_is_a_bge_m3_layout(tiny_dir):
-    assert read_model_meta(tiny_dir) == {"pooling": "cls", "normalize": True,
+    assert M3FolderConfig.from_folder(tiny_dir).to_dict() == {"pooling": "cls", "normalize": True,
                                          "query_instruction": None, "passage_instruction": None}
 
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from m3composer.callbacks.export import ExportModel, export_model
 from m3composer.data.collate import make_data_spec
 from m3composer.data.dataset import M3TrainDataset
+from m3composer.model.folder_config import M3FolderConfig
 from m3composer.model.composer_model import ComposerM3
 from m3composer.model.m3 import M3Model
 from tests.data.m3_tiny_data import StreamSpec, write_converted
@@ -62,8 +63,6 @@ def test_exports_every_n_batches_every_epoch_and_at_fit_end(tmp_path, tiny_dir):
 
 
 def test_a_failing_export_leaves_no_half_folder_and_keeps_the_previous_one(tmp_path, tiny_dir, monkeypatch):
-    import m3composer.model.m3 as m3_module
-
     export = tmp_path / "export"
     trainer = _trainer(tmp_path, tiny_dir, [ExportModel(str(export))], "2ba")
     trainer.fit()
@@ -73,7 +72,7 @@ def test_a_failing_export_leaves_no_half_folder_and_keeps_the_previous_one(tmp_p
         raise OSError("disk full")
 
     # the last file of the folder fails: everything else has been written by then
-    monkeypatch.setattr(m3_module, "write_model_meta", disk_full)
+    monkeypatch.setattr(M3FolderConfig, "save", disk_full)
     with torch.no_grad():
         for p in trainer.state.model.parameters():
             p.add_(1.0)                      # a different model, so a partial overwrite would show
@@ -90,12 +89,10 @@ def test_a_failing_export_leaves_no_half_folder_and_keeps_the_previous_one(tmp_p
 
 
 def test_an_export_that_fails_at_fit_end_fails_the_run(tmp_path, tiny_dir, monkeypatch):
-    import m3composer.model.m3 as m3_module
-
     def disk_full(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(m3_module, "write_model_meta", disk_full)
+    monkeypatch.setattr(M3FolderConfig, "save", disk_full)
     trainer = _trainer(tmp_path, tiny_dir, [ExportModel(str(tmp_path / "export"))], "1ba")
     with pytest.raises(OSError, match="disk full"):
         trainer.fit()

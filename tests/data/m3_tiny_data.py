@@ -32,7 +32,7 @@ class StreamSpec:
     rows: int
     num_pos: int = 2
     num_neg: int | list[int] = 3        # per row: an int for all rows or a list
-    has_scores: bool = False
+    has_teacher_scores: bool = False
     first_row_id: int = 0
     passage_len: int = 6                 # content tokens per passage (ids 0/2 added around)
     bucket_hi: int | None = 500
@@ -64,15 +64,15 @@ def write_converted(out: str | os.PathLike, specs: list[StreamSpec], size_limit:
                 ids, offsets = _concat(pos + neg)
                 # positives score 1..2, negatives 0..1: a teacher ranks every positive first
                 scores = (np.concatenate([rng.random(len(pos)) + 1, rng.random(len(neg))]).astype(np.float32)
-                          if spec.has_scores else np.full(len(pos) + len(neg), np.nan, np.float32))
+                          if spec.has_teacher_scores else np.full(len(pos) + len(neg), np.nan, np.float32))
                 writer.write({"query": np.array([0, 10, r, 7, 2], dtype=np.int32), "passages": ids,
                               "passage_offsets": offsets, "num_pos": len(pos), "scores": scores,
                               "row_id": r, "source": f"{spec.task}_{spec.bucket}.jsonl:{i + 1}"})
         entries.append({"name": rel, "path": rel, "task": spec.task, "bucket": spec.bucket, "bucket_lo": 0,
-                        "bucket_hi": spec.bucket_hi, "rows": spec.rows, "parallel": spec.task.startswith("parallel_"),
-                        "has_scores": spec.has_scores, "min_neg": min(neg_counts), "max_neg": max(neg_counts),
+                        "bucket_hi": spec.bucket_hi, "rows": spec.rows, "is_parallel": spec.task.startswith("parallel_"),
+                        "has_teacher_scores": spec.has_teacher_scores, "min_neg": min(neg_counts), "max_neg": max(neg_counts),
                         "tokens": {"query_len_max": 5, "passage_len_max": spec.passage_len + 2}, **spec.extra})
-    (out / "m3_index.json").write_text(json.dumps({"version": 1, "tokenizer": "synthetic", "streams": entries}))
+    (out / "m3_index.json").write_text(json.dumps({"version": 2, "tokenizer": "synthetic", "streams": entries}))
     return out
 
 
@@ -81,7 +81,7 @@ def write_converted(out: str | os.PathLike, specs: list[StreamSpec], size_limit:
 RESUME_SPECS = [
     StreamSpec("t1", "len-0-500", 23, first_row_id=0),
     StreamSpec("t1", "len-500-1000", 10, first_row_id=1000, bucket_hi=1000),
-    StreamSpec("parallel_t2", "len-0-500", 14, first_row_id=2000, has_scores=True),
+    StreamSpec("parallel_t2", "len-0-500", 14, first_row_id=2000, has_teacher_scores=True),
 ]
 RESUME_TABLE = {"len-0-500": {4: 3}, "len-500-1000": {4: 2}}
 

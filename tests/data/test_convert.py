@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from tests.data.conftest import CONVERTED_LAYOUT, WORDS, make_row, words, write_jsonl
-from m3composer.data.convert import (COLUMNS, INDEX_FILE, REJECTS_FILE, ConvertError, convert, discover_inputs,
-                                     read_index)
+from m3composer.data.convert import COLUMNS, REJECTS_FILE, ConvertError, convert, discover_inputs
+from m3composer.data.index import INDEX_FILE, read_index
 
 WORD_ID = {w: 4 + i for i, w in enumerate(WORDS)}
 
@@ -70,8 +70,8 @@ def test_one_stream_per_task_and_bucket_with_index_facts(converted_dir):
         s = streams[f"{task}/{bucket}"]
         assert (converted_dir / s["path"] / "index.json").is_file()
         assert s["rows"] == spec["rows"]
-        assert s["parallel"] == ("parallel_" in rel)
-        assert s["has_scores"] == spec["scores"]
+        assert s["is_parallel"] == ("parallel_" in rel)
+        assert s["has_teacher_scores"] == spec["scores"]
         assert s["min_neg"] == s["max_neg"] == spec["n_neg"]
         assert s["max_group_size_without_repeats"] == spec["n_neg"] + 1
         passages = spec["rows"] * (1 + spec["n_neg"])
@@ -142,7 +142,7 @@ def test_task_names_buckets_and_parallel_flag(tmp_path):
                 "e/notes.txt", "e/qa-len-500-1000.jsonl"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("")
-    got = {f.source_name: (f.task, f.bucket.name if f.bucket else None, f.parallel)
+    got = {f.source_name: (f.task, f.bucket.name if f.bucket else None, f.is_parallel)
            for f in discover_inputs([tmp_path])}
     root = tmp_path.name
     assert got == {
@@ -262,7 +262,7 @@ def test_bad_input_corpus_skip_reports_every_defect_and_keeps_every_valid_line(t
     assert set(streams) == {"a/len-0-500", "kd/len-0-500"}  # the empty file makes no stream
     assert (streams["a/len-0-500"]["min_neg"], streams["a/len-0-500"]["max_neg"]) == (0, 3)  # line 16 has none
     assert streams["a/len-0-500"]["max_group_size_without_repeats"] == 1
-    assert streams["kd/len-0-500"]["has_scores"] and not streams["a/len-0-500"]["has_scores"]
+    assert streams["kd/len-0-500"]["has_teacher_scores"] and not streams["a/len-0-500"]["has_teacher_scores"]
 
     n_bad = sum(len(d) for d in bad.values())
     assert (summary.lines, summary.rows_kept, summary.rows_rejected) == (total, total - n_bad, n_bad)

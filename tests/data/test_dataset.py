@@ -19,7 +19,7 @@ from m3composer.data.dataset import M3TrainDataset
 SPECS = [
     StreamSpec("t1", "len-0-500", 23, first_row_id=0, num_neg=6),
     StreamSpec("t1", "len-500-1000", 10, first_row_id=1000, bucket_hi=1000),
-    StreamSpec("parallel_t2", "len-0-500", 14, first_row_id=2000, has_scores=True),
+    StreamSpec("parallel_t2", "len-0-500", 14, first_row_id=2000, has_teacher_scores=True),
 ]
 TABLE = {"len-0-500": {4: 3}, "len-500-1000": {4: 2}}
 STREAM_OF = {0: "t1/len-0-500", 1: "t1/len-500-1000", 2: "parallel_t2/len-0-500"}   # row_id // 1000
@@ -134,7 +134,7 @@ def test_rows_without_negatives_borrow_from_their_own_stream(tmp_path, caplog):
     negs = [0, 2, 0, 1, 0, 3, 0, 0, 2, 1, 0, 2]
     data = write_converted(tmp_path / "mds", [StreamSpec("a", "len-0-500", 12, num_neg=negs, first_row_id=100),
                                               StreamSpec("k", "len-0-500", 12, num_neg=negs, first_row_id=500,
-                                                         has_scores=True)])
+                                                         has_teacher_scores=True)])
     with caplog.at_level(logging.WARNING):
         ds = M3TrainDataset(str(data), train_group_size=3, default_batch_size=4, seed=1)
     assert "without teacher scores" in caplog.text
@@ -207,12 +207,12 @@ def test_remote_store_reads_like_local_and_a_deleted_object_is_an_error(tiny, tm
     remote = f"s3://{bucket}/{prefix}"
     with pytest.raises(ValueError, match="local"):
         make(remote)
-    ds = make(remote, local=str(tmp_path / "cache"))
+    ds = make(remote, local_cache=str(tmp_path / "cache"))
     assert [b["row_ids"].tolist() for b in ds] == [b["row_ids"].tolist() for b in make(tiny)]
 
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/t1/len-0-500/")["Contents"]]
     client.delete_object(Bucket=bucket, Key=sorted(k for k in keys if "shard." in k)[2])
-    broken = make(remote, local=str(tmp_path / "cache2"), download_retry=1)
+    broken = make(remote, local_cache=str(tmp_path / "cache2"), download_retry=1)
     with pytest.raises(RuntimeError, match="stream t1/len-0-500: cannot read row"):
         for _ in broken:
             pass
@@ -222,7 +222,8 @@ def test_reads_the_converters_output_with_instructions(converted_dir, word_token
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(word_tokenizer_dir))
-    ds = M3TrainDataset(str(converted_dir), tokenizer=tok, query_instruction="query", passage_instruction="passage",
+    ds = M3TrainDataset(str(converted_dir), tokenizer=tok, query_instruction_for_retrieval="query",
+                        passage_instruction_for_retrieval="passage",
                         train_group_size=3, default_batch_size=4, query_max_len=16, passage_max_len=64)
     q_id, p_id = tok.convert_tokens_to_ids(["query", "passage"])
     rows = {s.name: s.rows for s in ds.streams}

@@ -4,12 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from m3composer.data.plan import StreamEntry, group_streams, plan_epoch, steps_per_epoch
+from m3composer.data.index import StreamEntry
+from m3composer.data.plan import group_streams, plan_epoch, steps_per_epoch
 
 
-def _entry(name, rows, task=None, has_scores=False, parallel=False, bucket="len-0-500"):
-    return StreamEntry(name=name, path=name, task=task or name.split("/")[0], bucket=bucket, rows=rows, parallel=parallel,
-                       has_scores=has_scores, min_neg=1)
+def _entry(name, rows, task=None, has_teacher_scores=False, is_parallel=False, bucket="len-0-500"):
+    return StreamEntry(name=name, path=name, task=task or name.split("/")[0], bucket=bucket, rows=rows, is_parallel=is_parallel,
+                       has_teacher_scores=has_teacher_scores, min_neg=1)
 
 
 def _global_sizes(plan):
@@ -103,14 +104,14 @@ def test_small_streams_merge_per_task_with_minimum_batch_size():
     # sizes {6, 5, 6, 6, 6, 6}.
     streams = [_entry("a/len-0-500", 23), _entry("a/len-500-1000", 5, bucket="len-500-1000"),
                _entry("a/len-1000-2000", 4, bucket="len-1000-2000"),
-               _entry("parallel_b/len-0-500", 9, task="parallel_b", parallel=True, has_scores=True)]
+               _entry("parallel_b/len-0-500", 9, task="parallel_b", is_parallel=True, has_teacher_scores=True)]
     groups, dropped = group_streams(streams, [3, 4, 3, 3], small_threshold=6, drop_threshold=8)
     assert dropped == []
     by_name = {g.name: g for g in groups}
     assert set(by_name) == {"a/len-0-500", "a/small", "parallel_b/len-0-500"}
     merged = by_name["a/small"]
     assert merged.streams == (1, 2) and merged.rows == 9 and merged.per_device_batch_size == 3
-    assert by_name["parallel_b/len-0-500"].is_parallel and by_name["parallel_b/len-0-500"].has_scores
+    assert by_name["parallel_b/len-0-500"].is_parallel and by_name["parallel_b/len-0-500"].has_teacher_scores
     plan = plan_epoch([g.rows for g in groups], [g.per_device_batch_size for g in groups], seed=42, epoch=0,
                       world_size=2)
     # the chunk of 5 serves 2 rows per rank (4 rows); FlagEmbedding counts it as a chunk of 5
@@ -125,8 +126,8 @@ def test_merged_group_below_drop_threshold_is_dropped_and_reported():
 
 
 def test_merge_is_off_by_default_and_keeps_teacher_scores_apart():
-    streams = [_entry("a/x", 5), _entry("a/y", 4, has_scores=True)]
+    streams = [_entry("a/x", 5), _entry("a/y", 4, has_teacher_scores=True)]
     groups, _ = group_streams(streams, [3, 3])
     assert [g.name for g in groups] == ["a/x", "a/y"]
     groups, _ = group_streams(streams, [3, 3], small_threshold=10)
-    assert sorted((g.name, g.has_scores) for g in groups) == [("a/small-noscores", False), ("a/small-scores", True)]
+    assert sorted((g.name, g.has_teacher_scores) for g in groups) == [("a/small-noscores", False), ("a/small-scores", True)]

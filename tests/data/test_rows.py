@@ -21,7 +21,7 @@ def test_valid_row_keeps_fields_and_ignores_extra_ones():
     row = parse({**GOOD, "prompt": "x", "type": "normal", "id": 3, "batch_size": 8})
     assert isinstance(row, Row)
     assert (row.query, row.pos, row.neg, row.pos_scores, row.neg_scores) == ("q", ["p1", "p2"], ["n1"], None, None)
-    assert (row.path, row.line_no, row.has_scores) == ("f.jsonl", 7, False)
+    assert (row.path, row.line_no, row.has_teacher_scores) == ("f.jsonl", 7, False)
 
 
 def test_missing_or_empty_neg_is_a_valid_row_without_negatives():
@@ -31,13 +31,13 @@ def test_missing_or_empty_neg_is_a_valid_row_without_negatives():
 
 def test_scores_are_floats_and_ints_are_accepted():
     row = parse({**GOOD, "pos_scores": [1, 0.5], "neg_scores": [0]})
-    assert row.has_scores and row.pos_scores == [1.0, 0.5] and row.neg_scores == [0.0]
+    assert row.has_teacher_scores and row.pos_scores == [1.0, 0.5] and row.neg_scores == [0.0]
     assert all(isinstance(s, float) for s in row.pos_scores + row.neg_scores)
 
 
 def test_pos_scores_alone_are_fine_when_there_are_no_negatives():
     row = parse({"query": "q", "pos": ["p"], "pos_scores": [0.9]})
-    assert row.has_scores and row.neg_scores == []
+    assert row.has_teacher_scores and row.neg_scores == []
 
 
 @pytest.mark.parametrize("line, reason", [

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from m3composer.data.convert import INDEX_FILE, ConvertError, convert, read_index
+from m3composer.data.convert import ConvertError, convert
+from m3composer.data.index import INDEX_FILE, read_index
 
 
 def keys(s3, prefix: str) -> list[str]:

@@ -13,8 +13,9 @@ from torch import nn
 from m3composer.cli import main
 from m3composer.model.m3 import M3Model
 from m3composer.retrieval.beir import EvalSet, load_eval_set
-from m3composer.retrieval.evaluate import (_RunningTopK, colbert_maxsim, evaluate_model, format_table,
-                                           heads_in_folder, rank_corpus, unwrap_m3)
+from m3composer.model.inference import heads_in_folder, unwrap_m3
+from m3composer.retrieval.evaluate import evaluate_model, format_table
+from m3composer.retrieval.search import RunningTopK, colbert_maxsim, rank_corpus
 from m3composer.retrieval.metrics import mean_metrics
 from tests.ranking import SCORE_TOL, assert_ranked_by, min_neighbour_gap
 
@@ -107,7 +108,7 @@ def test_rankings_of_the_hand_model_and_dense_only_evaluation():
 
 
 def test_running_top_k_keeps_the_best_and_breaks_ties_by_corpus_order():
-    top = _RunningTopK(num_queries=2, k=3, device="cpu")
+    top = RunningTopK(num_queries=2, k=3, device="cpu")
     # Batches arrive length-sorted, not in corpus order: documents 3, 1, then 0, 2, 4.
     top.update(torch.tensor([[1.0, 1.0], [0.0, 5.0]]), torch.tensor([3, 1]))
     top.update(torch.tensor([[1.0, 1.0, 2.0], [5.0, 5.0, -1.0]]), torch.tensor([0, 2, 4]))

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from m3composer.cli import main
-from m3composer.data.convert import convert, read_index
-from m3composer.retrieval.evaluate import load_model_for_inference
+from m3composer.data.convert import convert
+from m3composer.data.index import read_index
+from m3composer.model.inference import load_model_for_inference
 from m3composer.retrieval.teacher import colbert_match, lexical_match, score_teacher
 
 ROWS = [
@@ -67,7 +68,7 @@ def test_scale_multiplies_and_the_output_converts_to_a_stream_with_scores(e5_mod
     (tmp_path / "x50.jsonl").rename(task / "qa.jsonl")
     convert([tmp_path / "train"], tmp_path / "mds", e5_dir, progress=False)
     streams = read_index(tmp_path / "mds")["streams"]
-    assert len(streams) == 1 and streams[0]["has_scores"] is True and streams[0]["rows"] == 2
+    assert len(streams) == 1 and streams[0]["has_teacher_scores"] is True and streams[0]["rows"] == 2
 
 
 def test_ensemble_scores_combine_the_three_heads(tiny_dir, tmp_path):

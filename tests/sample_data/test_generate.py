@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from m3composer.assets.sample_data import SampleDataConfig, generate
+from m3composer.sample_data.generate import SampleDataConfig, generate
 from m3composer.cli import main as m3c
 from m3composer.data.buckets import parse_bucket
 from m3composer.retrieval.bm25 import evaluate_bm25_on_beir

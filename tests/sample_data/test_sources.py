@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from m3composer.assets.sample_sources import (django_translations, pydoc_sections, read_mo, split_summary,
+from m3composer.sample_data.sources import (django_translations, pydoc_sections, read_mo, split_summary,
                                               stdlib_docstrings)
 
 

@@ -1,0 +1,54 @@
+"""Finding and loading the M3 model for inference: in a folder, or inside a training wrapper.
+
+Evaluation, teacher scoring and export all need the bare `M3Model`, whether they are handed a folder,
+the Composer model, or a DDP/FSDP wrapper around it; and they need to know which heads a folder
+really has (a plain encoder folder has the dense head only).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from m3composer.model.m3 import COLBERT_FILE, SPARSE_FILE, M3Model
+from m3composer.model.scores import HEADS
+
+
+def unwrap_m3(obj):
+    """The `M3Model` inside `obj`: itself, a DDP/FSDP `.module`, or a wrapper's `.m3` / `.model`."""
+    seen = obj
+    for _ in range(4):
+        if isinstance(seen, M3Model):
+            return seen
+        for attr in ("module", "m3", "model"):
+            inner = getattr(seen, attr, None)
+            if isinstance(inner, torch.nn.Module):
+                seen = inner
+                break
+        else:
+            break
+    raise TypeError(f"no M3Model found in {type(obj).__name__} (looked at .module, .m3, .model)")
+
+
+def heads_in_folder(folder: str | os.PathLike) -> tuple[str, ...]:
+    """The heads a model folder really has: all three when both head files exist, else dense only."""
+    folder = Path(folder)
+    if (folder / COLBERT_FILE).is_file() and (folder / SPARSE_FILE).is_file():
+        return HEADS
+    return ("dense",)
+
+
+def load_model_for_inference(folder: str | os.PathLike, pooling: Optional[str] = None):
+    """`M3Model.from_pretrained` without its fresh-heads warning when the folder has no heads (the
+    caller reports those heads as skipped instead)."""
+    m3_log = logging.getLogger("m3composer.model.m3")
+    previous = m3_log.level
+    if heads_in_folder(folder) != HEADS:
+        m3_log.setLevel(logging.ERROR)
+    try:
+        return M3Model.from_pretrained(folder, pooling=pooling)
+    finally:
+        m3_log.setLevel(previous)

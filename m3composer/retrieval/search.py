@@ -1,0 +1,199 @@
+"""Exact search over a corpus with every M3 head at once: the engine behind `m3c eval`.
+
+`rank_corpus` encodes the queries once, then streams the corpus batch by batch and keeps, per head
+and for the ensemble, only a running top-k `(queries, k)`: never a `(queries, documents)` matrix
+nor the corpus' vectors. Scores are BGE-M3's inference scores (no temperature; docs/recipe.md
+§Scores, §ColBERT max-sim variants):
+
+    dense     <e_q, e_d>
+    sparse    Σ over tokens shared by q and d of w_q[t] · w_d[t]  (per-token max weights)
+    colbert   mean over the query's vectors of the max inner product with the document's vectors
+              (document padding excluded, unlike training: see `colbert_maxsim`)
+    ensemble  w_dense·dense + w_sparse·sparse + w_colbert·colbert  (BGE-M3's hybrid weights 0.4/0.2/0.4)
+
+Ties are broken by corpus order (the lower document index ranks first), so rankings are
+deterministic. Memory: the query side (dense `(Nq, H)`, sparse as a torch sparse matrix over the
+query vocabulary, ColBERT `Nq × Lq × D` floats: about 1.3 GB for 10,000 queries of 32 tokens at
+D = 1024) and one corpus batch (sparse `(batch, V)`, ColBERT `(batch, Lp, D)`). The ColBERT max-sim
+is chunked over queries to stay under `colbert_max_elements` floats per block.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from m3composer.model.inference import unwrap_m3
+from m3composer.model.scores import HEADS
+from m3composer.padding import right_pad
+from m3composer.retrieval.beir import EvalSet
+
+DEFAULT_WEIGHTS = (0.4, 0.2, 0.4)     # (dense, sparse, colbert): BGE-M3's README hybrid weights
+COLBERT_BLOCK_ELEMENTS = 2 ** 25      # floats in one (queries × Lq × docs × Lp) max-sim block: 128 MiB
+TOKENIZE_CHUNK = 4096                 # texts tokenised (and length-sorted) at a time on the corpus side
+
+
+def token_batches(texts: Sequence[str], tokenizer, instruction: Optional[str], max_length: int,
+                   batch_size: int, chunk_size: int = TOKENIZE_CHUNK) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """`(text indices, input_ids, attention_mask)` batches, right-padded; within each chunk of
+    `chunk_size` texts the batches are sorted by length (less padding), so only one chunk of token
+    ids is ever held."""
+    prefix = instruction or ""
+    pad_id = tokenizer.pad_token_id
+    for start in range(0, len(texts), chunk_size):
+        chunk = [prefix + t for t in texts[start:start + chunk_size]]
+        ids = tokenizer(chunk, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        for b in range(0, len(order), batch_size):
+            rows = order[b:b + batch_size]
+            input_ids, attention_mask = right_pad([ids[r] for r in rows], pad_id)
+            yield [start + int(r) for r in rows], input_ids, attention_mask
+
+
+class QuerySide:
+    """All query representations, kept in encoding order (row r is query `order[r]`)."""
+
+    def __init__(self, model, tokenizer, queries: Sequence[str], heads: Sequence[str], instruction: Optional[str],
+                 max_length: int, batch_size: int, device, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.order: list[int] = []
+        dense, sparse_rows, sparse_cols, sparse_vals = [], [], [], []
+        self.colbert_blocks: list[tuple[torch.Tensor, torch.Tensor]] = []   # (vecs (n, L, D), mask (n, L))
+        with_sparse, with_colbert = "sparse" in heads, "colbert" in heads
+        bar = tqdm(total=len(queries), desc="encode queries", unit="q", disable=not progress)
+        for indices, input_ids, attention_mask in token_batches(queries, tokenizer, instruction, max_length,
+                                                                 batch_size, chunk_size=max(len(queries), 1)):
+            reps = model.encode(input_ids.to(device), attention_mask.to(device),
+                                with_sparse=with_sparse, with_colbert=with_colbert)
+            row0 = len(self.order)
+            self.order.extend(indices)
+            dense.append(reps.dense.float())
+            if with_sparse:
+                nz = reps.sparse.float().nonzero(as_tuple=True)
+                sparse_rows.append(nz[0] + row0)
+                sparse_cols.append(nz[1])
+                sparse_vals.append(reps.sparse.float()[nz])
+            if with_colbert:
+                self.colbert_blocks.append((reps.colbert.float(), reps.colbert_mask.bool()))
+            bar.update(len(indices))
+        bar.close()
+        self.dense = torch.cat(dense)
+        self.sparse = None
+        if with_sparse:
+            rows, cols, vals = torch.cat(sparse_rows), torch.cat(sparse_cols), torch.cat(sparse_vals)
+            # Only the vocabulary the queries use can score; documents are cut to these columns.
+            self.vocab, compact_cols = torch.unique(cols, return_inverse=True)
+            self.sparse = torch.sparse_coo_tensor(torch.stack([rows, compact_cols]), vals,
+                                                  (len(self.order), len(self.vocab))).coalesce()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def colbert_maxsim(q_vecs: torch.Tensor, q_mask: torch.Tensor, d_vecs: torch.Tensor, d_mask: torch.Tensor,
+                   max_elements: int = COLBERT_BLOCK_ELEMENTS) -> torch.Tensor:
+    """`(Nq, Lq, D) × (Nd, Ld, D) -> (Nq, Nd)`: mean over each query's vectors of the max over the
+    document's vectors, padding excluded on both sides (BGE-M3's `colbert_score`). Chunked over
+    queries so no block exceeds `max_elements` floats."""
+    n_q, len_q = q_vecs.shape[:2]
+    n_d, len_d = d_vecs.shape[:2]
+    step = max(1, max_elements // max(1, len_q * n_d * len_d))
+    pad = ~d_mask.bool()
+    out = []
+    for s in range(0, n_q, step):
+        tokens = torch.einsum("qin,djn->qidj", q_vecs[s:s + step], d_vecs)
+        best = tokens.masked_fill(pad[None, None], float("-inf")).amax(dim=-1)         # (q, Lq, Nd)
+        mask = q_mask[s:s + step].to(best.dtype)
+        best = torch.where(mask[..., None] > 0, best, torch.zeros_like(best))
+        out.append(best.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1))
+    return torch.cat(out)
+
+
+class RunningTopK:
+    """Best `k` (score, document index) per query over corpus batches; ties go to the lower index."""
+
+    def __init__(self, num_queries: int, k: int, device):
+        self.k = k
+        self.values = torch.empty((num_queries, 0), device=device)
+        self.indices = torch.empty((num_queries, 0), dtype=torch.long, device=device)
+
+    def update(self, scores: torch.Tensor, doc_indices: torch.Tensor) -> None:
+        values = torch.cat([self.values, scores.float()], dim=1)
+        indices = torch.cat([self.indices, doc_indices.expand(scores.shape[0], -1)], dim=1)
+        # Sort by index, then stable-sort by score: equal scores stay in index order.
+        by_index = indices.argsort(dim=1)
+        values, indices = values.gather(1, by_index), indices.gather(1, by_index)
+        by_score = values.argsort(dim=1, descending=True, stable=True)[:, :self.k]
+        self.values, self.indices = values.gather(1, by_score), indices.gather(1, by_score)
+
+
+@contextmanager
+def inference_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def rank_corpus(model, eval_set: EvalSet, *, tokenizer=None, query_instruction: Optional[str] = None,
+                passage_instruction: Optional[str] = None, batch_size: int = 32, query_max_len: int = 64,
+                passage_max_len: int = 512, weights: Sequence[float] = DEFAULT_WEIGHTS,
+                heads: Sequence[str] = HEADS, top_k: int = 10, progress: bool = True,
+                colbert_max_elements: int = COLBERT_BLOCK_ELEMENTS) -> dict[str, dict[str, list[str]]]:
+    """`{head: {query id: [top_k document ids, best first]}}` for each head and the ensemble.
+
+    Instructions are used verbatim (None or "" = none). The ensemble is computed when two or more
+    heads are evaluated, as the weighted sum of those heads' scores.
+    """
+    model = unwrap_m3(model)
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    if tokenizer is None:
+        raise ValueError("rank_corpus needs a tokenizer (none attached to the model)")
+    unknown = set(heads) - set(HEADS)
+    if unknown or "dense" not in heads:
+        raise ValueError(f"heads must include dense and come from {HEADS}, got {list(heads)}")
+    heads = tuple(h for h in HEADS if h in heads)
+    weight_of = dict(zip(HEADS, weights))
+    with_ensemble = len(heads) > 1
+    device = next(model.parameters()).device
+    top_k = min(top_k, eval_set.num_docs)
+
+    from tqdm.auto import tqdm
+
+    with inference_mode(model):
+        q = QuerySide(model, tokenizer, eval_set.queries, heads, query_instruction, query_max_len,
+                       batch_size, device, progress)
+        tops = {h: RunningTopK(len(q), top_k, device) for h in heads + (("ensemble",) if with_ensemble else ())}
+        bar = tqdm(total=eval_set.num_docs, desc="encode corpus", unit="doc", disable=not progress)
+        for indices, input_ids, attention_mask in token_batches(eval_set.docs, tokenizer, passage_instruction,
+                                                                 passage_max_len, batch_size):
+            d = model.encode(input_ids.to(device), attention_mask.to(device),
+                             with_sparse="sparse" in heads, with_colbert="colbert" in heads)
+            doc_indices = torch.tensor(indices, dtype=torch.long, device=device)
+            scores = {"dense": q.dense @ d.dense.float().T}
+            if "sparse" in heads:
+                d_cols = d.sparse.float()[:, q.vocab.to(device)]                    # (batch, |query vocab|)
+                scores["sparse"] = torch.sparse.mm(q.sparse, d_cols.T.contiguous())
+            if "colbert" in heads:
+                d_vecs, d_mask = d.colbert.float(), d.colbert_mask.bool()
+                scores["colbert"] = torch.cat([colbert_maxsim(vecs, mask, d_vecs, d_mask, colbert_max_elements)
+                                               for vecs, mask in q.colbert_blocks])
+            if with_ensemble:
+                scores["ensemble"] = sum(weight_of[h] * scores[h] for h in heads)
+            for head, head_scores in scores.items():
+                tops[head].update(head_scores, doc_indices)
+            bar.update(len(indices))
+        bar.close()
+
+    rankings: dict[str, dict[str, list[str]]] = {}
+    for head, top in tops.items():
+        indices = top.indices.cpu().tolist()
+        rankings[head] = {eval_set.query_ids[q.order[row]]: [eval_set.doc_ids[i] for i in indices[row]]
+                          for row in range(len(q))}
+    return rankings

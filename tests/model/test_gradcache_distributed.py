@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from m3composer.model.composer_model import ComposerM3
 from m3composer.model.gradcache import GradientCacheBudget
 from tests.model.conftest import build_recipe_model
 from tests.model.test_gradcache import REL, param_grads, worst_relative_difference
-from tests.test_distributed import WORLD, _free_port, rank_batch
+from tests.test_distributed import WORLD, rank_batch, spawn_ranks
 
-SPAWN_TIMEOUT_S = 240
 MODES = {
     "unified_parity": dict(use_self_distill=True, cross_rank_grad_scale="parity"),
     "unified_full_batch": dict(use_self_distill=True, cross_rank_grad_scale="full_batch"),
@@ -56,15 +53,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("gradcache_ranks")
-    context = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=2):          # raises if a worker failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"2-rank workers did not finish within {SPAWN_TIMEOUT_S} s")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("gradcache_ranks"))
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -44,11 +44,12 @@ for length, batch in ((128, 64), (512, 32)):          # two buckets of the recip
         step = sorted(times)[2]
         cfg = model.model.encoder.config
         tokens = batch * (32 + 8 * length)
-        # 6·params·tokens for the matmuls + attention 12·layers·L²·H per row, ×4/3 for checkpointing's
-        # recompute; the cache re-runs the forward once more (another 2/6 of the work)
+        # FLOPs executed: a step is 4 forwards with checkpointing (forward, backward = 2, recompute),
+        # 5 with the cache (its no-graph forward); a forward costs 2·params per token plus attention
+        # 4·layers·H·L per token. ColBERT max-sim and the sparse scores are left out.
         params = sum(p.numel() for n, p in model.model.encoder.named_parameters() if "embeddings" not in n)
-        attn = 12 * cfg.num_hidden_layers * cfg.hidden_size * (batch * 32 ** 2 + batch * 8 * length ** 2)
-        flops = (6 * params * tokens + attn) * (4 / 3) * ((4 / 3) if cached else 1.0)
+        attn = 4 * cfg.num_hidden_layers * cfg.hidden_size * (batch * 32 ** 2 + batch * 8 * length ** 2)
+        flops = (2 * params * tokens + attn) * (5 if cached else 4)
         rows.append({"gpu": name, "length": length, "batch": batch, "cached": cached, "step_s": step,
                      "samples_per_s": batch / step, "tflops": flops / step / 1e12,
                      "tflops_vs_bf16_peak": flops / step / 1e12 / peak,

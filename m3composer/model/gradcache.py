@@ -211,7 +211,7 @@ def encode_many(model, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], budge
 
 def encode_chunks(model, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], chunks: list[np.ndarray], *,
                   with_sparse: bool, with_colbert: bool, cached: bool) -> list[M3Reps]:
-    """Encode the rows of `parts` (concatenated in order) in one encoder call per chunk of `chunks`;
+    """Encode the rows of `parts` (concatenated in order) chunk by chunk (`M3Model.encoder_hidden` on each);
     `cached=False` builds the ordinary graph over the same calls (so the same dropout draws): the
     reference the cache must equal."""
     encoding = _ChunkedEncoding(model, parts, chunks, with_sparse, with_colbert)

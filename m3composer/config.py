@@ -31,12 +31,21 @@ PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
 
 
 @dataclass
+class GradientCacheConfig:
+    # Encode the device batch in chunks and back-propagate the full-batch loss chunk by chunk.
+    enabled: bool = False
+    max_sequences: int = 16             # rows (queries and passages) per chunk
+    max_tokens: Optional[int] = 32768   # rows x padded length per chunk; null: rows only
+
+
+@dataclass
 class ModelConfig:
     # A model folder, or `asset:e5-small` / `asset:tiny-xlmr` for the offline assets (built on demand).
     name_or_path: str = MISSING
     pooling: str = AUTO                 # auto (from the folder's m3composer.json) | cls | mean
     colbert_dim: int = -1               # -1: the encoder's hidden size (the recipe)
     gradient_checkpointing: bool = False
+    gradient_cache: GradientCacheConfig = field(default_factory=GradientCacheConfig)
     fix_position_embedding: bool = False
     attn_implementation: Optional[str] = "sdpa"   # null: the encoder's default
     trust_remote_code: bool = False
@@ -180,6 +189,7 @@ def validate(cfg: TrainConfig) -> None:
     m, d, l, o, t = cfg.model, cfg.data, cfg.loss, cfg.optimizer, cfg.trainer
     _check(m.pooling in (AUTO, *POOLING_METHODS), "model.pooling", f"must be {_choices(AUTO, *POOLING_METHODS)}, got {m.pooling!r}")
     _check(m.colbert_dim == -1 or m.colbert_dim > 0, "model.colbert_dim", "must be -1 (hidden size) or positive")
+    _validate_gradient_cache(cfg)
     _check(d.train_group_size >= 1, "data.train_group_size", "must be >= 1")
     _check(d.query_max_len >= 3, "data.query_max_len", "must be >= 3 (<s>, a token, </s>)")
     _check(d.passage_max_len >= 3, "data.passage_max_len", "must be >= 3 (<s>, a token, </s>)")
@@ -221,6 +231,21 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.callbacks.eval_batch_size >= 1, "callbacks.eval_batch_size", "must be >= 1")
     unknown_loggers = set(cfg.loggers) - set(LOGGERS)
     _check(not unknown_loggers, "loggers", f"unknown logger(s) {sorted(unknown_loggers)}; use {_choices(*LOGGERS)}")
+
+
+def _validate_gradient_cache(cfg: TrainConfig) -> None:
+    cache, d = cfg.model.gradient_cache, cfg.data
+    _check(cache.max_sequences >= 1, "model.gradient_cache.max_sequences", "must be >= 1")
+    _check(cache.max_tokens is None or cache.max_tokens >= 1, "model.gradient_cache.max_tokens", "must be >= 1 or null")
+    if cache.enabled:
+        longest = max(d.query_max_len, d.passage_max_len)
+        _check(cache.max_tokens is None or cache.max_tokens >= longest, "model.gradient_cache.max_tokens",
+               f"{cache.max_tokens} is smaller than one sequence (up to {longest} tokens: "
+               "data.query_max_len / data.passage_max_len); raise it or set null")
+        # FSDP frees and re-gathers shards around each forward; the replay runs the encoder again from
+        # inside backward, which FSDP's hooks do not expect, so exactness is not guaranteed.
+        _check(not cfg.trainer.fsdp, "model.gradient_cache.enabled",
+               "is not supported with trainer.fsdp=true (use DDP)")
 
 
 def _check_time(value: str, key: str) -> None:

@@ -34,6 +34,7 @@ from m3composer.data.dataset import M3TrainDataset
 from m3composer.data.index import is_remote
 from m3composer.model.composer_model import ComposerM3
 from m3composer.model.folder_config import CONFIG_FILE, M3FolderConfig
+from m3composer.model.gradcache import GradientCacheBudget
 from m3composer.model.m3 import M3Model
 
 log = logging.getLogger("m3composer.train")
@@ -91,12 +92,14 @@ def build_model(cfg: TrainConfig, model_dir: Path, chosen: ModelDefaults) -> Com
     m3.passage_instruction = chosen.passage_instruction_for_retrieval
     m3.train()
     loss = cfg.loss
+    cache = cfg.model.gradient_cache
+    budget = GradientCacheBudget(cache.max_sequences, cache.max_tokens) if cache.enabled else None
     return ComposerM3(m3, temperature=loss.temperature, unified_finetuning=loss.unified_finetuning,
                       use_self_distill=loss.use_self_distill, negatives_cross_device=loss.negatives_cross_device,
                       cross_rank_grad_scale=loss.cross_rank_grad_scale, train_group_size=cfg.data.train_group_size,
                       bidirectional_parallel=loss.bidirectional_parallel,
                       knowledge_distillation=loss.knowledge_distillation,
-                      gradient_checkpointing=cfg.model.gradient_checkpointing)
+                      gradient_checkpointing=cfg.model.gradient_checkpointing, gradient_cache=budget)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -217,7 +220,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         raise ConfigError(
             f"trainer.device_train_microbatch_size={microbatch} is below the largest per-device batch "
             f"({dataset.max_per_device_batch_size}): the in-batch contrastive loss needs the whole device batch "
-            "in one forward")
+            "in one forward (model.gradient_cache.enabled=true trains a batch larger than memory allows)")
     if dist.get_global_rank() == 0:
         log.info("per-device batch sizes: %s; %d steps per epoch on %d rank(s)", dataset.per_device_batch_sizes,
                  len(dataset), dist.get_world_size())

@@ -70,17 +70,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_rank_results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("ranks")
-    context = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
+def spawn_ranks(worker, out_dir: Path) -> list[dict]:
+    """Run `worker(rank, port, out_dir)` on WORLD processes; each writes `out_dir/rank{r}.pt`."""
+    context = mp.spawn(worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=5):          # raises if a worker failed
+    while not context.join(timeout=2):          # raises if a worker failed
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"2-rank workers did not finish within {SPAWN_TIMEOUT_S} s")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("ranks"))
 
 
 def one_process(**kwargs) -> tuple[dict, dict]:

@@ -29,6 +29,7 @@ from composer.models import ComposerModel
 from torchmetrics import Metric
 
 from m3composer import distributed, losses
+from m3composer.model import gradcache
 from m3composer.model.m3 import M3Model
 from m3composer.model.scores import COLBERT_MAX_ELEMENTS, SCORE_NAMES, M3Reps, M3Scores, dense_scores
 
@@ -83,13 +84,16 @@ class ComposerM3(ComposerModel):
         knowledge_distillation: use `m3_kd_loss` with the batch's teacher scores when it has them.
         gradient_checkpointing: non-reentrant activation checkpointing of the encoder.
         colbert_max_elements: chunking budget of the ColBERT max-sim (see scores.colbert_scores).
+        gradient_cache: encode training batches through the gradient cache in chunks of this size
+            (`gradcache`): the same loss and gradients, activations of one chunk at a time; None = off.
     """
 
     def __init__(self, model: M3Model, *, temperature: float = 0.02, unified_finetuning: bool = True,
                  use_self_distill: bool = False, negatives_cross_device: bool = False,
                  cross_rank_grad_scale: str = "parity", train_group_size: Optional[int] = None,
                  bidirectional_parallel: bool = True, knowledge_distillation: bool = False,
-                 gradient_checkpointing: bool = False, colbert_max_elements: int = COLBERT_MAX_ELEMENTS):
+                 gradient_checkpointing: bool = False, colbert_max_elements: int = COLBERT_MAX_ELEMENTS,
+                 gradient_cache: Optional[gradcache.GradientCacheBudget] = None):
         super().__init__()
         if cross_rank_grad_scale not in distributed.CROSS_RANK_GRAD_SCALES:
             raise ValueError(f"cross_rank_grad_scale must be one of {distributed.CROSS_RANK_GRAD_SCALES}, "
@@ -106,6 +110,7 @@ class ComposerM3(ComposerModel):
         self.bidirectional_parallel = bidirectional_parallel
         self.knowledge_distillation = knowledge_distillation
         self.colbert_max_elements = colbert_max_elements
+        self.gradient_cache = gradient_cache
         # The switch the self-distillation warm-up Algorithm sets each batch.
         self.self_distill_on = bool(use_self_distill)
         if not unified_finetuning:
@@ -141,9 +146,13 @@ class ComposerM3(ComposerModel):
         group_size = self.group_size(batch)
         # Queries and passages go through the encoder together (length-sorted chunks, M3Model.encode_many).
         unified = self.unified_finetuning
-        q, p = self.model.encode_many([(batch["query_input_ids"], batch["query_attention_mask"]),
-                                       (batch["passage_input_ids"], batch["passage_attention_mask"])],
-                                      with_sparse=unified, with_colbert=unified)
+        parts = [(batch["query_input_ids"], batch["query_attention_mask"]),
+                 (batch["passage_input_ids"], batch["passage_attention_mask"])]
+        if self.gradient_cache is not None and torch.is_grad_enabled():
+            q, p = gradcache.encode_many(self.model, parts, self.gradient_cache, with_sparse=unified,
+                                         with_colbert=unified)
+        else:
+            q, p = self.model.encode_many(parts, with_sparse=unified, with_colbert=unified)
         return M3Outputs(queries=q, passages=p, scores=self.score(q, p), group_size=group_size)
 
     # ------------------------------------------------------------------ loss

@@ -213,10 +213,7 @@ class M3Model(nn.Module):
         chunks = None
         if self.length_grouping and len(parts) > 1:
             widths = [ids.shape[1] for ids, _ in parts]
-            width = max(widths)
-            pad_id = self._pad_id()
-            all_ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=pad_id) for ids, _ in parts])
-            all_mask = torch.cat([F.pad(mask, (0, width - mask.shape[1]), value=0) for _, mask in parts])
+            all_ids, all_mask = self.concat_parts(parts)
             chunks = self._length_chunks(all_mask)
         if chunks is None or len(chunks) <= 1:
             # One call for everything would pad the queries to the passages' width: keep each part
@@ -230,6 +227,15 @@ class M3Model(nn.Module):
             start += ids.shape[0]
             out.append(self._heads(hidden, ids, mask, with_sparse, with_colbert))
         return out
+
+    def concat_parts(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of several right-padded `(input_ids, attention_mask)` pairs as one pair, padded
+        to the widest part (rows in part order)."""
+        width = max(ids.shape[1] for ids, _ in parts)
+        pad_id = self._pad_id()
+        all_ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=pad_id) for ids, _ in parts])
+        all_mask = torch.cat([F.pad(mask, (0, width - mask.shape[1]), value=0) for _, mask in parts])
+        return all_ids, all_mask
 
     def _pad_id(self) -> int:
         pad = getattr(self.encoder.config, "pad_token_id", None)
@@ -275,22 +281,41 @@ class M3Model(nn.Module):
         inverse[order] = torch.arange(n, device=order.device)
         return torch.cat(outputs)[inverse]
 
-    def _heads(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               with_sparse: bool, with_colbert: bool) -> M3Reps:
+    def head_outputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor, with_sparse: bool,
+                     with_colbert: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Row-wise head outputs of `hidden (n, L, H)`: dense `(n, H)`, per-position sparse weights
+        `(n, L)` (0 at padding) and ColBERT vectors `(n, L-1, D)` (0 at padding), None when not asked.
+        Everything the loss reads is a function of these and the token ids (`sparse_reps`)."""
         dense = heads.pool_dense(hidden, attention_mask, self.pooling)
         if self.normalize:
             dense = heads.l2_normalize(dense)
-        reps = M3Reps(dense=dense)
+        weights = colbert = None
         if with_sparse:
-            # Padding positions carry the pad id (zeroed below anyway); masking also covers a collator
-            # that pads with some other id.
+            # Padding positions carry the pad id (zeroed in sparse_reps anyway); masking also covers a
+            # collator that pads with some other id.
             weights = heads.sparse_token_weights(hidden, self.sparse_linear) * attention_mask.to(hidden.dtype)
-            reps.sparse = heads.sparse_vocab_weights(weights, input_ids, self.vocab_size,
-                                                     self.special_token_ids.values())
         if with_colbert:
-            reps.colbert, reps.colbert_mask = heads.colbert_vectors(hidden, attention_mask, self.colbert_linear,
-                                                                    self.normalize)
+            colbert, _ = heads.colbert_vectors(hidden, attention_mask, self.colbert_linear, self.normalize)
+        return dense, weights, colbert
+
+    def sparse_reps(self, token_weights: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per-position weights `(n, L)` -> the `(n, V)` vocabulary vector (special ids 0)."""
+        return heads.sparse_vocab_weights(token_weights, input_ids, self.vocab_size, self.special_token_ids.values())
+
+    def reps_from_head_outputs(self, dense: torch.Tensor, weights: Optional[torch.Tensor],
+                               colbert: Optional[torch.Tensor], input_ids: torch.Tensor,
+                               attention_mask: torch.Tensor) -> M3Reps:
+        reps = M3Reps(dense=dense)
+        if weights is not None:
+            reps.sparse = self.sparse_reps(weights, input_ids)
+        if colbert is not None:
+            reps.colbert, reps.colbert_mask = colbert, attention_mask[:, 1:]
         return reps
+
+    def _heads(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               with_sparse: bool, with_colbert: bool) -> M3Reps:
+        return self.reps_from_head_outputs(*self.head_outputs(hidden, attention_mask, with_sparse, with_colbert),
+                                           input_ids, attention_mask)
 
     @staticmethod
     def score(q: M3Reps, p: M3Reps, temperature: float, *,

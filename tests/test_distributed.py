@@ -163,7 +163,7 @@ def test_full_batch_convention_gradient_equals_one_process_gradient(two_rank_res
             assert torch.allclose(g, full_grads[name], atol=1e-6, rtol=1e-4), name
 
 
-def test_unified_self_distill_per_rank_losses_match_the_spec(two_rank_results):
+def test_unified_self_distill_per_rank_losses_match_flagembeddings_reference(two_rank_results):
     # only the dense term is global, so the ranks' totals differ (FlagEmbedding's numbers,
     # recipe.md §Reference numbers)
     totals = [r["unified_self_distill"]["terms"]["total"].item() for r in two_rank_results]

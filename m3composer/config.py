@@ -22,7 +22,7 @@ from omegaconf import MISSING, OmegaConf
 from m3composer.algorithms.self_distill_warmup import SELF_DISTILL_MODES, parse_start
 from m3composer.data.plan import TAIL_RULES
 from m3composer.distributed import CROSS_RANK_GRAD_SCALES
-from m3composer.model.heads import POOLING_METHODS
+from m3composer.model.heads import POOLING_METHODS, SPARSE_INITS
 
 AUTO = "auto"  # instruction prefixes / pooling: take what the model folder records
 # `loggers:` keys -> Composer logger class (their packages are optional)
@@ -49,6 +49,9 @@ class ModelConfig:
     fix_position_embedding: bool = False
     attn_implementation: Optional[str] = "sdpa"   # null: the encoder's default
     trust_remote_code: bool = False
+    # Heads a folder does not have (any encoder that is not a trained BGE-M3) start as: the sparse
+    # head as lexical overlap (weight 0, bias √τ: recipe.md §Sparse head) or PyTorch's default.
+    new_sparse_head_init: str = "default"
 
 
 @dataclass
@@ -92,6 +95,7 @@ class OptimizerConfig:
     warmup_ratio: float = 0.0
     warmup_steps: Optional[int] = None     # overrides warmup_ratio when set
     max_grad_norm: Optional[float] = 1.0   # null: no clipping
+    new_head_lr_multiplier: float = 1.0    # lr of heads the model folder did not have = lr × this
 
 
 @dataclass
@@ -189,6 +193,8 @@ def validate(cfg: TrainConfig) -> None:
     m, d, l, o, t = cfg.model, cfg.data, cfg.loss, cfg.optimizer, cfg.trainer
     _check(m.pooling in (AUTO, *POOLING_METHODS), "model.pooling", f"must be {_choices(AUTO, *POOLING_METHODS)}, got {m.pooling!r}")
     _check(m.colbert_dim == -1 or m.colbert_dim > 0, "model.colbert_dim", "must be -1 (hidden size) or positive")
+    _check(m.new_sparse_head_init in SPARSE_INITS, "model.new_sparse_head_init",
+           f"must be {_choices(*SPARSE_INITS)}, got {m.new_sparse_head_init!r}")
     _validate_gradient_cache(cfg)
     _check(d.train_group_size >= 1, "data.train_group_size", "must be >= 1")
     _check(d.query_max_len >= 3, "data.query_max_len", "must be >= 3 (<s>, a token, </s>)")
@@ -217,6 +223,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(0.0 <= o.warmup_ratio < 1.0, "optimizer.warmup_ratio", "must be in [0, 1)")
     _check(o.warmup_steps is None or o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be positive or null")
+    _check(o.new_head_lr_multiplier > 0, "optimizer.new_head_lr_multiplier", "must be positive")
     _check(t.precision in PRECISIONS, "trainer.precision", f"must be {_choices(*PRECISIONS)}")
     _check(t.device in ("auto", "cpu", "gpu"), "trainer.device", "must be auto, cpu or gpu")
     _check(t.device_train_microbatch_size is None or t.device_train_microbatch_size >= 1,

@@ -35,6 +35,8 @@ from m3composer.data.index import is_remote
 from m3composer.model.composer_model import ComposerM3
 from m3composer.model.folder_config import CONFIG_FILE, M3FolderConfig
 from m3composer.model.gradcache import GradientCacheBudget
+from m3composer.model.heads import init_sparse_as_lexical_overlap
+from m3composer.model.inference import unwrap_m3
 from m3composer.model.m3 import M3Model
 
 log = logging.getLogger("m3composer.train")
@@ -90,6 +92,8 @@ def build_model(cfg: TrainConfig, model_dir: Path, chosen: ModelDefaults) -> Com
     # The export records what training used, so evaluation defaults to the same prefixes.
     m3.query_instruction = chosen.query_instruction_for_retrieval
     m3.passage_instruction = chosen.passage_instruction_for_retrieval
+    if m3.fresh_heads:
+        init_new_heads(cfg, m3)
     m3.train()
     loss = cfg.loss
     cache = cfg.model.gradient_cache
@@ -118,17 +122,32 @@ def build_dataset(cfg: TrainConfig, tokenizer, chosen: ModelDefaults) -> M3Train
 
 
 # ------------------------------------------------------------------------------ optimisation
+def init_new_heads(cfg: TrainConfig, m3: M3Model) -> None:
+    """Initialise heads the model folder did not have as `model.new_sparse_head_init` says, and
+    record how in `m3.head_init` (saved in the export's m3composer.json)."""
+    temperature = cfg.loss.temperature if m3.normalize else 1.0     # ComposerM3 forces τ = 1 otherwise
+    if cfg.model.new_sparse_head_init == "lexical_overlap":
+        init_sparse_as_lexical_overlap(m3.sparse_linear, temperature)
+    m3.head_init = {"sparse": cfg.model.new_sparse_head_init, "colbert": "default",
+                    "new_head_lr_multiplier": cfg.optimizer.new_head_lr_multiplier}
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
+    """AdamW over the trainable parameters; no decay on biases and LayerNorm weights; heads the model
+    folder did not have at `lr × optimizer.new_head_lr_multiplier`."""
+    o = cfg.optimizer
+    m3 = unwrap_m3(model)
+    new_heads = ({id(p) for p in (*m3.sparse_linear.parameters(), *m3.colbert_linear.parameters())}
+                 if m3.fresh_heads and o.new_head_lr_multiplier != 1.0 else set())
+    groups: dict[tuple[bool, bool], list] = {(False, False): [], (True, False): [], (False, True): [], (True, True): []}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if any(m in name for m in NO_DECAY_MARKERS) else decay).append(param)
-    o = cfg.optimizer
+            groups[(any(m in name for m in NO_DECAY_MARKERS), id(param) in new_heads)].append(param)
     # fused: one kernel over all tensors (CPU and CUDA), same update rule as the default per-tensor
     # loop and several times faster on CPU (BENCHMARKS.md §Training, "What was changed").
-    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
+    return torch.optim.AdamW([{"params": params, "weight_decay": 0.0 if no_decay else o.weight_decay,
+                               "lr": o.lr * (o.new_head_lr_multiplier if new_head else 1.0)}
+                              for (no_decay, new_head), params in groups.items() if params or not new_head],
                              lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
 
 
@@ -162,6 +181,9 @@ def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: ModelDefaults) -> li
     if c.loss_log:
         from m3composer.callbacks.loss_log import LossLog
         callbacks.append(LossLog(c.loss_log))
+    if cfg.loss.unified_finetuning:
+        from m3composer.callbacks.head_diagnostics import HeadDiagnostics
+        callbacks.append(HeadDiagnostics(cfg.optimizer.max_grad_norm))
     if on_gpu:
         callbacks.append(MemoryMonitor())
     if c.eval_data:

@@ -132,6 +132,10 @@ class M3Model(nn.Module):
         self.special_token_ids = dict(special_token_ids)
         self.query_instruction = query_instruction
         self.passage_instruction = passage_instruction
+        # True when from_pretrained found no head files and initialised the heads itself
+        self.fresh_heads = False
+        # how the training run initialised fresh heads; recorded in m3composer.json by save_pretrained
+        self.head_init: Optional[dict] = None
         # encode in length-sorted chunks (see encoder_hidden); off = one padded encoder call per encode
         self.length_grouping = True
         self.length_grouping_overhead_tokens: Optional[float] = None   # None: length_chunks' default
@@ -171,6 +175,7 @@ class M3Model(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         hidden = encoder.config.hidden_size
         colbert_path, sparse_path = folder / COLBERT_FILE, folder / SPARSE_FILE
+        fresh = False
         if colbert_path.is_file() and sparse_path.is_file():
             colbert_state = torch.load(colbert_path, map_location="cpu", weights_only=True)
             sparse_state = torch.load(sparse_path, map_location="cpu", weights_only=True)
@@ -187,11 +192,14 @@ class M3Model(nn.Module):
             log.warning("%s: no %s/%s; the ColBERT and sparse heads are newly initialised "
                         "(fine for training, not for inference)", folder, COLBERT_FILE, SPARSE_FILE)
             colbert_linear, sparse_linear = cls.new_heads(hidden, colbert_dim)
+            fresh = True
         model = cls(encoder, colbert_linear, sparse_linear,
                     pooling=pooling or recorded.pooling,
                     normalize=recorded.normalize if normalize is None else normalize,
                     special_token_ids=special_token_ids, tokenizer=tokenizer,
                     query_instruction=recorded.query_instruction, passage_instruction=recorded.passage_instruction)
+        model.fresh_heads = fresh
+        model.head_init = recorded.head_init
         return model.eval()   # like transformers' from_pretrained; the trainer switches to train()
 
     # ------------------------------------------------------------------ encode / score
@@ -331,7 +339,8 @@ class M3Model(nn.Module):
     def folder_config(self) -> M3FolderConfig:
         """What `save_pretrained` records in `m3composer.json` (and `from_pretrained` reads back)."""
         return M3FolderConfig(pooling=self.pooling, normalize=self.normalize,
-                              query_instruction=self.query_instruction, passage_instruction=self.passage_instruction)
+                              query_instruction=self.query_instruction, passage_instruction=self.passage_instruction,
+                              head_init=self.head_init)
 
     def save_pretrained(self, folder: str | os.PathLike, tokenizer=None) -> Path:
         """Write a FlagEmbedding-loadable folder atomically (temp folder + rename); returns its path.

@@ -51,7 +51,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     # Heads a folder does not have (any encoder that is not a trained BGE-M3) start as: the sparse
     # head as lexical overlap (weight 0, bias √τ: recipe.md §Sparse head) or PyTorch's default.
-    new_sparse_head_init: str = "default"
+    new_sparse_head_init: str = "lexical_overlap"
 
 
 @dataclass
@@ -95,7 +95,7 @@ class OptimizerConfig:
     warmup_ratio: float = 0.0
     warmup_steps: Optional[int] = None     # overrides warmup_ratio when set
     max_grad_norm: Optional[float] = 1.0   # null: no clipping
-    new_head_lr_multiplier: float = 1.0    # lr of heads the model folder did not have = lr × this
+    new_head_lr_multiplier: float = 10.0   # lr of heads the model folder did not have = lr × this (README §Quickstart)
 
 
 @dataclass

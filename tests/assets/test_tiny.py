@@ -48,8 +48,8 @@ def test_tiny_model_encodes_a_full_512_token_window(tiny_dir, tokenizer):
 
 
 def test_tiny_metadata_is_a_bge_m3_layout(tiny_dir):
-    assert M3FolderConfig.from_folder(tiny_dir).to_dict() == {"pooling": "cls", "normalize": True,
-                                         "query_instruction": None, "passage_instruction": None}
+    assert M3FolderConfig.from_folder(tiny_dir) == M3FolderConfig(pooling="cls", normalize=True,
+                                                                  query_instruction=None, passage_instruction=None)
 
 
 def test_tiny_build_is_deterministic(tmp_path, tiny_dir, e5_dir):

@@ -19,8 +19,10 @@ For every FlagEmbedding row (`query`, `pos`, `neg`, any other fields):
 5. `--negatives N` of the kept ones are drawn uniformly without replacement (seeded by `--seed`
    and the line number, so a rerun gives the same file) and written in rank order as `neg`.
 
-Every input field is kept, `neg` is replaced, and with `--scores` `pos_scores`/`neg_scores` of the
-same head are written (for `loss.knowledge_distillation`; `--scale` as in `m3c score-teacher`).
+Every input field is kept and `neg` is replaced; with `--scores` `pos_scores`/`neg_scores` of the
+same head are written (for `loss.knowledge_distillation`; `--scale` as in `m3c score-teacher`),
+without it a row's old `pos_scores`/`neg_scores` are removed (they scored the old negatives) and
+counted.
 A row with fewer than N candidates left keeps what is left (maybe none) and is counted in the
 summary; no row is dropped. Bad lines stop the run with `file:line: reason` (the checks of
 `m3c convert`); the output is written to a temporary name and renamed.
@@ -187,11 +189,18 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
         used_index = "exact brute force (search.py)"
     searched_at = time.perf_counter()
 
-    # The positives' own scores (filters and pos_scores), pair by pair with the same head.
+    # The positives' own scores (filters and pos_scores) with the same head.
     need_pos = with_scores or max_score_ratio is not None or margin is not None
     pos_scores: list[list[float]] = [[] for _ in rows]
-    if need_pos:
-        full = head != "dense"
+    if need_pos and head == "dense":
+        # the vectors are at hand: positives in the pool are not encoded again
+        missing = list(dict.fromkeys(t for r in rows for t in r.pos if t not in pool_index))
+        extra = encode_dense(m3, missing, m3.tokenizer, p_inst, passage_max_len, batch_size, progress=False)
+        vector_of = {t: extra[j] for j, t in enumerate(missing)}
+        pos_scores = [[float(q_vecs[i] @ (vector_of[t] if t in vector_of else p_vecs[pool_index[t]])) for t in r.pos]
+                      for i, r in enumerate(rows)]
+    elif need_pos:
+        full = True
 
         def encode(texts, instruction, max_length):
             out = m3.encode_texts(texts, batch_size=batch_size, max_length=max_length, instruction=instruction,
@@ -203,7 +212,7 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
         pos_scores = [[pair_score(q, p_enc[t], head, weights) for t in r.pos] for q, r in zip(q_enc, rows)]
 
     counts = {"rows": len(rows), "pool": len(pool), "rows_with_fewer_negatives": 0, "rows_without_negatives": 0,
-              "dropped_by_score": 0, "negatives_written": 0}
+              "dropped_by_score": 0, "negatives_written": 0, "rows_with_scores_dropped": 0}
     with atomic_file(output_path) as out:
         for i, r in enumerate(rows):
             candidates = [(int(c), float(s)) for c, s in zip(top_indices[i], top_scores[i])
@@ -225,6 +234,11 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
             if with_scores:
                 r.obj["pos_scores"] = [s * scale for s in pos_scores[i]]
                 r.obj["neg_scores"] = [candidates[j][1] * scale for j in chosen]
+            elif "neg_scores" in r.obj or "pos_scores" in r.obj:
+                # they scored the old negatives: kept, they would no longer match `neg`
+                r.obj.pop("pos_scores", None)
+                r.obj.pop("neg_scores", None)
+                counts["rows_with_scores_dropped"] += 1
             counts["negatives_written"] += len(chosen)
             out.write(json.dumps(r.obj, ensure_ascii=False) + "\n")
     done = time.perf_counter()
@@ -283,5 +297,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"[mine] {args.output}: {s['rows']} rows, {s['negatives_written']} negatives from a pool of {s['pool']} "
           f"({s['head']}, {s['index']}, top {s['k']}); {s['rows_with_fewer_negatives']} rows with fewer than "
           f"{args.negatives} (of which {s['rows_without_negatives']} with none), {s['dropped_by_score']} candidates "
-          f"dropped by the score filter; {s['seconds']['total']:.1f} s")
+          f"dropped by the score filter; {s['rows_with_scores_dropped']} rows lost their old teacher scores; "
+          f"{s['seconds']['total']:.1f} s")
     return 0

@@ -15,7 +15,7 @@ from tests.ranking import assert_ranked_by
 ROWS = [
     {"query": "how do I sort a list in Python", "id": 1, "prompt": "kept",
      "pos": ["Use sorted(items) for a new list."], "neg": ["The Nile is a river in Africa."]},
-    {"query": "what is the capital of France",
+    {"query": "what is the capital of France", "pos_scores": [1.0], "neg_scores": [0.5, 0.2],   # old scores
      "pos": ["Paris is the capital of France."],
      "neg": ["Berlin is the capital of Germany.", "Madrid hosts the Spanish government."]},
     {"query": "how do I sort a list in Python",             # a second positive of the same query
@@ -60,12 +60,14 @@ def test_every_candidate_is_written_in_rank_order_without_positives_or_the_query
     summary = mine(src, tmp_path / "out.jsonl", tiny, rank_range=(1, 100), negatives=100, progress=False)
     out = read(tmp_path / "out.jsonl")
     assert summary["pool"] == len(POOL) == 10 and summary["rows"] == 4 and summary["index"] == "flat"
+    old = ("neg", "pos_scores", "neg_scores")
     for i, (before, after) in enumerate(zip(ROWS, out)):
-        assert {k: v for k, v in after.items() if k != "neg"} == {k: v for k, v in before.items() if k != "neg"}
+        assert {k: v for k, v in after.items() if k != "neg"} == {k: v for k, v in before.items() if k not in old}
         assert set(after["neg"]) == set(POOL) - excluded(i)          # another line's positive of the same query stays
         assert_ranked_by(after["neg"], {t: dense_scores[i][t] for t in after["neg"]})
     assert ROWS[2]["pos"][0] in out[0]["neg"]
     assert summary["rows_with_fewer_negatives"] == 4 and summary["rows_without_negatives"] == 0
+    assert summary["rows_with_scores_dropped"] == 1
 
 
 def test_range_picks_ranks_after_the_exclusions_and_a_rerun_gives_the_same_file(tiny, dense_scores, tmp_path):
@@ -109,17 +111,20 @@ def test_score_filters_and_rows_left_without_negatives(tiny, dense_scores, tmp_p
     assert len(out) == 4 and all(r["neg"] == [] for r in out) and summary["rows_without_negatives"] == 4
 
 
-def test_corpus_pool_and_the_command_line(tiny_dir, tmp_path, capsys):
+def test_corpus_pool_and_the_command_line(tiny_dir, dense_scores, tmp_path, capsys):
     src = write(tmp_path / "in.jsonl", ROWS)
     beir = tmp_path / "beir"
     beir.mkdir()
     corpus = ["Tokyo is the capital of Japan.", "Rome was founded, legend says, in 753 BC.", "Heaps sort in place."]
     write(beir / "corpus.jsonl", [{"_id": f"d{i}", "title": "", "text": t} for i, t in enumerate(corpus)])
     rc = main(["mine", str(src), str(tmp_path / "out.jsonl"), "--model", str(tiny_dir), "--corpus", str(beir),
-               "--range", "1-2", "--negatives", "5", "--no-progress"])
+               "--range", "1-2", "--negatives", "5", "--max-score-ratio", "100", "--scores", "--no-progress"])
     assert rc == 0 and "[mine]" in capsys.readouterr().out
     out = read(tmp_path / "out.jsonl")
     assert all(len(r["neg"]) == 2 and set(r["neg"]) <= set(corpus) for r in out)
+    # the positives are not in the corpus: encoded on their own, same scores
+    assert [r["pos_scores"] for r in out] == [pytest.approx([dense_scores[i][t] for t in r["pos"]], abs=1e-5)
+                                              for i, r in enumerate(ROWS)]
 
 
 def test_a_bad_line_stops_with_file_line_and_writes_nothing(tiny_dir, tmp_path, capsys):

@@ -9,7 +9,8 @@
 #   d) the sample data's own BM25 negatives (the quickstart)
 # Needs `m3c sample-data` output in $RUN/sample (run scripts/quickstart.sh's first steps, or this
 # script makes it). One training job at a time; NPROC=1 (the default, ~6 GB) trains one process with
-# the global batch of the quickstart's 2 ranks (16 queries), NPROC=2 the quickstart's exact layout.
+# the global batch of the quickstart's 2 ranks (16 queries), NPROC=2 the quickstart's exact layout;
+# activation checkpointing on (memory only: the same losses and gradients).
 # Outputs: $RUN/{a,b,d}/export and $RUN/bootstrap.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,8 +48,10 @@ for c in a b d; do
   mkdir -p "$RUN/$c"
   "${M3C[@]}" convert "$data" --out "$RUN/$c/mds" --overwrite --no-progress | tail -1
   rm -rf "$RUN/$c/checkpoints"
+  # a shared machine: start only with room for the run (MIN_FREE_GB of available memory)
+  while [ "$(free -g | awk '/^Mem/{print $7}')" -lt "${MIN_FREE_GB:-9}" ]; do sleep 15; done
   OMP_NUM_THREADS=$(( 2 / NPROC )) "$COMPOSER" -n "$NPROC" scripts/train.py yamls/quickstart-cpu.yaml run_name="neg-$c" \
-    data.default_batch_size=$(( 16 / NPROC )) \
+    data.default_batch_size=$(( 16 / NPROC )) model.gradient_checkpointing=true \
     run_dir="$RUN/$c" data.train_data="$RUN/$c/mds" trainer.save_folder="$RUN/$c/checkpoints" \
     callbacks.export_dir="$RUN/$c/export" > "$RUN/$c/train.log" 2>&1
   tail -2 "$RUN/$c/train.log"

@@ -175,6 +175,7 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
     if head == "dense":
         tokenizer = m3.tokenizer
         q_vecs = encode_dense(m3, queries, tokenizer, q_inst, query_max_len, desc="encode queries", **common)
+        queries_at = time.perf_counter()
         p_vecs = encode_dense(m3, pool, tokenizer, p_inst, passage_max_len, desc="encode pool", **common)
         search_at = time.perf_counter()
         top_scores, top_indices = faiss_top_k(q_vecs, p_vecs, k, index)
@@ -184,7 +185,7 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
         tops = search_top_k(m3, queries, pool, query_instruction=q_inst, passage_instruction=p_inst,
                             query_max_len=query_max_len, passage_max_len=passage_max_len, weights=weights,
                             heads=heads, top_k=k, **common)
-        search_at = time.perf_counter()
+        search_at = queries_at = time.perf_counter()    # encoding and search are interleaved here
         top_scores, top_indices = (t.numpy() for t in tops[head])
         used_index = "exact brute force (search.py)"
     searched_at = time.perf_counter()
@@ -243,6 +244,8 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
             out.write(json.dumps(r.obj, ensure_ascii=False) + "\n")
     done = time.perf_counter()
     seconds = {"total": done - started, "encode_and_search": searched_at - encoded_at,
+               "encode_queries": queries_at - encoded_at if head == "dense" else None,
+               "encode_pool": search_at - queries_at if head == "dense" else None,
                "search_only": searched_at - search_at}
     return dict(counts, head=head, index=used_index, k=k, seconds=seconds,
                 query_instruction=q_inst, passage_instruction=p_inst)

@@ -6,8 +6,8 @@
 
 For every FlagEmbedding row (`query`, `pos`, `neg`, any other fields):
 
-1. the candidate pool is every positive and negative text of the input, identical texts merged
-   (first appearance order), or `--corpus` (a BEIR folder or a JSONL of `{"title"?, "text"}`);
+1. the candidate pool is every positive and negative text of the input, or `--corpus` (a BEIR
+   folder or a JSONL of `{"title"?, "text"}`), identical texts merged (first appearance order);
 2. the query's top `range end + excluded` candidates are retrieved with the chosen head (raw
    BGE-M3 inference scores, no temperature: `search.py`'s definitions);
 3. excluded: the row's own positives, the query text itself, and with
@@ -153,10 +153,9 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
         raise ValueError(f"{output_path}: output must differ from the input")
     started = time.perf_counter()
     rows = read_rows(input_path)
-    pool = load_corpus_texts(corpus) if corpus is not None else input_pool(rows)
-    pool_index = {}
-    for i, text in enumerate(pool):
-        pool_index.setdefault(text, i)
+    # identical texts once, so excluding a positive's text excludes every copy of it
+    pool = list(dict.fromkeys(load_corpus_texts(corpus))) if corpus is not None else input_pool(rows)
+    pool_index = {text: i for i, text in enumerate(pool)}
     positives_of_query: dict[str, set[str]] = {}
     if exclude_positives_of_query:
         for r in rows:

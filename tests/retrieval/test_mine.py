@@ -115,13 +115,15 @@ def test_corpus_pool_and_the_command_line(tiny_dir, dense_scores, tmp_path, caps
     src = write(tmp_path / "in.jsonl", ROWS)
     beir = tmp_path / "beir"
     beir.mkdir()
-    corpus = ["Tokyo is the capital of Japan.", "Rome was founded, legend says, in 753 BC.", "Heaps sort in place."]
+    corpus = ["Tokyo is the capital of Japan.", "Rome was founded, legend says, in 753 BC.", "Heaps sort in place.",
+              ROWS[1]["pos"][0], ROWS[1]["pos"][0]]          # a positive, twice: never a negative
     write(beir / "corpus.jsonl", [{"_id": f"d{i}", "title": "", "text": t} for i, t in enumerate(corpus)])
     rc = main(["mine", str(src), str(tmp_path / "out.jsonl"), "--model", str(tiny_dir), "--corpus", str(beir),
                "--range", "1-2", "--negatives", "5", "--max-score-ratio", "100", "--scores", "--no-progress"])
     assert rc == 0 and "[mine]" in capsys.readouterr().out
     out = read(tmp_path / "out.jsonl")
     assert all(len(r["neg"]) == 2 and set(r["neg"]) <= set(corpus) for r in out)
+    assert ROWS[1]["pos"][0] not in out[1]["neg"]
     # the positives are not in the corpus: encoded on their own, same scores
     assert [r["pos_scores"] for r in out] == [pytest.approx([dense_scores[i][t] for t in r["pos"]], abs=1e-5)
                                               for i, r in enumerate(ROWS)]

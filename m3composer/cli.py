@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("m3composer.retrieval.evaluate", "retrieval metrics per head (dense, sparse, ColBERT, ensemble) on a BEIR folder or JSONL"),
     "compare": ("m3composer.retrieval.compare", "paired bootstrap interval between two `m3c eval --per-query` results"),
     "score-teacher": ("m3composer.retrieval.teacher", "add a teacher model's pos_scores/neg_scores to a JSONL (knowledge distillation)"),
+    "mine": ("m3composer.retrieval.mine", "mine hard negatives for a JSONL with a model (dense via faiss, or any head)"),
 }
 
 # Arguments that name a model folder, per command, with the asset used when none is given. Before
@@ -28,6 +29,7 @@ MODEL_ARGUMENTS: dict[str, dict[str, str | None]] = {
     "convert": {"tokenizer": "asset:e5-small"},
     "eval": {"model_dir": None},
     "score-teacher": {"model": None},
+    "mine": {"model": None},
 }
 
 

@@ -84,6 +84,7 @@ class LossConfig:
     cross_rank_grad_scale: str = "parity"  # parity (FlagEmbedding: dense term 1/W after DDP) | full_batch
     knowledge_distillation: bool = False   # use pos_scores/neg_scores (m3_kd_loss) when a stream has them
     bidirectional_parallel: bool = True    # passage->query term for parallel_ streams
+    mask_false_negatives: bool = True      # in-batch passages identical to a query's positive leave its softmax
 
 
 @dataclass

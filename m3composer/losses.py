@@ -15,6 +15,10 @@ FlagEmbedding's own numbers, recipe.md §Reference numbers):
 
 where each `L_x` is `info_nce(S_x, y)` (or `m3_kd_loss` when teacher scores are used) and each
 `L'_x` is the soft cross entropy of `S_x` against `softmax(S_ens.detach())`.
+
+In-batch false negatives (docs/recipe.md §False-negative masking): a column whose passage is
+identical to one of query b's positives is taken out of row b's softmax in every matrix above
+(`false_negative_mask`, `mask_scores`); a matrix without such columns is left unchanged.
 """
 from __future__ import annotations
 
@@ -28,6 +32,31 @@ SELF_DISTILL_WEIGHTS = (1.0, 0.1, 1.0)           # (dense, lex, mul), recipe.md 
 def in_batch_targets(num_queries: int, group_size: int, device=None) -> torch.Tensor:
     """Column of each query's positive: `y_b = b·G`, shape `(N,)`."""
     return torch.arange(num_queries, device=device) * group_size
+
+
+def false_negative_mask(passage_hashes: torch.Tensor, positive_hashes: torch.Tensor, group_size: int,
+                        first_row: int = 0) -> torch.Tensor:
+    """`M[b, c]` true when passage c is identical to one of query b's positives, except b's own
+    positive column `(first_row + b)·G`.
+
+    passage_hashes `(M,)`: a content hash per column; positive_hashes `(N, P)`: the hashes of each
+    query's positives (a row may repeat a hash to pad). `first_row` is the global index of row 0
+    when the rows are one rank's queries against every rank's passages. Shape `(N, M)` bool.
+    """
+    num_queries = positive_hashes.shape[0]
+    mask = (passage_hashes[None, :, None] == positive_hashes[:, None, :]).any(dim=-1)
+    own = in_batch_targets(num_queries, group_size, mask.device) + first_row * group_size
+    mask[torch.arange(num_queries, device=mask.device), own] = False
+    return mask
+
+
+def mask_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Scores with the masked entries at the dtype's most negative finite value: their softmax
+    probability is exactly 0 and no gradient reaches them, so every loss over the result equals
+    the loss over the matrix without those columns. `mask=None` returns `scores` itself."""
+    if mask is None:
+        return scores
+    return scores.float().masked_fill(mask, torch.finfo(torch.float32).min)
 
 
 def info_nce(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -84,7 +113,8 @@ def combine_self_distill(unified: torch.Tensor, self_distill: torch.Tensor) -> t
     return (unified + self_distill) / 2
 
 
-def m3_kd_loss(scores: torch.Tensor, teacher_targets: torch.Tensor, group_size: int) -> torch.Tensor:
+def m3_kd_loss(scores: torch.Tensor, teacher_targets: torch.Tensor, group_size: int,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
     """Knowledge distillation from teacher scores, FlagEmbedding's `m3_kd_loss` (recipe.md §m3_kd_loss).
 
     scores `(N, N·G)` (÷τ), teacher_targets `t = softmax(teacher_scores)` of shape `(N, G)`: column 0
@@ -98,11 +128,18 @@ def m3_kd_loss(scores: torch.Tensor, teacher_targets: torch.Tensor, group_size: 
 
     Masked columns are set to the dtype's most negative finite value (probability exactly 0).
     Because of the masking the order of the group matters (a Plackett–Luce-like listwise loss).
+
+    `mask (N, N·G)`, optional: false negatives, masked in every round from the start. Only columns
+    of other queries are taken from it: b's own G passages are all targets here, weighted by the
+    teacher, so none of them is pushed away as a negative.
     """
     scores = scores.float()
     num_queries = scores.shape[0]
     rows = torch.arange(num_queries, device=scores.device)
     used = torch.zeros_like(scores, dtype=torch.bool)
+    if mask is not None:
+        own_group = (torch.arange(scores.shape[1], device=scores.device)[None, :] // group_size) == rows[:, None]
+        used = mask & ~own_group
     lowest = torch.finfo(scores.dtype).min
     loss = scores.new_zeros(())
     for i in range(group_size):
@@ -114,7 +151,7 @@ def m3_kd_loss(scores: torch.Tensor, teacher_targets: torch.Tensor, group_size: 
     return loss
 
 
-def bidirectional_loss(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+def bidirectional_loss(scores: torch.Tensor, group_size: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Passage→query InfoNCE for parallel (`parallel_`, e.g. bitext) batches.
 
     From the query→passage scores `S (N, N·G)` take the columns of the positives,
@@ -128,8 +165,13 @@ def bidirectional_loss(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     dense head for parallel batches as `(L_dense + L_bi) / 2` in place of `L_dense`
     (the symmetric InfoNCE of sentence-transformers' MultipleNegativesSymmetricRankingLoss).
     FlagEmbedding parses the `parallel_` flag but never uses it (recipe.md §Bidirectional loss).
+
+    `mask (N, N·G)`, optional, the query→passage false-negative mask: query b is masked out of
+    row a when a's positive is identical to one of b's positives (`mask[b, a·G]`).
     """
     num_queries = scores.shape[0]
     positives = in_batch_targets(num_queries, group_size, scores.device)
     passage_to_query = scores[:, positives].T
+    if mask is not None:
+        passage_to_query = mask_scores(passage_to_query, mask[:, positives].T)
     return F.cross_entropy(passage_to_query.float(), torch.arange(num_queries, device=scores.device))

@@ -103,7 +103,8 @@ def build_model(cfg: TrainConfig, model_dir: Path, chosen: ModelDefaults) -> Com
                       cross_rank_grad_scale=loss.cross_rank_grad_scale, train_group_size=cfg.data.train_group_size,
                       bidirectional_parallel=loss.bidirectional_parallel,
                       knowledge_distillation=loss.knowledge_distillation,
-                      gradient_checkpointing=cfg.model.gradient_checkpointing, gradient_cache=budget)
+                      gradient_checkpointing=cfg.model.gradient_checkpointing, gradient_cache=budget,
+                      mask_false_negatives=loss.mask_false_negatives)
 
 
 # ----------------------------------------------------------------------------------------- data

@@ -18,7 +18,15 @@ step "2/6 sample data (m3c sample-data)"
 m3c sample-data "$RUN/sample" --overwrite
 
 step "3/6 JSONL -> MDS shards (m3c convert)"
-m3c convert "$RUN/sample/train" --out "$RUN/mds" --overwrite --no-progress
+TRAIN_JSONL="$RUN/sample/train"
+# MINE=1: replace the BM25 negatives by negatives mined with the base model (m3c mine, one pool per file)
+if [ "${MINE:-0}" = 1 ]; then
+  (cd "$RUN/sample/train" && find . -name '*.jsonl') | while read -r f; do mkdir -p "$RUN/mined/$(dirname "$f")"
+    m3c mine "$RUN/sample/train/$f" "$RUN/mined/$f" --model asset:e5-small --range 10-100 --negatives 7 \
+      --max-score-ratio 0.95 --exclude-positives-of-query --passage-max-len 128 --no-progress; done
+  TRAIN_JSONL="$RUN/mined"
+fi
+m3c convert "$TRAIN_JSONL" --out "$RUN/mds" --overwrite --no-progress
 
 step "4/6 fine-tune on 2 CPU ranks (composer -n 2 scripts/train.py yamls/quickstart-cpu.yaml)"
 rm -rf "$RUN/checkpoints"

@@ -32,12 +32,20 @@ MODES = [
     ("dense_parity", dict(unified_finetuning=False, cross_rank_grad_scale="parity")),
     ("dense_full_batch", dict(unified_finetuning=False, cross_rank_grad_scale="full_batch")),
     ("unified_self_distill", dict(unified_finetuning=True, use_self_distill=True, cross_rank_grad_scale="parity")),
+    ("dense_masked", dict(unified_finetuning=False, cross_rank_grad_scale="parity")),
 ]
+# dense_masked: rank 1's negative (global column 3) is rank 0's positive text (docs/recipe.md
+# §False-negative masking), by hash label
+MASKED_PASSAGE_HASHES, MASKED_POSITIVE_HASHES = [10, 11, 12, 10], [[10], [12]]
 
 
-def rank_batch(rank: int) -> dict:
-    return recipe_batch(queries=RECIPE_QUERY_IDS[rank:rank + 1], passages=RECIPE_PASSAGE_IDS[2 * rank:2 * rank + 2],
-                        teacher=RECIPE_TEACHER[rank:rank + 1])
+def rank_batch(rank: int, masked: bool = False) -> dict:
+    batch = recipe_batch(queries=RECIPE_QUERY_IDS[rank:rank + 1], passages=RECIPE_PASSAGE_IDS[2 * rank:2 * rank + 2],
+                         teacher=RECIPE_TEACHER[rank:rank + 1])
+    if masked:
+        batch["passage_hashes"] = torch.tensor(MASKED_PASSAGE_HASHES[2 * rank:2 * rank + 2])
+        batch["positive_hashes"] = torch.tensor(MASKED_POSITIVE_HASHES[rank:rank + 1])
+    return batch
 
 
 def encoder_grads(model: ComposerM3) -> dict[str, torch.Tensor]:
@@ -53,7 +61,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for name, kwargs in MODES:
             model = ComposerM3(build_recipe_model(), negatives_cross_device=True, **kwargs).train()
             ddp = torch.nn.parallel.DistributedDataParallel(model)
-            batch = rank_batch(rank)
+            batch = rank_batch(rank, masked=name.endswith("masked"))
             terms = model.loss(ddp(batch), batch)
             terms["total"].backward()
             results[name] = {"terms": {k: v.detach() for k, v in terms.items()}, "grads": encoder_grads(model)}
@@ -87,9 +95,12 @@ def two_rank_results(tmp_path_factory):
     return spawn_ranks(_worker, tmp_path_factory.mktemp("ranks"))
 
 
-def one_process(**kwargs) -> tuple[dict, dict]:
+def one_process(masked: bool = False, **kwargs) -> tuple[dict, dict]:
     model = ComposerM3(build_recipe_model(), **kwargs).train()
     batch = recipe_batch()
+    if masked:
+        batch["passage_hashes"] = torch.tensor(MASKED_PASSAGE_HASHES)
+        batch["positive_hashes"] = torch.tensor(MASKED_POSITIVE_HASHES)
     terms = model.loss(model(batch), batch)
     terms["total"].backward()
     return terms, encoder_grads(model)
@@ -170,3 +181,16 @@ def test_unified_self_distill_per_rank_losses_match_flagembeddings_reference(two
     assert totals == pytest.approx([0.173227, 0.793068], abs=1e-5)
     for r in two_rank_results:
         assert list(r["unified_self_distill"]["terms"]) == list(r["dense_parity"]["terms"])
+
+
+def test_false_negatives_are_masked_across_ranks(two_rank_results):
+    # each rank's gathered dense loss is the one-process masked loss, and the gradient keeps the 1/W parity
+    full, full_grads = one_process(masked=True, unified_finetuning=False)
+    unmasked, _ = one_process(unified_finetuning=False)
+    assert abs(full["dense"].item() - unmasked["dense"].item()) > 1e-3
+    for rank, result in enumerate(two_rank_results):
+        terms = result["dense_masked"]["terms"]
+        assert terms["dense"].item() == pytest.approx(full["dense"].item(), abs=1e-5)
+        assert terms["masked_negatives"].item() == [1, 0][rank]      # query 0 (rank 0) loses column 3
+        for name, g in result["dense_masked"]["grads"].items():
+            assert torch.allclose(g, full_grads[name] / WORLD, atol=1e-6, rtol=1e-4), name

@@ -129,3 +129,53 @@ def test_m3_kd_loss_gradient_skips_masked_columns_only_in_later_rounds():
     assert kd.item() == pytest.approx(ce.item(), abs=1e-6)
     kd.backward()
     assert torch.isfinite(scores.grad).all()
+
+
+def test_false_negative_mask_marks_copies_of_a_positive_but_never_the_own_positive_column():
+    # B = 2, G = 2: column 1 (q0's negative) and column 3 (q1's negative) are copies of q0's positive (10);
+    # q1's second positive (10, a row with two positives) makes column 0 a false negative of q1 too.
+    hashes = torch.tensor([10, 10, 12, 10])
+    positives = torch.tensor([[10, 10], [12, 10]])
+    mask = losses.false_negative_mask(hashes, positives, group_size=2)
+    assert mask.tolist() == [[False, True, False, True], [True, True, False, True]]
+    # rows of rank 1 (first_row = 1) against all columns: its own positive column is 2, not 0
+    assert losses.false_negative_mask(hashes, torch.tensor([[12, 12]]), 2, first_row=1).tolist() == \
+        [[False, False, False, False]]
+
+
+def test_masked_info_nce_equals_the_loss_without_those_columns_and_gives_them_no_gradient():
+    scores = S_DENSE.clone().requires_grad_()
+    mask = torch.tensor([[False, False, False, True], [True, False, False, False]])
+    loss = losses.info_nce(losses.mask_scores(scores, mask), losses.in_batch_targets(2, G))
+    expected = (row_ce(S_DENSE[0, :3].tolist(), 0) + row_ce(S_DENSE[1, 1:].tolist(), 1)) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    loss.backward()
+    assert scores.grad[mask].abs().max().item() == 0.0 and (scores.grad[~mask] != 0).all()
+    assert losses.mask_scores(S_DENSE, None) is S_DENSE
+
+
+def test_masked_m3_kd_loss_drops_other_queries_copies_and_keeps_its_own_group():
+    teacher = torch.softmax(TEACHER_RAW, dim=-1)
+    # column 2 is masked for row 0 (another query's passage); column 1 for row 1 is masked too;
+    # column 1 for row 0 (its own negative) is in the mask but stays a target
+    mask = torch.tensor([[False, True, True, False], [False, True, False, False]])
+    got = losses.m3_kd_loss(S_DENSE, teacher, G, mask=mask).item()
+    expected = 0.0
+    for b, keep in ((0, [0, 1, 3]), (1, [0, 2, 3])):
+        available = list(keep)
+        for i in range(G):
+            target = b * G + i
+            row = [S_DENSE[b, c].item() for c in available]
+            expected += teacher[b, i].item() * row_ce(row, available.index(target)) / 2
+            available.remove(target)
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert losses.m3_kd_loss(S_DENSE, teacher, G, mask=torch.zeros(2, 4, dtype=torch.bool)).item() == \
+        losses.m3_kd_loss(S_DENSE, teacher, G).item()
+
+
+def test_masked_bidirectional_loss_drops_a_query_whose_positive_is_the_same_text():
+    # both queries have the same positive: mask[0, 2] and mask[1, 0]; passage→query rows then keep only their own query
+    mask = torch.tensor([[False, False, True, False], [True, False, False, False]])
+    assert losses.bidirectional_loss(S_DENSE, G, mask=mask).item() == pytest.approx(0.0, abs=1e-6)
+    unmasked = losses.bidirectional_loss(S_DENSE, G)
+    assert losses.bidirectional_loss(S_DENSE, G, mask=torch.zeros(2, 4, dtype=torch.bool)).item() == unmasked.item()

@@ -1,7 +1,7 @@
 """PNG plots of a run: per-head training losses and retrieval metrics over steps.
 
     RUN_DIR/plots/losses.png   loss/train/<term> (dense, sparse, colbert, ensemble, self_distill,
-                               bidirectional, total), raw per step plus a moving average
+                               bidirectional, masked_negatives (a count), total), raw per step plus a moving average
     RUN_DIR/plots/eval.png     metrics/<label>/<head>/<metric> (what RetrievalEval logs): one panel
                                per metric, one line per head
 
@@ -33,7 +33,7 @@ DIAGNOSTIC_SERIES = ("heads/sparse/shared_token_weight", "heads/sparse/zero_weig
                      "grad_norm/clip_scale")
 HEAD_ORDER = ("dense", "sparse", "colbert", "ensemble")
 # The loss terms in the order ComposerM3 logs them; unknown terms go just before "total".
-LOSS_ORDER = ("dense", "sparse", "colbert", "ensemble", "self_distill", "bidirectional", "total")
+LOSS_ORDER = ("dense", "sparse", "colbert", "ensemble", "self_distill", "bidirectional", "masked_negatives", "total")
 
 
 def _step_of(when: Any) -> int:

@@ -16,8 +16,9 @@ batch, §Sample counting.
 """
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -105,6 +106,7 @@ class Example:
     query: np.ndarray
     passages: list[np.ndarray]
     teacher_scores: list[float] | None
+    positives: list[np.ndarray] = field(default_factory=list)   # all the row's positives (false-negative masking)
 
 
 # borrow(num_needed, rng) -> passages (token ids) from other rows of the same group
@@ -147,7 +149,7 @@ def draw_example(row: dict, train_group_size: int, rng: np.random.Generator, *, 
     if has_teacher_scores and not np.all(np.isfinite(scores)):
         raise ValueError(f"row {int(row['row_id'])} ({row.get('source', '?')}): teacher score missing (NaN) "
                          "in a stream marked has_teacher_scores")
-    return Example(int(row["row_id"]), row["query"], passages, scores)
+    return Example(int(row["row_id"]), row["query"], passages, scores, positives=positives)
 
 
 def with_prefix(ids: np.ndarray, prefix: Sequence[int], max_len: int, eos_id: int) -> np.ndarray:
@@ -158,6 +160,30 @@ def with_prefix(ids: np.ndarray, prefix: Sequence[int], max_len: int, eos_id: in
     if len(ids) > max_len:
         ids = np.concatenate([ids[:max_len - 1], np.array([eos_id], dtype=np.int64)])
     return ids
+
+
+def content_hash(ids: np.ndarray) -> int:
+    """A signed 64-bit hash of a token-id sequence, the same in every process (Python's `hash`
+    of bytes is salted per process, and ranks must agree)."""
+    digest = hashlib.blake2b(np.asarray(ids, dtype="<i8").tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def passage_hashes(examples: Sequence[Example], passages: Sequence[np.ndarray], spec: TokenSpec,
+                   passage_max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(passage_hashes (B·G,), positive_hashes (B, P))` of the passages as the model sees them
+    (prefixed, truncated). Row b's positives are its drawn positive column (maybe shuffled) and
+    every positive of its row; shorter rows repeat their first hash."""
+    column = [content_hash(p) for p in passages]
+    group_size = len(passages) // len(examples)
+    positives = []
+    for b, e in enumerate(examples):
+        own = [column[b * group_size]]
+        own += [content_hash(with_prefix(p, spec.passage_prefix, passage_max_len, spec.eos_id)) for p in e.positives]
+        positives.append(own)
+    width = max(len(p) for p in positives)
+    positives = [p + [p[0]] * (width - len(p)) for p in positives]
+    return torch.tensor(column, dtype=torch.long), torch.tensor(positives, dtype=torch.long)
 
 
 def collate_examples(examples: Sequence[Example], spec: TokenSpec, *, query_max_len: int, passage_max_len: int,
@@ -174,6 +200,7 @@ def collate_examples(examples: Sequence[Example], spec: TokenSpec, *, query_max_
                 for e in examples for p in e.passages]
     query_ids, query_mask = right_pad(queries, spec.pad_id, pad_to_multiple_of)
     passage_ids, passage_mask = right_pad(passages, spec.pad_id, pad_to_multiple_of)
+    column_hashes, positive_hashes = passage_hashes(examples, passages, spec, passage_max_len)
     if has_teacher_scores:
         teacher = torch.tensor([e.teacher_scores for e in examples], dtype=torch.float32)
     else:
@@ -187,6 +214,8 @@ def collate_examples(examples: Sequence[Example], spec: TokenSpec, *, query_max_
         "has_teacher_scores": torch.tensor(bool(has_teacher_scores)),
         "is_parallel": torch.tensor(bool(is_parallel)),
         "row_ids": torch.tensor([e.row_id for e in examples], dtype=torch.long),
+        "passage_hashes": column_hashes,
+        "positive_hashes": positive_hashes,
     }
 
 

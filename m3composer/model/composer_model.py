@@ -12,6 +12,11 @@ in `m3composer.losses`; this module decides which terms apply to a batch:
     self-distill   (L + L') / 2 while `self_distill_on`
     total          what Composer back-propagates
 
+False negatives (`mask_false_negatives`, docs/recipe.md §False-negative masking): when the batch
+carries `passage_hashes`/`positive_hashes`, a column whose passage is identical to one of query b's
+positives leaves row b's softmax in every matrix above (the gathered dense one included); the
+dict's `masked_negatives` counts them (this rank's queries, against the columns of its dense term).
+
 The loss dict always has the keys `LOSS_KEYS`, in that order, on every rank and step; a term
 that is off is a zero tensor (Composer all-reduces the dict key by key).
 
@@ -35,7 +40,7 @@ from m3composer.model.scores import COLBERT_MAX_ELEMENTS, SCORE_NAMES, M3Reps, M
 
 log = logging.getLogger(__name__)
 
-LOSS_KEYS = ("dense", "sparse", "colbert", "ensemble", "self_distill", "bidirectional", "total")
+LOSS_KEYS = ("dense", "sparse", "colbert", "ensemble", "self_distill", "bidirectional", "masked_negatives", "total")
 
 
 class InBatchAccuracy(Metric):
@@ -86,6 +91,8 @@ class ComposerM3(ComposerModel):
         colbert_max_elements: chunking budget of the ColBERT max-sim (see scores.colbert_scores).
         gradient_cache: encode training batches through the gradient cache in chunks of this size
             (`gradcache`): the same loss and gradients, activations of one chunk at a time; None = off.
+        mask_false_negatives: mask in-batch passages identical to a query's positive (batches
+            without passage hashes are never masked).
     """
 
     def __init__(self, model: M3Model, *, temperature: float = 0.02, unified_finetuning: bool = True,
@@ -93,7 +100,8 @@ class ComposerM3(ComposerModel):
                  cross_rank_grad_scale: str = "parity", train_group_size: Optional[int] = None,
                  bidirectional_parallel: bool = True, knowledge_distillation: bool = False,
                  gradient_checkpointing: bool = False, colbert_max_elements: int = COLBERT_MAX_ELEMENTS,
-                 gradient_cache: Optional[gradcache.GradientCacheBudget] = None):
+                 gradient_cache: Optional[gradcache.GradientCacheBudget] = None,
+                 mask_false_negatives: bool = True):
         super().__init__()
         if cross_rank_grad_scale not in distributed.CROSS_RANK_GRAD_SCALES:
             raise ValueError(f"cross_rank_grad_scale must be one of {distributed.CROSS_RANK_GRAD_SCALES}, "
@@ -111,6 +119,7 @@ class ComposerM3(ComposerModel):
         self.knowledge_distillation = knowledge_distillation
         self.colbert_max_elements = colbert_max_elements
         self.gradient_cache = gradient_cache
+        self.mask_false_negatives = mask_false_negatives
         # The switch the self-distillation warm-up Algorithm sets each batch.
         self.self_distill_on = bool(use_self_distill)
         if not unified_finetuning:
@@ -162,6 +171,24 @@ class ComposerM3(ComposerModel):
     def _uses_teacher_scores(self, batch: dict[str, Any]) -> bool:
         return self.knowledge_distillation and bool(batch.get("has_teacher_scores", False))
 
+    def _false_negative_masks(self, batch: dict[str, Any], group_size: int, device,
+                              gathered: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(local mask `(B, B·G)`, mask of the dense matrix: the global `(W·B, W·B·G)` one when
+        `gathered`, else the local one); `(None, None)` when off or the batch has no hashes."""
+        if not self.mask_false_negatives or "passage_hashes" not in batch:
+            return None, None
+        passage_hashes = batch["passage_hashes"].to(device)
+        positive_hashes = batch["positive_hashes"].to(device)
+        local = losses.false_negative_mask(passage_hashes, positive_hashes, group_size)
+        if not gathered:
+            return local, local
+        # This rank's queries against every rank's passages, then every rank's rows: the same
+        # global mask on every rank, without gathering positive lists of different lengths.
+        all_passages = distributed.gather_no_grad(passage_hashes)
+        rows = losses.false_negative_mask(all_passages, positive_hashes, group_size,
+                                          first_row=distributed.rank() * positive_hashes.shape[0])
+        return local, distributed.gather_no_grad(rows.to(torch.uint8)).bool()
+
     def loss_from_reps(self, q: M3Reps, p: M3Reps, batch: dict[str, Any],
                        local_scores: Optional[M3Scores] = None) -> dict[str, torch.Tensor]:
         """All loss terms from the representations (the gradient-cache seam: `q`/`p` may be leaves)."""
@@ -173,42 +200,55 @@ class ComposerM3(ComposerModel):
         if self._uses_teacher_scores(batch):
             teacher = torch.softmax(batch["teacher_scores"].to(device).float(), dim=-1)
 
-        def head_loss(head_scores: torch.Tensor, head_teacher: Optional[torch.Tensor]) -> torch.Tensor:
+        gathered = self.negatives_cross_device and distributed.is_distributed()
+        local_mask, dense_mask = self._false_negative_masks(batch, group_size, device, gathered)
+
+        def head_loss(head_scores: torch.Tensor, head_teacher: Optional[torch.Tensor],
+                      mask: Optional[torch.Tensor]) -> torch.Tensor:
             n = head_scores.shape[0]
             if head_teacher is not None:
-                return losses.m3_kd_loss(head_scores, head_teacher, group_size)
-            return losses.info_nce(head_scores, losses.in_batch_targets(n, group_size, head_scores.device))
+                return losses.m3_kd_loss(head_scores, head_teacher, group_size, mask=mask)
+            return losses.info_nce(losses.mask_scores(head_scores, mask),
+                                   losses.in_batch_targets(n, group_size, head_scores.device))
 
         # Dense: global over all ranks when asked (a no-op without a process group).
-        if self.negatives_cross_device and distributed.is_distributed():
+        if gathered:
             q_all = distributed.gather_for_negatives(q.dense, self.cross_rank_grad_scale)
             p_all = distributed.gather_for_negatives(p.dense, self.cross_rank_grad_scale)
             global_dense = dense_scores(q_all, p_all, self.temperature)
             global_teacher = distributed.gather_no_grad(teacher) if teacher is not None else None
         else:
             global_dense, global_teacher = scores.dense, teacher
-        dense_loss = head_loss(global_dense, global_teacher)
+        dense_loss = head_loss(global_dense, global_teacher, dense_mask)
         zero = dense_loss.new_zeros(())
 
         bidirectional = zero
         dense_term = dense_loss
         if self.bidirectional_parallel and bool(batch.get("is_parallel", False)):
-            bidirectional = losses.bidirectional_loss(global_dense, group_size)
+            bidirectional = losses.bidirectional_loss(global_dense, group_size, mask=dense_mask)
             dense_term = (dense_loss + bidirectional) / 2
 
+        masked = zero
+        if dense_mask is not None:
+            # this rank's rows of the dense mask (all of it when it is local)
+            rows = slice(distributed.rank() * num_queries, (distributed.rank() + 1) * num_queries) if gathered \
+                else slice(None)
+            masked = dense_mask[rows].sum().to(zero.dtype)
         terms = {"dense": dense_loss, "sparse": zero, "colbert": zero, "ensemble": zero,
-                 "self_distill": zero, "bidirectional": bidirectional}
+                 "self_distill": zero, "bidirectional": bidirectional, "masked_negatives": masked}
         if not self.unified_finetuning:
             terms["total"] = dense_term
             return terms
 
-        terms["sparse"] = head_loss(scores.sparse, teacher)
-        terms["colbert"] = head_loss(scores.colbert, teacher)
-        terms["ensemble"] = head_loss(scores.ensemble, teacher)
+        terms["sparse"] = head_loss(scores.sparse, teacher, local_mask)
+        terms["colbert"] = head_loss(scores.colbert, teacher, local_mask)
+        terms["ensemble"] = head_loss(scores.ensemble, teacher, local_mask)
         total = losses.unified_loss(dense_term, terms["sparse"], terms["colbert"], terms["ensemble"])
         if self.self_distill_on:
-            terms["self_distill"] = losses.self_distill_loss(scores.ensemble, scores.dense, scores.sparse,
-                                                             scores.colbert)
+            # masked columns get probability 0 in the teacher and in every student
+            terms["self_distill"] = losses.self_distill_loss(
+                *(losses.mask_scores(s, local_mask) for s in (scores.ensemble, scores.dense, scores.sparse,
+                                                              scores.colbert)))
             total = losses.combine_self_distill(total, terms["self_distill"])
         terms["total"] = total
         assert tuple(terms) == LOSS_KEYS
@@ -222,6 +262,8 @@ class ComposerM3(ComposerModel):
         return outputs if outputs is not None else self.forward(batch)
 
     def update_metric(self, batch: dict[str, Any], outputs: M3Outputs, metric: Metric) -> None:
-        head_scores = getattr(outputs.scores, metric.head)
+        head_scores = getattr(outputs.scores, metric.head).detach()
         targets = losses.in_batch_targets(head_scores.shape[0], outputs.group_size, head_scores.device)
-        metric.update(head_scores.detach(), targets)
+        # a duplicate of the positive ranked first is not a miss
+        mask, _ = self._false_negative_masks(batch, outputs.group_size, head_scores.device, gathered=False)
+        metric.update(losses.mask_scores(head_scores, mask), targets)

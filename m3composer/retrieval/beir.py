@@ -120,6 +120,22 @@ def load_beir(folder: str | os.PathLike, split: str = "test"):
     return corpus, queries, qrels
 
 
+def doc_text(title: str, text: str) -> str:
+    """A corpus document as the models see it: `title + " " + text` (the text alone without a title)."""
+    return f"{title} {text}".strip() if title else text
+
+
+def load_corpus_texts(path: str | os.PathLike) -> list[str]:
+    """The documents of a corpus, in file order: a BEIR folder's `corpus.jsonl`, or any JSONL with
+    a `text` (and optional `title`) field per line. Errors name the file and line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "corpus.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no corpus (a BEIR folder or a JSONL of {{'text'}} lines)")
+    return [doc_text(str(d.get("title") or ""), _field(d, "text", path, line_no)) for line_no, d in _read_jsonl(path)]
+
+
 def _beir_eval_set(folder: Path, split: str) -> EvalSet:
     corpus, queries, qrels = load_beir(folder, split)
     qrels_path = folder / "qrels" / f"{split}.tsv"
@@ -137,7 +153,7 @@ def _beir_eval_set(folder: Path, split: str) -> EvalSet:
     if without:
         notes.append(f"{without} query id(s) in qrels have no relevant document and are not evaluated")
     doc_ids = list(corpus)
-    docs = [f"{title} {text}".strip() if title else text for title, text in corpus.values()]
+    docs = [doc_text(title, text) for title, text in corpus.values()]
     return EvalSet(judged, [queries[q] for q in judged], doc_ids, docs, {q: qrels[q] for q in judged},
                    source=str(folder), notes=notes)
 

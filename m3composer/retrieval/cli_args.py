@@ -1,4 +1,4 @@
-"""Command-line options shared by `m3c eval` and `m3c score-teacher`: prefixes, pooling, batching, weights."""
+"""Command-line options shared by `m3c eval`, `m3c score-teacher` and `m3c mine`: prefixes, pooling, batching, weights."""
 from __future__ import annotations
 
 import argparse

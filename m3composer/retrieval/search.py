@@ -1,6 +1,6 @@
-"""Exact search over a corpus with every M3 head at once: the engine behind `m3c eval`.
+"""Exact search over a corpus with every M3 head at once: the engine behind `m3c eval` and `m3c mine`.
 
-`rank_corpus` encodes the queries once, then streams the corpus batch by batch and keeps, per head
+`search_top_k` (and `rank_corpus`, its rankings as document ids) encodes the queries once, then streams the corpus batch by batch and keeps, per head
 and for the ensemble, only a running top-k `(queries, k)`: never a `(queries, documents)` matrix
 nor the corpus' vectors. Scores are BGE-M3's inference scores (no temperature; docs/recipe.md
 §Scores, §ColBERT max-sim variants):
@@ -130,6 +130,25 @@ class RunningTopK:
         self.values, self.indices = values.gather(1, by_score), indices.gather(1, by_score)
 
 
+def encode_dense(model, texts: Sequence[str], tokenizer, instruction: Optional[str], max_length: int,
+                 batch_size: int, progress: bool = True, desc: str = "encode") -> np.ndarray:
+    """Dense vectors `(len(texts), H)` float32 in text order (for an index library)."""
+    from tqdm.auto import tqdm
+
+    model = unwrap_m3(model)
+    device = next(model.parameters()).device
+    out = None
+    with inference_mode(model), tqdm(total=len(texts), desc=desc, unit="text", disable=not progress) as bar:
+        for indices, input_ids, attention_mask in token_batches(texts, tokenizer, instruction, max_length, batch_size):
+            dense = model.encode(input_ids.to(device), attention_mask.to(device),
+                                 with_sparse=False, with_colbert=False).dense.float().cpu().numpy()
+            if out is None:
+                out = np.empty((len(texts), dense.shape[1]), dtype=np.float32)
+            out[indices] = dense
+            bar.update(len(indices))
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
 @contextmanager
 def inference_mode(model):
     was_training = model.training
@@ -141,12 +160,25 @@ def inference_mode(model):
         model.train(was_training)
 
 
-def rank_corpus(model, eval_set: EvalSet, *, tokenizer=None, query_instruction: Optional[str] = None,
-                passage_instruction: Optional[str] = None, batch_size: int = 32, query_max_len: int = 64,
-                passage_max_len: int = 512, weights: Sequence[float] = DEFAULT_WEIGHTS,
-                heads: Sequence[str] = HEADS, top_k: int = 10, progress: bool = True,
-                colbert_max_elements: int = COLBERT_BLOCK_ELEMENTS) -> dict[str, dict[str, list[str]]]:
-    """`{head: {query id: [top_k document ids, best first]}}` for each head and the ensemble.
+def rank_corpus(model, eval_set: EvalSet, *, top_k: int = 10, **kwargs) -> dict[str, dict[str, list[str]]]:
+    """`{head: {query id: [top_k document ids, best first]}}` for each head and the ensemble
+    (`search_top_k`'s keyword arguments)."""
+    tops = search_top_k(model, eval_set.queries, eval_set.docs, top_k=top_k, **kwargs)
+    rankings: dict[str, dict[str, list[str]]] = {}
+    for head, (_, indices) in tops.items():
+        rankings[head] = {query_id: [eval_set.doc_ids[i] for i in row]
+                          for query_id, row in zip(eval_set.query_ids, indices.tolist())}
+    return rankings
+
+
+def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenizer=None,
+                 query_instruction: Optional[str] = None, passage_instruction: Optional[str] = None,
+                 batch_size: int = 32, query_max_len: int = 64, passage_max_len: int = 512,
+                 weights: Sequence[float] = DEFAULT_WEIGHTS, heads: Sequence[str] = HEADS, top_k: int = 10,
+                 progress: bool = True, colbert_max_elements: int = COLBERT_BLOCK_ELEMENTS
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`{head: (scores (Nq, k), document indices (Nq, k))}`, rows in query order, best first, for
+    each head and the ensemble; `k = min(top_k, len(docs))`.
 
     Instructions are used verbatim (None or "" = none). The ensemble is computed when two or more
     heads are evaluated, as the weighted sum of those heads' scores.
@@ -154,7 +186,7 @@ def rank_corpus(model, eval_set: EvalSet, *, tokenizer=None, query_instruction: 
     model = unwrap_m3(model)
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     if tokenizer is None:
-        raise ValueError("rank_corpus needs a tokenizer (none attached to the model)")
+        raise ValueError("search_top_k needs a tokenizer (none attached to the model)")
     unknown = set(heads) - set(HEADS)
     if unknown or "dense" not in heads:
         raise ValueError(f"heads must include dense and come from {HEADS}, got {list(heads)}")
@@ -162,16 +194,16 @@ def rank_corpus(model, eval_set: EvalSet, *, tokenizer=None, query_instruction: 
     weight_of = dict(zip(HEADS, weights))
     with_ensemble = len(heads) > 1
     device = next(model.parameters()).device
-    top_k = min(top_k, eval_set.num_docs)
+    top_k = min(top_k, len(docs))
 
     from tqdm.auto import tqdm
 
     with inference_mode(model):
-        q = QuerySide(model, tokenizer, eval_set.queries, heads, query_instruction, query_max_len,
+        q = QuerySide(model, tokenizer, queries, heads, query_instruction, query_max_len,
                        batch_size, device, progress)
         tops = {h: RunningTopK(len(q), top_k, device) for h in heads + (("ensemble",) if with_ensemble else ())}
-        bar = tqdm(total=eval_set.num_docs, desc="encode corpus", unit="doc", disable=not progress)
-        for indices, input_ids, attention_mask in token_batches(eval_set.docs, tokenizer, passage_instruction,
+        bar = tqdm(total=len(docs), desc="encode corpus", unit="doc", disable=not progress)
+        for indices, input_ids, attention_mask in token_batches(docs, tokenizer, passage_instruction,
                                                                  passage_max_len, batch_size):
             d = model.encode(input_ids.to(device), attention_mask.to(device),
                              with_sparse="sparse" in heads, with_colbert="colbert" in heads)
@@ -191,9 +223,7 @@ def rank_corpus(model, eval_set: EvalSet, *, tokenizer=None, query_instruction: 
             bar.update(len(indices))
         bar.close()
 
-    rankings: dict[str, dict[str, list[str]]] = {}
-    for head, top in tops.items():
-        indices = top.indices.cpu().tolist()
-        rankings[head] = {eval_set.query_ids[q.order[row]]: [eval_set.doc_ids[i] for i in indices[row]]
-                          for row in range(len(q))}
-    return rankings
+    # back to query order (QuerySide encodes length-sorted)
+    back = torch.empty(len(q), dtype=torch.long)
+    back[torch.tensor(q.order, dtype=torch.long)] = torch.arange(len(q))
+    return {head: (top.values.cpu()[back], top.indices.cpu()[back]) for head, top in tops.items()}

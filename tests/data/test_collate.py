@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from m3composer.data.collate import (SHUFFLE_MIN_TOKENS, Example, TokenSpec, collate_examples, draw_example,
-                                     instruction_token_ids, make_data_spec, num_samples_in_batch,
+from m3composer.data.collate import (SHUFFLE_MIN_TOKENS, Example, TokenSpec, collate_examples, content_hash,
+                                     draw_example, instruction_token_ids, make_data_spec, num_samples_in_batch,
                                      num_tokens_in_batch, sample_negative_indices, shuffle_text_tokens,
                                      split_batch, token_spec_from_tokenizer, with_prefix)
 
@@ -209,3 +209,42 @@ def test_data_spec_keeps_the_batch_whole_and_counts_queries_and_real_tokens():
     spec = make_data_spec(torch.utils.data.DataLoader([batch], batch_size=None))
     assert spec.split_batch(batch, 1) == [batch]
     assert spec.get_num_samples_in_batch(batch) == 2 and spec.get_num_tokens_in_batch(batch) == 26
+
+
+def test_collate_hashes_passages_as_encoded_and_lists_every_positive_of_a_row():
+    shared = np.array([0, 11, 3, 2])
+    examples = [Example(1, np.array([0, 10, 2]), [shared, np.array([0, 12, 2])], None,
+                        positives=[shared, np.array([0, 13, 2])]),
+                Example(2, np.array([0, 14, 2]), [np.array([0, 15, 2]), shared.copy()], None,
+                        positives=[np.array([0, 15, 2])])]
+    spec = TokenSpec(passage_prefix=(60,))
+    batch = collate_examples(examples, spec, query_max_len=8, passage_max_len=8, has_teacher_scores=False,
+                             is_parallel=False)
+    hashes, positives = batch["passage_hashes"], batch["positive_hashes"]
+    assert hashes.dtype == torch.long and hashes.shape == (4,) and positives.shape == (2, 3)
+    assert hashes[0] == hashes[3] and len(set(hashes.tolist())) == 3          # same text, same hash
+    # row 0: its column, then its two positives as encoded (with the prefix); row 1 pads with its first
+    assert positives[0].tolist() == [hashes[0], hashes[0], content_hash(np.array([0, 60, 13, 2]))]
+    assert positives[1].tolist() == [hashes[2]] * 3
+    assert content_hash(np.array([0, 60, 11, 3, 2])) == hashes[0]           # the prefixed ids, not the raw ones
+    # truncation decides identity: two passages equal in their first 3 tokens are the same input at max_len 3
+    cut = collate_examples([Example(1, np.array([0, 2]), [np.array([0, 5, 6, 2]), np.array([0, 5, 7, 2])], None)],
+                           TokenSpec(), query_max_len=4, passage_max_len=3, has_teacher_scores=False,
+                           is_parallel=False)
+    assert cut["passage_hashes"][0] == cut["passage_hashes"][1]
+
+
+def test_content_hash_is_the_same_in_another_process():
+    import subprocess
+    import sys
+
+    code = "import numpy as np; from m3composer.data.collate import content_hash; print(content_hash(np.array([0, 5, 2])))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out) == content_hash(np.array([0, 5, 2], dtype=np.int32))
+
+
+def test_draw_example_keeps_all_positives_of_the_row():
+    row = {"row_id": 3, "query": np.array([0, 9, 2]), "passages": np.array([0, 5, 2, 0, 6, 2, 0, 7, 2]),
+           "passage_offsets": np.array([0, 3, 6, 9]), "num_pos": 2, "scores": np.full(3, np.nan)}
+    example = draw_example(row, 2, np.random.default_rng(0), has_teacher_scores=False)
+    assert [p.tolist() for p in example.positives] == [[0, 5, 2], [0, 6, 2]]

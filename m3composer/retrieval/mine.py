@@ -1,0 +1,304 @@
+"""Hard-negative mining: the `m3c mine` command.
+
+    m3c mine IN.jsonl OUT.jsonl --model DIR|asset:NAME [--corpus CORPUS.jsonl|DIR]
+             --head dense|sparse|colbert|ensemble --range 10-100 --negatives 7
+             [--max-score-ratio 0.95] [--margin M] [--exclude-positives-of-query] [--scores]
+
+For every FlagEmbedding row (`query`, `pos`, `neg`, any other fields):
+
+1. the candidate pool is every positive and negative text of the input, or `--corpus` (a BEIR
+   folder or a JSONL of `{"title"?, "text"}`), identical texts merged (first appearance order);
+2. the query's top `range end + excluded` candidates are retrieved with the chosen head (raw
+   BGE-M3 inference scores, no temperature: `search.py`'s definitions);
+3. excluded: the row's own positives, the query text itself, and with
+   `--exclude-positives-of-query` every positive the same query text has on any line (data with
+   one (query, positive) pair per line); ranks are counted after these exclusions, 1-based;
+4. the candidates at ranks `--range A-B` (inclusive) are kept unless they score above
+   `ratio · s_pos` (`--max-score-ratio`, NV-Retriever's positive-aware filter) or above
+   `s_pos − margin` (`--margin`), with `s_pos` the lowest score of the row's positives;
+5. `--negatives N` of the kept ones are drawn uniformly without replacement (seeded by `--seed`
+   and the line number, so a rerun gives the same file) and written in rank order as `neg`.
+
+Every input field is kept and `neg` is replaced; with `--scores` `pos_scores`/`neg_scores` of the
+same head are written (for `loss.knowledge_distillation`; `--scale` as in `m3c score-teacher`),
+without it a row's old `pos_scores`/`neg_scores` are removed (they scored the old negatives) and
+counted.
+A row with fewer than N candidates left keeps what is left (maybe none) and is counted in the
+summary; no row is dropped. Bad lines stop the run with `file:line: reason` (the checks of
+`m3c convert`); the output is written to a temporary name and renamed.
+
+Search: dense uses faiss (`IndexFlatIP`, exact, up to `HNSW_MIN_POOL` passages; above it
+`IndexHNSWFlat`, approximate, M = 32, efSearch = max(128, 2k)); sparse, ColBERT and the ensemble
+use the exact streamed engine of `search.py` (brute force: every query against every passage, the
+pool encoded once; cost in BENCHMARKS.md §Mining).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from m3composer.fsutil import atomic_file
+from m3composer.model.inference import heads_in_folder, load_model_for_inference, unwrap_m3
+from m3composer.model.scores import HEADS
+from m3composer.retrieval.beir import load_corpus_texts
+from m3composer.retrieval.cli_args import add_encoding_arguments, instructions_from_args
+from m3composer.retrieval.search import DEFAULT_WEIGHTS, encode_dense, search_top_k
+from m3composer.retrieval.teacher import colbert_match, lexical_match
+
+MINE_HEADS = HEADS + ("ensemble",)
+INDEXES = ("auto", "flat", "hnsw")
+HNSW_MIN_POOL = 1_000_000     # flat search of 10k queries over 1M e5-small vectors is ~1 min on 2 cores
+HNSW_M = 32
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    try:
+        first, last = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"range is FIRST-LAST ranks like 10-100, got {text!r}") from None
+    if not 1 <= first <= last:
+        raise argparse.ArgumentTypeError(f"range needs 1 <= FIRST <= LAST, got {text!r}")
+    return first, last
+
+
+@dataclass
+class MineRow:
+    line_no: int
+    obj: dict          # the JSON object as read: every field is written back
+    query: str
+    pos: list[str]
+    neg: list[str]     # the input's negatives (part of the default pool)
+
+
+def read_rows(path: Path) -> list[MineRow]:
+    """Every line validated as `m3c convert` does; the first bad one raises `file:line: reason`."""
+    from m3composer.data.rows import RowError, iter_lines, parse_line
+
+    rows = []
+    for line_no, raw, _ in iter_lines(path):
+        row = parse_line(raw, path=str(path), line_no=line_no)
+        if isinstance(row, RowError):
+            raise ValueError(str(row))
+        rows.append(MineRow(line_no, json.loads(raw), row.query, list(row.pos), list(row.neg)))
+    return rows
+
+
+def input_pool(rows: Sequence[MineRow]) -> list[str]:
+    """Every positive and negative text of the input, identical texts once, first appearance order."""
+    return list(dict.fromkeys(t for r in rows for t in r.pos + r.neg))
+
+
+def pair_score(query: dict, passage: dict, head: str, weights: Sequence[float] = DEFAULT_WEIGHTS) -> float:
+    """One (query, passage) score of `head`, from `M3Model.encode_texts` items (search.py's scores)."""
+    dense = float(np.dot(query["dense_vecs"], passage["dense_vecs"]))
+    if head == "dense":
+        return dense
+    sparse = lexical_match(query["lexical_weights"], passage["lexical_weights"]) if head != "colbert" else 0.0
+    colbert = colbert_match(query["colbert_vecs"], passage["colbert_vecs"]) if head != "sparse" else 0.0
+    if head == "sparse":
+        return sparse
+    if head == "colbert":
+        return colbert
+    w_dense, w_sparse, w_colbert = weights
+    return w_dense * dense + w_sparse * sparse + w_colbert * colbert
+
+
+def faiss_top_k(queries: np.ndarray, pool: np.ndarray, k: int, index: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """`(scores, indices)` of the `k` best inner products per query with faiss (module doc)."""
+    import faiss
+
+    if index == "auto":
+        index = "hnsw" if len(pool) >= HNSW_MIN_POOL else "flat"
+    if index == "flat":
+        searcher = faiss.IndexFlatIP(pool.shape[1])
+    else:
+        searcher = faiss.IndexHNSWFlat(pool.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        searcher.hnsw.efSearch = max(128, 2 * k)
+    searcher.add(np.ascontiguousarray(pool, dtype=np.float32))
+    scores, indices = searcher.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return scores, indices
+
+
+def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *, head: str = "dense",
+         rank_range: tuple[int, int] = (10, 100), negatives: int = 7, corpus: Optional[str | os.PathLike] = None,
+         max_score_ratio: Optional[float] = None, margin: Optional[float] = None,
+         exclude_positives_of_query: bool = False, with_scores: bool = False, scale: float = 1.0,
+         index: str = "auto", seed: int = 42, batch_size: int = 32, query_instruction: Optional[str] = None,
+         passage_instruction: Optional[str] = None, query_max_len: int = 64, passage_max_len: int = 512,
+         weights: Sequence[float] = DEFAULT_WEIGHTS, progress: bool = True) -> dict:
+    """Write `output_path` = `input_path` with mined `neg` (module doc); returns the summary counts.
+
+    `model` is an `M3Model` (or a wrapper). Instructions default (None) to the model's recorded
+    ones; "" means none.
+    """
+    if head not in MINE_HEADS:
+        raise ValueError(f"head must be one of {MINE_HEADS}, got {head!r}")
+    if index not in INDEXES:
+        raise ValueError(f"index must be one of {INDEXES}, got {index!r}")
+    if negatives < 0:
+        raise ValueError(f"negatives must be >= 0, got {negatives}")
+    m3 = unwrap_m3(model)
+    q_inst = (m3.query_instruction or "") if query_instruction is None else query_instruction
+    p_inst = (m3.passage_instruction or "") if passage_instruction is None else passage_instruction
+    input_path, output_path = Path(input_path), Path(output_path)
+    if input_path.resolve() == output_path.resolve():
+        raise ValueError(f"{output_path}: output must differ from the input")
+    started = time.perf_counter()
+    rows = read_rows(input_path)
+    # identical texts once, so excluding a positive's text excludes every copy of it
+    pool = list(dict.fromkeys(load_corpus_texts(corpus))) if corpus is not None else input_pool(rows)
+    pool_index = {text: i for i, text in enumerate(pool)}
+    positives_of_query: dict[str, set[str]] = {}
+    if exclude_positives_of_query:
+        for r in rows:
+            positives_of_query.setdefault(r.query, set()).update(r.pos)
+
+    def excluded_of(r: MineRow) -> set[int]:
+        texts = set(r.pos) | {r.query} | positives_of_query.get(r.query, set())
+        return {pool_index[t] for t in texts if t in pool_index}
+
+    excluded = [excluded_of(r) for r in rows]
+    first, last = rank_range
+    k = min(len(pool), last + max((len(e) for e in excluded), default=0))
+    queries = [r.query for r in rows]
+    common = dict(batch_size=batch_size, progress=progress)
+    encoded_at = time.perf_counter()
+    if head == "dense":
+        tokenizer = m3.tokenizer
+        q_vecs = encode_dense(m3, queries, tokenizer, q_inst, query_max_len, desc="encode queries", **common)
+        queries_at = time.perf_counter()
+        p_vecs = encode_dense(m3, pool, tokenizer, p_inst, passage_max_len, desc="encode pool", **common)
+        search_at = time.perf_counter()
+        top_scores, top_indices = faiss_top_k(q_vecs, p_vecs, k, index)
+        used_index = ("hnsw" if len(pool) >= HNSW_MIN_POOL else "flat") if index == "auto" else index
+    else:
+        heads = ("dense", head) if head in ("sparse", "colbert") else HEADS
+        tops = search_top_k(m3, queries, pool, query_instruction=q_inst, passage_instruction=p_inst,
+                            query_max_len=query_max_len, passage_max_len=passage_max_len, weights=weights,
+                            heads=heads, top_k=k, **common)
+        search_at = queries_at = time.perf_counter()    # encoding and search are interleaved here
+        top_scores, top_indices = (t.numpy() for t in tops[head])
+        used_index = "exact brute force (search.py)"
+    searched_at = time.perf_counter()
+
+    # The positives' own scores (filters and pos_scores) with the same head.
+    need_pos = with_scores or max_score_ratio is not None or margin is not None
+    pos_scores: list[list[float]] = [[] for _ in rows]
+    if need_pos and head == "dense":
+        # the vectors are at hand: positives in the pool are not encoded again
+        missing = list(dict.fromkeys(t for r in rows for t in r.pos if t not in pool_index))
+        extra = encode_dense(m3, missing, m3.tokenizer, p_inst, passage_max_len, batch_size, progress=False)
+        vector_of = {t: extra[j] for j, t in enumerate(missing)}
+        pos_scores = [[float(q_vecs[i] @ (vector_of[t] if t in vector_of else p_vecs[pool_index[t]])) for t in r.pos]
+                      for i, r in enumerate(rows)]
+    elif need_pos:
+        full = True
+
+        def encode(texts, instruction, max_length):
+            out = m3.encode_texts(texts, batch_size=batch_size, max_length=max_length, instruction=instruction,
+                                  return_dense=True, return_sparse=full, return_colbert_vecs=full)
+            return [{key: (v[i] if v is not None else None) for key, v in out.items()} for i in range(len(texts))]
+        q_enc = encode(queries, q_inst, query_max_len)
+        pos_texts = list(dict.fromkeys(t for r in rows for t in r.pos))
+        p_enc = dict(zip(pos_texts, encode(pos_texts, p_inst, passage_max_len)))
+        pos_scores = [[pair_score(q, p_enc[t], head, weights) for t in r.pos] for q, r in zip(q_enc, rows)]
+
+    counts = {"rows": len(rows), "pool": len(pool), "rows_with_fewer_negatives": 0, "rows_without_negatives": 0,
+              "dropped_by_score": 0, "negatives_written": 0, "rows_with_scores_dropped": 0}
+    with atomic_file(output_path) as out:
+        for i, r in enumerate(rows):
+            candidates = [(int(c), float(s)) for c, s in zip(top_indices[i], top_scores[i])
+                          if c >= 0 and int(c) not in excluded[i]][first - 1:last]
+            if need_pos:
+                s_pos = min(pos_scores[i])
+                limits = [s_pos * max_score_ratio] if max_score_ratio is not None else []
+                limits += [s_pos - margin] if margin is not None else []
+                limit = min(limits, default=np.inf)
+                kept = [(c, s) for c, s in candidates if s <= limit]
+                counts["dropped_by_score"] += len(candidates) - len(kept)
+                candidates = kept
+            rng = np.random.default_rng([seed, r.line_no])
+            chosen = sorted(rng.choice(len(candidates), size=min(negatives, len(candidates)), replace=False).tolist())
+            if len(chosen) < negatives:
+                counts["rows_with_fewer_negatives"] += 1
+                counts["rows_without_negatives"] += not chosen
+            r.obj["neg"] = [pool[candidates[j][0]] for j in chosen]
+            if with_scores:
+                r.obj["pos_scores"] = [s * scale for s in pos_scores[i]]
+                r.obj["neg_scores"] = [candidates[j][1] * scale for j in chosen]
+            elif "neg_scores" in r.obj or "pos_scores" in r.obj:
+                # they scored the old negatives: kept, they would no longer match `neg`
+                r.obj.pop("pos_scores", None)
+                r.obj.pop("neg_scores", None)
+                counts["rows_with_scores_dropped"] += 1
+            counts["negatives_written"] += len(chosen)
+            out.write(json.dumps(r.obj, ensure_ascii=False) + "\n")
+    done = time.perf_counter()
+    seconds = {"total": done - started, "encode_and_search": searched_at - encoded_at,
+               "encode_queries": queries_at - encoded_at if head == "dense" else None,
+               "encode_pool": search_at - queries_at if head == "dense" else None,
+               "search_only": searched_at - search_at}
+    return dict(counts, head=head, index=used_index, k=k, seconds=seconds,
+                query_instruction=q_inst, passage_instruction=p_inst)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="FlagEmbedding JSONL (query, pos, neg?), plain or .gz")
+    parser.add_argument("output", help="where to write the rows with mined neg")
+    parser.add_argument("--model", required=True, help="model folder, or asset:e5-small")
+    parser.add_argument("--corpus", default=None,
+                        help="candidate pool: a BEIR folder or a JSONL of {title?, text} (default: the input's "
+                             "positives and negatives, deduplicated)")
+    parser.add_argument("--head", choices=MINE_HEADS, default="dense", help="the score that ranks (default: dense)")
+    parser.add_argument("--range", dest="rank_range", type=parse_range, default=(10, 100),
+                        help="ranks to sample from, 1-based and inclusive, after removing the positives (default 10-100)")
+    parser.add_argument("--negatives", type=int, default=7, help="negatives per row (default 7)")
+    parser.add_argument("--max-score-ratio", type=float, default=None,
+                        help="drop candidates scoring above RATIO x the positive's score (e.g. 0.95)")
+    parser.add_argument("--margin", type=float, default=None,
+                        help="drop candidates scoring above the positive's score minus MARGIN")
+    parser.add_argument("--exclude-positives-of-query", action="store_true",
+                        help="also exclude every positive the same query text has on other lines")
+    parser.add_argument("--scores", action="store_true",
+                        help="also write pos_scores/neg_scores of the same head (knowledge distillation)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the written scores (default 1)")
+    parser.add_argument("--index", choices=INDEXES, default="auto",
+                        help=f"dense search: faiss flat (exact) or HNSW; auto = HNSW from {HNSW_MIN_POOL:,} passages")
+    parser.add_argument("--seed", type=int, default=42)
+    add_encoding_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.head != "dense" and heads_in_folder(args.model) != HEADS:
+        print(f"m3c mine: error: {args.model} has no colbert_linear.pt/sparse_linear.pt; use --head dense",
+              file=sys.stderr)
+        return 2
+    model = load_model_for_inference(args.model, pooling=args.pooling)
+    query_instruction, passage_instruction = instructions_from_args(args)
+    try:
+        summary = mine(args.input, args.output, model, head=args.head, rank_range=args.rank_range,
+                       negatives=args.negatives, corpus=args.corpus, max_score_ratio=args.max_score_ratio,
+                       margin=args.margin, exclude_positives_of_query=args.exclude_positives_of_query,
+                       with_scores=args.scores, scale=args.scale, index=args.index, seed=args.seed,
+                       batch_size=args.batch_size, query_instruction=query_instruction,
+                       passage_instruction=passage_instruction, query_max_len=args.query_max_len,
+                       passage_max_len=args.passage_max_len, weights=args.weights, progress=not args.no_progress)
+    except (OSError, ValueError) as err:
+        print(f"m3c mine: error: {err}", file=sys.stderr)
+        return 2
+    s = summary
+    print(f"[mine] {args.output}: {s['rows']} rows, {s['negatives_written']} negatives from a pool of {s['pool']} "
+          f"({s['head']}, {s['index']}, top {s['k']}); {s['rows_with_fewer_negatives']} rows with fewer than "
+          f"{args.negatives} (of which {s['rows_without_negatives']} with none), {s['dropped_by_score']} candidates "
+          f"dropped by the score filter; {s['rows_with_scores_dropped']} rows lost their old teacher scores; "
+          f"{s['seconds']['total']:.1f} s")
+    return 0

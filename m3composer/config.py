@@ -22,12 +22,20 @@ from omegaconf import MISSING, OmegaConf
 from m3composer.algorithms.self_distill_warmup import SELF_DISTILL_MODES, parse_start
 from m3composer.data.plan import TAIL_RULES
 from m3composer.distributed import CROSS_RANK_GRAD_SCALES
-from m3composer.model.heads import POOLING_METHODS
+from m3composer.model.heads import POOLING_METHODS, SPARSE_INITS
 
 AUTO = "auto"  # instruction prefixes / pooling: take what the model folder records
 # `loggers:` keys -> Composer logger class (their packages are optional)
 LOGGERS = {"mlflow": "MLFlowLogger", "wandb": "WandBLogger", "tensorboard": "TensorboardLogger", "file": "FileLogger"}
 PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
+
+
+@dataclass
+class GradientCacheConfig:
+    # Encode the device batch in chunks and back-propagate the full-batch loss chunk by chunk.
+    enabled: bool = False
+    max_sequences: int = 16             # rows (queries and passages) per chunk
+    max_tokens: Optional[int] = 32768   # rows x padded length per chunk; null: rows only
 
 
 @dataclass
@@ -37,9 +45,13 @@ class ModelConfig:
     pooling: str = AUTO                 # auto (from the folder's m3composer.json) | cls | mean
     colbert_dim: int = -1               # -1: the encoder's hidden size (the recipe)
     gradient_checkpointing: bool = False
+    gradient_cache: GradientCacheConfig = field(default_factory=GradientCacheConfig)
     fix_position_embedding: bool = False
     attn_implementation: Optional[str] = "sdpa"   # null: the encoder's default
     trust_remote_code: bool = False
+    # Heads a folder does not have (any encoder that is not a trained BGE-M3) start as: the sparse
+    # head as lexical overlap (weight 0, bias √τ: recipe.md §Sparse head) or PyTorch's default.
+    new_sparse_head_init: str = "default"
 
 
 @dataclass
@@ -84,6 +96,7 @@ class OptimizerConfig:
     warmup_ratio: float = 0.0
     warmup_steps: Optional[int] = None     # overrides warmup_ratio when set
     max_grad_norm: Optional[float] = 1.0   # null: no clipping
+    new_head_lr_multiplier: float = 1.0    # lr of heads the model folder did not have = lr × this
 
 
 @dataclass
@@ -181,6 +194,9 @@ def validate(cfg: TrainConfig) -> None:
     m, d, l, o, t = cfg.model, cfg.data, cfg.loss, cfg.optimizer, cfg.trainer
     _check(m.pooling in (AUTO, *POOLING_METHODS), "model.pooling", f"must be {_choices(AUTO, *POOLING_METHODS)}, got {m.pooling!r}")
     _check(m.colbert_dim == -1 or m.colbert_dim > 0, "model.colbert_dim", "must be -1 (hidden size) or positive")
+    _check(m.new_sparse_head_init in SPARSE_INITS, "model.new_sparse_head_init",
+           f"must be {_choices(*SPARSE_INITS)}, got {m.new_sparse_head_init!r}")
+    _validate_gradient_cache(cfg)
     _check(d.train_group_size >= 1, "data.train_group_size", "must be >= 1")
     _check(d.query_max_len >= 3, "data.query_max_len", "must be >= 3 (<s>, a token, </s>)")
     _check(d.passage_max_len >= 3, "data.passage_max_len", "must be >= 3 (<s>, a token, </s>)")
@@ -208,6 +224,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(0.0 <= o.warmup_ratio < 1.0, "optimizer.warmup_ratio", "must be in [0, 1)")
     _check(o.warmup_steps is None or o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be positive or null")
+    _check(o.new_head_lr_multiplier > 0, "optimizer.new_head_lr_multiplier", "must be positive")
     _check(t.precision in PRECISIONS, "trainer.precision", f"must be {_choices(*PRECISIONS)}")
     _check(t.device in ("auto", "cpu", "gpu"), "trainer.device", "must be auto, cpu or gpu")
     _check(t.device_train_microbatch_size is None or t.device_train_microbatch_size >= 1,
@@ -222,6 +239,21 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.callbacks.eval_batch_size >= 1, "callbacks.eval_batch_size", "must be >= 1")
     unknown_loggers = set(cfg.loggers) - set(LOGGERS)
     _check(not unknown_loggers, "loggers", f"unknown logger(s) {sorted(unknown_loggers)}; use {_choices(*LOGGERS)}")
+
+
+def _validate_gradient_cache(cfg: TrainConfig) -> None:
+    cache, d = cfg.model.gradient_cache, cfg.data
+    _check(cache.max_sequences >= 1, "model.gradient_cache.max_sequences", "must be >= 1")
+    _check(cache.max_tokens is None or cache.max_tokens >= 1, "model.gradient_cache.max_tokens", "must be >= 1 or null")
+    if cache.enabled:
+        longest = max(d.query_max_len, d.passage_max_len)
+        _check(cache.max_tokens is None or cache.max_tokens >= longest, "model.gradient_cache.max_tokens",
+               f"{cache.max_tokens} is smaller than one sequence (up to {longest} tokens: "
+               "data.query_max_len / data.passage_max_len); raise it or set null")
+        # FSDP frees and re-gathers shards around each forward; the replay runs the encoder again from
+        # inside backward, which FSDP's hooks do not expect, so exactness is not guaranteed.
+        _check(not cfg.trainer.fsdp, "model.gradient_cache.enabled",
+               "is not supported with trainer.fsdp=true (use DDP)")
 
 
 def _check_time(value: str, key: str) -> None:

@@ -34,6 +34,9 @@ from m3composer.data.dataset import M3TrainDataset
 from m3composer.data.index import is_remote
 from m3composer.model.composer_model import ComposerM3
 from m3composer.model.folder_config import CONFIG_FILE, M3FolderConfig
+from m3composer.model.gradcache import GradientCacheBudget
+from m3composer.model.heads import init_sparse_as_lexical_overlap
+from m3composer.model.inference import unwrap_m3
 from m3composer.model.m3 import M3Model
 
 log = logging.getLogger("m3composer.train")
@@ -89,14 +92,18 @@ def build_model(cfg: TrainConfig, model_dir: Path, chosen: ModelDefaults) -> Com
     # The export records what training used, so evaluation defaults to the same prefixes.
     m3.query_instruction = chosen.query_instruction_for_retrieval
     m3.passage_instruction = chosen.passage_instruction_for_retrieval
+    if m3.fresh_heads:
+        init_new_heads(cfg, m3)
     m3.train()
     loss = cfg.loss
+    cache = cfg.model.gradient_cache
+    budget = GradientCacheBudget(cache.max_sequences, cache.max_tokens) if cache.enabled else None
     return ComposerM3(m3, temperature=loss.temperature, unified_finetuning=loss.unified_finetuning,
                       use_self_distill=loss.use_self_distill, negatives_cross_device=loss.negatives_cross_device,
                       cross_rank_grad_scale=loss.cross_rank_grad_scale, train_group_size=cfg.data.train_group_size,
                       bidirectional_parallel=loss.bidirectional_parallel,
                       knowledge_distillation=loss.knowledge_distillation,
-                      gradient_checkpointing=cfg.model.gradient_checkpointing,
+                      gradient_checkpointing=cfg.model.gradient_checkpointing, gradient_cache=budget,
                       mask_false_negatives=loss.mask_false_negatives)
 
 
@@ -116,17 +123,32 @@ def build_dataset(cfg: TrainConfig, tokenizer, chosen: ModelDefaults) -> M3Train
 
 
 # ------------------------------------------------------------------------------ optimisation
+def init_new_heads(cfg: TrainConfig, m3: M3Model) -> None:
+    """Initialise heads the model folder did not have as `model.new_sparse_head_init` says, and
+    record how in `m3.head_init` (saved in the export's m3composer.json)."""
+    temperature = cfg.loss.temperature if m3.normalize else 1.0     # ComposerM3 forces τ = 1 otherwise
+    if cfg.model.new_sparse_head_init == "lexical_overlap":
+        init_sparse_as_lexical_overlap(m3.sparse_linear, temperature)
+    m3.head_init = {"sparse": cfg.model.new_sparse_head_init, "colbert": "default",
+                    "new_head_lr_multiplier": cfg.optimizer.new_head_lr_multiplier}
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
+    """AdamW over the trainable parameters; no decay on biases and LayerNorm weights; heads the model
+    folder did not have at `lr × optimizer.new_head_lr_multiplier`."""
+    o = cfg.optimizer
+    m3 = unwrap_m3(model)
+    new_heads = ({id(p) for p in (*m3.sparse_linear.parameters(), *m3.colbert_linear.parameters())}
+                 if m3.fresh_heads and o.new_head_lr_multiplier != 1.0 else set())
+    groups: dict[tuple[bool, bool], list] = {(False, False): [], (True, False): [], (False, True): [], (True, True): []}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if any(m in name for m in NO_DECAY_MARKERS) else decay).append(param)
-    o = cfg.optimizer
+            groups[(any(m in name for m in NO_DECAY_MARKERS), id(param) in new_heads)].append(param)
     # fused: one kernel over all tensors (CPU and CUDA), same update rule as the default per-tensor
     # loop and several times faster on CPU (BENCHMARKS.md §Training, "What was changed").
-    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
+    return torch.optim.AdamW([{"params": params, "weight_decay": 0.0 if no_decay else o.weight_decay,
+                               "lr": o.lr * (o.new_head_lr_multiplier if new_head else 1.0)}
+                              for (no_decay, new_head), params in groups.items() if params or not new_head],
                              lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
 
 
@@ -160,6 +182,9 @@ def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: ModelDefaults) -> li
     if c.loss_log:
         from m3composer.callbacks.loss_log import LossLog
         callbacks.append(LossLog(c.loss_log))
+    if cfg.loss.unified_finetuning:
+        from m3composer.callbacks.head_diagnostics import HeadDiagnostics
+        callbacks.append(HeadDiagnostics(cfg.optimizer.max_grad_norm))
     if on_gpu:
         callbacks.append(MemoryMonitor())
     if c.eval_data:
@@ -218,7 +243,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         raise ConfigError(
             f"trainer.device_train_microbatch_size={microbatch} is below the largest per-device batch "
             f"({dataset.max_per_device_batch_size}): the in-batch contrastive loss needs the whole device batch "
-            "in one forward")
+            "in one forward (model.gradient_cache.enabled=true trains a batch larger than memory allows)")
     if dist.get_global_rank() == 0:
         log.info("per-device batch sizes: %s; %d steps per epoch on %d rank(s)", dataset.per_device_batch_sizes,
                  len(dataset), dist.get_world_size())

@@ -83,3 +83,18 @@ def test_shipped_recipes_load():
         assert cfg.run_name
     with pytest.raises(ConfigError, match="data.train_data"):
         load_config(recipes[0].parent / "bge-m3-unified.yaml")
+
+
+def test_gradient_cache_is_off_by_default_and_bad_settings_fail_naming_the_key(yaml_path):
+    assert not load_config(yaml_path).model.gradient_cache.enabled
+    on = ["model.gradient_cache.enabled=true"]
+    cfg = load_config(yaml_path, on + ["model.gradient_cache.max_sequences=4", "model.gradient_cache.max_tokens=null"])
+    assert (cfg.model.gradient_cache.max_sequences, cfg.model.gradient_cache.max_tokens) == (4, None)
+    with pytest.raises(ConfigError, match=r"model\.gradient_cache\.max_tokens: 100 is smaller than one sequence"):
+        load_config(yaml_path, on + ["data.passage_max_len=128", "model.gradient_cache.max_tokens=100"])
+    with pytest.raises(ConfigError, match=r"model\.gradient_cache\.max_sequences: must be >= 1"):
+        load_config(yaml_path, on + ["model.gradient_cache.max_sequences=0"])
+    with pytest.raises(ConfigError, match=r"model\.gradient_cache\.enabled: .*trainer\.fsdp"):
+        load_config(yaml_path, on + ["trainer.fsdp=true"])
+    # a budget below one sequence is harmless while the cache is off
+    assert load_config(yaml_path, ["model.gradient_cache.max_tokens=100"]).model.gradient_cache.max_tokens == 100

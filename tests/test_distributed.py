@@ -78,17 +78,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_rank_results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("ranks")
-    context = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
+def spawn_ranks(worker, out_dir: Path) -> list[dict]:
+    """Run `worker(rank, port, out_dir)` on WORLD processes; each writes `out_dir/rank{r}.pt`."""
+    context = mp.spawn(worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=5):          # raises if a worker failed
+    while not context.join(timeout=2):          # raises if a worker failed
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"2-rank workers did not finish within {SPAWN_TIMEOUT_S} s")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("ranks"))
 
 
 def one_process(masked: bool = False, **kwargs) -> tuple[dict, dict]:
@@ -170,7 +174,7 @@ def test_full_batch_convention_gradient_equals_one_process_gradient(two_rank_res
             assert torch.allclose(g, full_grads[name], atol=1e-6, rtol=1e-4), name
 
 
-def test_unified_self_distill_per_rank_losses_match_the_spec(two_rank_results):
+def test_unified_self_distill_per_rank_losses_match_flagembeddings_reference(two_rank_results):
     # only the dense term is global, so the ranks' totals differ (FlagEmbedding's numbers,
     # recipe.md §Reference numbers)
     totals = [r["unified_self_distill"]["terms"]["total"].item() for r in two_rank_results]

@@ -265,3 +265,32 @@ def test_the_same_command_after_a_finished_autoresume_run_only_exports_again(tmp
     assert (export / "model.safetensors").is_file()
     fits = read_loss_log(tmp_path / "losses.jsonl")
     assert [[r["step"] for r in fit] for fit in fits] == [[0, 1]]   # the second run trained nothing
+
+
+def test_new_heads_start_as_configured_and_the_export_records_it(tmp_path, tiny_dir, train_data):
+    from m3composer.model.folder_config import M3FolderConfig
+    from m3composer.train import ModelDefaults, build_model, build_optimizer
+
+    chosen = ModelDefaults("cls", None, None)
+    cfg = _cfg(tmp_path, train_data, model={"new_sparse_head_init": "lexical_overlap"},
+               optimizer={"new_head_lr_multiplier": 10.0})
+    model = build_model(cfg, tiny_dir, chosen)
+    sparse = model.model.sparse_linear
+    assert torch.count_nonzero(sparse.weight) == 0 and sparse.bias.item() == pytest.approx(0.02 ** 0.5)
+    # the two usual groups, then two at 10x the lr holding exactly the fresh heads
+    optimizer = build_optimizer(cfg, model)
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    assert lrs == [cfg.optimizer.lr, cfg.optimizer.lr, 10 * cfg.optimizer.lr, 10 * cfg.optimizer.lr]
+    head_params = {id(p) for p in (*sparse.parameters(), *model.model.colbert_linear.parameters())}
+    assert {id(p) for g in optimizer.param_groups[2:] for p in g["params"]} == head_params
+    export = model.model.save_pretrained(tmp_path / "export")
+    assert M3FolderConfig.from_folder(export).head_init == {"sparse": "lexical_overlap", "colbert": "default",
+                                                            "new_head_lr_multiplier": 10.0}
+
+    # a folder with trained heads keeps them, and its heads keep the base lr
+    trained = build_model(cfg, export, chosen)
+    assert not trained.model.fresh_heads
+    assert torch.equal(trained.model.sparse_linear.weight, sparse.weight)
+    assert [g["lr"] for g in build_optimizer(cfg, trained).param_groups] == [cfg.optimizer.lr] * 2
+    default = build_model(_cfg(tmp_path, train_data), tiny_dir, chosen)
+    assert torch.count_nonzero(default.model.sparse_linear.weight) > 0      # PyTorch's init, as FlagEmbedding

@@ -79,10 +79,11 @@ def _recipe_value(recipe: Path, section: str, key: str):
     return OmegaConf.load(recipe)[section][key]
 
 
-def two_rank_recipe(run_dir: Path, mds: Path, save_folder: str, save_interval: str = "2ba") -> Path:
+def two_rank_recipe(run_dir: Path, mds: Path, save_folder: str, save_interval: str = "2ba",
+                    model: dict | None = None) -> Path:
     return write_recipe(run_dir / "recipe.yaml", tiny_recipe(
         run_dir, mds,
-        model={"fix_position_embedding": True},
+        model={"fix_position_embedding": True, **(model or {})},
         loss={"negatives_cross_device": True},
         trainer={"save_folder": save_folder, "save_interval": save_interval, "autoresume": True,
                  "save_num_checkpoints_to_keep": 1}))
@@ -129,7 +130,26 @@ def assert_same_as_reference(steps: list[dict], reference_steps: list[dict]) -> 
 
 
 def test_sigkill_then_the_same_command_resumes_exactly(reference, tmp_path):
-    recipe = two_rank_recipe(tmp_path / "run", reference["mds"], str(tmp_path / "ckpt"))
+    kill_and_resume(reference, tmp_path)
+
+
+# Chunks of 5 rows: each rank's 4 queries + 12 passages take 4 chunks, so every step replays.
+GRADIENT_CACHE = {"gradient_cache": {"enabled": True, "max_sequences": 5, "max_tokens": 160}}
+
+
+def test_with_the_gradient_cache_sigkill_then_the_same_command_resumes_exactly(reference, tmp_path):
+    """The cached run's own uninterrupted reference (its dropout masks differ from the plain run's),
+    then the kill and the restart, both compared with it."""
+    run = tmp_path / "reference"
+    recipe = two_rank_recipe(run, reference["mds"], str(run / "ckpt"), model=GRADIENT_CACHE)
+    assert not launch(recipe, run / "logs", cwd=run)
+    (steps,) = read_loss_log(run / "losses.jsonl")
+    assert [r["step"] for r in steps] == list(range(MAX_STEPS))
+    kill_and_resume({"mds": reference["mds"], "steps": steps}, tmp_path / "killed", model=GRADIENT_CACHE)
+
+
+def kill_and_resume(reference: dict, tmp_path: Path, model: dict | None = None) -> None:
+    recipe = two_rank_recipe(tmp_path / "run", reference["mds"], str(tmp_path / "ckpt"), model=model)
     assert launch(recipe, tmp_path / "logs1", cwd=tmp_path, kill_when=lambda step: step >= KILL_AFTER_STEP), \
         "the run finished before it could be killed"
     assert not launch(recipe, tmp_path / "logs2", cwd=tmp_path)

@@ -49,7 +49,7 @@ def tiny_config(vocab_size: int):
 def build_tiny(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> Path:
     """Write the tiny model (safetensors), the tokenizer from `tokenizer_dir`, and `m3composer.json`.
 
-    The weights depend only on the seed and the config, so every build gives the same model.
+    The weights depend only on TINY_SEED and the config, so every build gives the same model.
     """
     import torch
     from transformers import AutoTokenizer, XLMRobertaModel

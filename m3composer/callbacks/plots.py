@@ -28,6 +28,9 @@ from m3composer.callbacks.loss_log import finished_step_losses
 
 LOSS_PREFIX = "loss/train/"
 EVAL_PREFIX = "metrics/"
+# HeadDiagnostics' per-step numbers: drawn under the loss terms, so a dead head shows in the same figure
+DIAGNOSTIC_SERIES = ("heads/sparse/shared_token_weight", "heads/sparse/zero_weight_share", "grad_norm/sparse_head",
+                     "grad_norm/clip_scale")
 HEAD_ORDER = ("dense", "sparse", "colbert", "ensemble")
 # The loss terms in the order ComposerM3 logs them; unknown terms go just before "total".
 LOSS_ORDER = ("dense", "sparse", "colbert", "ensemble", "self_distill", "bidirectional", "masked_negatives", "total")
@@ -112,6 +115,10 @@ def write_plots(run_dir: str | os.PathLike, history: Mapping[str, Sequence[tuple
     losses = {term: pts for term, pts in losses.items() if any(v != 0 for _, v in pts)}
     if losses:
         terms = sorted(losses, key=lambda t: (LOSS_ORDER.index(t) if t in LOSS_ORDER else len(LOSS_ORDER) - 1, t))
+        for name in DIAGNOSTIC_SERIES:
+            if history.get(name):
+                losses[name] = history[name]
+                terms.append(name)
         fig, axes = plt.subplots(len(terms), 1, figsize=(8, 2.2 * len(terms)), sharex=True, squeeze=False)
         for ax, term in zip(axes[:, 0], terms):
             steps, values = zip(*sorted(losses[term]))
@@ -121,7 +128,7 @@ def write_plots(run_dir: str | os.PathLike, history: Mapping[str, Sequence[tuple
                         label=f"trailing mean of {smoothing_window}")
             ax.set_ylabel(term)
             ax.grid(alpha=0.3)
-        axes[0, 0].set_title("training loss terms (loss/train/*)")
+        axes[0, 0].set_title("training loss terms (loss/train/*), then the heads' diagnostics")
         axes[0, 0].legend(loc="upper right", fontsize=8)
         axes[-1, 0].set_xlabel("step (batch)")
         fig.tight_layout()
@@ -180,7 +187,7 @@ class Plots(LoggerDestination):
 
     def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
         for name, value in metrics.items():
-            if name.startswith(EVAL_PREFIX):
+            if name.startswith(EVAL_PREFIX) or name in DIAGNOSTIC_SERIES:
                 try:
                     self.history[name].append((int(step or 0), float(value)))
                 except (TypeError, ValueError):

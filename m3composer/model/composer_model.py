@@ -34,6 +34,7 @@ from composer.models import ComposerModel
 from torchmetrics import Metric
 
 from m3composer import distributed, losses
+from m3composer.model import gradcache
 from m3composer.model.m3 import M3Model
 from m3composer.model.scores import COLBERT_MAX_ELEMENTS, SCORE_NAMES, M3Reps, M3Scores, dense_scores
 
@@ -88,6 +89,8 @@ class ComposerM3(ComposerModel):
         knowledge_distillation: use `m3_kd_loss` with the batch's teacher scores when it has them.
         gradient_checkpointing: non-reentrant activation checkpointing of the encoder.
         colbert_max_elements: chunking budget of the ColBERT max-sim (see scores.colbert_scores).
+        gradient_cache: encode training batches through the gradient cache in chunks of this size
+            (`gradcache`): the same loss and gradients, activations of one chunk at a time; None = off.
         mask_false_negatives: mask in-batch passages identical to a query's positive (batches
             without passage hashes are never masked).
     """
@@ -97,6 +100,7 @@ class ComposerM3(ComposerModel):
                  cross_rank_grad_scale: str = "parity", train_group_size: Optional[int] = None,
                  bidirectional_parallel: bool = True, knowledge_distillation: bool = False,
                  gradient_checkpointing: bool = False, colbert_max_elements: int = COLBERT_MAX_ELEMENTS,
+                 gradient_cache: Optional[gradcache.GradientCacheBudget] = None,
                  mask_false_negatives: bool = True):
         super().__init__()
         if cross_rank_grad_scale not in distributed.CROSS_RANK_GRAD_SCALES:
@@ -114,6 +118,7 @@ class ComposerM3(ComposerModel):
         self.bidirectional_parallel = bidirectional_parallel
         self.knowledge_distillation = knowledge_distillation
         self.colbert_max_elements = colbert_max_elements
+        self.gradient_cache = gradient_cache
         self.mask_false_negatives = mask_false_negatives
         # The switch the self-distillation warm-up Algorithm sets each batch.
         self.self_distill_on = bool(use_self_distill)
@@ -150,9 +155,13 @@ class ComposerM3(ComposerModel):
         group_size = self.group_size(batch)
         # Queries and passages go through the encoder together (length-sorted chunks, M3Model.encode_many).
         unified = self.unified_finetuning
-        q, p = self.model.encode_many([(batch["query_input_ids"], batch["query_attention_mask"]),
-                                       (batch["passage_input_ids"], batch["passage_attention_mask"])],
-                                      with_sparse=unified, with_colbert=unified)
+        parts = [(batch["query_input_ids"], batch["query_attention_mask"]),
+                 (batch["passage_input_ids"], batch["passage_attention_mask"])]
+        if self.gradient_cache is not None and torch.is_grad_enabled():
+            q, p = gradcache.encode_many(self.model, parts, self.gradient_cache, with_sparse=unified,
+                                         with_colbert=unified)
+        else:
+            q, p = self.model.encode_many(parts, with_sparse=unified, with_colbert=unified)
         return M3Outputs(queries=q, passages=p, scores=self.score(q, p), group_size=group_size)
 
     # ------------------------------------------------------------------ loss

@@ -26,6 +26,9 @@ class M3FolderConfig:
     normalize: bool = True
     query_instruction: Optional[str] = None
     passage_instruction: Optional[str] = None
+    # How the run that produced this folder initialised heads it started without (e.g.
+    # {"sparse": "lexical_overlap", "new_head_lr_multiplier": 1.0}); None: the heads were loaded.
+    head_init: Optional[dict] = None
 
     def __post_init__(self):
         if self.pooling not in POOLING_METHODS:

@@ -42,6 +42,25 @@ def sparse_token_weights(hidden: torch.Tensor, sparse_linear: nn.Linear) -> torc
     return torch.relu(sparse_linear(hidden)).squeeze(-1)
 
 
+SPARSE_INITS = ("lexical_overlap", "default")
+
+
+def init_sparse_as_lexical_overlap(sparse_linear: nn.Linear, temperature: float) -> None:
+    """Start a fresh sparse head as plain lexical overlap: weight 0, bias √τ.
+
+    Every token then weighs √τ, so each token a query shares with a passage adds √τ·√τ/τ = 1 logit
+    to the sparse score: the head starts as a bag-of-words matcher that already ranks, every ReLU
+    is active, and the gradient reaches W through every token (`∂w_t/∂W = h_t`). Training then
+    learns which tokens matter. PyTorch's default init instead gives weights near 0.05·‖h‖ of
+    either sign: most tokens weigh 0 and the rest a few hundredths, so sparse scores are flat
+    (loss ln(B·G)) and the gradient, a product of two small weights, stays small
+    (recipe.md §Sparse head).
+    """
+    with torch.no_grad():
+        sparse_linear.weight.zero_()
+        sparse_linear.bias.fill_(temperature ** 0.5)
+
+
 def special_token_mask(vocab_size: int, special_token_ids: Iterable[int], device=None, dtype=None) -> torch.Tensor:
     """`(V,)` tensor: 0 at the special ids, 1 elsewhere (multiplied in, so autograd sees no in-place edit)."""
     keep = torch.ones(vocab_size, device=device, dtype=dtype)

@@ -132,6 +132,10 @@ class M3Model(nn.Module):
         self.special_token_ids = dict(special_token_ids)
         self.query_instruction = query_instruction
         self.passage_instruction = passage_instruction
+        # True when from_pretrained found no head files and initialised the heads itself
+        self.fresh_heads = False
+        # how the training run initialised fresh heads; recorded in m3composer.json by save_pretrained
+        self.head_init: Optional[dict] = None
         # encode in length-sorted chunks (see encoder_hidden); off = one padded encoder call per encode
         self.length_grouping = True
         self.length_grouping_overhead_tokens: Optional[float] = None   # None: length_chunks' default
@@ -171,6 +175,7 @@ class M3Model(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         hidden = encoder.config.hidden_size
         colbert_path, sparse_path = folder / COLBERT_FILE, folder / SPARSE_FILE
+        fresh = False
         if colbert_path.is_file() and sparse_path.is_file():
             colbert_state = torch.load(colbert_path, map_location="cpu", weights_only=True)
             sparse_state = torch.load(sparse_path, map_location="cpu", weights_only=True)
@@ -187,11 +192,14 @@ class M3Model(nn.Module):
             log.warning("%s: no %s/%s; the ColBERT and sparse heads are newly initialised "
                         "(fine for training, not for inference)", folder, COLBERT_FILE, SPARSE_FILE)
             colbert_linear, sparse_linear = cls.new_heads(hidden, colbert_dim)
+            fresh = True
         model = cls(encoder, colbert_linear, sparse_linear,
                     pooling=pooling or recorded.pooling,
                     normalize=recorded.normalize if normalize is None else normalize,
                     special_token_ids=special_token_ids, tokenizer=tokenizer,
                     query_instruction=recorded.query_instruction, passage_instruction=recorded.passage_instruction)
+        model.fresh_heads = fresh
+        model.head_init = recorded.head_init
         return model.eval()   # like transformers' from_pretrained; the trainer switches to train()
 
     # ------------------------------------------------------------------ encode / score
@@ -213,10 +221,7 @@ class M3Model(nn.Module):
         chunks = None
         if self.length_grouping and len(parts) > 1:
             widths = [ids.shape[1] for ids, _ in parts]
-            width = max(widths)
-            pad_id = self._pad_id()
-            all_ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=pad_id) for ids, _ in parts])
-            all_mask = torch.cat([F.pad(mask, (0, width - mask.shape[1]), value=0) for _, mask in parts])
+            all_ids, all_mask = self.concat_parts(parts)
             chunks = self._length_chunks(all_mask)
         if chunks is None or len(chunks) <= 1:
             # One call for everything would pad the queries to the passages' width: keep each part
@@ -230,6 +235,15 @@ class M3Model(nn.Module):
             start += ids.shape[0]
             out.append(self._heads(hidden, ids, mask, with_sparse, with_colbert))
         return out
+
+    def concat_parts(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of several right-padded `(input_ids, attention_mask)` pairs as one pair, padded
+        to the widest part (rows in part order)."""
+        width = max(ids.shape[1] for ids, _ in parts)
+        pad_id = self._pad_id()
+        all_ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=pad_id) for ids, _ in parts])
+        all_mask = torch.cat([F.pad(mask, (0, width - mask.shape[1]), value=0) for _, mask in parts])
+        return all_ids, all_mask
 
     def _pad_id(self) -> int:
         pad = getattr(self.encoder.config, "pad_token_id", None)
@@ -275,22 +289,41 @@ class M3Model(nn.Module):
         inverse[order] = torch.arange(n, device=order.device)
         return torch.cat(outputs)[inverse]
 
-    def _heads(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               with_sparse: bool, with_colbert: bool) -> M3Reps:
+    def head_outputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor, with_sparse: bool,
+                     with_colbert: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Row-wise head outputs of `hidden (n, L, H)`: dense `(n, H)`, per-position sparse weights
+        `(n, L)` (0 at padding) and ColBERT vectors `(n, L-1, D)` (0 at padding), None when not asked.
+        Everything the loss reads is a function of these and the token ids (`sparse_reps`)."""
         dense = heads.pool_dense(hidden, attention_mask, self.pooling)
         if self.normalize:
             dense = heads.l2_normalize(dense)
-        reps = M3Reps(dense=dense)
+        weights = colbert = None
         if with_sparse:
-            # Padding positions carry the pad id (zeroed below anyway); masking also covers a collator
-            # that pads with some other id.
+            # Padding positions carry the pad id (zeroed in sparse_reps anyway); masking also covers a
+            # collator that pads with some other id.
             weights = heads.sparse_token_weights(hidden, self.sparse_linear) * attention_mask.to(hidden.dtype)
-            reps.sparse = heads.sparse_vocab_weights(weights, input_ids, self.vocab_size,
-                                                     self.special_token_ids.values())
         if with_colbert:
-            reps.colbert, reps.colbert_mask = heads.colbert_vectors(hidden, attention_mask, self.colbert_linear,
-                                                                    self.normalize)
+            colbert, _ = heads.colbert_vectors(hidden, attention_mask, self.colbert_linear, self.normalize)
+        return dense, weights, colbert
+
+    def sparse_reps(self, token_weights: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per-position weights `(n, L)` -> the `(n, V)` vocabulary vector (special ids 0)."""
+        return heads.sparse_vocab_weights(token_weights, input_ids, self.vocab_size, self.special_token_ids.values())
+
+    def reps_from_head_outputs(self, dense: torch.Tensor, weights: Optional[torch.Tensor],
+                               colbert: Optional[torch.Tensor], input_ids: torch.Tensor,
+                               attention_mask: torch.Tensor) -> M3Reps:
+        reps = M3Reps(dense=dense)
+        if weights is not None:
+            reps.sparse = self.sparse_reps(weights, input_ids)
+        if colbert is not None:
+            reps.colbert, reps.colbert_mask = colbert, attention_mask[:, 1:]
         return reps
+
+    def _heads(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               with_sparse: bool, with_colbert: bool) -> M3Reps:
+        return self.reps_from_head_outputs(*self.head_outputs(hidden, attention_mask, with_sparse, with_colbert),
+                                           input_ids, attention_mask)
 
     @staticmethod
     def score(q: M3Reps, p: M3Reps, temperature: float, *,
@@ -306,7 +339,8 @@ class M3Model(nn.Module):
     def folder_config(self) -> M3FolderConfig:
         """What `save_pretrained` records in `m3composer.json` (and `from_pretrained` reads back)."""
         return M3FolderConfig(pooling=self.pooling, normalize=self.normalize,
-                              query_instruction=self.query_instruction, passage_instruction=self.passage_instruction)
+                              query_instruction=self.query_instruction, passage_instruction=self.passage_instruction,
+                              head_init=self.head_init)
 
     def save_pretrained(self, folder: str | os.PathLike, tokenizer=None) -> Path:
         """Write a FlagEmbedding-loadable folder atomically (temp folder + rename); returns its path.

@@ -22,7 +22,7 @@ from m3composer.model.inference import heads_in_folder, load_model_for_inference
 from m3composer.model.scores import HEADS, SCORE_NAMES
 from m3composer.retrieval.beir import EvalSet, load_eval_set
 from m3composer.retrieval.cli_args import add_encoding_arguments, instructions_from_args, parse_heads
-from m3composer.retrieval.metrics import mean_metrics, metric_names
+from m3composer.retrieval.metrics import mean_metrics, metric_names, per_query_metrics
 from m3composer.retrieval.search import DEFAULT_WEIGHTS, rank_corpus
 
 DEFAULT_K_VALUES = (1, 10)
@@ -32,7 +32,7 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
                    passage_instruction: Optional[str] = None, batch_size: int = 32, query_max_len: int = 64,
                    passage_max_len: int = 512, weights: Sequence[float] = DEFAULT_WEIGHTS,
                    heads: Sequence[str] = HEADS, k_values: Sequence[int] = DEFAULT_K_VALUES,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, per_query: bool = False) -> dict:
     """Metrics per head and for the ensemble on `eval_set`.
 
     `model` is an `M3Model` or anything `unwrap_m3` opens (DDP, the Composer model). Instructions
@@ -40,7 +40,8 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
 
     Returns `{"dense": {"recall@1", "recall@10", "mrr@10", "ndcg@10"}, "sparse": ..., "colbert": ...,
     "ensemble": ..., "num_queries", "num_docs", "heads", "weights", "query_instruction",
-    "passage_instruction", "seconds"}` (heads not evaluated are absent).
+    "passage_instruction", "seconds"}` (heads not evaluated are absent); with `per_query`, also
+    `"per_query": {head: {query id: metrics}}`, what `m3c compare` needs for paired intervals.
     """
     m3 = unwrap_m3(model)
     if query_instruction is None:
@@ -55,6 +56,9 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
                            query_max_len=query_max_len, passage_max_len=passage_max_len, weights=weights,
                            heads=heads, top_k=max(k_values), progress=progress)
     results: dict = {head: mean_metrics(ranked, eval_set.qrels, k_values) for head, ranked in rankings.items()}
+    if per_query:
+        results["per_query"] = {head: per_query_metrics(ranked, eval_set.qrels, k_values)
+                                for head, ranked in rankings.items()}
     results.update(num_queries=eval_set.num_queries, num_docs=eval_set.num_docs,
                    heads=[h for h in HEADS if h in rankings], weights=dict(zip(HEADS, map(float, weights))),
                    query_instruction=query_instruction, passage_instruction=passage_instruction,
@@ -83,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=parse_heads, default=HEADS, help="heads to evaluate (default: all three)")
     parser.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N queries")
     parser.add_argument("--output", default=None, help="write the metrics as JSON here ('-' = stdout)")
+    parser.add_argument("--per-query", action="store_true",
+                        help="also write every query's metrics into --output (for `m3c compare`)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -105,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate_model(model, eval_set, query_instruction=query_instruction,
                              passage_instruction=passage_instruction, batch_size=args.batch_size,
                              query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
-                             weights=args.weights, heads=heads, progress=not args.no_progress)
+                             weights=args.weights, heads=heads, progress=not args.no_progress,
+                             per_query=args.per_query)
     results["model"] = str(args.model_dir)
     results["eval_set"] = str(args.eval_path)
     results["skipped_heads"] = skipped

@@ -56,19 +56,27 @@ def metric_names(k_values: Sequence[int]) -> list[str]:
     return [f"recall@{k}" for k in sorted(set(k_values))] + [f"mrr@{top}", f"ndcg@{top}"]
 
 
+def query_metrics(ranked: Sequence[str], relevant: Mapping[str, float], k_values: Sequence[int] = (1, 10)) -> dict[str, float]:
+    """recall@k (each k), MRR@K and nDCG@K (K = max k) of one query."""
+    if not k_values or min(k_values) < 1:
+        raise ValueError(f"k_values must be positive integers, got {k_values}")
+    top = max(k_values)
+    values = {f"recall@{k}": recall_at_k(ranked, relevant, k) for k in sorted(set(k_values))}
+    values[f"mrr@{top}"] = mrr_at_k(ranked, relevant, top)
+    values[f"ndcg@{top}"] = ndcg_at_k(ranked, relevant, top)
+    return values
+
+
+def per_query_metrics(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, float]],
+                      k_values: Sequence[int] = (1, 10)) -> dict[str, dict[str, float]]:
+    """`{query id: query_metrics}`: what paired comparisons between two models need."""
+    return {query_id: query_metrics(ranked, qrels[query_id], k_values) for query_id, ranked in rankings.items()}
+
+
 def mean_metrics(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, float]],
                  k_values: Sequence[int] = (1, 10)) -> dict[str, float]:
     """Mean over the queries of `rankings` of recall@k (each k), MRR@K and nDCG@K (K = max k)."""
     if not rankings:
         raise ValueError("no queries to average over")
-    if not k_values or min(k_values) < 1:
-        raise ValueError(f"k_values must be positive integers, got {k_values}")
-    top = max(k_values)
-    sums = dict.fromkeys(metric_names(k_values), 0.0)
-    for query_id, ranked in rankings.items():
-        relevant = qrels[query_id]
-        for k in sorted(set(k_values)):
-            sums[f"recall@{k}"] += recall_at_k(ranked, relevant, k)
-        sums[f"mrr@{top}"] += mrr_at_k(ranked, relevant, top)
-        sums[f"ndcg@{top}"] += ndcg_at_k(ranked, relevant, top)
-    return {name: total / len(rankings) for name, total in sums.items()}
+    per_query = per_query_metrics(rankings, qrels, k_values)
+    return {name: sum(q[name] for q in per_query.values()) / len(per_query) for name in metric_names(k_values)}

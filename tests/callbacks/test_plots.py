@@ -71,3 +71,17 @@ def test_plots_records_a_training_run_and_writes_at_fit_end(tiny_dir, tokenizer,
     assert [s for s, _ in plots.history["metrics/eval/dense/mrr@10"]] == [3, 6]
     assert plots.written == [tmp_path / "run" / "plots" / "losses.png", tmp_path / "run" / "plots" / "eval.png"]
     assert all(p.stat().st_size > 10_000 for p in plots.written)
+
+
+def test_head_diagnostics_are_recorded_and_drawn_under_the_losses(tmp_path):
+    plots = Plots(tmp_path / "run")
+    for step in range(3):
+        plots.log_metrics({"heads/sparse/zero_weight_share": 0.9 - step / 10, "grad_norm/total": 5.0,
+                           "metrics/eval/dense/ndcg@10": 0.5}, step=step)
+    assert [v for _, v in plots.history["heads/sparse/zero_weight_share"]] == pytest.approx([0.9, 0.8, 0.7])
+    assert "grad_norm/total" not in plots.history          # only the series the plot draws are kept
+    history = dict(synthetic_history(), **{"heads/sparse/zero_weight_share": [(s, 0.5) for s in range(30)]})
+    written = write_plots(tmp_path / "run", history)
+    with_diagnostics = written[0].stat().st_size
+    without = write_plots(tmp_path / "plain", synthetic_history())[0].stat().st_size
+    assert with_diagnostics > without                      # one more panel in losses.png

@@ -75,7 +75,7 @@ def test_order_and_membership_differ_between_epochs(tiny):
     assert [tuple(b["row_ids"].tolist()) for b in ds] == epochs[0]     # deterministic
 
 
-def test_seed_tables_for_group_size_8_and_1(tmp_path):
+def test_flagembedding_tables_for_group_size_8_and_1(tmp_path):
     data = write_converted(tmp_path / "mds", [StreamSpec("a", "len-0-500", 100, num_neg=3),
                                               StreamSpec("a", "len-500-1000", 70, first_row_id=1000, bucket_hi=1000),
                                               StreamSpec("a", "len-9-10", 5, first_row_id=2000, bucket_hi=10)])

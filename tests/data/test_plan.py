@@ -17,7 +17,7 @@ def _global_sizes(plan):
     return sorted(len(s.rows) for s in plan.steps)
 
 
-def test_seed_tail_rule_examples_from_the_spec():
+def test_flagembedding_tail_rule_examples():
     # FlagEmbedding's own numbers (recipe.md §Tail rule): 23 rows, bs 3, W 2 -> chunks 6, 6, 6, 5; the chunk of 5
     # gives floor(5/2) = 2 rows per rank and 1 row sits out. 9 rows -> 6 kept, tail 3 < 2W dropped.
     plan = plan_epoch([23], [3], seed=0, epoch=0, world_size=2)

@@ -24,7 +24,7 @@ def run(model: ComposerM3, batch: dict) -> dict[str, torch.Tensor]:
     (dict(use_self_distill=True, knowledge_distillation=True), False, 0.849707),    # no scores in batch -> A
     (dict(unified_finetuning=False), True, 1.060854),                               # dense only
 ])
-def test_spec_reference_losses(kwargs, has_teacher, expected):
+def test_reference_losses_of_recipe_md_match_flagembedding(kwargs, has_teacher, expected):
     model = ComposerM3(build_recipe_model(), **kwargs).train()
     terms = run(model, recipe_batch(has_teacher=has_teacher))
     assert terms["total"].item() == pytest.approx(expected, abs=1e-5)

@@ -18,7 +18,7 @@ TEXTS = ["How do I install a package from a local wheel file?",
          "Die Paketverwaltung verwendet dpkg und apt."]
 
 
-def test_recipe_scores_match_the_spec_reference_matrices(recipe_model):
+def test_recipe_scores_match_the_reference_matrices_of_recipe_md(recipe_model):
     batch = recipe_batch()
     q = recipe_model.encode(batch["query_input_ids"], batch["query_attention_mask"])
     p = recipe_model.encode(batch["passage_input_ids"], batch["passage_attention_mask"])

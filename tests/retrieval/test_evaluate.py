@@ -228,6 +228,13 @@ def test_cli_on_an_exported_model_and_its_reload_gives_identical_numbers(tiny_di
     for head in ("dense", "sparse", "colbert", "ensemble"):
         assert in_memory[head] == again[head] == from_cli[head], head     # exactly equal, not approx
     assert from_cli["num_queries"] == 3 and from_cli["num_docs"] == 7 and from_cli["skipped_heads"] == []
+    assert "per_query" not in from_cli
+    assert main(["eval", str(exported), str(eval_path), "--output", str(tmp_path / "q.json"), "--no-progress",
+                 "--per-query"]) == 0
+    per_query = json.loads((tmp_path / "q.json").read_text())["per_query"]
+    for head in ("dense", "sparse", "colbert", "ensemble"):
+        assert len(per_query[head]) == 3                 # query ids of a JSONL eval set: file:line
+        assert np.mean([m["ndcg@10"] for m in per_query[head].values()]) == pytest.approx(from_cli[head]["ndcg@10"])
 
 
 def test_cli_on_a_plain_encoder_folder_evaluates_dense_only_and_says_so(tiny_dir, tmp_path, capsys):

@@ -1,0 +1,82 @@
+"""Per-step health of the heads, logged so that a dead head shows in the loggers and the loss plot.
+
+A freshly initialised sparse head can sit at `ln(B·G)` (uniform scores) for a whole run while the
+total loss falls, because the other terms carry it. These numbers make that visible:
+
+    heads/sparse/weight_norm          ‖W‖ of `sparse_linear` (a token's weight is ReLU(W·h + b))
+    heads/sparse/bias                 its bias
+    heads/sparse/zero_weight_share    share of the batch's non-special tokens whose weight is 0
+    heads/sparse/shared_token_weight  mean of √(w_q·w_p) over the tokens a query shares with its
+                                      positive: the per-token weight behind the sparse score
+    grad_norm/{encoder,sparse_head,colbert_head,total}
+                                      gradient norms after backward, before clipping
+    grad_norm/clip_scale              the factor `max_grad_norm` clipping applies (1 = no clipping)
+
+Logged at `Event.AFTER_BACKWARD` (the loss is never split into micro-batches, so the gradients are
+complete there, and clipping has not run yet).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from composer.core import Callback, Event, State
+from composer.loggers import Logger
+
+from m3composer.model.inference import unwrap_m3
+
+
+def _norm(params) -> float:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def token_weight_stats(q_sparse: torch.Tensor, p_sparse: torch.Tensor, batch: dict, group_size: int,
+                       special_ids: set[int]) -> dict[str, float]:
+    """Zero share and shared-token weight of one batch (see the module docstring)."""
+    p_ids, p_mask = batch["passage_input_ids"], batch["passage_attention_mask"].bool()
+    q_ids, q_mask = batch["query_input_ids"], batch["query_attention_mask"].bool()
+    special = torch.tensor(sorted(special_ids), device=p_ids.device)
+    zero, total = 0, 0
+    for sparse, ids, mask in ((q_sparse, q_ids, q_mask), (p_sparse, p_ids, p_mask)):
+        keep = mask & ~torch.isin(ids, special)
+        weights = sparse.detach().gather(1, ids)[keep]
+        zero += int((weights <= 0).sum())
+        total += int(weights.numel())
+    shared = []
+    for b in range(q_ids.shape[0]):
+        pos = b * group_size
+        common = set(q_ids[b][q_mask[b]].tolist()) & set(p_ids[pos][p_mask[pos]].tolist()) - special_ids
+        if common:
+            index = torch.tensor(sorted(common), device=q_sparse.device)
+            shared.append((q_sparse[b, index].detach().float() * p_sparse[pos, index].detach().float()).sqrt())
+    return {"heads/sparse/zero_weight_share": zero / max(total, 1),
+            "heads/sparse/shared_token_weight": float(torch.cat(shared).mean()) if shared else 0.0}
+
+
+class HeadDiagnostics(Callback):
+    def __init__(self, max_grad_norm: Optional[float] = None):
+        self.max_grad_norm = max_grad_norm
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if event != Event.AFTER_BACKWARD:
+            return
+        m3 = unwrap_m3(state.model)
+        sparse_params = list(m3.sparse_linear.parameters())
+        colbert_params = list(m3.colbert_linear.parameters())
+        encoder_params = list(m3.encoder.parameters())
+        total = _norm(encoder_params + sparse_params + colbert_params)
+        metrics = {
+            "heads/sparse/weight_norm": float(m3.sparse_linear.weight.detach().float().norm()),
+            "heads/sparse/bias": float(m3.sparse_linear.bias.detach().float().reshape(-1)[0]),
+            "grad_norm/encoder": _norm(encoder_params), "grad_norm/sparse_head": _norm(sparse_params),
+            "grad_norm/colbert_head": _norm(colbert_params), "grad_norm/total": total,
+        }
+        if self.max_grad_norm is not None:
+            metrics["grad_norm/clip_scale"] = min(1.0, self.max_grad_norm / max(total, 1e-12))
+        outputs = state.outputs
+        queries, passages = getattr(outputs, "queries", None), getattr(outputs, "passages", None)
+        if queries is not None and getattr(queries, "sparse", None) is not None and passages.sparse is not None:
+            metrics.update(token_weight_stats(queries.sparse, passages.sparse, state.batch, outputs.group_size,
+                                              set(m3.special_token_ids.values())))
+        logger.log_metrics(metrics)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17's quality table: the quickstart's training (yamls/quickstart-cpu.yaml, same steps and seed)
 # on three versions of the same pairs, then per-query nDCG@10 on the held-out split with paired
-# bootstrap intervals (scripts/paired_bootstrap.py):
+# bootstrap intervals over queries (`m3c eval --per-query`, `m3c compare`):
 #   a) negatives removed (rows borrow other rows' positives: the behaviour without hard negatives)
 #   b) negatives mined by `m3c mine` with the base model (dense, ranks 2-100 of the file's positives, no
 #      score filter: with e5-small's narrow cosine range, --max-score-ratio 0.95 left 397 of 751 rows of
@@ -11,7 +11,7 @@
 # script makes it). One training job at a time; NPROC=1 (the default, ~6 GB) trains one process with
 # the global batch of the quickstart's 2 ranks (16 queries), NPROC=2 the quickstart's exact layout;
 # activation checkpointing on (memory only: the same losses and gradients).
-# Outputs: $RUN/{a,b,d}/export and $RUN/bootstrap.json.
+# Outputs: $RUN/{a,b,d}/export, $RUN/eval_{a,b,d}.json and $RUN/compare_*.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/negatives}
@@ -57,6 +57,12 @@ for c in a b d; do
   tail -2 "$RUN/$c/train.log"
 done
 
-step "held-out nDCG@10, paired bootstrap"
-"$PY" scripts/paired_bootstrap.py "$RUN/sample/eval" "$RUN/bootstrap.json" \
-  a="$RUN/a/export" b="$RUN/b/export" d="$RUN/d/export"
+step "held-out nDCG@10 per query, paired bootstrap"
+for c in a b d; do
+  "${M3C[@]}" eval "$RUN/$c/export" "$RUN/sample/eval" --passage-max-len 192 --no-progress --per-query \
+    --output "$RUN/eval_$c.json" | tail -6
+done
+for pair in "a b" "a d" "d b"; do
+  set -- $pair
+  "${M3C[@]}" compare "$RUN/eval_$1.json" "$RUN/eval_$2.json" | tee "$RUN/compare_$1_$2.txt"
+done

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=runs/quickstart
-EVAL_ARGS=(--passage-max-len 192 --no-progress)
+EVAL_ARGS=(--passage-max-len 192 --no-progress --per-query)
 mkdir -p "$RUN"
 step() { printf '\n=== [%s] %s ===\n' "$(date +%H:%M:%S)" "$*"; }
 start=$(date +%s)
@@ -38,6 +38,8 @@ m3c eval "$RUN/export" "$RUN/sample/eval" "${EVAL_ARGS[@]}" --output "$RUN/eval_
 
 step "6/6 base vs fine-tuned"
 python scripts/compare_eval.py "$RUN/eval_base.json" "$RUN/eval_finetuned.json" | tee "$RUN/comparison.txt"
+# paired bootstrap over the queries: every fine-tuned head against the base model's dense head
+m3c compare "$RUN/eval_base.json" "$RUN/eval_finetuned.json" --base-head dense | tee -a "$RUN/comparison.txt"
 echo
 echo "export (loads with BGEM3FlagModel and AutoModel): $RUN/export"
 echo "plots: $RUN/plots/losses.png"

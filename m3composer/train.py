@@ -138,18 +138,24 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Ada
     folder did not have at `lr × optimizer.new_head_lr_multiplier`."""
     o = cfg.optimizer
     m3 = unwrap_m3(model)
-    new_heads = ({id(p) for p in (*m3.sparse_linear.parameters(), *m3.colbert_linear.parameters())}
-                 if m3.fresh_heads and o.new_head_lr_multiplier != 1.0 else set())
-    groups: dict[tuple[bool, bool], list] = {(False, False): [], (True, False): [], (False, True): [], (True, True): []}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            groups[(any(m in name for m in NO_DECAY_MARKERS), id(param) in new_heads)].append(param)
+    head_ids = set()
+    if m3.fresh_heads and o.new_head_lr_multiplier != 1.0:
+        head_ids = {id(p) for p in (*m3.sparse_linear.parameters(), *m3.colbert_linear.parameters())}
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+    def decay_groups(named: list, lr: float) -> list[dict]:
+        no_decay = [any(m in name for m in NO_DECAY_MARKERS) for name, _ in named]
+        return [{"params": [p for (_, p), nd in zip(named, no_decay) if not nd],
+                 "weight_decay": o.weight_decay, "lr": lr},
+                {"params": [p for (_, p), nd in zip(named, no_decay) if nd], "weight_decay": 0.0, "lr": lr}]
+
+    groups = decay_groups([(n, p) for n, p in trainable if id(p) not in head_ids], o.lr)
+    heads = [(n, p) for n, p in trainable if id(p) in head_ids]
+    if heads:
+        groups += decay_groups(heads, o.lr * o.new_head_lr_multiplier)
     # fused: one kernel over all tensors (CPU and CUDA), same update rule as the default per-tensor
     # loop and several times faster on CPU (BENCHMARKS.md §Training, "What was changed").
-    return torch.optim.AdamW([{"params": params, "weight_decay": 0.0 if no_decay else o.weight_decay,
-                               "lr": o.lr * (o.new_head_lr_multiplier if new_head else 1.0)}
-                              for (no_decay, new_head), params in groups.items() if params or not new_head],
-                             lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
 
 
 def build_scheduler(cfg: TrainConfig) -> LinearWithWarmupScheduler:

@@ -65,12 +65,13 @@ class HeadDiagnostics(Callback):
         sparse_params = list(m3.sparse_linear.parameters())
         colbert_params = list(m3.colbert_linear.parameters())
         encoder_params = list(m3.encoder.parameters())
-        total = _norm(encoder_params + sparse_params + colbert_params)
+        encoder, sparse, colbert = _norm(encoder_params), _norm(sparse_params), _norm(colbert_params)
+        total = (encoder ** 2 + sparse ** 2 + colbert ** 2) ** 0.5
         metrics = {
             "heads/sparse/weight_norm": float(m3.sparse_linear.weight.detach().float().norm()),
             "heads/sparse/bias": float(m3.sparse_linear.bias.detach().float().reshape(-1)[0]),
-            "grad_norm/encoder": _norm(encoder_params), "grad_norm/sparse_head": _norm(sparse_params),
-            "grad_norm/colbert_head": _norm(colbert_params), "grad_norm/total": total,
+            "grad_norm/encoder": encoder, "grad_norm/sparse_head": sparse,
+            "grad_norm/colbert_head": colbert, "grad_norm/total": total,
         }
         if self.max_grad_norm is not None:
             metrics["grad_norm/clip_scale"] = min(1.0, self.max_grad_norm / max(total, 1e-12))

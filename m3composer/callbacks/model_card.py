@@ -7,7 +7,7 @@ card, never a folder without one). The writer puts three things into the folder:
 
 * `training_run.json`: the facts (model/model_card.py renders them): `run_facts` from the trainer
   (base model, training data, the recipe's keys that differ from the defaults, the eval set), plus
-  what the state says now: steps, epoch, wall time (`timestamp.total_wall_clock`, which a resume
+  what the state says now: steps, epoch, wall time (`timestamp.total_wct`, which a resume
   carries on), hardware, the last step's loss terms (Composer's rank-averaged `total_loss_dict`,
   the values `LossLog` writes) and the latest `metrics/<label>/<head>/<metric>` of `RetrievalEval`;
 * `plots/losses.png` (and `plots/eval.png`): `write_plots` over the history the `Plots` logger
@@ -83,7 +83,7 @@ def run_facts_now(state: State, run_facts: Optional[dict], history: Optional[dic
     facts = dict(run_facts or {})
     facts.setdefault("base_model", None)
     step, losses = finished_step_losses(state)
-    wall = state.timestamp.total_wall_clock
+    wall = state.timestamp.total_wct
     facts.update({
         "steps": int(state.timestamp.batch), "epochs": int(state.timestamp.epoch),
         "wall_time_s": wall.total_seconds() if hasattr(wall, "total_seconds") else float(wall),
@@ -111,7 +111,7 @@ def card_writer(state: State, run_facts: Optional[dict]) -> Callable[[Path], Non
     facts = run_facts_now(state, run_facts, history if recorded is not None else None)
 
     def write(folder: Path) -> None:
-        written = write_plots(folder, history) if history else []
+        written = write_plots(folder, history) if recorded is not None and history else []
         facts["loss_plot"] = any(p.name == "losses.png" for p in written)
         write_card(folder, facts, "m3")
 

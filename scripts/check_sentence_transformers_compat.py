@@ -21,29 +21,19 @@ reaches `--tolerance`, a ColBERT shape differs, or a text's set of weighted toke
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import textwrap
 from pathlib import Path
 
 import numpy as np
 
+from compat_check import TEXTS, model_to_check, parser_with_common_options
+
 DEFAULT_VENV = "/tmp/m3c-sentence-transformers-venv"
 ST_REQUIREMENTS = ["sentence-transformers==6.2.0", "transformers>=5,<6", "numpy<2.2"]
-TEXTS = [
-    "How do I install a Python package from a local wheel file?",
-    "What is the difference between Debian stable, testing and unstable?",
-    "Die Paketverwaltung von Debian verwendet dpkg und apt.",
-    "¿Qué es un entorno virtual de Python?",
-    "The with statement wraps the execution of a block with methods defined by a context manager.",
-    "x",
-    "PEP 8 recommends four spaces per indentation level, and lines of at most 79 characters; "
-    "long expressions can be wrapped inside parentheses, brackets and braces.",
-]
 SIDES = ("query", "document", "plain")
 
 # Runs inside the sentence-transformers venv: argv = export folder (OUT), work folder, max_length.
@@ -105,36 +95,12 @@ def compare_lexical(ours: list[dict], theirs: list[dict]) -> tuple[float, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", help="model folder (default: the tiny test model from `m3c assets`)")
-    parser.add_argument("--venv", default=DEFAULT_VENV, help=f"sentence-transformers virtualenv (default {DEFAULT_VENV})")
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0, help="seed for heads the folder does not have yet")
-    parser.add_argument("--tolerance", type=float, default=1e-4)
-    parser.add_argument("--work-dir", help="keep the exports and outputs here (default: a temp folder)")
+    parser = parser_with_common_options(__doc__.splitlines()[0], DEFAULT_VENV, "sentence-transformers")
     args = parser.parse_args(argv)
-
-    import torch
-
-    from m3composer.model.inference import heads_in_folder
     from m3composer.model.m3 import M3Model
     from m3composer.model.st_export import export_sentence_transformers
 
-    if args.model_dir:
-        model_dir = Path(args.model_dir).expanduser()
-    else:
-        from m3composer.assets.build import ensure_assets
-        from m3composer.assets.paths import TINY
-        model_dir = ensure_assets()[TINY]
-
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="m3c-st-compat-"))
-    work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    model = M3Model.from_pretrained(model_dir)
-    trained_heads = heads_in_folder(model_dir) != ("dense",)
-    if not trained_heads:
-        with torch.no_grad():   # fresh sparse heads of a random model weigh most tokens 0
-            model.sparse_linear.bias.add_(0.5)
+    model_dir, work, model = model_to_check(args, "m3c-st-compat-")
     if model.query_instruction is None and model.passage_instruction is None:
         model.query_instruction, model.passage_instruction = "query: ", "passage: "
     source = model.save_pretrained(work / "m3")

@@ -142,7 +142,7 @@ def _snippets(facts: dict, kind: str) -> list[str]:
             lines += ["`trust_remote_code=True` runs `m3_lexical_weights.py` from this folder: M3's lexical "
                       "weights (`ReLU(sparse_linear(h))` per token, max per token id, special tokens 0) have no "
                       "module in sentence-transformers (its `SpladePooling` needs MLM logits and applies "
-                      "log1p). Read the file before you trust it; it is 80 lines of torch.", ""]
+                      "log1p). Read the file before you trust it; it is 100 lines of torch.", ""]
     return lines
 
 

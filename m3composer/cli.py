@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("m3composer.retrieval.compare", "paired bootstrap interval between two `m3c eval --per-query` results"),
     "score-teacher": ("m3composer.retrieval.teacher", "add a teacher model's pos_scores/neg_scores to a JSONL (knowledge distillation)"),
     "mine": ("m3composer.retrieval.mine", "mine hard negatives for a JSONL with a model (dense via faiss, or any head)"),
+    "export-st": ("m3composer.model.st_export", "write sentence-transformers (>= 6) folders for the dense, ColBERT and sparse heads"),
 }
 
 # Arguments that name a model folder, per command, with the asset used when none is given. Before
@@ -30,6 +31,7 @@ MODEL_ARGUMENTS: dict[str, dict[str, str | None]] = {
     "eval": {"model_dir": None},
     "score-teacher": {"model": None},
     "mine": {"model": None},
+    "export-st": {"model_dir": None},
 }
 
 

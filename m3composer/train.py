@@ -178,13 +178,37 @@ def build_algorithms(cfg: TrainConfig) -> list:
     return algorithms
 
 
-def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: ModelDefaults) -> list:
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_changes(cfg: TrainConfig) -> dict:
+    """`{dotted key: value}` of every config key whose value differs from the schema's default."""
+    from omegaconf import OmegaConf
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False))
+    return {key: value for key, value in _flatten(to_dict(cfg)).items()
+            if key not in defaults or defaults[key] != value}
+
+
+def card_facts(cfg: TrainConfig, dataset: M3TrainDataset) -> dict:
+    """What the export's model card says about the run beyond the state (callbacks/model_card.py)."""
+    from m3composer.callbacks.model_card import data_summary
+    return {"run_name": cfg.run_name, "base_model": cfg.model.name_or_path,
+            "data": data_summary(cfg.data.train_data, dataset.streams),
+            "recipe_changes": recipe_changes(cfg), "eval_data": cfg.callbacks.eval_data}
+
+
+def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: ModelDefaults, run_facts: Optional[dict] = None) -> list:
     from m3composer.callbacks.plots import Plots
     c = cfg.callbacks
     # StepSeed: dropout masks as a function of (seed, rank, step), so a mid-epoch resume is exact.
-    callbacks = [StepSeed(), DataRefresh(), SpeedMonitor(window_size=c.speed_window), LRMonitor(),
-                 ExportModel(c.export_dir or os.path.join(cfg.run_dir, "export"), c.export_interval),
-                 Plots(cfg.run_dir)]
+    callbacks = [StepSeed(), DataRefresh(), SpeedMonitor(window_size=c.speed_window), LRMonitor(), Plots(cfg.run_dir)]
     if c.loss_log:
         from m3composer.callbacks.loss_log import LossLog
         callbacks.append(LossLog(c.loss_log))
@@ -200,6 +224,8 @@ def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: ModelDefaults) -> li
             query_instruction=chosen.query_instruction_for_retrieval or "", passage_instruction=chosen.passage_instruction_for_retrieval or "",
             batch_size=c.eval_batch_size, query_max_len=cfg.data.query_max_len,
             passage_max_len=c.eval_passage_max_len))
+    # Last, so that an export's model card sees the evaluation of its own step (RetrievalEval runs first).
+    callbacks.append(ExportModel(c.export_dir or os.path.join(cfg.run_dir, "export"), c.export_interval, run_facts))
     return callbacks
 
 
@@ -263,7 +289,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         optimizers=optimizer, schedulers=build_scheduler(cfg), step_schedulers_every_batch=True,
         max_duration=t.max_duration, device=device, precision=precision, seed=cfg.seed,
         device_train_microbatch_size=microbatch, parallelism_config=parallelism,
-        algorithms=build_algorithms(cfg), callbacks=build_callbacks(cfg, on_gpu, chosen),
+        algorithms=build_algorithms(cfg), callbacks=build_callbacks(cfg, on_gpu, chosen, card_facts(cfg, dataset)),
         loggers=build_loggers(cfg), progress_bar=t.progress_bar, log_to_console=t.log_to_console,
         console_log_interval=t.console_log_interval, save_folder=t.save_folder, save_interval=t.save_interval,
         # Overwrite even under autoresume: a run killed while writing checkpoint N leaves a partial
@@ -292,7 +318,7 @@ def main(argv: list[str] | None = None) -> Trainer:
                  trainer.state.max_duration)
         for callback in trainer.state.callbacks:
             if isinstance(callback, ExportModel):
-                export_model(trainer.state, callback.export_dir)
+                export_model(trainer.state, callback.export_dir, run_facts=callback.run_facts)
         trainer.close()
         return trainer
     trainer.fit()

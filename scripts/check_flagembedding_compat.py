@@ -14,28 +14,18 @@ a difference exceeds `--tolerance` or the token-id sets differ.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
 import numpy as np
 
+from compat_check import TEXTS, model_to_check, parser_with_common_options
+
 DEFAULT_VENV = "/tmp/m3c-flagembedding-venv"
 FLAGEMBEDDING_REQUIREMENTS = ["torch==2.7.0", "transformers>=4.56,<4.57", "FlagEmbedding==1.4.2", "numpy<2.2"]
-TEXTS = [
-    "How do I install a Python package from a local wheel file?",
-    "What is the difference between Debian stable, testing and unstable?",
-    "Die Paketverwaltung von Debian verwendet dpkg und apt.",
-    "¿Qué es un entorno virtual de Python?",
-    "The with statement wraps the execution of a block with methods defined by a context manager.",
-    "x",
-    "PEP 8 recommends four spaces per indentation level, and lines of at most 79 characters; "
-    "long expressions can be wrapped inside parentheses, brackets and braces.",
-]
 
 # Runs inside the FlagEmbedding venv: argv = export folder, output folder, pooling, colbert_dim, max_length.
 FLAGEMBEDDING_SIDE = textwrap.dedent("""
@@ -78,34 +68,9 @@ def lexical_max_diff(ours: list[dict], theirs: list[dict]) -> tuple[float, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", help="model folder to export (default: the tiny test model from `m3c assets`)")
-    parser.add_argument("--venv", default=DEFAULT_VENV, help=f"FlagEmbedding virtualenv (default {DEFAULT_VENV})")
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0, help="seed for heads the folder does not have yet")
-    parser.add_argument("--tolerance", type=float, default=1e-4)
-    parser.add_argument("--work-dir", help="keep the export and outputs here (default: a temp folder)")
+    parser = parser_with_common_options(__doc__.splitlines()[0], DEFAULT_VENV, "FlagEmbedding")
     args = parser.parse_args(argv)
-
-    import torch
-
-    from m3composer.model.m3 import M3Model
-
-    if args.model_dir:
-        model_dir = Path(args.model_dir).expanduser()
-    else:
-        from m3composer.assets.build import ensure_assets
-        from m3composer.assets.paths import TINY
-        model_dir = ensure_assets()[TINY]
-
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="m3c-fe-compat-"))
-    work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    model = M3Model.from_pretrained(model_dir)
-    with torch.no_grad():
-        # fresh sparse heads of a random model give mostly-zero weights; shift them so the check sees some
-        if not (model_dir / "sparse_linear.pt").exists():
-            model.sparse_linear.bias.add_(0.5)
+    model_dir, work, model = model_to_check(args, "m3c-fe-compat-")
     export = model.save_pretrained(work / "export")
     colbert_dim = model.colbert_linear.out_features
     ours = model.encode_texts(TEXTS, batch_size=4, max_length=args.max_length)

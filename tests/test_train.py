@@ -210,6 +210,33 @@ def test_export_loads_and_gives_the_in_memory_models_outputs(trained):
     live.train()
 
 
+def test_the_exports_model_card_records_the_data_the_recipe_changes_and_the_last_losses(trained):
+    from m3composer.data.index import read_index
+
+    export = trained["run"] / "export"
+    facts = json.loads((export / "training_run.json").read_text())
+    card = (export / "README.md").read_text()
+    index = read_index(str(trained["data"]))
+    streams = {(s["task"], s["bucket"]): s for s in facts["data"]["streams"]}
+    assert facts["data"]["rows"] == index["rows"] == sum(s["rows"] for s in streams.values())
+    for entry in index["streams"]:
+        recorded = streams[(entry["task"], entry["bucket"])]
+        assert (recorded["rows"], recorded["has_teacher_scores"], recorded["is_parallel"]) == (
+            entry["rows"], entry["has_teacher_scores"], entry["is_parallel"])
+        assert f"| {entry['task']} | {entry['bucket']} | {entry['rows']} |" in card
+    changes = facts["recipe_changes"]
+    assert changes["optimizer.lr"] == 1e-3 and changes["data.train_group_size"] == 3
+    assert changes["trainer.max_duration"] == f"{MAX_STEPS}ba" and changes["model.name_or_path"] == "asset:tiny-xlmr"
+    assert "loss.temperature" not in changes and "optimizer.weight_decay" not in changes    # at their defaults
+    assert "| `loss.use_self_distill` | True |" in card
+    assert facts["base_model"] == "asset:tiny-xlmr" and facts["steps"] == MAX_STEPS and facts["eval"] is None
+    (fit,) = read_loss_log(trained["run"] / "losses.jsonl")
+    assert facts["final_losses_step"] == fit[-1]["step"] == MAX_STEPS - 1
+    assert facts["final_losses"] == {k.removeprefix("loss/train/"): v for k, v in fit[-1].items()
+                                     if k.startswith("loss/train/")}
+    assert "`callbacks.eval_data` was not set" in card and (export / "plots" / "losses.png").is_file()
+
+
 def test_the_chosen_pooling_and_instructions_are_logged(trained):
     assert any("pooling=cls query_instruction=None passage_instruction=None" in m for m in trained["log"]), \
         trained["log"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -342,11 +342,13 @@ class M3Model(nn.Module):
                               query_instruction=self.query_instruction, passage_instruction=self.passage_instruction,
                               head_init=self.head_init)
 
-    def save_pretrained(self, folder: str | os.PathLike, tokenizer=None) -> Path:
+    def save_pretrained(self, folder: str | os.PathLike, tokenizer=None,
+                        extra_files: Optional[Callable[[Path], None]] = None) -> Path:
         """Write a FlagEmbedding-loadable folder atomically (temp folder + rename); returns its path.
 
         Encoder weights as safetensors, the tokenizer (`tokenizer` or the attached one), the two heads
         as plain CPU state dicts, and `m3composer.json`. An existing folder is replaced.
+        `extra_files(tmp)` writes more files (the model card) into the folder before it is renamed in.
         """
         folder = Path(folder)
         with building_dir(folder) as tmp:
@@ -359,6 +361,8 @@ class M3Model(nn.Module):
             for name, head in ((COLBERT_FILE, self.colbert_linear), (SPARSE_FILE, self.sparse_linear)):
                 torch.save({k: v.detach().clone().cpu() for k, v in head.state_dict().items()}, tmp / name)
             self.folder_config().save(tmp)
+            if extra_files is not None:
+                extra_files(tmp)
         return folder
 
     # ------------------------------------------------------------------ inference

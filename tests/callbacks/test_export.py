@@ -3,6 +3,7 @@ N batches or epochs, written atomically, in real Composer runs of the tiny XLM-R
 synthetic streams of tests/data/m3_tiny_data.py (24 rows, 4 per step: 6 steps per epoch)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,67 @@ def test_an_export_that_fails_at_fit_end_fails_the_run(tmp_path, tiny_dir, monke
         trainer.fit()
     trainer.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mds"]
+
+
+EVAL_PAIRS = [("how do I open a file", "Use open(path) to read a file."),
+              ("sort a list", "sorted() returns a new sorted list."),
+              ("dictionary", "A dictionary maps keys to values."),
+              ("exception handling", "try and except catch errors raised in a block.")]
+
+
+def _card_numbers(card: str, title: str) -> dict[str, list[str]]:
+    """`{first cell: other cells}` of the markdown table under the `### title` heading of a card."""
+    section = card.split(f"### {title}\n", 1)[1].split("\n#", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+def test_every_export_has_a_model_card_whose_figures_are_the_runs_logs(tmp_path, tiny_dir):
+    from m3composer.callbacks.loss_log import LossLog
+    from m3composer.callbacks.plots import Plots
+    from m3composer.callbacks.retrieval_eval import RetrievalEval
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"query": q, "pos": [p]}) + "\n" for q, p in EVAL_PAIRS))
+    export = tmp_path / "export"
+    facts = {"run_name": "card-test", "base_model": "asset:tiny-xlmr", "recipe_changes": {"optimizer.lr": 0.01},
+             "eval_data": str(eval_file)}
+    evaluation = RetrievalEval(eval_file, interval="3ba", batch_size=8, query_max_len=16, passage_max_len=32)
+    plots, loss_log = Plots(tmp_path / "run"), LossLog(tmp_path / "losses.jsonl")
+    trainer = _trainer(tmp_path, tiny_dir, [evaluation, ExportModel(str(export), "3ba", facts), loss_log, plots],
+                       "4ba")
+    trainer.fit()
+    trainer.close()
+
+    logged = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()][1:]
+    evaluated = dict(evaluation.history)          # {batch: results}: at step 3 and at the end (4)
+    assert sorted(evaluated) == [3, 4]
+    for folder, steps in ((export / "step-3", 3), (export, 4)):
+        card = (folder / "README.md").read_text()
+        recorded = json.loads((folder / "training_run.json").read_text())
+        assert recorded["steps"] == steps and f"exported at step {steps}." in card
+        assert recorded["run_name"] == "card-test" and "`asset:tiny-xlmr`" in card and "| `optimizer.lr` | 0.0100 |" in card
+        # the last step's loss terms are LossLog's record of that step (0-based step = steps - 1)
+        last = logged[steps - 1]
+        assert last["step"] == recorded["final_losses_step"] == steps - 1
+        table = _card_numbers(card, "Final losses")
+        for term in ("dense", "sparse", "colbert", "ensemble", "total"):
+            assert recorded["final_losses"][term] == pytest.approx(last[f"loss/train/{term}"], rel=1e-9)
+            assert table[term] == [f"{last[f'loss/train/{term}']:.4f}"]
+        # the held-out metrics are RetrievalEval's results at that step
+        assert recorded["eval"]["step"] == steps and recorded["eval"]["data"] == str(eval_file)
+        table = _card_numbers(card, "Held-out retrieval")
+        metric_names = [n.strip() for n in card.split("### Held-out retrieval")[1].split("| head |")[1]
+                        .splitlines()[0].strip(" |").split("|")]
+        for head in ("dense", "sparse", "colbert", "ensemble"):
+            assert recorded["eval"]["metrics"][head] == pytest.approx(evaluated[steps][head], rel=1e-9)
+            assert table[head] == [f"{evaluated[steps][head][m]:.4f}" for m in metric_names]
+        assert recorded["wall_time_s"] > 0 and "CPU" in recorded["hardware"]["summary"]
+        assert (folder / "plots" / "losses.png").stat().st_size > 1000 and "](plots/losses.png)" in card
+        assert "BGEM3FlagModel" in card and "AutoModel" in card and "m3c export-st" in card
+    # the card of a sentence-transformers folder is made from the same facts
+    from m3composer.model.st_export import export_sentence_transformers
+    export_sentence_transformers(export, tmp_path / "st", heads=["dense"])
+    st_card = (tmp_path / "st" / "dense" / "README.md").read_text()
+    assert _card_numbers(st_card, "Final losses") == _card_numbers((export / "README.md").read_text(), "Final losses")
+    assert "SentenceTransformer(" in st_card and (tmp_path / "st" / "dense" / "plots" / "losses.png").is_file()

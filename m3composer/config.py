@@ -12,6 +12,7 @@ optimizer, trainer, callbacks, loggers.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,11 @@ from m3composer.model.heads import POOLING_METHODS, SPARSE_INITS
 AUTO = "auto"  # instruction prefixes / pooling: take what the model folder records
 # `loggers:` keys -> Composer logger class (their packages are optional)
 LOGGERS = {"mlflow": "MLFlowLogger", "wandb": "WandBLogger", "tensorboard": "TensorboardLogger", "file": "FileLogger"}
+# `loggers:` keys -> (module the logger imports, how to install it); checked at start-up so that a
+# missing package is one line naming the install, not Composer's ImportError from inside the Trainer.
+LOGGER_PACKAGES = {"mlflow": ("mlflow", "pip install 'm3composer[mlflow]'"),
+                   "tensorboard": ("tensorboard", "pip install 'm3composer[tensorboard]'"),
+                   "wandb": ("wandb", "pip install wandb")}
 PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
 
 
@@ -239,6 +245,19 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.callbacks.eval_batch_size >= 1, "callbacks.eval_batch_size", "must be >= 1")
     unknown_loggers = set(cfg.loggers) - set(LOGGERS)
     _check(not unknown_loggers, "loggers", f"unknown logger(s) {sorted(unknown_loggers)}; use {_choices(*LOGGERS)}")
+    for name in cfg.loggers:
+        missing = logger_package_missing(name)
+        _check(missing is None, f"loggers.{name}", missing or "")
+
+
+def logger_package_missing(name: str) -> Optional[str]:
+    """None when logger `name`'s optional package is importable, else what to install."""
+    if name not in LOGGER_PACKAGES:
+        return None
+    module, install = LOGGER_PACKAGES[name]
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return f"needs the {module} package, which is not installed: {install}"
 
 
 def _validate_gradient_cache(cfg: TrainConfig) -> None:

@@ -28,7 +28,7 @@ from m3composer.algorithms import FreezePositionEmbeddings, SelfDistillWarmup
 from m3composer.callbacks.data_refresh import DataRefresh
 from m3composer.callbacks.export import ExportModel, export_model
 from m3composer.callbacks.step_seed import StepSeed
-from m3composer.config import AUTO, LOGGERS, ConfigError, TrainConfig, load_config, to_dict
+from m3composer.config import AUTO, LOGGER_PACKAGES, LOGGERS, ConfigError, TrainConfig, load_config, to_dict
 from m3composer.data.collate import make_data_spec
 from m3composer.data.dataset import M3TrainDataset
 from m3composer.data.index import is_remote
@@ -230,9 +230,28 @@ def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: ModelDefaults, run_f
 
 
 def build_loggers(cfg: TrainConfig) -> list:
-    """Experiment loggers chosen in YAML only (`loggers: {mlflow: {...}}`); their packages are optional."""
+    """Experiment loggers chosen in YAML only (`loggers: {mlflow: {...}}`); their packages are optional
+    (`validate` has checked they are installed)."""
     from composer import loggers as composer_loggers
-    return [getattr(composer_loggers, LOGGERS[name])(**(kwargs or {})) for name, kwargs in cfg.loggers.items()]
+    loggers = []
+    for name, kwargs in cfg.loggers.items():
+        kwargs = dict(kwargs or {})
+        try:
+            cls = getattr(composer_loggers, LOGGERS[name])
+            if name == "mlflow":
+                from m3composer.callbacks.mlflow_logger import M3MLFlowLogger, tracking_store_problem
+                problem = tracking_store_problem(kwargs.get("tracking_uri"))
+                if problem:
+                    raise ConfigError(f"loggers.mlflow.tracking_uri: {problem}")
+                cls = M3MLFlowLogger    # metric names MLflow accepts (ndcg@10 -> ndcg_at_10)
+            loggers.append(cls(**kwargs))
+        except TypeError as err:     # a misspelled argument: name the key, not Composer's __init__
+            raise ConfigError(f"loggers.{name}: {err}") from err
+        except ImportError as err:   # installed but does not import (e.g. a version clash)
+            cause = err.__cause__ or err
+            install = LOGGER_PACKAGES.get(name, (name, "pip install -e ."))[1]
+            raise ConfigError(f"loggers.{name}: {type(cause).__name__}: {cause} (reinstall: {install})") from err
+    return loggers
 
 
 # -------------------------------------------------------------------------------------- trainer

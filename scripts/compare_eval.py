@@ -1,16 +1,28 @@
-"""Print two `m3c eval --output` JSON files side by side: base model vs fine-tuned model.
+"""Print two `m3c eval --per-query --output` JSON files side by side (base model vs fine-tuned model)
+and say whether fine-tuning helped, from paired bootstrap intervals over the queries.
 
 usage: python scripts/compare_eval.py BASE.json FINETUNED.json
 
-Rows are the heads present in either file (a base encoder without trained heads has only dense);
-the verdict line compares like with like: the fine-tuned dense head against the base dense head.
-Exit status 0 either way: this reports, it does not judge the run.
+Rows are the heads present in either file (a base encoder without trained heads has only dense).
+The verdict compares like with like: the fine-tuned dense head against the base dense head on
+recall@10 and nDCG@10, each as the mean difference with its paired 95 % interval
+(`m3composer.retrieval.compare`). "better" only when both intervals lie above 0, "worse" when one
+lies below 0 and none above, otherwise "no clear difference": a difference of means that the query
+sample does not support is not a gain. The fine-tuned ensemble is compared with its best single
+head the same way. Exit status 0 whatever the verdict (this reports, it does not judge the run);
+2 when a file cannot be read or has no per-query metrics.
 """
 import json
 import sys
 
+from m3composer.retrieval.compare import combined_verdict, paired_bootstrap, per_query
+
 METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")
 HEADS = ("dense", "sparse", "colbert", "ensemble")
+VERDICT_METRICS = ("recall@10", "ndcg@10")
+HEADLINE = {"better": "the fine-tuned model is better", "worse": "the fine-tuned model is worse",
+            "no clear difference": "no clear difference between the two models"}
+ENSEMBLE = {"better": "beats", "worse": "is below", "no clear difference": "is not clearly above"}
 
 
 def cell(results: dict, head: str, metric: str) -> str:
@@ -18,8 +30,18 @@ def cell(results: dict, head: str, metric: str) -> str:
     return "   -  " if value is None else f"{value:.4f}"
 
 
+def interval(d) -> str:
+    return f"{d.base:.4f} -> {d.other:.4f}, {d.difference:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+
+
 def main(base_path: str, tuned_path: str) -> int:
-    base, tuned = (json.load(open(p)) for p in (base_path, tuned_path))
+    try:
+        base, tuned = (json.load(open(p, encoding="utf-8")) for p in (base_path, tuned_path))
+        dense = {m: paired_bootstrap(per_query(base, "dense", m, base_path), per_query(tuned, "dense", m, tuned_path))
+                 for m in VERDICT_METRICS}
+    except (OSError, ValueError, TypeError) as err:
+        print(f"compare_eval.py: error: {err}", file=sys.stderr)
+        return 2
     print(f"held-out retrieval: {tuned['num_queries']} queries, {tuned['num_docs']} documents")
     header = "head       " + "  ".join(f"{m:>17}" for m in METRICS)
     print(header + "\n" + " " * 11 + "  ".join(f"{'base':>8} {'tuned':>8}" for _ in METRICS))
@@ -27,17 +49,19 @@ def main(base_path: str, tuned_path: str) -> int:
         if head not in base and head not in tuned:
             continue
         print(f"{head:<11}" + "  ".join(f"{cell(base, head, m):>8} {cell(tuned, head, m):>8}" for m in METRICS))
-    d_base, d_tuned = base["dense"], tuned["dense"]
-    better = all(d_tuned[m] > d_base[m] for m in ("recall@10", "ndcg@10"))
-    print(f"\nfine-tuned dense vs base dense: recall@10 {d_base['recall@10']:.4f} -> {d_tuned['recall@10']:.4f}, "
-          f"nDCG@10 {d_base['ndcg@10']:.4f} -> {d_tuned['ndcg@10']:.4f}: "
-          + ("the fine-tuned model is better" if better else "NOT better on both"))
+
+    queries = next(iter(dense.values())).queries
+    print(f"\nfine-tuned dense vs base dense, difference with its paired bootstrap 95 % interval over {queries} queries:")
+    for metric, d in dense.items():
+        print(f"  {metric:<10} {interval(d)}: {d.verdict}")
+    print(f"verdict: {HEADLINE[combined_verdict(list(dense.values()))]}")
+
     singles = {h: tuned[h]["ndcg@10"] for h in ("dense", "sparse", "colbert") if h in tuned}
     if "ensemble" in tuned and singles:
         best = max(singles, key=singles.get)
-        verdict = "beats" if tuned["ensemble"]["ndcg@10"] > singles[best] else "does not beat"
-        print(f"fine-tuned ensemble nDCG@10 {tuned['ensemble']['ndcg@10']:.4f} {verdict} the best single head "
-              f"({best} {singles[best]:.4f})")
+        d = paired_bootstrap(per_query(tuned, best, "ndcg@10", tuned_path),
+                             per_query(tuned, "ensemble", "ndcg@10", tuned_path))
+        print(f"fine-tuned ensemble nDCG@10 {ENSEMBLE[d.verdict]} the best single head ({best}): {interval(d)}")
     return 0
 
 

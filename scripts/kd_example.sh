@@ -20,4 +20,4 @@ echo "=== train the base model on the teacher's scores (m3_kd_loss), 2 ranks ===
 rm -rf "$RUN/checkpoints"
 composer -n 2 scripts/train.py yamls/kd-cpu.yaml
 echo "=== held-out evaluation of the student ==="
-m3c eval "$RUN/export" runs/quickstart/sample/eval --passage-max-len 256 --no-progress --output "$RUN/eval.json"
+m3c eval "$RUN/export" runs/quickstart/sample/eval --passage-max-len 256 --output "$RUN/eval.json"

@@ -59,7 +59,7 @@ done
 
 step "held-out nDCG@10 per query, paired bootstrap"
 for c in a b d; do
-  "${M3C[@]}" eval "$RUN/$c/export" "$RUN/sample/eval" --passage-max-len 192 --no-progress --per-query \
+  "${M3C[@]}" eval "$RUN/$c/export" "$RUN/sample/eval" --passage-max-len 192 --per-query \
     --output "$RUN/eval_$c.json" | tail -6
 done
 for pair in "a b" "a d" "d b"; do

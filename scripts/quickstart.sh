@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=runs/quickstart
-EVAL_ARGS=(--passage-max-len 192 --no-progress --per-query)
+# m3c eval draws its progress bars only when stderr is a terminal (silent in logs and CI)
+EVAL_ARGS=(--passage-max-len 192 --per-query)
 mkdir -p "$RUN"
 step() { printf '\n=== [%s] %s ===\n' "$(date +%H:%M:%S)" "$*"; }
 start=$(date +%s)

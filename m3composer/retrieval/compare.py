@@ -36,6 +36,15 @@ class PairedDifference:
     def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
 
+    @property
+    def verdict(self) -> str:
+        """`better` / `worse` when the interval lies above / below 0, else `no clear difference`."""
+        if self.low > 0:
+            return "better"
+        if self.high < 0:
+            return "worse"
+        return "no clear difference"
+
 
 def paired_bootstrap(base: Mapping[str, float], other: Mapping[str, float], *, samples: int = 10_000,
                      confidence: float = 0.95, seed: int = 0) -> PairedDifference:
@@ -52,6 +61,17 @@ def paired_bootstrap(base: Mapping[str, float], other: Mapping[str, float], *, s
     tail = (1 - confidence) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return PairedDifference(len(shared), float(a.mean()), float(b.mean()), float(diff.mean()), float(low), float(high))
+
+
+def combined_verdict(differences: list[PairedDifference]) -> str:
+    """One verdict over several metrics: `better` only when every interval lies above 0, `worse`
+    when one lies below 0 and none above, else `no clear difference`."""
+    verdicts = {d.verdict for d in differences}
+    if verdicts == {"better"}:
+        return "better"
+    if "worse" in verdicts and "better" not in verdicts:
+        return "worse"
+    return "no clear difference"
 
 
 def per_query(results: dict, head: str, metric: str, where: str) -> Optional[dict[str, float]]:

@@ -89,7 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, help="write the metrics as JSON here ('-' = stdout)")
     parser.add_argument("--per-query", action="store_true",
                         help="also write every query's metrics into --output (for `m3c compare`)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # Default: bars when a person watches (stderr is a terminal), none in logs and CI.
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars on stderr (default: only when stderr is a terminal)")
+
+
+def show_progress(flag: Optional[bool]) -> bool:
+    """`--progress` / `--no-progress` as given; unset: whether stderr (where tqdm draws) is a terminal."""
+    return sys.stderr.isatty() if flag is None else flag
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate_model(model, eval_set, query_instruction=query_instruction,
                              passage_instruction=passage_instruction, batch_size=args.batch_size,
                              query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
-                             weights=args.weights, heads=heads, progress=not args.no_progress,
+                             weights=args.weights, heads=heads, progress=show_progress(args.progress),
                              per_query=args.per_query)
     results["model"] = str(args.model_dir)
     results["eval_set"] = str(args.eval_path)

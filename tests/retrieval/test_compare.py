@@ -49,3 +49,71 @@ def test_cli_compares_every_head_against_the_base_dense_when_the_base_has_no_hea
     (tmp_path / "plain.json").write_text(json.dumps({"dense": {}}))
     assert main(["compare", str(tmp_path / "plain.json"), str(other)]) == 2
     assert "--per-query" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- scripts/compare_eval.py: the quickstart's verdict
+def _compare_eval():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "compare_eval.py"
+    spec = importlib.util.spec_from_file_location("compare_eval", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _results(path, per_query: dict[str, dict[str, dict[str, float]]]):
+    """An `m3c eval --per-query --output` file: means per head, and every query's metrics."""
+    means = {head: {m: float(np.mean([q[m] for q in rows.values()])) for m in next(iter(rows.values()))}
+             for head, rows in per_query.items()}
+    path.write_text(json.dumps({**means, "num_queries": 20, "num_docs": 50, "per_query": per_query}))
+    return str(path)
+
+
+def _dense(recall: list[float], ndcg: list[float]) -> dict:
+    return {"dense": {f"q{i}": {"recall@10": r, "ndcg@10": n} for i, (r, n) in enumerate(zip(recall, ndcg))}}
+
+
+LEVEL = [0.2 + 0.03 * i for i in range(20)]           # 20 queries of different difficulty
+SHIFT = [v + 0.1 for v in LEVEL]                        # the same gain on every query
+# a mean gain of +0.02 that the queries do not support: 11 queries up 0.2, 9 down 0.2
+NOISE = [v + (0.2 if i % 2 == 0 or i == 19 else -0.2) for i, v in enumerate(LEVEL)]
+
+
+@pytest.mark.parametrize("recall, ndcg, verdict", [
+    (SHIFT, SHIFT, "the fine-tuned model is better"),
+    (NOISE, NOISE, "no clear difference between the two models"),   # higher means, and still not a gain
+    (SHIFT, NOISE, "no clear difference between the two models"),   # better on one metric only
+    ([v - 0.1 for v in LEVEL], NOISE, "the fine-tuned model is worse"),
+])
+def test_the_quickstart_verdict_follows_the_paired_interval(tmp_path, capsys, recall, ndcg, verdict):
+    base = _results(tmp_path / "base.json", _dense(LEVEL, LEVEL))
+    tuned = _results(tmp_path / "tuned.json", _dense(recall, ndcg))
+    assert _compare_eval().main(base, tuned) == 0
+    out = capsys.readouterr().out
+    assert f"verdict: {verdict}\n" in out
+    assert "interval over 20 queries" in out and out.count("]: ") == 2     # both metrics' intervals are printed
+
+
+def test_the_ensemble_line_uses_the_interval_against_the_best_head(tmp_path, capsys):
+    base = _results(tmp_path / "base.json", _dense(LEVEL, LEVEL))
+    rows = _dense(SHIFT, SHIFT)
+    rows["colbert"] = {q: {"recall@10": m["recall@10"] - 0.05, "ndcg@10": m["ndcg@10"] - 0.05}
+                       for q, m in rows["dense"].items()}
+    rows["ensemble"] = {q: {"recall@10": m["recall@10"], "ndcg@10": n}
+                        for (q, m), n in zip(rows["dense"].items(), NOISE)}       # above dense in mean only
+    compare_eval = _compare_eval()
+    assert compare_eval.main(base, _results(tmp_path / "tuned.json", rows)) == 0
+    assert "fine-tuned ensemble nDCG@10 is not clearly above the best single head (dense)" in capsys.readouterr().out
+    rows["ensemble"] = {q: {"recall@10": m["recall@10"], "ndcg@10": m["ndcg@10"] + 0.01} for q, m in rows["dense"].items()}
+    assert compare_eval.main(base, _results(tmp_path / "tuned.json", rows)) == 0
+    assert "fine-tuned ensemble nDCG@10 beats the best single head (dense)" in capsys.readouterr().out
+
+
+def test_compare_eval_without_per_query_metrics_is_one_line_saying_so(tmp_path, capsys):
+    (tmp_path / "plain.json").write_text(json.dumps({"dense": {"ndcg@10": 0.5, "recall@10": 0.7}}))
+    tuned = _results(tmp_path / "tuned.json", _dense(SHIFT, SHIFT))
+    assert _compare_eval().main(str(tmp_path / "plain.json"), tuned) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--per-query" in err

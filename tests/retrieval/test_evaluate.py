@@ -259,3 +259,42 @@ def test_cli_reports_bad_eval_sets_and_bad_flags(tiny_dir, tmp_path, capsys):
         main(["eval", str(tiny_dir), str(bad), "--weights", "1,2"])
     with pytest.raises(SystemExit):
         main(["eval", str(tiny_dir), str(bad), "--heads", "sparse"])
+
+
+class _Stderr:
+    """A stand-in for sys.stderr that says whether it is a terminal and keeps what was written."""
+
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, []
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        self.text.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_cli_draws_progress_bars_when_stderr_is_a_terminal(tiny_dir, tmp_path, monkeypatch, capsys):
+    eval_path = write_eval_jsonl(tmp_path / "eval.jsonl")
+    stderr = _Stderr(tty=True)
+    monkeypatch.setattr("sys.stderr", stderr)
+    assert main(["eval", str(tiny_dir), str(eval_path)]) == 0
+    drawn = "".join(stderr.text)
+    assert "encode queries" in drawn and "encode corpus" in drawn, drawn
+    assert "[eval] " in capsys.readouterr().out          # the report itself goes to stdout
+
+
+@pytest.mark.parametrize("tty, flag, bars", [(True, None, True), (False, None, False),
+                                             (True, False, False), (False, True, True)])
+def test_progress_defaults_to_whether_stderr_is_a_terminal_and_the_flags_win(monkeypatch, tty, flag, bars):
+    from m3composer.cli import build_parser
+    from m3composer.retrieval.evaluate import show_progress
+
+    monkeypatch.setattr("sys.stderr", _Stderr(tty))
+    flags = {None: [], True: ["--progress"], False: ["--no-progress"]}[flag]
+    args = build_parser("eval").parse_args(["eval", "MODEL", "EVAL", *flags])
+    assert args.progress is flag and show_progress(args.progress) is bars

@@ -115,6 +115,7 @@ class TrainerConfig:
     save_num_checkpoints_to_keep: int = 1
     autoresume: bool = False
     load_path: Optional[str] = None
+    preemption_checkpoint: bool = True  # SIGTERM/SIGUSR1 on any rank: checkpoint at the next step, exit 0 (needs save_folder)
     progress_bar: bool = True
     log_to_console: bool = False
     console_log_interval: str = "10ba"

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from m3composer.algorithms import FreezePositionEmbeddings, SelfDistillWarmup
 from m3composer.callbacks.data_refresh import DataRefresh
 from m3composer.callbacks.export import ExportModel, export_model
+from m3composer.callbacks.preemption import Preemption, preempted
 from m3composer.callbacks.step_seed import StepSeed
 from m3composer.config import AUTO, LOGGER_PACKAGES, LOGGERS, ConfigError, TrainConfig, load_config, to_dict
 from m3composer.data.collate import make_data_spec
@@ -226,6 +227,9 @@ def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: ModelDefaults, run_f
             passage_max_len=c.eval_passage_max_len))
     # Last, so that an export's model card sees the evaluation of its own step (RetrievalEval runs first).
     callbacks.append(ExportModel(c.export_dir or os.path.join(cfg.run_dir, "export"), c.export_interval, run_facts))
+    if cfg.trainer.preemption_checkpoint and cfg.trainer.save_folder is not None:
+        # After every other callback (ExportModel too), so their BATCH_END still sees the run's own max_duration.
+        callbacks.append(Preemption())
     return callbacks
 
 
@@ -302,15 +306,20 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
                             pin_memory=on_gpu, persistent_workers=False)
     optimizer = build_optimizer(cfg, model)
     t = cfg.trainer
+    callbacks = build_callbacks(cfg, on_gpu, chosen, card_facts(cfg, dataset))
+    preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
+    if t.preemption_checkpoint and preemption is None and dist.get_global_rank() == 0:
+        log.warning("trainer.save_folder is not set: SIGTERM/SIGUSR1 stop the run without a checkpoint")
     parallelism = {"fsdp": {"sharding_strategy": "FULL_SHARD", "use_orig_params": True}} if t.fsdp else None
     return Trainer(
         run_name=cfg.run_name, model=model, train_dataloader=make_data_spec(dataloader),
         optimizers=optimizer, schedulers=build_scheduler(cfg), step_schedulers_every_batch=True,
         max_duration=t.max_duration, device=device, precision=precision, seed=cfg.seed,
         device_train_microbatch_size=microbatch, parallelism_config=parallelism,
-        algorithms=build_algorithms(cfg), callbacks=build_callbacks(cfg, on_gpu, chosen, card_facts(cfg, dataset)),
+        algorithms=build_algorithms(cfg), callbacks=callbacks,
         loggers=build_loggers(cfg), progress_bar=t.progress_bar, log_to_console=t.log_to_console,
-        console_log_interval=t.console_log_interval, save_folder=t.save_folder, save_interval=t.save_interval,
+        console_log_interval=t.console_log_interval, save_folder=t.save_folder,
+        save_interval=preemption.save_interval(t.save_interval) if preemption else t.save_interval,
         # Overwrite even under autoresume: a run killed while writing checkpoint N leaves a partial
         # ep*-baN file (and, on S3, maybe an uploaded one) newer than `latest`, and without overwrite
         # the restart refuses to start (FileExistsError at FIT_START) or to re-upload checkpoint N.
@@ -341,4 +350,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         trainer.close()
         return trainer
     trainer.fit()
+    if preempted(trainer.state):
+        log.info("%s stopped by a preemption signal at step %d with a checkpoint in %s: run the same command "
+                 "to resume", cfg.run_name, int(trainer.state.timestamp.batch), cfg.trainer.save_folder)
     return trainer

@@ -325,3 +325,37 @@ def test_new_heads_start_as_configured_and_the_export_records_it(tmp_path, tiny_
     assert torch.count_nonzero(default.model.sparse_linear.weight) > 0      # PyTorch's init, as FlagEmbedding
     assert build_model(_cfg(tmp_path, train_data), tiny_dir, chosen).model.head_init == {
         "sparse": "lexical_overlap", "colbert": "default", "new_head_lr_multiplier": 10.0}   # the defaults
+
+
+def test_sigterm_mid_epoch_checkpoints_at_the_step_boundary_and_the_same_command_resumes_exactly(trained, tmp_path):
+    """One rank, in this process: SIGTERM during step 5, far from any save_interval; fit returns after
+    step 5 with a checkpoint at ba6 and no export; the same command resumes there, and every later loss
+    term and learning rate equals the uninterrupted run's."""
+    import signal
+
+    from m3composer.train import main
+    from tests.callbacks.signal_train import with_signal
+
+    (full,) = read_loss_log(trained["run"] / "losses.jsonl")
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(
+        tmp_path, trained["data"], trainer={"save_folder": str(tmp_path / "ckpt"), "save_interval": "100ba",
+                                            "autoresume": True}))
+    before = signal.getsignal(signal.SIGTERM)
+    undo = with_signal(5, signal.SIGTERM, 0)
+    try:
+        main([str(recipe)]).close()
+    finally:
+        undo()
+    assert signal.getsignal(signal.SIGTERM) is before, "the old SIGTERM handler was not put back"
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("ep*.pt")) == ["ep0-ba6-rank0.pt"]
+    assert not (tmp_path / "export").exists(), "a preempted run exported a model"
+    main([str(recipe)]).close()
+    stopped, resumed = read_loss_log(tmp_path / "losses.jsonl")
+    assert [r["step"] for r in stopped] == list(range(6))
+    assert [r["step"] for r in resumed] == list(range(6, MAX_STEPS))
+    for got, want in zip(stopped + resumed, full, strict=True):
+        assert got["self_distill_on"] is want["self_distill_on"]
+        for key, value in want.items():
+            if key.startswith(("loss/", "lr-")):
+                assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (got["step"], key)
+    assert (tmp_path / "export" / "model.safetensors").is_file()

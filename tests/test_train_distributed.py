@@ -14,6 +14,7 @@ The recipe is test_train.py's tiny one (tiny XLM-R, real sample text, 16 steps).
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -44,15 +45,17 @@ def _tails(logs: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.glob("*")) if p.is_file())
 
 
-def launch(recipe: Path, logs: Path, *, cwd: Path, kill_when: Callable[[int], bool] | None = None) -> bool:
+def launch(recipe: Path, logs: Path, *, cwd: Path, kill_when: Callable[[int], bool] | None = None,
+           script: list[str] | None = None, launcher: list[str] | None = None) -> bool:
     """Run the recipe on 2 ranks; with `kill_when`, SIGKILL the whole process group as soon as
     `kill_when(last step in the loss log)` is true. Returns whether it was killed; fails the test on
-    error or timeout."""
+    error or timeout (or a non-zero exit). `script`: another training script and its arguments
+    before the recipe (default scripts/train.py); `launcher`: instead of `composer`."""
     logs.mkdir(parents=True)
     cwd.mkdir(parents=True, exist_ok=True)
     loss_log = Path(_recipe_value(recipe, "callbacks", "loss_log"))
-    cmd = [str(LAUNCHER), "-n", "2", "--stdout", str(logs / "r{rank}.out"), "--stderr", str(logs / "r{rank}.err"),
-           str(REPO / "scripts" / "train.py"), str(recipe)]
+    cmd = [*(launcher or [str(LAUNCHER)]), "-n", "2", "--stdout", str(logs / "r{rank}.out"), "--stderr", str(logs / "r{rank}.err"),
+           *(script or [str(REPO / "scripts" / "train.py")]), str(recipe)]
     with open(logs / "launcher.txt", "w") as out:
         # Own session: the launcher and both ranks form one process group we can kill.
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -198,3 +201,69 @@ def test_checkpoints_saved_to_s3_resume_exactly_on_another_node(reference, tmp_p
     fits = read_loss_log(tmp_path / "run" / "losses.jsonl")
     assert [r["step"] for r in fits[-1]] == list(range(8, MAX_STEPS))
     assert_same_as_reference(fits[-1], reference["steps"])
+
+
+# ---- preemption (SIGTERM/SIGUSR1) and elastic resume -----------------------------------------------------------
+
+SIGNAL_AT_STEP = 10      # mid-epoch (15 steps per epoch on 2 ranks), far from save_interval=100ba
+
+
+@pytest.fixture(scope="module")
+def preempted(reference, tmp_path_factory):
+    """The reference recipe, saving only every 100 steps, with SIGUSR1 sent to rank 1 alone during step 10,
+    under scripts/launch.py (the launcher the README gives for preemptible jobs)."""
+    run = tmp_path_factory.mktemp("preempted")
+    recipe = two_rank_recipe(run / "run", reference["mds"], str(run / "ckpt"), save_interval="100ba")
+    script = [str(REPO / "tests" / "callbacks" / "signal_train.py"), str(SIGNAL_AT_STEP), "SIGUSR1", "1"]
+    assert not launch(recipe, run / "logs1", cwd=run, script=script,
+                      launcher=[sys.executable, str(REPO / "scripts" / "launch.py")])       # launch() fails unless every rank exits 0
+    checkpoints = sorted(p.name for p in (run / "ckpt").glob("ep*.pt"))
+    # the checkpoint of the resume test below replaces it (save_num_checkpoints_to_keep=1): keep a link
+    kept = run / "kept"
+    kept.mkdir()
+    os.link(run / "ckpt" / checkpoints[0], kept / checkpoints[0])
+    return {"run": run, "recipe": recipe, "checkpoints": checkpoints, "kept": kept / checkpoints[0]}
+
+
+def test_sigusr1_on_one_rank_checkpoints_on_every_rank_exits_0_and_the_same_command_resumes_exactly(
+        reference, preempted):
+    run = preempted["run"]
+    assert preempted["checkpoints"] == [f"ep0-ba{SIGNAL_AT_STEP + 1}-rank0.pt"]
+    assert not (run / "run" / "export").exists(), "a preempted run exported a model"
+    assert not launch(preempted["recipe"], run / "logs2", cwd=run)
+    stopped, resumed = read_loss_log(run / "run" / "losses.jsonl")
+    assert [r["step"] for r in stopped] == list(range(SIGNAL_AT_STEP + 1))
+    assert [r["step"] for r in resumed] == list(range(SIGNAL_AT_STEP + 1, MAX_STEPS))
+    assert_same_as_reference(stopped + resumed, reference["steps"])
+    assert (run / "run" / "export" / "model.safetensors").is_file()
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank_and_its_epoch_ends_after_the_remaining_rows(
+        preempted, tmp_path):
+    """Elastic 2 -> 1: the epoch goes on at W=1 with the rows the 2-rank plan still had (more steps:
+    half the rows per step) and ends there; the next epoch is an ordinary W=1 epoch."""
+    from m3composer.data.plan import plan_epoch
+    from m3composer.train import build_trainer
+    from m3composer.config import load_config
+
+    done = SIGNAL_AT_STEP + 1
+    recipe = OmegaConf.to_container(OmegaConf.load(preempted["recipe"]))
+    recipe["run_dir"] = str(tmp_path)
+    recipe["callbacks"].update(export_dir=str(tmp_path / "export"), loss_log=str(tmp_path / "losses.jsonl"))
+    recipe["trainer"].update(autoresume=False, save_folder=None, load_path=str(preempted["kept"]),
+                             max_duration=f"{done + 10}ba")
+    trainer = build_trainer(load_config(write_recipe(tmp_path / "recipe.yaml", recipe)))
+    dataset = trainer.state.train_dataloader.dataset
+    assert dataset.world_size == 1 and int(trainer.state.timestamp.batch_in_epoch) == done
+    sizes = ([g.rows for g in dataset.groups], [g.per_device_batch_size for g in dataset.groups])
+    two_rank_epoch = len(plan_epoch(*sizes, seed=7, epoch=0, world_size=2))
+    epoch_end = len(plan_epoch(*sizes, seed=7, epoch=0, world_size=1, history=[(2, done)]))
+    # the rest of the epoch at half the rows per step takes more steps, and it ends within this run
+    assert two_rank_epoch - done < epoch_end - done < done + 10 - done
+    trainer.fit()       # DataRefresh raises at EPOCH_END if the epoch served another number of batches
+    trainer.close()
+    (fit,) = read_loss_log(tmp_path / "losses.jsonl")
+    assert [r["step"] for r in fit] == list(range(done, done + 10))
+    assert [r["epoch"] for r in fit] == [0] * (epoch_end - done) + [1] * (done + 10 - epoch_end)
+    assert all(math.isfinite(r["loss/train/total"]) for r in fit)
+    assert len(dataset) == dataset.steps_per_epoch       # epoch 1: planned normally at W=1

@@ -5,7 +5,9 @@ DistributedSampler; docs/recipe.md §Epochs and set_epoch), so this Callback doe
 `EPOCH_START` the training dataset is set to the epoch, and it re-draws its plan — stream order,
 batch membership, positives, negatives and text shuffles are all functions of (seed, epoch)
 there, so the refresh is deterministic and resume-safe. `EPOCH_START` does not fire when a run
-resumes mid-epoch; the dataset's `load_state_dict` has set the epoch then.
+resumes mid-epoch; the dataset's `load_state_dict` has set the epoch then. After the load
+(AFTER_LOAD) and at each EPOCH_START it has Composer read the epoch's length again: an epoch resumed
+on another world size is longer or shorter than the others (docs/architecture.md §Elastic resume).
 
 At `EPOCH_END` it checks the number of batches served against the plan: a store that keeps
 failing can make Streaming yield a short or empty epoch without raising (docs/recipe.md
@@ -22,11 +24,23 @@ def _train_dataset(state: State):
     return getattr(dataloader, "dataset", None)
 
 
+def _reread_dataloader_len(state: State) -> None:
+    """Composer reads len(dataloader) once, when the dataloader is set; an elastically resumed epoch
+    has another length than the epochs after it (dataset.M3TrainDataset.__len__), so read it again
+    (-1 makes Composer call len())."""
+    if state.dataloader is not None and state.dataloader is state.train_dataloader:
+        state.dataloader_len = -1
+
+
 class DataRefresh(Callback):
+    def after_load(self, state: State, logger: Logger) -> None:
+        _reread_dataloader_len(state)
+
     def epoch_start(self, state: State, logger: Logger) -> None:
         dataset = _train_dataset(state)
         if dataset is not None and hasattr(dataset, "set_epoch"):
             dataset.set_epoch(int(state.timestamp.epoch))
+            _reread_dataloader_len(state)
 
     def epoch_end(self, state: State, logger: Logger) -> None:
         # Composer has already moved `timestamp` to the next epoch (batch_in_epoch 0) when EPOCH_END

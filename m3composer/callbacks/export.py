@@ -23,6 +23,7 @@ from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
 from m3composer.callbacks.model_card import card_writer
+from m3composer.callbacks.preemption import preempted
 from m3composer.fsutil import publish_dir
 from m3composer.model.inference import unwrap_m3
 
@@ -102,4 +103,6 @@ class ExportModel(Callback):
         self._periodic(state, Event.EPOCH_END)
 
     def fit_end(self, state: State, logger: Logger) -> None:
+        if preempted(state):        # not the final model: the resumed run exports it
+            return
         export_model(state, self.export_dir, keep_periodic=True, run_facts=self.run_facts)

@@ -24,6 +24,7 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import create_interval_scheduler, dist
 
+from m3composer.callbacks.preemption import preempted
 from m3composer.model.scores import SCORE_NAMES
 from m3composer.retrieval.beir import EvalSet, load_eval_set
 from m3composer.retrieval.evaluate import evaluate_model
@@ -103,5 +104,5 @@ class RetrievalEval(Callback):
             self.evaluate(state, logger)
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        if self.at_fit_end:
+        if self.at_fit_end and not preempted(state):     # a preempted run is not at its end
             self.evaluate(state, logger)

@@ -9,8 +9,10 @@ tail rule, per-epoch re-draws, borrowed negatives) are in docs/recipe.md §Batch
 how it resumes are in docs/architecture.md §Training data: our own epoch plan over random access.
 
 Epochs: call `set_epoch(e)` at every EPOCH_START (`callbacks.data_refresh.DataRefresh` does);
-`load_state_dict` sets epoch and step on a mid-epoch resume. Use DataLoader workers without
-`persistent_workers`; with N workers, worker w serves steps w, w+N, … in plan order.
+`load_state_dict` sets epoch and step on a mid-epoch resume, also from a checkpoint taken at
+another world size (elastic resume: the epoch goes on with the rows its plan still had,
+`plan.plan_epoch(history=…)`; `len()` is then the length of that epoch). Use DataLoader workers
+without `persistent_workers`; with N workers, worker w serves steps w, w+N, … in plan order.
 """
 from __future__ import annotations
 
@@ -101,8 +103,12 @@ class M3TrainDataset(IterableDataset):
             raise ValueError(f"{where}: no step fits: every group has fewer rows than the tail rule {tail!r} "
                              f"needs at world size {self.world_size}")
         self._plan: EpochPlan | None = None
+        self._plan_history: tuple[tuple[int, int], ...] = ()
         self.epoch = 0
         self._start_step = 0
+        # Elastic resume: [(world size, steps done), ...] of the current epoch before it came to this
+        # world size (plan.plan_epoch's `history`); empty when the epoch runs at one world size.
+        self._history: list[tuple[int, int]] = []
         self.set_epoch(0)
 
     # ---- sizes and flags -------------------------------------------------------------------------
@@ -141,9 +147,13 @@ class M3TrainDataset(IterableDataset):
 
     # ---- epochs and plan -------------------------------------------------------------------------
     def plan(self, epoch: int) -> EpochPlan:
-        if self._plan is None or self._plan.epoch != epoch:
+        """The plan of `epoch`; for the current epoch after an elastic resume, the resumed plan."""
+        history = tuple(self._history) if epoch == self.epoch else ()
+        if self._plan is None or self._plan.epoch != epoch or self._plan_history != history:
             self._plan = plan_epoch([g.rows for g in self.groups], [g.per_device_batch_size for g in self.groups],
-                                    seed=self.seed, epoch=epoch, world_size=self.world_size, tail=self.tail)
+                                    seed=self.seed, epoch=epoch, world_size=self.world_size, tail=self.tail,
+                                    history=history)
+            self._plan_history = history
         return self._plan
 
     def left_out(self, epoch: int) -> dict[str, int]:
@@ -152,16 +162,22 @@ class M3TrainDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its first step (DataRefresh calls this at EPOCH_START)."""
-        self.epoch, self._start_step = int(epoch), 0
+        self.epoch, self._start_step, self._history = int(epoch), 0, []
         self._log_plan()
 
     def _log_plan(self) -> None:
         left = self.left_out(self.epoch)
         if left and self.rank == 0:
-            log.info("epoch %d: %d steps; rows left out by the tail rule %r: %s", self.epoch, self._steps, self.tail,
+            log.info("epoch %d: %d steps; rows left out by the tail rule %r: %s", self.epoch, len(self), self.tail,
                      left)
 
     def __len__(self) -> int:
+        """Steps of the current epoch (`steps_per_epoch`, except in an elastically resumed epoch)."""
+        return len(self.plan(self.epoch))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of an epoch run at this world size from its start."""
         return self._steps
 
     # ---- reading ---------------------------------------------------------------------------------
@@ -222,7 +238,7 @@ class M3TrainDataset(IterableDataset):
         worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
         # Rows are read by index, so a step either yields its planned rows or raises (a missing shard,
         # a store that keeps failing): an epoch cannot end short without an error.
-        for step in range(start + worker_id, self._steps, num_workers):
+        for step in range(start + worker_id, len(self), num_workers):
             yield self.batch(epoch, step)
 
     # ---- Composer checkpoint hooks (state.py: dataset.state_dict(sample_in_epoch, True)) -------------
@@ -231,6 +247,7 @@ class M3TrainDataset(IterableDataset):
 
         A checkpoint taken at EPOCH_CHECKPOINT has num_samples 0 and the finished epoch's number;
         on resume, EPOCH_START fires there (batch_in_epoch is 0) and DataRefresh sets the next epoch.
+        `history` is the epoch's elastic-resume history (plan.plan_epoch), empty without one.
         """
         if not from_beginning:
             raise ValueError("M3TrainDataset.state_dict counts samples from the beginning of the epoch")
@@ -240,15 +257,29 @@ class M3TrainDataset(IterableDataset):
             raise ValueError(f"{num_samples} samples is not a step boundary of epoch {self.epoch}: is "
                              "get_num_samples_in_batch counting queries (collate.num_samples_in_batch)?")
         return {"epoch": self.epoch, "step": step, "seed": self.seed, "world_size": self.world_size,
-                "steps_per_epoch": self._steps}
+                "steps_per_epoch": self._steps, "history": [list(h) for h in self._history]}
 
     def load_state_dict(self, obj: dict) -> None:
-        """Resume at (epoch, step); the plan must be the one the checkpoint was taken with."""
-        for key, mine in (("seed", self.seed), ("world_size", self.world_size), ("steps_per_epoch", self._steps)):
-            if obj.get(key) != mine:
-                raise ValueError(f"cannot resume exactly: checkpoint has {key}={obj.get(key)}, this run {mine} "
-                                 "(the epoch plan depends on it)")
-        self.epoch, self._start_step = int(obj["epoch"]), int(obj["step"])
+        """Resume at (epoch, step). At the checkpoint's world size the plan is the one it was taken with;
+        at another world size the epoch goes on with the rows its plan still had (elastic)."""
+        if obj.get("seed") != self.seed:
+            raise ValueError(f"cannot resume: checkpoint has seed={obj.get('seed')}, this run {self.seed} "
+                             "(the epoch plan depends on it)")
+        saved_world = int(obj["world_size"])
+        # The checkpoint's normal epoch length at its own world size: the same data and batch sizes.
+        expected = steps_per_epoch([g.rows for g in self.groups], [g.per_device_batch_size for g in self.groups],
+                                   world_size=saved_world, tail=self.tail)
+        if obj.get("steps_per_epoch") != expected:
+            raise ValueError(f"cannot resume: checkpoint has steps_per_epoch={obj.get('steps_per_epoch')} at world "
+                             f"size {saved_world}, this run's data and batch sizes give {expected} there "
+                             "(different data, batch sizes or tail rule)")
+        history = [(int(w), int(k)) for w, k in obj.get("history", [])]
+        step = int(obj["step"])
+        if saved_world != self.world_size:
+            history.append((saved_world, step))
+            log.warning("elastic resume: epoch %d was at step %d on %d rank(s); it goes on with its remaining rows "
+                        "on %d rank(s)", int(obj["epoch"]), step, saved_world, self.world_size)
+        self.epoch, self._start_step, self._history = int(obj["epoch"]), step, history
         self._log_plan()
 
 

@@ -9,6 +9,11 @@ and logged by the dataset.
 
 Epoch e draws from `default_rng([seed, PLAN_STREAM, e])`, so any step of any epoch can be
 recomputed directly, which is what makes resume exact.
+
+Elastic resume (docs/architecture.md §Elastic resume): an epoch begun at world size W and continued
+at W' after k steps is `plan_epoch(..., world_size=W', history=[(W, k)])`: its first k steps are
+the W plan's, then the rows of each group that the W plan had for its later steps are chunked
+again for W' under the same tail rule. Still a pure function, so it resumes exactly too.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ TAIL_RULES = ("keep_if_ge_2W", "drop_partial")
 # epoch, because SeedSequence ignores trailing zeros (`[42, 0]` and `[42]` give the same generator).
 PLAN_STREAM = 1
 ROW_STREAM = 2
+ELASTIC_STREAM = 3
 
 
 @dataclass(frozen=True)
@@ -96,13 +102,16 @@ class EpochPlan:
     world_size: int
     steps: list[Step]
     left_out: list[int]       # per group: rows that sit out this epoch (tail rule)
+    # Steps before this index were planned at another world size (an elastic resume, `history`):
+    # they are already trained, and only their rows and sizes are meaningful here.
+    first_step_at_world_size: int = 0
 
     def __len__(self) -> int:
         return len(self.steps)
 
     def samples_per_step(self) -> np.ndarray:
         """Global queries of each step (what Composer counts with get_num_samples_in_batch × W)."""
-        return np.array([s.per_rank * self.world_size for s in self.steps], dtype=np.int64)
+        return np.array([len(s.rows) for s in self.steps], dtype=np.int64)
 
 
 def _chunk_sizes(rows: int, per_device_batch_size: int, world_size: int, tail: str) -> list[int]:
@@ -121,26 +130,63 @@ def _chunk_sizes(rows: int, per_device_batch_size: int, world_size: int, tail: s
 
 def steps_per_epoch(group_rows: Sequence[int], per_device_batch_sizes: Sequence[int], *,
                     world_size: int, tail: str = "keep_if_ge_2W") -> int:
-    """Number of steps of every epoch (it does not depend on the epoch)."""
+    """Number of steps of every epoch (it does not depend on the epoch; an elastically resumed epoch differs)."""
     return sum(len(_chunk_sizes(n, b, world_size, tail)) for n, b in zip(group_rows, per_device_batch_sizes))
 
 
+def _chunk_and_shuffle(orders: Sequence[np.ndarray], per_device_batch_sizes: Sequence[int], world_size: int,
+                       tail: str, rng: np.random.Generator) -> list[Step]:
+    """Each group's rows, in the given order, cut into global batches; then the steps in random order."""
+    steps: list[Step] = []
+    for g, (order, batch) in enumerate(zip(orders, per_device_batch_sizes)):
+        start = 0
+        for size in _chunk_sizes(len(order), batch, world_size, tail):
+            steps.append(Step(g, order[start:start + size], size // world_size))
+            start += size
+    shuffled = rng.permutation(len(steps))
+    return [steps[i] for i in shuffled]
+
+
 def plan_epoch(group_rows: Sequence[int], per_device_batch_sizes: Sequence[int], *, seed: int, epoch: int,
-               world_size: int, tail: str = "keep_if_ge_2W") -> EpochPlan:
-    """The steps of `epoch`: identical on every rank, a pure function of its arguments."""
+               world_size: int, tail: str = "keep_if_ge_2W",
+               history: Sequence[tuple[int, int]] = ()) -> EpochPlan:
+    """The steps of `epoch`: identical on every rank, a pure function of its arguments.
+
+    `history` is empty for an epoch run at one world size. After elastic resumes it lists, in order,
+    `(world size, steps of the epoch done when it stopped)`: the epoch began at `history[0][0]`; after
+    `history[i][1]` steps (counted from the epoch's start) it went on at the next entry's world size,
+    the last time at `world_size`. The done steps are kept as they were; each group's rows that they
+    still had for later steps, in the epoch's row order, are chunked again for the new world size (same
+    tail rule) and the new steps drawn in a new random order. No row is planned twice in an epoch; a row
+    is left out only by a tail rule (at the world size that planned it).
+    """
     if len(group_rows) != len(per_device_batch_sizes):
         raise ValueError("group_rows and per_device_batch_sizes differ in length")
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got {seed}, {epoch}")
     rng = np.random.default_rng([seed, PLAN_STREAM, epoch])
-    steps: list[Step] = []
-    left_out: list[int] = []
-    for g, (rows, batch) in enumerate(zip(group_rows, per_device_batch_sizes)):
-        order = rng.permutation(rows)
-        start = 0
-        for size in _chunk_sizes(rows, batch, world_size, tail):
-            steps.append(Step(g, order[start:start + size], size // world_size))
-            start += size
-        left_out.append(rows - start)
-    shuffled = rng.permutation(len(steps))
-    return EpochPlan(epoch, world_size, [steps[i] for i in shuffled], left_out)
+    orders = [rng.permutation(rows) for rows in group_rows]
+    sizes = per_device_batch_sizes
+    world_sizes = [int(w) for w, _ in history] + [int(world_size)]
+    steps = _chunk_and_shuffle(orders, sizes, world_sizes[0], tail, rng)
+    previous_done = 0
+    for i, (_, done) in enumerate(history):
+        done = int(done)
+        if not previous_done <= done <= len(steps):
+            raise ValueError(f"history {list(history)}: entry {i} has {done} steps done; the epoch's plan at that "
+                             f"point has {len(steps)} steps and {previous_done} were done before")
+        kept = steps[:done]
+        # Rows the plan still has for later steps: planned, and not taken by a done step. Rows the tail
+        # rule had left out stay out (the epoch never trains more rows than it was planned with).
+        remaining_mask = [np.zeros(n, dtype=bool) for n in group_rows]
+        for j, step in enumerate(steps):
+            remaining_mask[step.group][step.rows] = j >= done
+        remaining = [order[mask[order]] for order, mask in zip(orders, remaining_mask)]
+        rng_i = np.random.default_rng([seed, ELASTIC_STREAM, epoch, i, done, world_sizes[i + 1]])
+        steps = kept + _chunk_and_shuffle(remaining, sizes, world_sizes[i + 1], tail, rng_i)
+        previous_done = done
+    planned = [0] * len(group_rows)
+    for step in steps:
+        planned[step.group] += len(step.rows)
+    return EpochPlan(epoch, world_size, steps, [n - p for n, p in zip(group_rows, planned)],
+                     first_step_at_world_size=previous_done)

@@ -180,9 +180,11 @@ def test_state_dict_counts_global_queries_and_resumes_mid_epoch(tiny):
     assert [b["row_ids"].tolist() for b in fresh] == full[k:]
     end = ds.state_dict(int(per_step.sum()), True)
     assert end["step"] == len(ds)
-    other_world = make(tiny, world_size=1, rank=0)
-    with pytest.raises(ValueError, match="world_size"):
-        other_world.load_state_dict(state)
+    # another world size resumes elastically (tests/data/test_elastic_resume.py); another plan does not
+    with pytest.raises(ValueError, match="seed"):
+        fresh.load_state_dict({**state, "seed": state["seed"] + 1})
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        fresh.load_state_dict({**state, "steps_per_epoch": state["steps_per_epoch"] + 1})
 
 
 def test_missing_shard_fails_loudly_not_a_short_epoch(tiny, tmp_path):

@@ -572,12 +572,22 @@ def _convert_part(unit: Unit, out_dir: str, part: str, settings: dict) -> dict:
 
 
 def _run_workers(units: list[Unit], work: Path, tokenizer, settings: dict, workers: int, bar) -> list[dict]:
-    """Convert `units` in `workers` processes (spawn: safe whatever the parent has imported or
-    started); the records come back in unit order, which is the input order."""
+    """Convert `units` in `workers` processes; the records come back in unit order, which is the
+    input order.
+
+    Workers never fork the caller (its threads, the Rust tokenizer's pool): they come from a fork
+    server that has imported this module, Streaming (which imports torch) and transformers once,
+    so a worker starts in milliseconds instead of seconds of imports; spawn where there is no fork
+    server (Windows). A calling script needs the usual `if __name__ == "__main__":` guard.
+    """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    ctx = multiprocessing.get_context("spawn")
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__, "streaming", "transformers"])   # no effect once it runs
+    else:
+        ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
     sizes = [(u.end if u.end is not None else u.file.path.stat().st_size) - u.start for u in units]
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
@@ -596,20 +606,21 @@ def _run_workers(units: list[Unit], work: Path, tokenizer, settings: dict, worke
 
 @contextmanager
 def _quiet_streaming():
-    """Streaming's merge_index logs a warning per call (its temp folder, our non-empty dirs)."""
+    """Streaming's merge_index and uploaders log a warning per call (their temp folder, a folder
+    that is not empty: ours, on purpose); keep them out of the summary."""
     class _Drop(logging.Filter):
         def filter(self, record):
             return False
 
-    loggers = [logging.getLogger(), logging.getLogger("streaming")]
-    drop = _Drop()
-    for lg in loggers:
-        lg.addFilter(drop)
+    root, streaming_log = logging.getLogger(), logging.getLogger("streaming")
+    drop, level = _Drop(), streaming_log.level
+    root.addFilter(drop)              # merge_index logs through the root logger itself
+    streaming_log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        for lg in loggers:
-            lg.removeFilter(drop)
+        root.removeFilter(drop)
+        streaming_log.setLevel(level)
 
 
 def _merge_parts(parts: list[dict], local_root: Path, remote: str | None = None) -> list[StreamStats]:

@@ -576,16 +576,18 @@ def _run_workers(units: list[Unit], work: Path, tokenizer, settings: dict, worke
     input order.
 
     Workers never fork the caller (its threads, the Rust tokenizer's pool): they come from a fork
-    server that has imported this module, Streaming (which imports torch) and transformers once,
-    so a worker starts in milliseconds instead of seconds of imports; spawn where there is no fork
-    server (Windows). A calling script needs the usual `if __name__ == "__main__":` guard.
+    server that has imported Streaming (which imports torch) and transformers once, so a worker
+    starts in milliseconds instead of seconds of imports; spawn where there is no fork server
+    (Windows). Our own modules are not preloaded: the server ignores the caller's `sys.path`
+    (Python 3.11), the workers do not. A calling script needs the `if __name__ == "__main__":` guard.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__, "streaming", "transformers"])   # no effect once it runs
+        ctx.set_forkserver_preload(["streaming", "transformers", "transformers.models.auto.tokenization_auto",
+                                    "transformers.tokenization_utils_fast"])   # no effect once it runs
     else:
         ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()

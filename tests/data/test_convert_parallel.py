@@ -190,3 +190,29 @@ def test_partitions_written_apart_merge_into_the_dataset_of_one_conversion(tmp_p
     ds = M3TrainDataset(str(out), train_group_size=2, default_batch_size=4, query_max_len=16, passage_max_len=32)
     served = [r for b in ds for r in b["row_ids"].tolist()]
     assert len(served) == len(set(served)) == got["rows"] - sum(ds.left_out(0).values())
+
+
+def test_workers_and_partitions_on_s3(tmp_path, word_tokenizer_dir, s3_server):
+    scored, plain, _ = mixed_file(tmp_path / "in/t.jsonl", random.Random(9), n=24, bad_every=100)
+    bucket = s3_server["bucket"]
+    local = tmp_path / "local"
+    convert(tmp_path / "in", local, word_tokenizer_dir, progress=False)
+    # --workers to s3: staged, merged, uploaded with the index last, as one worker does
+    convert(tmp_path / "in", f"s3://{bucket}/workers", word_tokenizer_dir, progress=False, workers=2,
+            split_bytes=1500, local_cache=tmp_path)
+    assert read_index(f"s3://{bucket}/workers", local_cache=tmp_path) == read_index(local)
+
+    # partitions uploaded by the writers, merged on the store
+    lines = (tmp_path / "in/t.jsonl").read_text().splitlines()
+    remote = f"s3://{bucket}/parts"
+    for pid, (first, chunk) in enumerate([(1, lines[:10]), (11, lines[10:])]):
+        write_partition(chunk, remote, pid, word_tokenizer_dir, task="t", source="t.jsonl", file_index=0,
+                        first_line=first, local_cache=tmp_path)
+    merge_partitions(remote, local_cache=tmp_path)
+    got = read_index(remote, local_cache=tmp_path)
+    assert [(s["name"], s["rows"], s["tokens"]) for s in got["streams"]] == [
+        (s["name"], s["rows"], s["tokens"]) for s in read_index(local)["streams"]]
+    ds = M3TrainDataset(remote, local_cache=str(tmp_path / "cache"), train_group_size=2, default_batch_size=4,
+                        query_max_len=16, passage_max_len=32)
+    served = [r for b in ds for r in b["row_ids"].tolist()]
+    assert len(served) == len(set(served)) == len(scored) + len(plain) - sum(ds.left_out(0).values())

@@ -20,6 +20,15 @@ uploaded with Streaming's uploader, `m3_index.json` last, so a reader that finds
 a complete dataset. With `on_error="fail"` (default) the first bad line stops all writing, the
 rest of the input is still validated, and the error lists the defects; nothing is left behind.
 With `on_error="skip"` bad lines go to `OUT/rejects.jsonl` and every line is accounted for.
+
+Teacher scores are optional per row: a task x bucket with both kinds of row becomes two streams,
+`<task>/<bucket>` and `<task>/<bucket>.scored`, so no valid row is dropped and no batch mixes them.
+
+Beyond one process: `workers=N` converts files and row ranges of plain files in N processes into
+`<stream>/part-NNNNN/` folders and merges them (Streaming's `merge_index`) into the dataset one
+worker writes, shard files aside. Beyond one machine: `write_partition` is the same per-piece
+writer as a plain function for any engine (Spark's `mapPartitionsWithIndex`), `merge_partitions`
+(`m3c convert --merge`) the merge; README §Converting on a cluster.
 """
 from __future__ import annotations
 

@@ -16,9 +16,9 @@ lines, and a file without a final newline has as many lines as it has text lines
 (empty or only whitespace) are lines too and are rejected as `blank_line`, so the counts of
 kept and rejected rows always add up to the number of lines.
 
-Whether a file has teacher scores is decided by its first valid row; a later row that
-disagrees is rejected as `mixed_scores` (see `ScoresConsistency`). This keeps every stream
-all-KD or all-plain, which FlagEmbedding also requires (a batch's teacher list is all or nothing).
+Teacher scores are optional per row: `m3c convert` keeps a file's scored and unscored rows
+apart, as two streams of the same task and bucket, so that every batch is all-KD or all-plain
+(a batch's teacher list is all or nothing, as in FlagEmbedding).
 """
 from __future__ import annotations
 
@@ -49,7 +49,6 @@ REASONS: dict[str, str] = {
     "bad_scores_type": "'pos_scores' / 'neg_scores' is not a list of numbers",
     "bad_scores_length": "'pos_scores' / 'neg_scores' length differs from 'pos' / 'neg'",
     "nonfinite_score": "a teacher score is NaN or infinite",
-    "mixed_scores": "row has teacher scores and the file's first valid row has none, or the reverse",
 }
 
 
@@ -84,6 +83,10 @@ class RowError:
     def to_json(self) -> dict:
         return {"file": self.path, "line": self.line_no, "reason": self.reason,
                 "detail": self.detail, "text": self.excerpt}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "RowError":
+        return cls(obj["file"], int(obj["line"]), obj["reason"], obj["detail"], obj["text"])
 
 
 def _excerpt(raw: bytes) -> str:
@@ -175,35 +178,29 @@ def parse_line(raw: bytes, *, path: str, line_no: int,
                path, line_no)
 
 
-class ScoresConsistency:
-    """Per-file rule: the first valid row decides whether the file has teacher scores."""
-
-    def __init__(self) -> None:
-        self.has_teacher_scores: bool | None = None
-
-    def check(self, row: Row, raw: bytes = b"") -> Row | RowError:
-        if self.has_teacher_scores is None:
-            self.has_teacher_scores = row.has_teacher_scores
-        if row.has_teacher_scores == self.has_teacher_scores:
-            return row
-        detail = ("row has teacher scores; the file's first valid row has none" if row.has_teacher_scores
-                  else "row has no teacher scores; the file's first valid row has them")
-        return RowError(row.path, row.line_no, "mixed_scores", detail, _excerpt(raw))
-
-
-def iter_lines(path: str | os.PathLike, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+def iter_lines(path: str | os.PathLike, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, *,
+               start: int = 0, end: int | None = None, first_line: int = 1,
                ) -> Iterator[tuple[int, bytes, int]]:
     """Yield `(line_no, raw, end_offset)` for every line of a plain or `.gz` JSONL file.
+
+    `start`/`end`/`first_line` read one row range of a plain file (`start` at a line start, the
+    range's lines numbered from `first_line`, the file's line number there): the lines that start
+    in `[start, end)`. A `.gz` file is read whole.
 
     `raw` excludes the newline and is cut to `max_line_bytes + 1` bytes when longer, so a huge
     line is never held in memory whole yet still fails `parse_line`'s size check.
     `end_offset` is the position in the file on disk (compressed bytes for .gz), for progress bars.
     """
+    is_gz = str(path).endswith(".gz")
+    if is_gz and (start or end is not None):
+        raise ValueError(f"{path}: a .gz file cannot be read by byte range")
     with open(path, "rb") as disk:
-        stream: BinaryIO = gzip.GzipFile(fileobj=disk) if str(path).endswith(".gz") else disk
+        stream: BinaryIO = gzip.GzipFile(fileobj=disk) if is_gz else disk
+        if start:
+            disk.seek(start)
         limit = max_line_bytes + 2  # the kept bytes plus room for "\r\n"
-        line_no = 0
-        while True:
+        line_no = first_line - 1
+        while end is None or disk.tell() < end:
             chunk = stream.readline(limit)
             if not chunk:
                 return

@@ -228,16 +228,17 @@ def bad_input_corpus(root: Path) -> tuple[dict[str, list[tuple[int, str]]], dict
         {"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": ["hi"], "neg_scores": [1]},  # 3 bad_scores_type
         {"query": "q", "pos": ["p"], "neg": ["n", "m"], "pos_scores": [1], "neg_scores": [1]},  # 4 bad_scores_length
         b'{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [NaN], "neg_scores": [0]}',  # 5 nonfinite_score
-        good(),                                                                             # 6 mixed_scores
+        good(),                                                                             # 6 no scores: valid
         good(scores=True),                                                                  # 7
+        good(n_neg=1),                                                                      # 8 no scores: valid
     ]
     kd_bad = [(2, "scores_without_partner"), (3, "bad_scores_type"), (4, "bad_scores_length"),
-              (5, "nonfinite_score"), (6, "mixed_scores")]
+              (5, "nonfinite_score")]
     write_jsonl(root / "a_len-0-500.jsonl", a)
     write_jsonl(root / "kd_len-0-500.jsonl.gz", kd, gz=True)
     (root / "empty_len-0-500.jsonl").write_bytes(b"")
     bad = {"a_len-0-500.jsonl": a_bad, "kd_len-0-500.jsonl.gz": kd_bad}
-    valid = {"a_len-0-500.jsonl": [1, 3, 14, 16], "kd_len-0-500.jsonl.gz": [1, 7]}
+    valid = {"a_len-0-500.jsonl": [1, 3, 14, 16], "kd_len-0-500.jsonl.gz": [1, 6, 7, 8]}
     return bad, valid, len(a) + len(kd)
 
 
@@ -259,10 +260,14 @@ def test_bad_input_corpus_skip_reports_every_defect_and_keeps_every_valid_line(t
     assert kept == sorted(f"corpus/{name}:{line}" for name, lines in valid.items() for line in lines)
 
     streams = {s["name"]: s for s in summary.streams}
-    assert set(streams) == {"a/len-0-500", "kd/len-0-500"}  # the empty file makes no stream
+    # the empty file makes no stream; kd's scored and unscored rows become two streams
+    assert set(streams) == {"a/len-0-500", "kd/len-0-500", "kd/len-0-500.scored"}
     assert (streams["a/len-0-500"]["min_neg"], streams["a/len-0-500"]["max_neg"]) == (0, 3)  # line 16 has none
     assert streams["a/len-0-500"]["max_group_size_without_repeats"] == 1
-    assert streams["kd/len-0-500"]["has_teacher_scores"] and not streams["a/len-0-500"]["has_teacher_scores"]
+    assert streams["kd/len-0-500.scored"]["has_teacher_scores"] and not streams["kd/len-0-500"]["has_teacher_scores"]
+    assert not streams["a/len-0-500"]["has_teacher_scores"]
+    assert (streams["kd/len-0-500.scored"]["rows"], streams["kd/len-0-500"]["rows"]) == (2, 2)
+    assert (streams["kd/len-0-500"]["min_neg"], streams["kd/len-0-500"]["max_neg"]) == (1, 3)
 
     n_bad = sum(len(d) for d in bad.values())
     assert (summary.lines, summary.rows_kept, summary.rows_rejected) == (total, total - n_bad, n_bad)
@@ -272,7 +277,10 @@ def test_bad_input_corpus_skip_reports_every_defect_and_keeps_every_valid_line(t
     assert summary.rejects_path == str(out / REJECTS_FILE)
     assert "corpus/empty_len-0-500.jsonl: empty file" in summary.warnings
     table = summary.table()
-    assert "rows rejected  17" in table and "mixed_scores" in table and "a_len-0-500" not in table
+    assert "rows rejected  16" in table and "invalid_json" in table and "a_len-0-500" not in table
+    assert summary.notes == ["kd/len-0-500: 2 row(s) with teacher scores and 2 without, kept as two streams, "
+                             "kd/len-0-500.scored and kd/len-0-500 (a batch never mixes them)"]
+    assert "note: kd/len-0-500: 2 row(s) with teacher scores" in table
 
 
 def test_bad_input_fail_mode_writes_nothing_and_names_file_and_line(tmp_path, word_tokenizer_dir):
@@ -285,7 +293,7 @@ def test_bad_input_fail_mode_writes_nothing_and_names_file_and_line(tmp_path, wo
     message = str(info.value)
     assert message.startswith(f"{n_bad} bad line(s) of {total} ")
     assert "corpus/a_len-0-500.jsonl:2: invalid_json" in message
-    assert "corpus/kd_len-0-500.jsonl.gz:6: mixed_scores" in message
+    assert "corpus/kd_len-0-500.jsonl.gz:5: nonfinite_score" in message
     assert not out.exists() and leftovers(out) == []
 
 

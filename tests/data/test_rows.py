@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from m3composer.data.rows import REASONS, Row, RowError, ScoresConsistency, iter_lines, parse_line
+from m3composer.data.rows import REASONS, Row, RowError, iter_lines, parse_line
 
 
 def parse(obj_or_bytes, max_line_bytes=1 << 20):
@@ -92,18 +92,17 @@ def test_size_limit_is_inclusive_and_excerpt_is_capped():
                              "detail": err.detail, "text": err.excerpt}
 
 
-def test_first_valid_row_decides_whether_a_file_has_scores():
-    plain = parse(GOOD)
-    scored = parse({**GOOD, "pos_scores": [1, 1], "neg_scores": [0]})
-    rule = ScoresConsistency()
-    assert rule.check(plain) is plain
-    assert rule.check(plain) is plain
-    err = rule.check(scored, b"raw text")
-    assert isinstance(err, RowError) and err.reason == "mixed_scores" and err.excerpt == "raw text"
-
-    rule = ScoresConsistency()
-    assert rule.check(scored) is scored
-    assert rule.check(plain).reason == "mixed_scores"
+def test_row_ranges_read_the_same_lines_with_the_files_line_numbers(tmp_path):
+    body = b"one\n\ntwo\r\n" + b"x" * 50 + b"\nlast"
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(body)
+    whole = _lines(path, max_line_bytes=10)
+    cut = body.index(b"two")                      # a line start: lines 1-2 before it, 3-5 from it
+    first = _lines(path, max_line_bytes=10, end=cut)
+    rest = _lines(path, max_line_bytes=10, start=cut, first_line=3)
+    assert first + rest == whole and [n for n, _ in rest] == [3, 4, 5]
+    with pytest.raises(ValueError, match="byte range"):
+        list(iter_lines(tmp_path / "f.jsonl.gz", start=5))
 
 
 def _lines(path, **kw):

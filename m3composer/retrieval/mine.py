@@ -45,6 +45,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from m3composer.data.negatives import parse_rank_range
 from m3composer.fsutil import atomic_file
 from m3composer.model.inference import heads_in_folder, load_model_for_inference, unwrap_m3
 from m3composer.model.scores import HEADS
@@ -61,12 +62,9 @@ HNSW_M = 32
 
 def parse_range(text: str) -> tuple[int, int]:
     try:
-        first, last = (int(x) for x in text.split("-"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"range is FIRST-LAST ranks like 10-100, got {text!r}") from None
-    if not 1 <= first <= last:
-        raise argparse.ArgumentTypeError(f"range needs 1 <= FIRST <= LAST, got {text!r}")
-    return first, last
+        return parse_rank_range(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 @dataclass

@@ -104,24 +104,34 @@ class NegativeRefresh(Callback):
         self.refresh(state, logger, version=next_epoch // self.interval_epochs, from_epoch=next_epoch)
 
     def refresh(self, state: State, logger: Logger, *, version: int, from_epoch: int) -> dict:
-        """Mine version `version`, write it, and make the dataset serve it from `from_epoch`."""
+        """`run` on the Trainer's model and training dataset, and log the figures."""
+        meta = self.run(state.model, state.train_dataloader.dataset, version=version, from_epoch=from_epoch,
+                        batch=int(state.timestamp.batch))
+        logger.log_metrics({"negatives/version": version, "negatives/refresh_seconds": meta["seconds"]["total"],
+                            "negatives/rows_with_fewer_negatives": meta["rows_with_fewer_negatives"],
+                            "negatives/dropped_by_score": meta["dropped_by_score"]})
+        return meta
+
+    def run(self, model, dataset, *, version: int, from_epoch: int, batch: int = 0) -> dict:
+        """Mine version `version` with `model` (an M3Model or a wrapper) for `dataset` (an
+        M3TrainDataset), write it, and make the dataset serve it from `from_epoch`; every rank
+        calls this. Returns the version's meta (counts, seconds)."""
         started = time.perf_counter()
-        dataset = state.train_dataloader.dataset
         if self._pool is None:
             self._pool = build_pool(dataset.stream_rows(s) for s in range(len(dataset.streams)))
         pool, spec = self._pool, dataset.token_spec
         rank, world = dist.get_global_rank(), dist.get_world_size()
-        device = next(unwrap_m3(state.model).parameters()).device
+        device = next(unwrap_m3(model).parameters()).device
 
         lo, hi, size = shard(len(pool.passages), rank, world)
         mine = [with_prefix(p, spec.passage_prefix, dataset.passage_max_len, spec.eos_id) for p in pool.passages[lo:hi]]
-        pool_vecs = gather_rows(encode_token_ids(state.model, mine, spec.pad_id, self.batch_size), len(pool.passages),
+        pool_vecs = gather_rows(encode_token_ids(model, mine, spec.pad_id, self.batch_size), len(pool.passages),
                                 size, device)
         encoded_pool = time.perf_counter()
         lo, hi, size = shard(len(pool.row_ids), rank, world)
         rows = np.arange(lo, hi)
         queries = [with_prefix(pool.queries[r], spec.query_prefix, dataset.query_max_len, spec.eos_id) for r in rows]
-        query_vecs = encode_token_ids(state.model, queries, spec.pad_id, self.batch_size)
+        query_vecs = encode_token_ids(model, queries, spec.pad_id, self.batch_size)
         chosen, counts = mine_rows(pool, rows, query_vecs, pool_vecs, rank_range=self.rank_range,
                                    negatives=self.negatives, seed=self.seed, version=version,
                                    max_score_ratio=self.max_score_ratio, margin=self.margin)
@@ -133,7 +143,7 @@ class NegativeRefresh(Callback):
 
         pool_sha = pool.sha256
         meta = {"version": version, "from_epoch": from_epoch, "mined_after_epoch": from_epoch - 1,
-                "batch": int(state.timestamp.batch), "head": self.head, "range": list(self.rank_range),
+                "batch": batch, "head": self.head, "range": list(self.rank_range),
                 "negatives_per_row": self.negatives, "max_score_ratio": self.max_score_ratio, "margin": self.margin,
                 "pool_passages": len(pool.passages), "world_size": world, **counts,
                 "seconds": {"encode_pool": round(encoded_pool - started, 3),
@@ -155,9 +165,6 @@ class NegativeRefresh(Callback):
                  "than %d, %d candidates dropped by the score filter, %.1f s", rank, version, served.sha256[:16],
                  from_epoch, len(pool.row_ids), len(pool.passages), counts["rows_with_fewer_negatives"],
                  self.negatives, counts["dropped_by_score"], seconds)
-        logger.log_metrics({"negatives/version": version, "negatives/refresh_seconds": seconds,
-                            "negatives/rows_with_fewer_negatives": counts["rows_with_fewer_negatives"],
-                            "negatives/dropped_by_score": counts["dropped_by_score"]})
         return meta
 
 

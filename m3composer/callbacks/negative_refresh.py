@@ -117,15 +117,19 @@ class NegativeRefresh(Callback):
         M3TrainDataset), write it, and make the dataset serve it from `from_epoch`; every rank
         calls this. Returns the version's meta (counts, seconds)."""
         started = time.perf_counter()
+        rank, world = dist.get_global_rank(), dist.get_world_size()
         if self._pool is None:
             self._pool = build_pool(dataset.stream_rows(s) for s in range(len(dataset.streams)))
+            if any(dataset.group_has_teacher_scores) and rank == 0:
+                log.warning("from epoch %d no stream is served with teacher scores: they scored the converted "
+                            "negatives, not the mined ones (docs/recipe.md §Negative refresh)", from_epoch)
         pool, spec = self._pool, dataset.token_spec
-        rank, world = dist.get_global_rank(), dist.get_world_size()
         device = next(unwrap_m3(model).parameters()).device
 
         lo, hi, size = shard(len(pool.passages), rank, world)
-        mine = [with_prefix(p, spec.passage_prefix, dataset.passage_max_len, spec.eos_id) for p in pool.passages[lo:hi]]
-        pool_vecs = gather_rows(encode_token_ids(model, mine, spec.pad_id, self.batch_size), len(pool.passages),
+        passages = [with_prefix(p, spec.passage_prefix, dataset.passage_max_len, spec.eos_id)
+                    for p in pool.passages[lo:hi]]
+        pool_vecs = gather_rows(encode_token_ids(model, passages, spec.pad_id, self.batch_size), len(pool.passages),
                                 size, device)
         encoded_pool = time.perf_counter()
         lo, hi, size = shard(len(pool.row_ids), rank, world)

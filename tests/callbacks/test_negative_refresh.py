@@ -1,6 +1,6 @@
 """NegativeRefresh (m3composer/callbacks/negative_refresh.py) in real training runs: the tiny model
-on real text (two streams of Python's own `pydoc_data` topics, one with teacher scores), 3 epochs,
-a refresh after epochs 0 and 1.
+on real text (8 rows of Python's own `pydoc_data` topics, with teacher scores), 3 epochs of 2
+steps, a refresh after epochs 0 and 1. (Pools of several streams: tests/data/test_negatives.py.)
 
 * mined negatives come from the row's own stream, never its positives, and are served from the
   next epoch on;
@@ -26,27 +26,22 @@ from m3composer.config import load_config
 from tests.test_train import read_loss_log, tiny_recipe, write_recipe
 
 REPO = Path(__file__).resolve().parents[2]
-ROWS = {"topics_a": 8, "topics_b": 4}       # 2 + 1 steps of 4 queries per epoch on one rank
+ROWS = 8                                     # 2 steps of 4 queries per epoch on one rank
 
 
 def write_topics_jsonl(root: Path) -> Path:
-    """Two task files of (topic name -> its text) rows; negatives are texts of unrelated topics."""
+    """(topic name -> its text) rows with teacher scores; negatives are texts of unrelated topics."""
     from pydoc_data.topics import topics
 
     names = sorted(topics)
     text = {n: " ".join(topics[n].split())[:300] for n in names}
-    spare = names[sum(ROWS.values()):]
-    start = 0
-    for task, count in ROWS.items():
-        (root / task).mkdir(parents=True)
-        with open(root / task / f"{task}_len-0-500.jsonl", "w") as out:
-            for i, name in enumerate(names[start:start + count]):
-                negs = [text[spare[(start + i * 3 + j) % len(spare)]] for j in range(3)]
-                row = {"query": f"python {name.replace('-', ' ')}", "pos": [text[name]], "neg": negs}
-                if task == "topics_a":     # teacher scores on one stream: dropped once negatives are mined
-                    row.update(pos_scores=[1.0], neg_scores=[0.3, 0.2, 0.1])
-                out.write(json.dumps(row) + "\n")
-        start += count
+    (root / "topics").mkdir(parents=True)
+    with open(root / "topics" / "topics_len-0-500.jsonl", "w") as out:
+        for i, name in enumerate(names[:ROWS]):
+            negs = [text[names[ROWS + i * 3 + j]] for j in range(3)]
+            row = {"query": f"python {name.replace('-', ' ')}", "pos": [text[name]], "neg": negs,
+                   "pos_scores": [1.0], "neg_scores": [0.3, 0.2, 0.1]}   # dropped once negatives are mined
+            out.write(json.dumps(row) + "\n")
     return root
 
 
@@ -64,7 +59,7 @@ def refresh_recipe(run: Path, mds: Path, epochs: int = 3, **trainer) -> Path:
     return write_recipe(run / "recipe.yaml", tiny_recipe(
         run, mds,
         loss={"knowledge_distillation": True, "self_distill_start_step": "3ba"},
-        trainer={"max_duration": f"{epochs}ep", "save_folder": str(run / "ckpt"), "save_interval": "5ba",
+        trainer={"max_duration": f"{epochs}ep", "save_folder": str(run / "ckpt"), "save_interval": "3ba",
                  "autoresume": True, "save_num_checkpoints_to_keep": 1, **trainer},
         callbacks={"negative_refresh": {"interval": "1ep", "range": "2-20", "negatives": 4}}))
 
@@ -92,7 +87,7 @@ def reference(tmp_path_factory, topics_mds):
 def test_mined_negatives_come_from_the_rows_own_stream_and_are_served_from_the_next_epoch(reference):
     dataset, history = reference["dataset"], reference["refresh"].history
     assert [(m["version"], m["from_epoch"]) for m in history] == [(1, 1), (2, 2)]     # none after the last epoch
-    assert [r["step"] for r in reference["steps"]] == list(range(9))
+    assert [r["step"] for r in reference["steps"]] == list(range(6))
     pool = reference["refresh"]._pool
     for version in (1, 2):
         arrays = version_arrays(reference["run"], version)
@@ -101,14 +96,12 @@ def test_mined_negatives_come_from_the_rows_own_stream_and_are_served_from_the_n
             r = pool.row_ids.tolist().index(int(row_id))
             mined = arrays["pool_ids"][arrays["offsets"][k]:arrays["offsets"][k + 1]]
             lo, hi = pool.stream_range(int(pool.row_streams[r]))
-            assert len(mined) == 4 and len(set(mined.tolist())) == 4           # pools of 32 and 16 passages
+            assert len(mined) == 4 and len(set(mined.tolist())) == 4           # a pool of 32 passages
             assert all(lo <= i < hi and i not in pool.excluded[r] for i in mined.tolist())
     # the dataset serves v2 now; epoch 0 of the same dataset still serves the converted negatives
     assert dataset.mined_negatives.state_dict()["version"] == 2
-    for step in range(len(dataset)):
-        before = dataset.batch(0, step)
-        # topics_a (file 0: row ids below 2**32) has teacher scores until the refresh, none after
-        assert bool(before["has_teacher_scores"]) == (before["row_ids"][0].item() < 1 << 32)
+    for step in range(len(dataset)):           # teacher scores until the refresh, none after
+        assert bool(dataset.batch(0, step)["has_teacher_scores"])
         assert not bool(dataset.batch(2, step)["has_teacher_scores"])
 
 
@@ -128,8 +121,8 @@ def test_sigkill_during_a_refresh_then_the_same_command_continues_with_the_same_
 
     main([str(recipe)]).close()                   # the same command, without the hook
     killed, resumed = read_loss_log(run / "losses.jsonl")
-    assert [r["step"] for r in killed] == list(range(6))       # epochs 0 and 1, then the kill in refresh 2
-    assert [r["step"] for r in resumed] == list(range(5, 9))   # from the ep1-ba5 checkpoint (serving v1)
+    assert [r["step"] for r in killed] == list(range(4))       # epochs 0 and 1, then the kill in refresh 2
+    assert [r["step"] for r in resumed] == list(range(3, 6))   # from the ep1-ba3 checkpoint (serving v1)
     want = {r["step"]: r for r in reference["steps"]}
     for got in killed + resumed:
         for key, value in want[got["step"]].items():
@@ -146,10 +139,10 @@ def test_two_ranks_serve_the_same_version(topics_mds, tmp_path):
     run = tmp_path / "two"
     assert not launch(refresh_recipe(run, topics_mds, epochs=2), run / "logs", cwd=run)
     meta = json.loads((run / "negatives" / "v1" / "meta.json").read_text())
-    assert meta["world_size"] == 2 and meta["rows"] == sum(ROWS.values())
+    assert meta["world_size"] == 2 and meta["rows"] == ROWS
     # local rank 0 logs through the launcher (launcher.txt), rank 1 to r1.err
     text = "".join(p.read_text() for p in sorted((run / "logs").iterdir()))
     served = re.findall(r"rank (\d) serves mined negatives v(\d+) \(sha256 (\w+)\)", text)
     assert sorted(served) == [("0", "1", meta["sha256"][:16]), ("1", "1", meta["sha256"][:16])]
     (steps,) = read_loss_log(run / "losses.jsonl")
-    assert len(steps) == 2 * 2 and all(np.isfinite(r["loss/train/total"]) for r in steps)
+    assert len(steps) == 2 and all(np.isfinite(r["loss/train/total"]) for r in steps)

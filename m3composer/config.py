@@ -21,6 +21,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 
 from m3composer.algorithms.self_distill_warmup import SELF_DISTILL_MODES, parse_start
+from m3composer.data.negatives import REFRESH_HEADS, parse_rank_range
 from m3composer.data.plan import TAIL_RULES
 from m3composer.distributed import CROSS_RANK_GRAD_SCALES
 from m3composer.model.heads import POOLING_METHODS, SPARSE_INITS
@@ -124,6 +125,18 @@ class TrainerConfig:
 
 
 @dataclass
+class NegativeRefreshConfig:
+    # Re-mine every row's negatives with the model in training (callbacks/negative_refresh.py).
+    interval: str = "1ep"               # after every N-th epoch (epochs only)
+    head: str = "dense"
+    range: str = "10-100"               # ranks to draw from, after the row's positives (m3c mine --range)
+    negatives: int = 7
+    max_score_ratio: Optional[float] = None   # drop candidates above ratio x the positive's score
+    margin: Optional[float] = None            # drop candidates above the positive's score - margin
+    batch_size: int = 64                # encoding batch
+
+
+@dataclass
 class CallbacksConfig:
     export_dir: Optional[str] = None    # default <run_dir>/export
     export_interval: Optional[str] = None
@@ -134,6 +147,7 @@ class CallbacksConfig:
     eval_batch_size: int = 32
     eval_passage_max_len: int = 512
     loss_log: Optional[str] = None      # JSONL of per-step losses, lr, self_distill_on (rank 0); e.g. ${run_dir}/losses.jsonl
+    negative_refresh: Optional[NegativeRefreshConfig] = None   # null: off; {} = on with the defaults
 
 
 @dataclass
@@ -244,6 +258,8 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg.callbacks, key):
             _check_time(getattr(cfg.callbacks, key), f"callbacks.{key}")
     _check(cfg.callbacks.eval_batch_size >= 1, "callbacks.eval_batch_size", "must be >= 1")
+    if cfg.callbacks.negative_refresh is not None:
+        _validate_negative_refresh(cfg)
     unknown_loggers = set(cfg.loggers) - set(LOGGERS)
     _check(not unknown_loggers, "loggers", f"unknown logger(s) {sorted(unknown_loggers)}; use {_choices(*LOGGERS)}")
     for name in cfg.loggers:
@@ -274,6 +290,30 @@ def _validate_gradient_cache(cfg: TrainConfig) -> None:
         # inside backward, which FSDP's hooks do not expect, so exactness is not guaranteed.
         _check(not cfg.trainer.fsdp, "model.gradient_cache.enabled",
                "is not supported with trainer.fsdp=true (use DDP)")
+
+
+def _validate_negative_refresh(cfg: TrainConfig) -> None:
+    r, key = cfg.callbacks.negative_refresh, "callbacks.negative_refresh"
+    _check_time(r.interval, f"{key}.interval")
+    _check(refresh_interval_epochs(r.interval) >= 1, f"{key}.interval",
+           f"must be a whole number of epochs like 1ep (refreshes happen at epoch ends), got {r.interval!r}")
+    _check(r.head in REFRESH_HEADS, f"{key}.head", f"must be {_choices(*REFRESH_HEADS)}, got {r.head!r}")
+    try:
+        parse_rank_range(r.range)
+    except ValueError as e:
+        raise ConfigError(f"{key}.range: {e}") from e
+    _check(r.negatives >= 1, f"{key}.negatives", "must be >= 1")
+    _check(r.max_score_ratio is None or r.max_score_ratio > 0, f"{key}.max_score_ratio", "must be positive or null")
+    _check(r.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
+    # FSDP shards the weights: encoding outside its forward would see the shards.
+    _check(not cfg.trainer.fsdp, key, "is not supported with trainer.fsdp=true (use DDP)")
+
+
+def refresh_interval_epochs(interval: str) -> int:
+    """`"2ep"` -> 2; 0 for a time that is not whole epochs."""
+    from composer.core import Time, TimeUnit
+    t = Time.from_timestring(interval)
+    return int(t.value) if t.unit == TimeUnit.EPOCH else 0
 
 
 def _check_time(value: str, key: str) -> None:

@@ -120,7 +120,13 @@ def build_dataset(cfg: TrainConfig, tokenizer, chosen: ModelDefaults) -> M3Train
         max_tokens_per_device_batch=d.max_tokens_per_device_batch, query_max_len=d.query_max_len,
         passage_max_len=d.passage_max_len, small_threshold=d.small_threshold, drop_threshold=d.drop_threshold,
         tail=d.tail, seed=cfg.seed, query_instruction_for_retrieval=chosen.query_instruction_for_retrieval,
-        passage_instruction_for_retrieval=chosen.passage_instruction_for_retrieval, shuffle_ratio=d.shuffle_ratio)
+        passage_instruction_for_retrieval=chosen.passage_instruction_for_retrieval, shuffle_ratio=d.shuffle_ratio,
+        negatives_dir=negatives_dir(cfg))
+
+
+def negatives_dir(cfg: TrainConfig) -> Optional[str]:
+    """Where NegativeRefresh writes its versions (None when it is off)."""
+    return os.path.join(cfg.run_dir, "negatives") if cfg.callbacks.negative_refresh is not None else None
 
 
 # ------------------------------------------------------------------------------ optimisation
@@ -210,6 +216,15 @@ def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: ModelDefaults, run_f
     c = cfg.callbacks
     # StepSeed: dropout masks as a function of (seed, rank, step), so a mid-epoch resume is exact.
     callbacks = [StepSeed(), DataRefresh(), SpeedMonitor(window_size=c.speed_window), LRMonitor(), Plots(cfg.run_dir)]
+    if c.negative_refresh is not None:
+        from m3composer.callbacks.negative_refresh import NegativeRefresh
+        from m3composer.config import refresh_interval_epochs
+        from m3composer.data.negatives import parse_rank_range
+        r = c.negative_refresh
+        callbacks.append(NegativeRefresh(
+            negatives_dir(cfg), interval_epochs=refresh_interval_epochs(r.interval), head=r.head,
+            rank_range=parse_rank_range(r.range), negatives=r.negatives, max_score_ratio=r.max_score_ratio,
+            margin=r.margin, batch_size=r.batch_size, seed=cfg.seed))
     if c.loss_log:
         from m3composer.callbacks.loss_log import LossLog
         callbacks.append(LossLog(c.loss_log))

@@ -98,3 +98,20 @@ def test_gradient_cache_is_off_by_default_and_bad_settings_fail_naming_the_key(y
         load_config(yaml_path, on + ["trainer.fsdp=true"])
     # a budget below one sequence is harmless while the cache is off
     assert load_config(yaml_path, ["model.gradient_cache.max_tokens=100"]).model.gradient_cache.max_tokens == 100
+
+
+def test_negative_refresh_is_off_by_default_and_bad_settings_fail_naming_the_key(yaml_path):
+    assert load_config(yaml_path).callbacks.negative_refresh is None
+    cfg = load_config(yaml_path, ["callbacks.negative_refresh.interval=2ep", "callbacks.negative_refresh.range=5-50"])
+    refresh = cfg.callbacks.negative_refresh
+    assert (refresh.interval, refresh.range, refresh.head, refresh.negatives) == ("2ep", "5-50", "dense", 7)
+    key = "callbacks.negative_refresh"
+    for override, message in ((f"{key}.interval=100ba", r"\.interval: must be a whole number of epochs"),
+                              (f"{key}.head=sparse", r"\.head: must be dense, got 'sparse'"),
+                              (f"{key}.range=20-10", r"\.range: range needs 1 <= FIRST <= LAST"),
+                              (f"{key}.negatives=0", r"\.negatives: must be >= 1"),
+                              ("trainer.fsdp=true", r": is not supported with trainer\.fsdp")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.") + message):
+            load_config(yaml_path, [f"{key}.interval=1ep", override])
+    with pytest.raises(ConfigKeyError, match="bogus"):
+        load_config(yaml_path, [f"{key}.bogus=1"])

@@ -15,7 +15,11 @@ def schema_keys(node=None, prefix=""):
     for key in node:
         full = prefix + key
         child = node._get_node(key)
-        if OmegaConf.is_dict(child) and full not in FREE_FORM:
+        if OmegaConf.is_dict(child) and child._is_none() and full not in FREE_FORM:
+            # an optional section that is off by default (callbacks.negative_refresh): its own keys
+            yield full
+            yield from schema_keys(OmegaConf.structured(child._metadata.ref_type), full + ".")
+        elif OmegaConf.is_dict(child) and full not in FREE_FORM:
             yield from schema_keys(child, full + ".")
         else:
             yield full

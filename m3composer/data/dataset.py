@@ -29,6 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from m3composer.data import buckets
 from m3composer.data.collate import TokenSpec, collate_examples, draw_example, row_passages, token_spec_from_tokenizer
 from m3composer.data.index import INDEX_FILE, StreamEntry, is_remote, read_streams
+from m3composer.data.negatives import MinedNegatives
 from m3composer.data.plan import (ROW_STREAM, TAIL_RULES, EpochPlan, Group, group_streams, plan_epoch,
                                   steps_per_epoch)
 
@@ -56,6 +57,7 @@ class M3TrainDataset(IterableDataset):
             (need `tokenizer`).
         shuffle_ratio: probability of `shuffle_text` on a positive.
         world_size, rank: default from the launcher's environment.
+        negatives_dir: where `NegativeRefresh` writes its versions (`run_dir/negatives`); None = off.
     """
 
     def __init__(self, train_data: str, *, local_cache: str | None = None, tokenizer: Any = None,
@@ -66,7 +68,7 @@ class M3TrainDataset(IterableDataset):
                  tail: str = "keep_if_ge_2W", seed: int = 42, query_instruction_for_retrieval: str | None = None,
                  passage_instruction_for_retrieval: str | None = None, shuffle_ratio: float = 0.0,
                  pad_to_multiple_of: int | None = None, world_size: int | None = None, rank: int | None = None,
-                 download_retry: int = 2, download_timeout: float = 60):
+                 download_retry: int = 2, download_timeout: float = 60, negatives_dir: str | None = None):
         _check_arguments(tail=tail, train_group_size=train_group_size, seed=seed, shuffle_ratio=shuffle_ratio)
         self.train_data = train_data
         self.token_spec = _token_spec(tokenizer, token_spec, query_instruction_for_retrieval,
@@ -104,6 +106,7 @@ class M3TrainDataset(IterableDataset):
                              f"needs at world size {self.world_size}")
         self._plan: EpochPlan | None = None
         self._plan_history: tuple[tuple[int, int], ...] = ()
+        self.mined_negatives = MinedNegatives(negatives_dir)     # re-mined negatives (data/negatives.py)
         self.epoch = 0
         self._start_step = 0
         # Elastic resume: [(world size, steps done), ...] of the current epoch before it came to this
@@ -196,6 +199,12 @@ class M3TrainDataset(IterableDataset):
                                f"{self.groups[group].name} (sample {sample}) for epoch {epoch} step {step}: "
                                f"{type(err).__name__}: {err}") from err
 
+    def stream_rows(self, stream: int) -> Iterator[dict]:
+        """Every MDS row of `self.streams[stream]` in order (the pool NegativeRefresh mines from)."""
+        start = int(self._stream_offset[stream])
+        for sample in range(start, start + self.streams[stream].rows):
+            yield self._sd[sample]
+
     def _borrow(self, group: int, own_row: int, epoch: int, step: int):
         rows = self.groups[group].rows
 
@@ -217,10 +226,11 @@ class M3TrainDataset(IterableDataset):
         """This rank's collated batch of (epoch, step): a pure function of them and the config."""
         planned = self.plan(epoch).steps[step]
         group = self.groups[planned.group]
-        has_teacher_scores = self.group_has_teacher_scores[planned.group]
+        # Teacher scores scored the converted negatives, not re-mined ones (docs/recipe.md §Negative refresh).
+        has_teacher_scores = self.group_has_teacher_scores[planned.group] and not self.mined_negatives.active(epoch)
         examples = []
         for row in planned.rank_rows(self.rank):
-            record = self._read(planned.group, int(row), epoch, step)
+            record = self.mined_negatives.apply(self._read(planned.group, int(row), epoch, step), epoch)
             rng = np.random.default_rng([self.seed, ROW_STREAM, epoch, int(record["row_id"])])
             examples.append(draw_example(record, self.train_group_size, rng, has_teacher_scores=has_teacher_scores,
                                          shuffle_ratio=self.shuffle_ratio,
@@ -257,7 +267,8 @@ class M3TrainDataset(IterableDataset):
             raise ValueError(f"{num_samples} samples is not a step boundary of epoch {self.epoch}: is "
                              "get_num_samples_in_batch counting queries (collate.num_samples_in_batch)?")
         return {"epoch": self.epoch, "step": step, "seed": self.seed, "world_size": self.world_size,
-                "steps_per_epoch": self._steps, "history": [list(h) for h in self._history]}
+                "steps_per_epoch": self._steps, "history": [list(h) for h in self._history],
+                "negatives": self.mined_negatives.state_dict()}
 
     def load_state_dict(self, obj: dict) -> None:
         """Resume at (epoch, step). At the checkpoint's world size the plan is the one it was taken with;
@@ -280,6 +291,7 @@ class M3TrainDataset(IterableDataset):
             log.warning("elastic resume: epoch %d was at step %d on %d rank(s); it goes on with its remaining rows "
                         "on %d rank(s)", int(obj["epoch"]), step, saved_world, self.world_size)
         self.epoch, self._start_step, self._history = int(obj["epoch"]), step, history
+        self.mined_negatives.load_state_dict(obj.get("negatives"))     # the version the checkpointed run served
         self._log_plan()
 
 

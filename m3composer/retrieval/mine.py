@@ -45,6 +45,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from m3composer.data.negatives import parse_rank_range
 from m3composer.fsutil import atomic_file
 from m3composer.model.inference import heads_in_folder, load_model_for_inference, unwrap_m3
 from m3composer.model.scores import HEADS
@@ -61,12 +62,9 @@ HNSW_M = 32
 
 def parse_range(text: str) -> tuple[int, int]:
     try:
-        first, last = (int(x) for x in text.split("-"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"range is FIRST-LAST ranks like 10-100, got {text!r}") from None
-    if not 1 <= first <= last:
-        raise argparse.ArgumentTypeError(f"range needs 1 <= FIRST <= LAST, got {text!r}")
-    return first, last
+        return parse_rank_range(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 @dataclass
@@ -127,6 +125,33 @@ def faiss_top_k(queries: np.ndarray, pool: np.ndarray, k: int, index: str = "aut
     return scores, indices
 
 
+def select_negatives(top_indices: Sequence[int], top_scores: Sequence[float], excluded: set[int] | frozenset,
+                     rank_range: tuple[int, int], negatives: int, rng: np.random.Generator,
+                     positive_score: Optional[float] = None, *, max_score_ratio: Optional[float] = None,
+                     margin: Optional[float] = None) -> tuple[list[tuple[int, float]], int]:
+    """Steps 3-5 of the module doc for one query: `(chosen (pool index, score) in rank order,
+    candidates dropped by the score filter)`.
+
+    `top_indices`/`top_scores` are the query's best candidates, best first (faiss's -1 padding is
+    skipped); `excluded` pool indices do not count as ranks; ranks `rank_range` (1-based,
+    inclusive) are kept unless above `max_score_ratio · positive_score` or `positive_score −
+    margin`; then `negatives` of them are drawn with `rng`, without replacement. Also what
+    `NegativeRefresh` uses on a training set's own pool.
+    """
+    first, last = rank_range
+    candidates = [(int(c), float(s)) for c, s in zip(top_indices, top_scores)
+                  if c >= 0 and int(c) not in excluded][first - 1:last]
+    dropped = 0
+    if positive_score is not None and (max_score_ratio is not None or margin is not None):
+        limits = [positive_score * max_score_ratio] if max_score_ratio is not None else []
+        limits += [positive_score - margin] if margin is not None else []
+        limit = min(limits)
+        kept = [(c, s) for c, s in candidates if s <= limit]
+        dropped, candidates = len(candidates) - len(kept), kept
+    chosen = sorted(rng.choice(len(candidates), size=min(negatives, len(candidates)), replace=False).tolist())
+    return [candidates[j] for j in chosen], dropped
+
+
 def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *, head: str = "dense",
          rank_range: tuple[int, int] = (10, 100), negatives: int = 7, corpus: Optional[str | os.PathLike] = None,
          max_score_ratio: Optional[float] = None, margin: Optional[float] = None,
@@ -166,7 +191,7 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
         return {pool_index[t] for t in texts if t in pool_index}
 
     excluded = [excluded_of(r) for r in rows]
-    first, last = rank_range
+    last = rank_range[1]
     k = min(len(pool), last + max((len(e) for e in excluded), default=0))
     queries = [r.query for r in rows]
     common = dict(batch_size=batch_size, progress=progress)
@@ -215,25 +240,18 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
               "dropped_by_score": 0, "negatives_written": 0, "rows_with_scores_dropped": 0}
     with atomic_file(output_path) as out:
         for i, r in enumerate(rows):
-            candidates = [(int(c), float(s)) for c, s in zip(top_indices[i], top_scores[i])
-                          if c >= 0 and int(c) not in excluded[i]][first - 1:last]
-            if need_pos:
-                s_pos = min(pos_scores[i])
-                limits = [s_pos * max_score_ratio] if max_score_ratio is not None else []
-                limits += [s_pos - margin] if margin is not None else []
-                limit = min(limits, default=np.inf)
-                kept = [(c, s) for c, s in candidates if s <= limit]
-                counts["dropped_by_score"] += len(candidates) - len(kept)
-                candidates = kept
-            rng = np.random.default_rng([seed, r.line_no])
-            chosen = sorted(rng.choice(len(candidates), size=min(negatives, len(candidates)), replace=False).tolist())
+            chosen, dropped = select_negatives(
+                top_indices[i], top_scores[i], excluded[i], rank_range, negatives,
+                np.random.default_rng([seed, r.line_no]), min(pos_scores[i]) if need_pos else None,
+                max_score_ratio=max_score_ratio, margin=margin)
+            counts["dropped_by_score"] += dropped
             if len(chosen) < negatives:
                 counts["rows_with_fewer_negatives"] += 1
                 counts["rows_without_negatives"] += not chosen
-            r.obj["neg"] = [pool[candidates[j][0]] for j in chosen]
+            r.obj["neg"] = [pool[c] for c, _ in chosen]
             if with_scores:
                 r.obj["pos_scores"] = [s * scale for s in pos_scores[i]]
-                r.obj["neg_scores"] = [candidates[j][1] * scale for j in chosen]
+                r.obj["neg_scores"] = [s * scale for _, s in chosen]
             elif "neg_scores" in r.obj or "pos_scores" in r.obj:
                 # they scored the old negatives: kept, they would no longer match `neg`
                 r.obj.pop("pos_scores", None)

@@ -11,6 +11,10 @@ how it resumes are in docs/architecture.md §Training data: our own epoch plan o
 Epochs: call `set_epoch(e)` at every EPOCH_START (`callbacks.data_refresh.DataRefresh` does);
 `load_state_dict` sets epoch and step on a mid-epoch resume. Use DataLoader workers without
 `persistent_workers`; with N workers, worker w serves steps w, w+N, … in plan order.
+
+Each reader (the process, or each DataLoader worker) downloads the shards of its next
+`prefetch_steps` steps in background threads (`prefetch.py`); `cache_limit` bounds the node's
+shard cache; `plan="shard_blocks"` draws batches within blocks of shards (plan.py).
 """
 from __future__ import annotations
 
@@ -22,13 +26,15 @@ import numpy as np
 import torch.distributed
 from composer.utils import dist
 from streaming import Stream, StreamingDataset
+from streaming.base.util import bytes_to_int
 from torch.utils.data import IterableDataset, get_worker_info
 
 from m3composer.data import buckets
 from m3composer.data.collate import TokenSpec, collate_examples, draw_example, row_passages, token_spec_from_tokenizer
 from m3composer.data.index import INDEX_FILE, StreamEntry, is_remote, read_streams
-from m3composer.data.plan import (ROW_STREAM, TAIL_RULES, EpochPlan, Group, group_streams, plan_epoch,
-                                  steps_per_epoch)
+from m3composer.data.plan import (PLAN_KINDS, ROW_STREAM, TAIL_RULES, EpochPlan, Group, group_streams, plan_epoch,
+                                  plan_epoch_shard_blocks, steps_per_epoch)
+from m3composer.data.prefetch import ShardPrefetcher
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,12 @@ class M3TrainDataset(IterableDataset):
             (need `tokenizer`).
         shuffle_ratio: probability of `shuffle_text` on a positive.
         world_size, rank: default from the launcher's environment.
+        prefetch_steps, prefetch_workers: each reader downloads the shards of its next
+            `prefetch_steps` steps with `prefetch_workers` threads (0 steps = off).
+        cache_limit: Streaming's `cache_limit` (bytes or "10gb"): the node's shard cache stays
+            under it, evicting least-recently-used shards; needs a `local_cache`.
+        plan, plan_block_shards: `plan.PLAN_KINDS`; "shard_blocks" draws each group's batches
+            within blocks of `plan_block_shards` shards.
     """
 
     def __init__(self, train_data: str, *, local_cache: str | None = None, tokenizer: Any = None,
@@ -64,8 +76,13 @@ class M3TrainDataset(IterableDataset):
                  tail: str = "keep_if_ge_2W", seed: int = 42, query_instruction_for_retrieval: str | None = None,
                  passage_instruction_for_retrieval: str | None = None, shuffle_ratio: float = 0.0,
                  pad_to_multiple_of: int | None = None, world_size: int | None = None, rank: int | None = None,
-                 download_retry: int = 2, download_timeout: float = 60):
+                 download_retry: int = 2, download_timeout: float = 60, prefetch_steps: int = 4,
+                 prefetch_workers: int = 4, cache_limit: int | str | None = None, plan: str = "rows",
+                 plan_block_shards: int = 16):
         _check_arguments(tail=tail, train_group_size=train_group_size, seed=seed, shuffle_ratio=shuffle_ratio)
+        _check_reading(prefetch_steps=prefetch_steps, prefetch_workers=prefetch_workers, plan=plan,
+                       plan_block_shards=plan_block_shards, cache_limit=cache_limit, local_cache=local_cache,
+                       train_data=train_data)
         self.train_data = train_data
         self.token_spec = _token_spec(tokenizer, token_spec, query_instruction_for_retrieval,
                                       passage_instruction_for_retrieval)
@@ -77,6 +94,11 @@ class M3TrainDataset(IterableDataset):
         self.shuffle_ratio = shuffle_ratio
         self.pad_to_multiple_of = pad_to_multiple_of
         self.world_size, self.rank = _rank_and_world_size(world_size, rank)
+        # ranks of this node share one shard cache (Streaming's shared memory per node)
+        self.local_world_size = dist.get_local_world_size() if world_size is None else 1
+        self.prefetch_steps, self.prefetch_workers = prefetch_steps, prefetch_workers
+        self.cache_limit = None if cache_limit is None else bytes_to_int(cache_limit)
+        self.plan_kind, self.plan_block_shards = plan, plan_block_shards
 
         where = f"{train_data}/{INDEX_FILE}"
         if batch_size_table is not None:     # YAML may give the group-size keys as strings
@@ -92,8 +114,15 @@ class M3TrainDataset(IterableDataset):
         # group-local row index -> global sample index of the StreamingDataset (streams concatenated)
         self._stream_offset = np.cumsum([0] + [s.rows for s in self.streams])[:-1]
         self._group_row_starts = [np.cumsum([0] + [self.streams[i].rows for i in g.streams]) for g in self.groups]
-        self._sd = _open_streaming_dataset(train_data, local_cache, self.streams, where,
-                                           download_retry=download_retry, download_timeout=download_timeout)
+        try:
+            self._sd = _open_streaming_dataset(train_data, local_cache, self.streams, where,
+                                               download_retry=download_retry, download_timeout=download_timeout,
+                                               cache_limit=self.cache_limit)
+        except ValueError as err:
+            if self.cache_limit and "cache limit" in str(err).lower():
+                raise ValueError(f"{where}: data.cache_limit={cache_limit} is too low: {err}") from err
+            raise
+        self._shard_bytes = np.array([shard.get_max_size() for shard in self._sd.shards], dtype=np.int64)
 
         self._steps = steps_per_epoch([g.rows for g in self.groups], [g.per_device_batch_size for g in self.groups],
                                       world_size=self.world_size, tail=tail)
@@ -142,9 +171,20 @@ class M3TrainDataset(IterableDataset):
     # ---- epochs and plan -------------------------------------------------------------------------
     def plan(self, epoch: int) -> EpochPlan:
         if self._plan is None or self._plan.epoch != epoch:
-            self._plan = plan_epoch([g.rows for g in self.groups], [g.per_device_batch_size for g in self.groups],
-                                    seed=self.seed, epoch=epoch, world_size=self.world_size, tail=self.tail)
+            rows, sizes = [g.rows for g in self.groups], [g.per_device_batch_size for g in self.groups]
+            if self.plan_kind == "shard_blocks":
+                plan = plan_epoch_shard_blocks(rows, sizes, self._group_shard_rows(), block_shards=self.plan_block_shards,
+                                               seed=self.seed, epoch=epoch, world_size=self.world_size, tail=self.tail)
+            else:
+                plan = plan_epoch(rows, sizes, seed=self.seed, epoch=epoch, world_size=self.world_size, tail=self.tail)
+            if self.cache_limit:
+                self._check_steps_fit_cache(plan)
+            self._plan = plan
         return self._plan
+
+    @property
+    def _plan_id(self) -> str:
+        return "rows" if self.plan_kind == "rows" else f"{self.plan_kind}/{self.plan_block_shards}"
 
     def left_out(self, epoch: int) -> dict[str, int]:
         """Rows per group that sit out `epoch` (tail rule)."""
@@ -170,6 +210,60 @@ class M3TrainDataset(IterableDataset):
         member = int(np.searchsorted(self._group_row_starts[group], row, side="right")) - 1
         stream = g.streams[member]
         return stream, int(self._stream_offset[stream] + row - self._group_row_starts[group][member])
+
+    # ---- shards: the plan's rows -> Streaming's shards (prefetch, the cache bound, the shard-aware plan)
+    def _group_shard_rows(self) -> list[np.ndarray]:
+        """Rows of each shard of each group, in the group's row order (its streams concatenated)."""
+        sd = self._sd
+        return [np.concatenate([sd.samples_per_shard[sd.shard_offset_per_stream[i]:
+                                                     sd.shard_offset_per_stream[i] + sd.shards_per_stream[i]]
+                                for i in g.streams]) for g in self.groups]
+
+    def _shards_of_rows(self, group: int, rows: np.ndarray) -> np.ndarray:
+        """The distinct shard ids behind group-local `rows` (the vector form of `_sample_index`)."""
+        starts = self._group_row_starts[group]
+        member = np.searchsorted(starts, rows, side="right") - 1
+        stream = np.asarray(self.groups[group].streams)[member]
+        samples = self._stream_offset[stream] + rows - starts[member]
+        return np.unique(np.searchsorted(self._sd.sample_offset_per_shard, samples, side="right") - 1)
+
+    def _node_rows(self, step) -> np.ndarray:
+        """Rows of a step that this node's ranks read (they share the node's shard cache)."""
+        first = self.rank - self.rank % self.local_world_size
+        return step.rows[first * step.per_rank:(first + self.local_world_size) * step.per_rank]
+
+    def _check_steps_fit_cache(self, plan: EpochPlan) -> None:
+        room = self.cache_limit - sum(stream.get_index_size() for stream in self._sd.streams)
+        for i, step in enumerate(plan.steps):
+            shards = self._shards_of_rows(step.group, self._node_rows(step))
+            need = int(self._shard_bytes[shards].sum())
+            if need > room:
+                raise ValueError(
+                    f"{self.train_data}: data.cache_limit={self.cache_limit} bytes cannot hold one step: epoch "
+                    f"{plan.epoch} step {i} (group {self.groups[step.group].name}) reads {len(shards)} shards of "
+                    f"{need} bytes (zip + raw) on this node, {room} bytes fit beside the stream indexes; raise "
+                    "cache_limit, write smaller shards, or use data.plan=shard_blocks")
+
+    def _prefetcher(self, epoch: int, steps: range, num_workers: int) -> ShardPrefetcher | None:
+        if self.prefetch_steps == 0 or not len(steps) or self._sd.streams[0].remote is None:
+            return None         # read in place: nothing to download (shards are decompressed where they lie)
+        plan = self.plan(epoch)
+        mine = [self._shards_of_rows(plan.steps[s].group, plan.steps[s].rank_rows(self.rank)) for s in steps]
+        budget, release = None, None
+        if self.cache_limit:
+            room = self.cache_limit - sum(stream.get_index_size() for stream in self._sd.streams)
+            budget = room // (self.local_world_size * max(1, num_workers))  # every reader of the node has a window
+            last_use = np.full(len(self._shard_bytes), -1, dtype=np.int64)
+            for i, step in enumerate(plan.steps):
+                last_use[self._shards_of_rows(step.group, self._node_rows(step))] = i
+            position = {s: p for p, s in enumerate(steps)}
+            release = {}
+            for shard, s in enumerate(last_use):
+                if int(s) in position:
+                    release.setdefault(position[int(s)], []).append(shard)
+        return ShardPrefetcher(self._sd, mine, lookahead=self.prefetch_steps, workers=self.prefetch_workers,
+                               budget_bytes=budget, cache_limit=self.cache_limit,
+                               release_after={p: np.asarray(v) for p, v in (release or {}).items()})
 
     def _read(self, group: int, row: int, epoch: int, step: int) -> dict:
         stream, sample = self._sample_index(group, row)
@@ -222,8 +316,18 @@ class M3TrainDataset(IterableDataset):
         worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
         # Rows are read by index, so a step either yields its planned rows or raises (a missing shard,
         # a store that keeps failing): an epoch cannot end short without an error.
-        for step in range(start + worker_id, self._steps, num_workers):
-            yield self.batch(epoch, step)
+        steps = range(start + worker_id, self._steps, num_workers)
+        prefetcher = self._prefetcher(epoch, steps, num_workers)
+        if prefetcher is None:
+            for step in steps:
+                yield self.batch(epoch, step)
+            return
+        with prefetcher:      # closed at the end, on an error, and when the loader drops the iterator
+            for position, step in enumerate(steps):
+                prefetcher.before_step(position)
+                batch = self.batch(epoch, step)
+                prefetcher.after_step(position)
+                yield batch
 
     # ---- Composer checkpoint hooks (state.py: dataset.state_dict(sample_in_epoch, True)) -------------
     def state_dict(self, num_samples: int, from_beginning: bool = True) -> dict:
@@ -240,12 +344,13 @@ class M3TrainDataset(IterableDataset):
             raise ValueError(f"{num_samples} samples is not a step boundary of epoch {self.epoch}: is "
                              "get_num_samples_in_batch counting queries (collate.num_samples_in_batch)?")
         return {"epoch": self.epoch, "step": step, "seed": self.seed, "world_size": self.world_size,
-                "steps_per_epoch": self._steps}
+                "steps_per_epoch": self._steps, "plan": self._plan_id}
 
     def load_state_dict(self, obj: dict) -> None:
         """Resume at (epoch, step); the plan must be the one the checkpoint was taken with."""
-        for key, mine in (("seed", self.seed), ("world_size", self.world_size), ("steps_per_epoch", self._steps)):
-            if obj.get(key) != mine:
+        for key, mine in (("seed", self.seed), ("world_size", self.world_size), ("steps_per_epoch", self._steps),
+                          ("plan", self._plan_id)):
+            if obj.get(key, "rows" if key == "plan" else None) != mine:   # checkpoints before data.plan: rows
                 raise ValueError(f"cannot resume exactly: checkpoint has {key}={obj.get(key)}, this run {mine} "
                                  "(the epoch plan depends on it)")
         self.epoch, self._start_step = int(obj["epoch"]), int(obj["step"])
@@ -262,6 +367,20 @@ def _check_arguments(*, tail: str, train_group_size: int, seed: int, shuffle_rat
         raise ValueError(f"seed must be >= 0, got {seed}")
     if not 0.0 <= shuffle_ratio <= 1.0:
         raise ValueError(f"shuffle_ratio must be in [0, 1], got {shuffle_ratio}")
+
+
+def _check_reading(*, prefetch_steps: int, prefetch_workers: int, plan: str, plan_block_shards: int,
+                   cache_limit, local_cache: str | None, train_data: str) -> None:
+    if prefetch_steps < 0 or prefetch_workers < 1:
+        raise ValueError(f"prefetch_steps must be >= 0 and prefetch_workers >= 1, got {prefetch_steps}, "
+                         f"{prefetch_workers}")
+    if plan not in PLAN_KINDS:
+        raise ValueError(f"plan must be one of {PLAN_KINDS}, got {plan!r}")
+    if plan_block_shards < 1:
+        raise ValueError(f"plan_block_shards must be >= 1, got {plan_block_shards}")
+    if cache_limit is not None and local_cache is None:
+        # read in place, Streaming's eviction would delete the dataset's own shards
+        raise ValueError(f"{train_data}: cache_limit needs a local_cache (a cache dir apart from the data)")
 
 
 def _token_spec(tokenizer, token_spec: TokenSpec | None, query_instruction: str | None,
@@ -306,7 +425,8 @@ def _streams_with_rows(train_data: str, local_cache: str | None, where: str) -> 
 
 
 def _open_streaming_dataset(train_data: str, local_cache: str | None, streams: list[StreamEntry], where: str, *,
-                            download_retry: int, download_timeout: float) -> StreamingDataset:
+                            download_retry: int, download_timeout: float,
+                            cache_limit: int | None = None) -> StreamingDataset:
     """One StreamingDataset over all streams, read by global index; its row counts must match the index."""
     root = train_data.rstrip("/")
     remote = is_remote(train_data) or local_cache
@@ -314,7 +434,8 @@ def _open_streaming_dataset(train_data: str, local_cache: str | None, streams: l
         streams=[Stream(remote=f"{root}/{s.path}" if remote else None,
                         local=os.path.join(local_cache, s.path) if local_cache else os.path.join(root, s.path))
                  for s in streams],
-        batch_size=1, shuffle=False, download_retry=download_retry, download_timeout=download_timeout)
+        batch_size=1, shuffle=False, download_retry=download_retry, download_timeout=download_timeout,
+        cache_limit=cache_limit)
     for s, n in zip(streams, sd.samples_per_stream):
         if int(n) != s.rows:
             raise ValueError(f"{where}: stream {s.name} lists {s.rows} rows but its MDS index has {int(n)}")

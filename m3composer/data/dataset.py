@@ -123,6 +123,8 @@ class M3TrainDataset(IterableDataset):
                 raise ValueError(f"{where}: data.cache_limit={cache_limit} is too low: {err}") from err
             raise
         self._shard_bytes = np.array([shard.get_max_size() for shard in self._sd.shards], dtype=np.int64)
+        if self.cache_limit:
+            self._sd.cache_limit = self._streaming_cache_limit(where)
 
         self._steps = steps_per_epoch([g.rows for g in self.groups], [g.per_device_batch_size for g in self.groups],
                                       world_size=self.world_size, tail=tail)
@@ -211,6 +213,19 @@ class M3TrainDataset(IterableDataset):
         stream = g.streams[member]
         return stream, int(self._stream_offset[stream] + row - self._group_row_starts[group][member])
 
+    def _streaming_cache_limit(self, where: str) -> int:
+        """The limit Streaming evicts against: `cache_limit` less one largest shard per other download
+        that can be in flight on the node (Streaming counts a shard only once it is downloaded, so
+        each concurrent download sees the same free space). Then the disk stays under `cache_limit`."""
+        threads = self.local_world_size * (1 + (self.prefetch_workers if self.prefetch_steps else 0))
+        biggest = int(self._shard_bytes.max())
+        limit = self.cache_limit - (threads - 1) * biggest
+        if limit < 4 * biggest:     # Streaming's own minimum, for the limit it is given
+            raise ValueError(f"{where}: data.cache_limit={self.cache_limit} is too low: {threads} download threads "
+                             f"on this node and shards of up to {biggest} bytes (zip + raw) need at least "
+                             f"{(threads + 3) * biggest} bytes")
+        return limit
+
     # ---- shards: the plan's rows -> Streaming's shards (prefetch, the cache bound, the shard-aware plan)
     def _group_shard_rows(self) -> list[np.ndarray]:
         """Rows of each shard of each group, in the group's row order (its streams concatenated)."""
@@ -233,7 +248,7 @@ class M3TrainDataset(IterableDataset):
         return step.rows[first * step.per_rank:(first + self.local_world_size) * step.per_rank]
 
     def _check_steps_fit_cache(self, plan: EpochPlan) -> None:
-        room = self.cache_limit - sum(stream.get_index_size() for stream in self._sd.streams)
+        room = self._sd.cache_limit - sum(stream.get_index_size() for stream in self._sd.streams)
         for i, step in enumerate(plan.steps):
             shards = self._shards_of_rows(step.group, self._node_rows(step))
             need = int(self._shard_bytes[shards].sum())
@@ -251,7 +266,7 @@ class M3TrainDataset(IterableDataset):
         mine = [self._shards_of_rows(plan.steps[s].group, plan.steps[s].rank_rows(self.rank)) for s in steps]
         budget, release = None, None
         if self.cache_limit:
-            room = self.cache_limit - sum(stream.get_index_size() for stream in self._sd.streams)
+            room = self._sd.cache_limit - sum(stream.get_index_size() for stream in self._sd.streams)
             budget = room // (self.local_world_size * max(1, num_workers))  # every reader of the node has a window
             last_use = np.full(len(self._shard_bytes), -1, dtype=np.int64)
             for i, step in enumerate(plan.steps):
@@ -262,7 +277,7 @@ class M3TrainDataset(IterableDataset):
                 if int(s) in position:
                     release.setdefault(position[int(s)], []).append(shard)
         return ShardPrefetcher(self._sd, mine, lookahead=self.prefetch_steps, workers=self.prefetch_workers,
-                               budget_bytes=budget, cache_limit=self.cache_limit,
+                               budget_bytes=budget,
                                release_after={p: np.asarray(v) for p, v in (release or {}).items()})
 
     def _read(self, group: int, row: int, epoch: int, step: int) -> dict:

@@ -7,10 +7,10 @@ the rows are still read by `StreamingDataset.__getitem__` in plan order, so batc
 the same with prefetch on or off (docs/architecture.md §Prefetch and the bounded cache).
 
 With a `cache_limit` it also keeps the window inside the cache: the window stops growing at
-`budget_bytes` of shards, downloads reserve room first (Streaming counts a shard only once it is
-downloaded, so parallel downloads would otherwise each see the same free space), and shards the
-plan has finished with are released (made the coldest), so Streaming's LRU eviction takes them
-first. A failed background download is only logged: the step's own read downloads again in the
+`budget_bytes` of shards, and shards the plan has finished with are released (made the coldest),
+so Streaming's LRU eviction takes them first. (Streaming counts a shard only once it is
+downloaded, so parallel downloads could each see the same free space: the dataset gives
+Streaming a limit lowered by one largest shard per download thread, see dataset.py.) A failed background download is only logged: the step's own read downloads again in the
 training thread and raises there, with the step in the message, as without prefetch.
 """
 from __future__ import annotations
@@ -79,25 +79,21 @@ class ShardPrefetcher:
         workers: download threads.
         budget_bytes: when set, the window's shards (Streaming's `get_max_size`: zip + raw) stay
             within it; the current step is always prefetched.
-        cache_limit: Streaming's `cache_limit` (bytes) when set: downloads make room first.
         release_after: position -> shard ids the plan has finished with once that step is built.
     """
 
     def __init__(self, sd: StreamingDataset, step_shards: Sequence[np.ndarray], *, lookahead: int, workers: int,
-                 budget_bytes: int | None = None, cache_limit: int | None = None,
-                 release_after: Mapping[int, np.ndarray] | None = None):
+                 budget_bytes: int | None = None, release_after: Mapping[int, np.ndarray] | None = None):
         if lookahead < 0 or workers < 1:
             raise ValueError(f"lookahead must be >= 0 and workers >= 1, got {lookahead}, {workers}")
         self.sd = sd
         self.step_shards = [np.unique(np.asarray(s, dtype=np.int64)) for s in step_shards]
         self.lookahead = lookahead
         self.budget_bytes = budget_bytes
-        self.cache_limit = cache_limit
         self.release_after = release_after or {}
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="m3c-prefetch")
         self._futures: dict[int, Future] = {}
-        self._room = threading.Lock()
-        self._reserved = 0
+        self._count = threading.Lock()
         self._next = 0                  # first position not yet submitted
         self._closed = False
         self.wait_s = 0.0               # time the reader waited for its step's downloads
@@ -160,33 +156,15 @@ class ShardPrefetcher:
             self._next += 1
 
     def _prepare(self, shard_id: int) -> None:
-        need = 0
         try:
             if not shard_is_local(self.sd, shard_id):
-                need = self._make_room(shard_id)
-                self.downloads += 1
+                with self._count:
+                    self.downloads += 1
             self.sd.prepare_shard(shard_id)      # downloads, or touches a local shard (LRU)
         except Exception as err:
-            self.failures += 1
+            with self._count:
+                self.failures += 1
             log.warning("prefetch of shard %d failed (the step's read retries it): %s: %s", shard_id,
                         type(err).__name__, err)
             unstick_shard(self.sd, shard_id)
             raise
-        finally:
-            if need:
-                with self._room:
-                    self._reserved -= need
-
-    def _make_room(self, shard_id: int) -> int:
-        """Evict the coldest shards until this download fits beside the ones in flight; returns the reservation."""
-        if not self.cache_limit:
-            return 0
-        need = int(self.sd.shards[shard_id].get_max_size())
-        with self._room:
-            while self.sd.cache_usage + self._reserved + need > self.cache_limit:
-                try:
-                    self.sd.evict_coldest_shard()
-                except ValueError:              # nothing local left: the rest is in flight
-                    break
-            self._reserved += need
-        return need

@@ -20,7 +20,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 
 from m3composer.algorithms.self_distill_warmup import SELF_DISTILL_MODES, parse_start
-from m3composer.data.plan import TAIL_RULES
+from m3composer.data.plan import PLAN_KINDS, TAIL_RULES
 from m3composer.distributed import CROSS_RANK_GRAD_SCALES
 from m3composer.model.heads import POOLING_METHODS, SPARSE_INITS
 
@@ -71,6 +71,11 @@ class DataConfig:
     passage_instruction_for_retrieval: Optional[str] = AUTO
     shuffle_ratio: float = 0.0
     num_workers: int = 0
+    prefetch_steps: int = 4             # each reader downloads the shards of its next K steps (0 = off)
+    prefetch_workers: int = 4           # download threads per reader (process or DataLoader worker)
+    cache_limit: Optional[str] = None   # bytes or "20gb": the node's shard cache stays under it (LRU eviction)
+    plan: str = "rows"                  # rows (FlagEmbedding's) | shard_blocks: batches drawn within blocks of shards
+    plan_block_shards: int = 16         # shards per block of the shard_blocks plan
 
 
 @dataclass
@@ -208,6 +213,16 @@ def validate(cfg: TrainConfig) -> None:
     _check(d.tail in TAIL_RULES, "data.tail", f"must be {_choices(*TAIL_RULES)}, got {d.tail!r}")
     _check(0.0 <= d.shuffle_ratio <= 1.0, "data.shuffle_ratio", "must be in [0, 1]")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.prefetch_steps >= 0, "data.prefetch_steps", "must be >= 0")
+    _check(d.prefetch_workers >= 1, "data.prefetch_workers", "must be >= 1")
+    _check(d.plan in PLAN_KINDS, "data.plan", f"must be {_choices(*PLAN_KINDS)}, got {d.plan!r}")
+    _check(d.plan_block_shards >= 1, "data.plan_block_shards", "must be >= 1")
+    if d.cache_limit is not None:
+        from streaming.base.util import bytes_to_int
+        try:
+            _check(bytes_to_int(d.cache_limit) > 0, "data.cache_limit", "must be positive")
+        except ValueError as err:
+            raise ConfigError(f"data.cache_limit: {err}") from err
     _check(l.temperature > 0 and math.isfinite(l.temperature), "loss.temperature", "must be a positive number")
     _check(not l.use_self_distill or l.unified_finetuning, "loss.use_self_distill",
            "needs loss.unified_finetuning=true (the ensemble is the self-distillation teacher)")

@@ -111,7 +111,7 @@ def build_model(cfg: TrainConfig, model_dir: Path, chosen: ModelDefaults) -> Com
 def build_dataset(cfg: TrainConfig, tokenizer, chosen: ModelDefaults) -> M3TrainDataset:
     d = cfg.data
     local = d.local_cache
-    if local is None and is_remote(d.train_data):
+    if local is None and (is_remote(d.train_data) or d.cache_limit is not None):   # eviction needs a cache apart
         local = os.path.join(cfg.run_dir, "data-cache")
     return M3TrainDataset(
         d.train_data, local_cache=local, tokenizer=tokenizer, train_group_size=d.train_group_size,
@@ -119,7 +119,9 @@ def build_dataset(cfg: TrainConfig, tokenizer, chosen: ModelDefaults) -> M3Train
         max_tokens_per_device_batch=d.max_tokens_per_device_batch, query_max_len=d.query_max_len,
         passage_max_len=d.passage_max_len, small_threshold=d.small_threshold, drop_threshold=d.drop_threshold,
         tail=d.tail, seed=cfg.seed, query_instruction_for_retrieval=chosen.query_instruction_for_retrieval,
-        passage_instruction_for_retrieval=chosen.passage_instruction_for_retrieval, shuffle_ratio=d.shuffle_ratio)
+        passage_instruction_for_retrieval=chosen.passage_instruction_for_retrieval, shuffle_ratio=d.shuffle_ratio,
+        prefetch_steps=d.prefetch_steps, prefetch_workers=d.prefetch_workers, cache_limit=d.cache_limit,
+        plan=d.plan, plan_block_shards=d.plan_block_shards)
 
 
 # ------------------------------------------------------------------------------ optimisation

@@ -43,7 +43,7 @@ import numpy as np
 
 from m3composer.fsutil import publish_dir
 from m3composer.data.buckets import DEFAULT_EDGES, Bucket, bucket_for_length, parse_bucket
-from m3composer.data.index import INDEX_FILE, StreamEntry, TokenStats, is_remote, write_index
+from m3composer.data.index import INDEX_FILE, SHARD_HASH, StreamEntry, TokenStats, is_remote, write_index
 from m3composer.data.rows import (DEFAULT_MAX_LINE_BYTES, Row, RowError, ScoresConsistency,
                                   iter_lines, parse_line)
 
@@ -299,7 +299,7 @@ class _Converter:
                                           "file_name" if inp.bucket else "measured")
             self.writers[key] = MDSWriter(out=str(self.out_dir / inp.task / bucket.name), columns=COLUMNS,
                                           compression=self.compression, size_limit=self.shard_size_limit,
-                                          max_workers=1)
+                                          hashes=[SHARD_HASH], max_workers=1)
         stats = self.stats[key]
         if stats.is_parallel != inp.is_parallel:
             raise ValueError(f"{inp.source_name}: stream {stats.name} mixes parallel and non-parallel files")

@@ -22,7 +22,7 @@ from omegaconf import MISSING, OmegaConf
 
 from m3composer.algorithms.self_distill_warmup import SELF_DISTILL_MODES, parse_start
 from m3composer.data.negatives import REFRESH_HEADS, parse_rank_range
-from m3composer.data.plan import TAIL_RULES
+from m3composer.data.plan import PLAN_KINDS, TAIL_RULES
 from m3composer.distributed import CROSS_RANK_GRAD_SCALES
 from m3composer.model.heads import POOLING_METHODS, SPARSE_INITS
 
@@ -78,6 +78,13 @@ class DataConfig:
     passage_instruction_for_retrieval: Optional[str] = AUTO
     shuffle_ratio: float = 0.0
     num_workers: int = 0
+    download_retry: int = 2             # Streaming: attempts per shard/index download (each retried by botocore too)
+    download_timeout: float = 60.0      # Streaming: seconds one download may take
+    prefetch_steps: int = 4             # each reader downloads the shards of its next K steps (0 = off)
+    prefetch_workers: int = 4           # download threads per reader (process or DataLoader worker)
+    cache_limit: Optional[str] = None   # bytes or "20gb": the node's shard cache stays under it (LRU eviction)
+    plan: str = "rows"                  # rows (FlagEmbedding's) | shard_blocks: batches drawn within blocks of shards
+    plan_block_shards: int = 16         # shards per block of the shard_blocks plan
 
 
 @dataclass
@@ -122,6 +129,7 @@ class TrainerConfig:
     console_log_interval: str = "10ba"
     device_train_microbatch_size: Optional[int] = None   # null: the largest per-device batch (required)
     fsdp: bool = False                  # Composer FSDP (FULL_SHARD) instead of DDP
+    object_store_max_attempts: Optional[int] = None   # botocore total attempts per S3 request (AWS_MAX_ATTEMPTS); null: botocore's (3)
 
 
 @dataclass
@@ -229,6 +237,20 @@ def validate(cfg: TrainConfig) -> None:
     _check(d.tail in TAIL_RULES, "data.tail", f"must be {_choices(*TAIL_RULES)}, got {d.tail!r}")
     _check(0.0 <= d.shuffle_ratio <= 1.0, "data.shuffle_ratio", "must be in [0, 1]")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.download_retry >= 1, "data.download_retry", "must be >= 1 (attempts, the first included)")
+    _check(d.download_timeout > 0, "data.download_timeout", "must be > 0 seconds")
+    _check(t.object_store_max_attempts is None or t.object_store_max_attempts >= 1,
+           "trainer.object_store_max_attempts", "must be >= 1 or null")
+    _check(d.prefetch_steps >= 0, "data.prefetch_steps", "must be >= 0")
+    _check(d.prefetch_workers >= 1, "data.prefetch_workers", "must be >= 1")
+    _check(d.plan in PLAN_KINDS, "data.plan", f"must be {_choices(*PLAN_KINDS)}, got {d.plan!r}")
+    _check(d.plan_block_shards >= 1, "data.plan_block_shards", "must be >= 1")
+    if d.cache_limit is not None:
+        from streaming.base.util import bytes_to_int
+        try:
+            _check(bytes_to_int(d.cache_limit) > 0, "data.cache_limit", "must be positive")
+        except ValueError as err:
+            raise ConfigError(f"data.cache_limit: {err}") from err
     _check(l.temperature > 0 and math.isfinite(l.temperature), "loss.temperature", "must be a positive number")
     _check(not l.use_self_distill or l.unified_finetuning, "loss.use_self_distill",
            "needs loss.unified_finetuning=true (the ensemble is the self-distillation teacher)")

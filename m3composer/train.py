@@ -112,7 +112,7 @@ def build_model(cfg: TrainConfig, model_dir: Path, chosen: ModelDefaults) -> Com
 def build_dataset(cfg: TrainConfig, tokenizer, chosen: ModelDefaults) -> M3TrainDataset:
     d = cfg.data
     local = d.local_cache
-    if local is None and is_remote(d.train_data):
+    if local is None and (is_remote(d.train_data) or d.cache_limit is not None):   # eviction needs a cache apart
         local = os.path.join(cfg.run_dir, "data-cache")
     return M3TrainDataset(
         d.train_data, local_cache=local, tokenizer=tokenizer, train_group_size=d.train_group_size,
@@ -121,12 +121,25 @@ def build_dataset(cfg: TrainConfig, tokenizer, chosen: ModelDefaults) -> M3Train
         passage_max_len=d.passage_max_len, small_threshold=d.small_threshold, drop_threshold=d.drop_threshold,
         tail=d.tail, seed=cfg.seed, query_instruction_for_retrieval=chosen.query_instruction_for_retrieval,
         passage_instruction_for_retrieval=chosen.passage_instruction_for_retrieval, shuffle_ratio=d.shuffle_ratio,
+        download_retry=d.download_retry, download_timeout=d.download_timeout,
+        prefetch_steps=d.prefetch_steps, prefetch_workers=d.prefetch_workers, cache_limit=d.cache_limit,
+        plan=d.plan, plan_block_shards=d.plan_block_shards,
         negatives_dir=negatives_dir(cfg))
 
 
 def negatives_dir(cfg: TrainConfig) -> Optional[str]:
     """Where NegativeRefresh writes its versions (None when it is off)."""
     return os.path.join(cfg.run_dir, "negatives") if cfg.callbacks.negative_refresh is not None else None
+
+
+def apply_object_store_settings(cfg: TrainConfig) -> None:
+    """botocore's retry count for every S3 client of this run (shard downloads, checkpoint uploads
+    and downloads). Streaming and Composer build their clients themselves, with botocore's
+    `adaptive` retry mode but no attempt count, so botocore takes it from AWS_MAX_ATTEMPTS; the
+    environment reaches the clients created later in this process and in its workers."""
+    attempts = cfg.trainer.object_store_max_attempts
+    if attempts is not None:
+        os.environ["AWS_MAX_ATTEMPTS"] = str(attempts)
 
 
 # ------------------------------------------------------------------------------ optimisation
@@ -300,6 +313,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     if precision != "fp32" and not on_gpu:
         raise ConfigError(f"trainer.precision: {precision} needs a GPU; CPU runs are fp32")
 
+    apply_object_store_settings(cfg)
     model_dir = resolve_model_path(cfg.model.name_or_path)
     chosen = model_aware_defaults(cfg, model_dir)
     if dist.get_global_rank() == 0:

@@ -107,9 +107,162 @@ def dataloader_run(out_dir: str, tokenizer_dir: str, steps: int, cache: str | No
     return per_batch, queries
 
 
+# ---- prefetch and the bounded cache (issue 19) --------------------------------------------------
+def synthetic_jsonl(out: Path, rows: int, seed: int = 0) -> Path:
+    """`rows` FlagEmbedding rows of short random sentences (from the words of Python's docs topics)."""
+    import random
+
+    rng = random.Random(seed)
+    words = [w for w in Path(os.__file__).read_text().split() if w.isalpha()][:3000]
+
+    def text(n):
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "synthetic_len-0-500.jsonl"
+    with open(path, "w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"query": text(8), "pos": [text(24)], "neg": [text(24) for _ in range(3)]}) + "\n")
+    return out
+
+
+def cache_watcher(cache: Path, stop, peak: list):
+    """Sample the bytes on disk under `cache` every 20 ms; peak[0] keeps the largest."""
+    while not stop.is_set():
+        total = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) if cache.exists() else 0
+        peak[0] = max(peak[0], total)
+        stop.wait(0.02)
+
+
+def train_steps(ds, model_dir: str, steps: int):
+    """Train the tiny model on the dataset's batches: (seconds waiting for each batch, seconds of each step)."""
+    import torch
+
+    from m3composer.model.composer_model import ComposerM3
+    from m3composer.model.m3 import M3Model
+
+    torch.manual_seed(0)
+    model = ComposerM3(M3Model.from_pretrained(model_dir))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)     # as train.build_optimizer
+    waits, computes = [], []
+    it = iter(ds)
+    for _ in range(min(steps, len(ds))):
+        start = time.perf_counter()
+        batch = next(it)
+        got = time.perf_counter()
+        loss = model.loss(model(batch), batch)["total"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        computes.append(time.perf_counter() - got)
+        waits.append(got - start)
+    it.close()
+    return waits, computes
+
+
+def prefetch_bench(args) -> dict:
+    """Data-loader wait with and without prefetch, and peak cache with cache_limit = a tenth of the
+    data, on a synthetic dataset of >= 1,000 shards in moto behind a proxy adding `--latency-ms`."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from m3composer.assets.build import ensure_assets
+    from m3composer.data.convert import convert
+    from m3composer.data.dataset import M3TrainDataset
+    from m3composer.testing.s3 import FaultProxy, MotoS3
+
+    model_dir = str(ensure_assets(log=lambda *a: None)["tiny-xlmr"])
+    tok = AutoTokenizer.from_pretrained(model_dir, use_fast=True, local_files_only=True)
+    work = Path(tempfile.mkdtemp(prefix="m3c-bench-prefetch-"))
+    result = {}
+    try:
+        out = work / "mds"
+        convert([str(synthetic_jsonl(work / "jsonl", args.rows))], out, tok, shard_size_limit=args.shard_bytes,
+                progress=False)
+        shard_files = [p for p in out.rglob("shard.*") if not p.name.endswith(".mds")]
+        data_bytes = sum(p.stat().st_size for p in shard_files)
+        with MotoS3() as s3:
+            for p in out.rglob("*"):
+                if p.is_file() and not p.name.endswith(".mds"):
+                    s3.client.upload_file(str(p), s3.bucket, f"bench/{p.relative_to(out)}")
+            with FaultProxy(s3.url, delay_s=args.latency_ms / 1000, max_in_flight=64) as proxy:
+                os.environ.update(s3.env(proxy.url))
+                remote = f"s3://{s3.bucket}/bench"
+                common = dict(train_group_size=4, default_batch_size=args.batch, query_max_len=32,
+                              passage_max_len=64, world_size=1, rank=0)
+                probe = M3TrainDataset(remote, local_cache=str(work / "probe"), prefetch_steps=0, **common)
+                result.update(shards=probe._sd.num_shards, rows=args.rows, shard_zip_bytes=data_bytes,
+                              shard_bytes_zip_plus_raw=int(probe._shard_bytes.sum()), steps_per_epoch=len(probe),
+                              latency_ms=args.latency_ms, batch=args.batch)
+                runs = {}
+                for name, kw in (("no prefetch", dict(prefetch_steps=0)),
+                                 (f"prefetch {args.prefetch_steps} steps x {args.prefetch_workers} threads",
+                                  dict(prefetch_steps=args.prefetch_steps, prefetch_workers=args.prefetch_workers))):
+                    ds = M3TrainDataset(remote, local_cache=str(work / f"cache-{len(runs)}"), **common, **kw)
+                    requests = proxy.requests
+                    waits, computes = train_steps(ds, model_dir, args.train_steps)
+                    wait, compute = sum(waits[2:]), sum(computes[2:])       # first two: model warm-up
+                    runs[name] = {"steps": len(waits) - 2, "wait_ms_mean": 1000 * wait / (len(waits) - 2),
+                                  "step_ms_mean": 1000 * compute / (len(waits) - 2),
+                                  "wait_share": wait / (wait + compute), "requests": proxy.requests - requests}
+                result["dataloader_wait"] = runs
+
+                # a tenth of the shards (zip + raw, Streaming's measure), plus the stream indexes it always keeps
+                limit = int(probe._shard_bytes.sum()) // 10 + sum(s.get_index_size() for s in probe._sd.streams)
+                caches = {}
+                for plan in ("rows", "shard_blocks"):
+                    cache = work / f"bounded-{plan}"
+                    ds = M3TrainDataset(remote, local_cache=str(cache), cache_limit=limit, plan=plan,
+                                        plan_block_shards=args.block_shards, prefetch_steps=args.prefetch_steps,
+                                        prefetch_workers=args.prefetch_workers, **common)
+                    stop, peak = threading.Event(), [0]
+                    watcher = threading.Thread(target=cache_watcher, args=(cache, stop, peak), daemon=True)
+                    requests, start = proxy.requests, time.perf_counter()
+                    watcher.start()
+                    steps = 0
+                    for _ in ds:
+                        steps += 1
+                    seconds = time.perf_counter() - start
+                    stop.set()
+                    watcher.join()
+                    caches[plan] = {"cache_limit": limit, "peak_disk_bytes": peak[0], "under_limit": peak[0] <= limit,
+                                    "steps": steps, "shard_requests": proxy.requests - requests,
+                                    "loader_only_s": seconds}
+                result["bounded_cache"] = caches
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def print_prefetch(r: dict) -> None:
+    print(f"{r['shards']} shards, {r['rows']} rows, {r['shard_zip_bytes']:,} bytes of zstd shards, "
+          f"{r['latency_ms']} ms added per request, batch {r['batch']}")
+    print("| run | steps | loader wait ms / step | train step ms | wait share | store requests |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, x in r["dataloader_wait"].items():
+        print(f"| {name} | {x['steps']} | {x['wait_ms_mean']:.1f} | {x['step_ms_mean']:.1f} | "
+              f"{100 * x['wait_share']:.2f} % | {x['requests']} |")
+    print("| plan | cache_limit bytes | peak on disk | under the limit | steps | store requests | loader-only s |")
+    print("|---|---:|---:|---|---:|---:|---:|")
+    for plan, x in r["bounded_cache"].items():
+        print(f"| {plan} | {x['cache_limit']:,} | {x['peak_disk_bytes']:,} | {x['under_limit']} | {x['steps']} | "
+              f"{x['shard_requests']} | {x['loader_only_s']:.1f} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", nargs="+", required=True, help="JSONL file(s) or directories (e.g. SAMPLE/train)")
+    ap.add_argument("--data", nargs="+", help="JSONL file(s) or directories (e.g. SAMPLE/train)")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="run only the prefetch / bounded-cache benchmark (synthetic data on moto behind a proxy)")
+    ap.add_argument("--rows", type=int, default=8000, help="--prefetch: synthetic rows")
+    ap.add_argument("--shard-bytes", type=int, default=1 << 12, help="--prefetch: MDS shard size limit")
+    ap.add_argument("--latency-ms", type=float, default=50.0, help="--prefetch: latency added to every request")
+    ap.add_argument("--batch", type=int, default=8, help="--prefetch: per-device batch")
+    ap.add_argument("--train-steps", type=int, default=60, help="--prefetch: tiny-model steps per run")
+    ap.add_argument("--prefetch-steps", type=int, default=4)
+    ap.add_argument("--prefetch-workers", type=int, default=8)
+    ap.add_argument("--block-shards", type=int, default=16)
     ap.add_argument("--tokenizer", default=None, help="local model folder (default: the e5-small asset)")
     ap.add_argument("--batch-rows", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
@@ -119,6 +272,13 @@ def main(argv=None) -> int:
                     help="convert K copies of the input (separate files, so no extra dedup) to amortise "
                          "the per-run fixed costs (tokenizer facts, writers, index)")
     args = ap.parse_args(argv)
+    if args.prefetch:
+        result = prefetch_bench(args)
+        print_prefetch(result)
+        print(json.dumps(result, indent=2))
+        return 0
+    if not args.data:
+        ap.error("--data is required (or --prefetch)")
 
     from transformers import AutoTokenizer
 

@@ -55,7 +55,7 @@ import numpy as np
 
 from m3composer.fsutil import atomic_file, publish_dir, write_json_atomic
 from m3composer.data.buckets import DEFAULT_EDGES, Bucket, bucket_for_length, parse_bucket
-from m3composer.data.index import INDEX_FILE, StreamEntry, TokenStats, is_remote, write_index
+from m3composer.data.index import INDEX_FILE, SHARD_HASH, StreamEntry, TokenStats, is_remote, write_index
 from m3composer.data.rows import DEFAULT_MAX_LINE_BYTES, Row, RowError, iter_lines, parse_line
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,10 @@ class ConvertError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- inputs
+
+class UploadError(RuntimeError):
+    """An object of an `s3://…` conversion could not be uploaded; the message names it."""
+
 
 @dataclass(frozen=True)
 class InputFile:
@@ -402,7 +406,7 @@ class _Converter:
             folder = self.out_dir / stream_path(*key)
             self.writers[key] = MDSWriter(out=str(folder / self.part if self.part else folder), columns=COLUMNS,
                                           compression=self.compression, size_limit=self.shard_size_limit,
-                                          max_workers=1)
+                                          hashes=[SHARD_HASH], max_workers=1)
         stats = self.stats[key]
         if stats.is_parallel != inp.is_parallel:
             raise ValueError(f"{inp.source_name}: stream {stream_path(*key)} mixes parallel and non-parallel files")
@@ -730,9 +734,24 @@ def _upload(staged: Path, remote: str, replace: bool, threads: int = 4) -> None:
         uploader.s3.delete_object(Bucket=url.netloc, Key=url.path.lstrip("/"))
     files = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
     body = [f for f in files if f != INDEX_FILE]
+
+    def upload(name: str) -> None:
+        try:
+            uploader.upload_file(name)
+        except Exception as err:  # botocore (AWS_MAX_ATTEMPTS) and Streaming have given up
+            raise UploadError(f"{remote}/{name}: upload failed, so {INDEX_FILE} was not written and readers see "
+                              f"no dataset: {type(err).__name__}: {' '.join(str(err).split())}") from err
+
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(uploader.upload_file, body))  # list(): re-raise the first failure
-    uploader.upload_file(INDEX_FILE)
+        futures = [pool.submit(upload, name) for name in body]
+        try:
+            for future in futures:
+                future.result()       # re-raise the first failure
+        except BaseException:
+            for future in futures:    # a store that is down: do not wait out every file's retries
+                future.cancel()
+            raise
+    upload(INDEX_FILE)
 
 
 def convert(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.PathLike, tokenizer, *,

@@ -13,6 +13,10 @@ Epochs: call `set_epoch(e)` at every EPOCH_START (`callbacks.data_refresh.DataRe
 another world size (elastic resume: the epoch goes on with the rows its plan still had,
 `plan.plan_epoch(history=…)`; `len()` is then the length of that epoch). Use DataLoader workers
 without `persistent_workers`; with N workers, worker w serves steps w, w+N, … in plan order.
+
+Each reader (the process, or each DataLoader worker) downloads the shards of its next
+`prefetch_steps` steps in background threads (`prefetch.py`); `cache_limit` bounds the node's
+shard cache; `plan="shard_blocks"` draws batches within blocks of shards (plan.py).
 """
 from __future__ import annotations
 
@@ -24,16 +28,23 @@ import numpy as np
 import torch.distributed
 from composer.utils import dist
 from streaming import Stream, StreamingDataset
+from streaming.base.util import bytes_to_int
 from torch.utils.data import IterableDataset, get_worker_info
 
 from m3composer.data import buckets
 from m3composer.data.collate import TokenSpec, collate_examples, draw_example, row_passages, token_spec_from_tokenizer
-from m3composer.data.index import INDEX_FILE, StreamEntry, is_remote, read_streams
+from m3composer.data.index import INDEX_FILE, SHARD_HASH, StreamEntry, is_remote, read_streams
 from m3composer.data.negatives import MinedNegatives
-from m3composer.data.plan import (ROW_STREAM, TAIL_RULES, EpochPlan, Group, group_streams, plan_epoch,
-                                  steps_per_epoch)
+from m3composer.data.plan import (PLAN_KINDS, ROW_STREAM, TAIL_RULES, EpochPlan, Group, group_streams, plan_epoch,
+                                  plan_epoch_shard_blocks, steps_per_epoch)
+from m3composer.data.prefetch import ShardPrefetcher
 
 log = logging.getLogger(__name__)
+
+
+class DataReadError(RuntimeError):
+    """The training data cannot be read: a failing store or a corrupt shard. The message names the
+    dataset and the stream (and, mid-epoch, the shard, epoch and step); the library error is its cause."""
 
 
 class M3TrainDataset(IterableDataset):
@@ -58,6 +69,12 @@ class M3TrainDataset(IterableDataset):
         shuffle_ratio: probability of `shuffle_text` on a positive.
         world_size, rank: default from the launcher's environment.
         negatives_dir: where `NegativeRefresh` writes its versions (`run_dir/negatives`); None = off.
+        prefetch_steps, prefetch_workers: each reader downloads the shards of its next
+            `prefetch_steps` steps with `prefetch_workers` threads (0 steps = off).
+        cache_limit: Streaming's `cache_limit` (bytes or "10gb"): the node's shard cache stays
+            under it, evicting least-recently-used shards; needs a `local_cache`.
+        plan, plan_block_shards: `plan.PLAN_KINDS`; "shard_blocks" draws each group's batches
+            within blocks of `plan_block_shards` shards.
     """
 
     def __init__(self, train_data: str, *, local_cache: str | None = None, tokenizer: Any = None,
@@ -68,8 +85,13 @@ class M3TrainDataset(IterableDataset):
                  tail: str = "keep_if_ge_2W", seed: int = 42, query_instruction_for_retrieval: str | None = None,
                  passage_instruction_for_retrieval: str | None = None, shuffle_ratio: float = 0.0,
                  pad_to_multiple_of: int | None = None, world_size: int | None = None, rank: int | None = None,
-                 download_retry: int = 2, download_timeout: float = 60, negatives_dir: str | None = None):
+                 download_retry: int = 2, download_timeout: float = 60, prefetch_steps: int = 4,
+                 prefetch_workers: int = 4, cache_limit: int | str | None = None, plan: str = "rows",
+                 plan_block_shards: int = 16, negatives_dir: str | None = None):
         _check_arguments(tail=tail, train_group_size=train_group_size, seed=seed, shuffle_ratio=shuffle_ratio)
+        _check_reading(prefetch_steps=prefetch_steps, prefetch_workers=prefetch_workers, plan=plan,
+                       plan_block_shards=plan_block_shards, cache_limit=cache_limit, local_cache=local_cache,
+                       train_data=train_data)
         self.train_data = train_data
         self.token_spec = _token_spec(tokenizer, token_spec, query_instruction_for_retrieval,
                                       passage_instruction_for_retrieval)
@@ -81,6 +103,11 @@ class M3TrainDataset(IterableDataset):
         self.shuffle_ratio = shuffle_ratio
         self.pad_to_multiple_of = pad_to_multiple_of
         self.world_size, self.rank = _rank_and_world_size(world_size, rank)
+        # ranks of this node share one shard cache (Streaming's shared memory per node)
+        self.local_world_size = dist.get_local_world_size() if world_size is None else 1
+        self.prefetch_steps, self.prefetch_workers = prefetch_steps, prefetch_workers
+        self.cache_limit = None if cache_limit is None else bytes_to_int(cache_limit)
+        self.plan_kind, self.plan_block_shards = plan, plan_block_shards
 
         where = f"{train_data}/{INDEX_FILE}"
         if batch_size_table is not None:     # YAML may give the group-size keys as strings
@@ -96,8 +123,18 @@ class M3TrainDataset(IterableDataset):
         # group-local row index -> global sample index of the StreamingDataset (streams concatenated)
         self._stream_offset = np.cumsum([0] + [s.rows for s in self.streams])[:-1]
         self._group_row_starts = [np.cumsum([0] + [self.streams[i].rows for i in g.streams]) for g in self.groups]
-        self._sd = _open_streaming_dataset(train_data, local_cache, self.streams, where,
-                                           download_retry=download_retry, download_timeout=download_timeout)
+        try:
+            self._sd = _open_streaming_dataset(train_data, local_cache, self.streams, where,
+                                               download_retry=download_retry, download_timeout=download_timeout,
+                                               cache_limit=self.cache_limit)
+        except ValueError as err:
+            if self.cache_limit and "cache limit" in str(err).lower():
+                raise ValueError(f"{where}: data.cache_limit={cache_limit} is too low: {err}") from err
+            raise
+        self._shard_bytes = np.array([shard.get_max_size() for shard in self._sd.shards], dtype=np.int64)
+        if self.cache_limit:
+            self._sd.cache_limit = self._streaming_cache_limit(where)
+        self._verified_shards: set[int] = set()   # shards whose files this process has hashed
 
         self._steps = steps_per_epoch([g.rows for g in self.groups], [g.per_device_batch_size for g in self.groups],
                                       world_size=self.world_size, tail=tail)
@@ -153,11 +190,22 @@ class M3TrainDataset(IterableDataset):
         """The plan of `epoch`; for the current epoch after an elastic resume, the resumed plan."""
         history = tuple(self._history) if epoch == self.epoch else ()
         if self._plan is None or self._plan.epoch != epoch or self._plan_history != history:
-            self._plan = plan_epoch([g.rows for g in self.groups], [g.per_device_batch_size for g in self.groups],
-                                    seed=self.seed, epoch=epoch, world_size=self.world_size, tail=self.tail,
-                                    history=history)
+            rows, sizes = [g.rows for g in self.groups], [g.per_device_batch_size for g in self.groups]
+            if self.plan_kind == "shard_blocks":
+                plan = plan_epoch_shard_blocks(rows, sizes, self._group_shard_rows(), block_shards=self.plan_block_shards,
+                                               seed=self.seed, epoch=epoch, world_size=self.world_size, tail=self.tail)
+            else:
+                plan = plan_epoch(rows, sizes, seed=self.seed, epoch=epoch, world_size=self.world_size, tail=self.tail,
+                                  history=history)
+            if self.cache_limit:
+                self._check_steps_fit_cache(plan)
+            self._plan = plan
             self._plan_history = history
         return self._plan
+
+    @property
+    def _plan_id(self) -> str:
+        return "rows" if self.plan_kind == "rows" else f"{self.plan_kind}/{self.plan_block_shards}"
 
     def left_out(self, epoch: int) -> dict[str, int]:
         """Rows per group that sit out `epoch` (tail rule)."""
@@ -190,14 +238,90 @@ class M3TrainDataset(IterableDataset):
         stream = g.streams[member]
         return stream, int(self._stream_offset[stream] + row - self._group_row_starts[group][member])
 
+    def _streaming_cache_limit(self, where: str) -> int:
+        """The limit Streaming evicts against: `cache_limit` less one largest shard per other download
+        that can be in flight on the node (Streaming counts a shard only once it is downloaded, so
+        each concurrent download sees the same free space). Then the disk stays under `cache_limit`."""
+        threads = self.local_world_size * (1 + (self.prefetch_workers if self.prefetch_steps else 0))
+        biggest = int(self._shard_bytes.max())
+        limit = self.cache_limit - (threads - 1) * biggest
+        if limit < 4 * biggest:     # Streaming's own minimum, for the limit it is given
+            raise ValueError(f"{where}: data.cache_limit={self.cache_limit} is too low: {threads} download threads "
+                             f"on this node and shards of up to {biggest} bytes (zip + raw) need at least "
+                             f"{(threads + 3) * biggest} bytes")
+        return limit
+
+    # ---- shards: the plan's rows -> Streaming's shards (prefetch, the cache bound, the shard-aware plan)
+    def _group_shard_rows(self) -> list[np.ndarray]:
+        """Rows of each shard of each group, in the group's row order (its streams concatenated)."""
+        sd = self._sd
+        return [np.concatenate([sd.samples_per_shard[sd.shard_offset_per_stream[i]:
+                                                     sd.shard_offset_per_stream[i] + sd.shards_per_stream[i]]
+                                for i in g.streams]) for g in self.groups]
+
+    def _shards_of_rows(self, group: int, rows: np.ndarray) -> np.ndarray:
+        """The distinct shard ids behind group-local `rows` (the vector form of `_sample_index`)."""
+        starts = self._group_row_starts[group]
+        member = np.searchsorted(starts, rows, side="right") - 1
+        stream = np.asarray(self.groups[group].streams)[member]
+        samples = self._stream_offset[stream] + rows - starts[member]
+        return np.unique(np.searchsorted(self._sd.sample_offset_per_shard, samples, side="right") - 1)
+
+    def _node_rows(self, step) -> np.ndarray:
+        """Rows of a step that this node's ranks read (they share the node's shard cache)."""
+        first = self.rank - self.rank % self.local_world_size
+        return step.rows[first * step.per_rank:(first + self.local_world_size) * step.per_rank]
+
+    def _check_steps_fit_cache(self, plan: EpochPlan) -> None:
+        room = self._sd.cache_limit - sum(stream.get_index_size() for stream in self._sd.streams)
+        for i, step in enumerate(plan.steps):
+            shards = self._shards_of_rows(step.group, self._node_rows(step))
+            need = int(self._shard_bytes[shards].sum())
+            if need > room:
+                raise ValueError(
+                    f"{self.train_data}: data.cache_limit={self.cache_limit} bytes cannot hold one step: epoch "
+                    f"{plan.epoch} step {i} (group {self.groups[step.group].name}) reads {len(shards)} shards of "
+                    f"{need} bytes (zip + raw) on this node, {room} bytes fit beside the stream indexes; raise "
+                    "cache_limit, write smaller shards, or use data.plan=shard_blocks")
+
+    def _prefetcher(self, epoch: int, steps: range, num_workers: int) -> ShardPrefetcher | None:
+        if self.prefetch_steps == 0 or not len(steps) or self._sd.streams[0].remote is None:
+            return None         # read in place: nothing to download (shards are decompressed where they lie)
+        plan = self.plan(epoch)
+        mine = [self._shards_of_rows(plan.steps[s].group, plan.steps[s].rank_rows(self.rank)) for s in steps]
+        budget, release = None, None
+        if self.cache_limit:
+            room = self._sd.cache_limit - sum(stream.get_index_size() for stream in self._sd.streams)
+            budget = room // (self.local_world_size * max(1, num_workers))  # every reader of the node has a window
+            last_use = np.full(len(self._shard_bytes), -1, dtype=np.int64)
+            for i, step in enumerate(plan.steps):
+                last_use[self._shards_of_rows(step.group, self._node_rows(step))] = i
+            position = {s: p for p, s in enumerate(steps)}
+            release = {}
+            for shard, s in enumerate(last_use):
+                if int(s) in position:
+                    release.setdefault(position[int(s)], []).append(shard)
+        return ShardPrefetcher(self._sd, mine, lookahead=self.prefetch_steps, workers=self.prefetch_workers,
+                               budget_bytes=budget,
+                               release_after={p: np.asarray(v) for p, v in (release or {}).items()})
+
     def _read(self, group: int, row: int, epoch: int, step: int) -> dict:
         stream, sample = self._sample_index(group, row)
+        shard = int(self._sd.spanner[sample][0])
         try:
-            return self._sd[sample]
+            record = self._sd[sample]
+            if shard not in self._verified_shards:
+                try:
+                    _verify_shard(self._sd, shard)
+                    self._verified_shards.add(shard)
+                except FileNotFoundError:   # evicted since the read (data.cache_limit): checked at its next read
+                    pass
+            return record
         except Exception as err:  # a missing/corrupt shard or a store that keeps failing: fail the epoch loudly
-            raise RuntimeError(f"stream {self.streams[stream].name}: cannot read row {row} of group "
-                               f"{self.groups[group].name} (sample {sample}) for epoch {epoch} step {step}: "
-                               f"{type(err).__name__}: {err}") from err
+            raise DataReadError(f"{self.train_data}: stream {self.streams[stream].name}: cannot read row {row} of "
+                                f"group {self.groups[group].name} (sample {sample}, shard "
+                                f"{_shard_name(self._sd, shard)}) for epoch {epoch} step {step}: "
+                                f"{type(err).__name__}: {_one_line(err)}") from err
 
     def stream_rows(self, stream: int) -> Iterator[dict]:
         """Every MDS row of `self.streams[stream]` in order (the pool NegativeRefresh mines from)."""
@@ -248,8 +372,18 @@ class M3TrainDataset(IterableDataset):
         worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
         # Rows are read by index, so a step either yields its planned rows or raises (a missing shard,
         # a store that keeps failing): an epoch cannot end short without an error.
-        for step in range(start + worker_id, len(self), num_workers):
-            yield self.batch(epoch, step)
+        steps = range(start + worker_id, len(self), num_workers)
+        prefetcher = self._prefetcher(epoch, steps, num_workers)
+        if prefetcher is None:
+            for step in steps:
+                yield self.batch(epoch, step)
+            return
+        with prefetcher:      # closed at the end, on an error, and when the loader drops the iterator
+            for position, step in enumerate(steps):
+                prefetcher.before_step(position)
+                batch = self.batch(epoch, step)
+                prefetcher.after_step(position)
+                yield batch
 
     # ---- Composer checkpoint hooks (state.py: dataset.state_dict(sample_in_epoch, True)) -------------
     def state_dict(self, num_samples: int, from_beginning: bool = True) -> dict:
@@ -268,7 +402,7 @@ class M3TrainDataset(IterableDataset):
                              "get_num_samples_in_batch counting queries (collate.num_samples_in_batch)?")
         return {"epoch": self.epoch, "step": step, "seed": self.seed, "world_size": self.world_size,
                 "steps_per_epoch": self._steps, "history": [list(h) for h in self._history],
-                "negatives": self.mined_negatives.state_dict()}
+                "negatives": self.mined_negatives.state_dict(), "plan": self._plan_id}
 
     def load_state_dict(self, obj: dict) -> None:
         """Resume at (epoch, step). At the checkpoint's world size the plan is the one it was taken with;
@@ -284,9 +418,15 @@ class M3TrainDataset(IterableDataset):
             raise ValueError(f"cannot resume: checkpoint has steps_per_epoch={obj.get('steps_per_epoch')} at world "
                              f"size {saved_world}, this run's data and batch sizes give {expected} there "
                              "(different data, batch sizes or tail rule)")
+        if obj.get("plan", "rows") != self._plan_id:     # checkpoints before data.plan: rows
+            raise ValueError(f"cannot resume: checkpoint has plan={obj.get('plan', 'rows')}, this run {self._plan_id} "
+                             "(the epoch plan depends on it)")
         history = [(int(w), int(k)) for w, k in obj.get("history", [])]
         step = int(obj["step"])
         if saved_world != self.world_size:
+            if self.plan_kind != "rows":
+                raise ValueError(f"cannot resume a checkpoint of world size {saved_world} on {self.world_size} rank(s) "
+                                 f"with data.plan={self.plan_kind}: elastic resume re-chunks the rows plan only")
             history.append((saved_world, step))
             log.warning("elastic resume: epoch %d was at step %d on %d rank(s); it goes on with its remaining rows "
                         "on %d rank(s)", int(obj["epoch"]), step, saved_world, self.world_size)
@@ -305,6 +445,20 @@ def _check_arguments(*, tail: str, train_group_size: int, seed: int, shuffle_rat
         raise ValueError(f"seed must be >= 0, got {seed}")
     if not 0.0 <= shuffle_ratio <= 1.0:
         raise ValueError(f"shuffle_ratio must be in [0, 1], got {shuffle_ratio}")
+
+
+def _check_reading(*, prefetch_steps: int, prefetch_workers: int, plan: str, plan_block_shards: int,
+                   cache_limit, local_cache: str | None, train_data: str) -> None:
+    if prefetch_steps < 0 or prefetch_workers < 1:
+        raise ValueError(f"prefetch_steps must be >= 0 and prefetch_workers >= 1, got {prefetch_steps}, "
+                         f"{prefetch_workers}")
+    if plan not in PLAN_KINDS:
+        raise ValueError(f"plan must be one of {PLAN_KINDS}, got {plan!r}")
+    if plan_block_shards < 1:
+        raise ValueError(f"plan_block_shards must be >= 1, got {plan_block_shards}")
+    if cache_limit is not None and local_cache is None:
+        # read in place, Streaming's eviction would delete the dataset's own shards
+        raise ValueError(f"{train_data}: cache_limit needs a local_cache (a cache dir apart from the data)")
 
 
 def _token_spec(tokenizer, token_spec: TokenSpec | None, query_instruction: str | None,
@@ -349,16 +503,75 @@ def _streams_with_rows(train_data: str, local_cache: str | None, where: str) -> 
 
 
 def _open_streaming_dataset(train_data: str, local_cache: str | None, streams: list[StreamEntry], where: str, *,
-                            download_retry: int, download_timeout: float) -> StreamingDataset:
-    """One StreamingDataset over all streams, read by global index; its row counts must match the index."""
+                            download_retry: int, download_timeout: float,
+                            cache_limit: int | None = None) -> StreamingDataset:
+    """One StreamingDataset over all streams, read by global index; its row counts must match the index.
+
+    Shards written with `SHARD_HASH` are verified on first read: Streaming checks a compressed shard
+    when it decompresses it (`validate_hash`), `_verify_shard` the decompressed file once per process
+    (it may have sat in the cache since an earlier run). Streams written without hashes are read as before.
+    """
     root = train_data.rstrip("/")
     remote = is_remote(train_data) or local_cache
-    sd = StreamingDataset(
-        streams=[Stream(remote=f"{root}/{s.path}" if remote else None,
-                        local=os.path.join(local_cache, s.path) if local_cache else os.path.join(root, s.path))
-                 for s in streams],
-        batch_size=1, shuffle=False, download_retry=download_retry, download_timeout=download_timeout)
+    locals_ = [os.path.join(local_cache, s.path) if local_cache else os.path.join(root, s.path) for s in streams]
+    try:
+        sd = StreamingDataset(
+            streams=[Stream(remote=f"{root}/{s.path}" if remote else None, local=local)
+                     for s, local in zip(streams, locals_)],
+            batch_size=1, shuffle=False, download_retry=download_retry, download_timeout=download_timeout,
+            cache_limit=cache_limit)
+    except ValueError as err:
+        if cache_limit and "cache limit" in str(err).lower():
+            raise                   # a limit too low for the data: M3TrainDataset names data.cache_limit
+        raise DataReadError(f"{train_data}: cannot open its streams: {type(err).__name__}: {_one_line(err)}") from err
+    except Exception as err:  # Streaming reads every stream's MDS index.json here, in stream order
+        failed = next((s for s, local in zip(streams, locals_)
+                       if not os.path.exists(os.path.join(local, "index.json"))), None)
+        which = f"stream {failed.name} ({root}/{failed.path}/index.json)" if failed else "its streams"
+        raise DataReadError(f"{train_data}: cannot open {which} (download_retry={download_retry}, "
+                            f"download_timeout={download_timeout}s): {type(err).__name__}: {_one_line(err)}") from err
     for s, n in zip(streams, sd.samples_per_stream):
         if int(n) != s.rows:
             raise ValueError(f"{where}: stream {s.name} lists {s.rows} rows but its MDS index has {int(n)}")
+    unhashed = []
+    for stream_id, (entry, stream) in enumerate(zip(streams, sd.streams)):
+        pairs = [pair for shard, sid in zip(sd.shards, sd.stream_per_shard) if sid == stream_id
+                 for pair in shard.file_pairs]
+        if all(SHARD_HASH in info.hashes for pair in pairs for info in pair if info is not None):
+            stream.validate_hash = SHARD_HASH
+        else:
+            unhashed.append(entry.name)
+    if unhashed:
+        log.info("%s: streams %s were converted without shard hashes and are read unverified; convert again "
+                 "to verify them", where, unhashed)
     return sd
+
+
+def _shard_files(sd: StreamingDataset, shard_id: int) -> list[tuple[str, Any]]:
+    """(local path, FileInfo) of the decompressed files of one shard."""
+    stream = sd.streams[sd.stream_per_shard[shard_id]]
+    return [(os.path.join(stream.local, stream.split or "", raw.basename), raw)
+            for raw, _ in sd.shards[shard_id].file_pairs]
+
+
+def _shard_name(sd: StreamingDataset, shard_id: int) -> str:
+    raw, packed = sd.shards[shard_id].file_pairs[0]
+    return (packed or raw).basename
+
+
+def _verify_shard(sd: StreamingDataset, shard_id: int) -> None:
+    """Hash the decompressed files of a shard of a verified stream; a mismatch names the file."""
+    from streaming.base.hashing import get_hash
+
+    if not sd.streams[sd.stream_per_shard[shard_id]].validate_hash:
+        return
+    for path, info in _shard_files(sd, shard_id):
+        with open(path, "rb") as f:
+            digest = get_hash(SHARD_HASH, f.read())
+        if digest != info.hashes[SHARD_HASH]:
+            raise ValueError(f"{path}: corrupt shard ({SHARD_HASH} {digest}, its MDS index says "
+                             f"{info.hashes[SHARD_HASH]}); delete it from the cache to download it again")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())

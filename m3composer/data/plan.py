@@ -190,3 +190,54 @@ def plan_epoch(group_rows: Sequence[int], per_device_batch_sizes: Sequence[int],
         planned[step.group] += len(step.rows)
     return EpochPlan(epoch, world_size, steps, [n - p for n, p in zip(group_rows, planned)],
                      first_step_at_world_size=previous_done)
+
+
+# ---- the shard-aware plan (data.plan: shard_blocks) ------------------------------------------------
+PLAN_KINDS = ("rows", "shard_blocks")
+SHARD_BLOCK_STREAM = 4    # purpose tag of the shard-aware plan's generator (see PLAN_STREAM)
+
+
+def plan_epoch_shard_blocks(group_rows: Sequence[int], per_device_batch_sizes: Sequence[int],
+                            group_shard_rows: Sequence[Sequence[int]], *, block_shards: int, seed: int, epoch: int,
+                            world_size: int, tail: str = "keep_if_ge_2W") -> EpochPlan:
+    """The steps of `epoch` with batch membership drawn within blocks of shards (docs/recipe.md §Shard-aware plan).
+
+    `group_shard_rows[g]` are the rows of group g's shards in the group's row order (they sum to
+    `group_rows[g]`). Per group: the shards are shuffled, cut into blocks of `block_shards`, the
+    rows of each block shuffled, and the concatenation cut into global batches exactly as
+    `plan_epoch` does (same sizes, same tail rule, same step count). Each group's steps then keep
+    their block order and the groups are interleaved at random, so a window of steps touches at
+    most about two blocks per group. Like `plan_epoch`, a pure function of its arguments.
+    """
+    if len(group_rows) != len(per_device_batch_sizes) or len(group_rows) != len(group_shard_rows):
+        raise ValueError("group_rows, per_device_batch_sizes and group_shard_rows differ in length")
+    if block_shards < 1:
+        raise ValueError(f"block_shards must be >= 1, got {block_shards}")
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got {seed}, {epoch}")
+    rng = np.random.default_rng([seed, SHARD_BLOCK_STREAM, epoch])
+    per_group: list[list[Step]] = []
+    left_out: list[int] = []
+    for g, (rows, batch, shard_rows) in enumerate(zip(group_rows, per_device_batch_sizes, group_shard_rows)):
+        shard_rows = np.asarray(shard_rows, dtype=np.int64)
+        if int(shard_rows.sum()) != rows or (shard_rows < 0).any():
+            raise ValueError(f"group {g}: shard rows {shard_rows.tolist()} do not add up to its {rows} rows")
+        starts = np.concatenate([[0], np.cumsum(shard_rows)[:-1]])
+        shuffled = rng.permutation(len(shard_rows))
+        blocks = [shuffled[i:i + block_shards] for i in range(0, len(shuffled), block_shards)]
+        order = np.concatenate([rng.permutation(np.concatenate(
+            [np.arange(starts[s], starts[s] + shard_rows[s]) for s in block])) for block in blocks] or [[]])
+        order = order.astype(np.int64)
+        steps, start = [], 0
+        for size in _chunk_sizes(rows, batch, world_size, tail):
+            steps.append(Step(g, order[start:start + size], size // world_size))
+            start += size
+        per_group.append(steps)
+        left_out.append(rows - start)
+    labels = rng.permutation(np.repeat(np.arange(len(per_group)), [len(s) for s in per_group]))
+    taken = [0] * len(per_group)
+    steps = []
+    for g in labels:
+        steps.append(per_group[g][taken[g]])
+        taken[g] += 1
+    return EpochPlan(epoch, world_size, steps, left_out)

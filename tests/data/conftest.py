@@ -13,7 +13,6 @@ import gzip
 import json
 import os
 import random
-import socket
 from pathlib import Path
 
 import pytest
@@ -97,34 +96,21 @@ def converted_dir(tmp_path_factory, converted_source, word_tokenizer_dir) -> Pat
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
-    """A moto S3 server on 127.0.0.1 with bucket `m3test`; S3_ENDPOINT_URL and fake AWS creds set."""
-    import boto3
-    from moto.server import ThreadedMotoServer
+    """A moto S3 server on 127.0.0.1 with bucket `m3test` (m3composer.testing.s3.MotoS3);
+    S3_ENDPOINT_URL and fake AWS creds set. `{"endpoint", "bucket", "client", "moto"}`."""
+    from m3composer.testing.s3 import MotoS3
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket=S3_BUCKET)
-    try:
-        yield {"endpoint": endpoint, "bucket": S3_BUCKET, "client": client}
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with MotoS3(S3_BUCKET) as moto:
+        env = moto.env()
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield {"endpoint": moto.url, "bucket": moto.bucket, "client": moto.client, "moto": moto}
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

@@ -77,6 +77,8 @@ class DataConfig:
     passage_instruction_for_retrieval: Optional[str] = AUTO
     shuffle_ratio: float = 0.0
     num_workers: int = 0
+    download_retry: int = 2             # Streaming: attempts per shard/index download (each retried by botocore too)
+    download_timeout: float = 60.0      # Streaming: seconds one download may take
 
 
 @dataclass
@@ -121,6 +123,7 @@ class TrainerConfig:
     console_log_interval: str = "10ba"
     device_train_microbatch_size: Optional[int] = None   # null: the largest per-device batch (required)
     fsdp: bool = False                  # Composer FSDP (FULL_SHARD) instead of DDP
+    object_store_max_attempts: Optional[int] = None   # botocore total attempts per S3 request (AWS_MAX_ATTEMPTS); null: botocore's (3)
 
 
 @dataclass
@@ -215,6 +218,10 @@ def validate(cfg: TrainConfig) -> None:
     _check(d.tail in TAIL_RULES, "data.tail", f"must be {_choices(*TAIL_RULES)}, got {d.tail!r}")
     _check(0.0 <= d.shuffle_ratio <= 1.0, "data.shuffle_ratio", "must be in [0, 1]")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.download_retry >= 1, "data.download_retry", "must be >= 1 (attempts, the first included)")
+    _check(d.download_timeout > 0, "data.download_timeout", "must be > 0 seconds")
+    _check(t.object_store_max_attempts is None or t.object_store_max_attempts >= 1,
+           "trainer.object_store_max_attempts", "must be >= 1 or null")
     _check(l.temperature > 0 and math.isfinite(l.temperature), "loss.temperature", "must be a positive number")
     _check(not l.use_self_distill or l.unified_finetuning, "loss.use_self_distill",
            "needs loss.unified_finetuning=true (the ensemble is the self-distillation teacher)")

@@ -120,7 +120,18 @@ def build_dataset(cfg: TrainConfig, tokenizer, chosen: ModelDefaults) -> M3Train
         max_tokens_per_device_batch=d.max_tokens_per_device_batch, query_max_len=d.query_max_len,
         passage_max_len=d.passage_max_len, small_threshold=d.small_threshold, drop_threshold=d.drop_threshold,
         tail=d.tail, seed=cfg.seed, query_instruction_for_retrieval=chosen.query_instruction_for_retrieval,
-        passage_instruction_for_retrieval=chosen.passage_instruction_for_retrieval, shuffle_ratio=d.shuffle_ratio)
+        passage_instruction_for_retrieval=chosen.passage_instruction_for_retrieval, shuffle_ratio=d.shuffle_ratio,
+        download_retry=d.download_retry, download_timeout=d.download_timeout)
+
+
+def apply_object_store_settings(cfg: TrainConfig) -> None:
+    """botocore's retry count for every S3 client of this run (shard downloads, checkpoint uploads
+    and downloads). Streaming and Composer build their clients themselves, with botocore's
+    `adaptive` retry mode but no attempt count, so botocore takes it from AWS_MAX_ATTEMPTS; the
+    environment reaches the clients created later in this process and in its workers."""
+    attempts = cfg.trainer.object_store_max_attempts
+    if attempts is not None:
+        os.environ["AWS_MAX_ATTEMPTS"] = str(attempts)
 
 
 # ------------------------------------------------------------------------------ optimisation
@@ -285,6 +296,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     if precision != "fp32" and not on_gpu:
         raise ConfigError(f"trainer.precision: {precision} needs a GPU; CPU runs are fp32")
 
+    apply_object_store_settings(cfg)
     model_dir = resolve_model_path(cfg.model.name_or_path)
     chosen = model_aware_defaults(cfg, model_dir)
     if dist.get_global_rank() == 0:

@@ -55,7 +55,7 @@ import numpy as np
 
 from m3composer.fsutil import atomic_file, publish_dir, write_json_atomic
 from m3composer.data.buckets import DEFAULT_EDGES, Bucket, bucket_for_length, parse_bucket
-from m3composer.data.index import INDEX_FILE, StreamEntry, TokenStats, is_remote, write_index
+from m3composer.data.index import INDEX_FILE, SHARD_HASH, StreamEntry, TokenStats, is_remote, write_index
 from m3composer.data.rows import DEFAULT_MAX_LINE_BYTES, Row, RowError, iter_lines, parse_line
 
 log = logging.getLogger(__name__)
@@ -402,7 +402,7 @@ class _Converter:
             folder = self.out_dir / stream_path(*key)
             self.writers[key] = MDSWriter(out=str(folder / self.part if self.part else folder), columns=COLUMNS,
                                           compression=self.compression, size_limit=self.shard_size_limit,
-                                          max_workers=1)
+                                          hashes=[SHARD_HASH], max_workers=1)
         stats = self.stats[key]
         if stats.is_parallel != inp.is_parallel:
             raise ValueError(f"{inp.source_name}: stream {stream_path(*key)} mixes parallel and non-parallel files")

@@ -28,11 +28,16 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from m3composer.data import buckets
 from m3composer.data.collate import TokenSpec, collate_examples, draw_example, row_passages, token_spec_from_tokenizer
-from m3composer.data.index import INDEX_FILE, StreamEntry, is_remote, read_streams
+from m3composer.data.index import INDEX_FILE, SHARD_HASH, StreamEntry, is_remote, read_streams
 from m3composer.data.plan import (ROW_STREAM, TAIL_RULES, EpochPlan, Group, group_streams, plan_epoch,
                                   steps_per_epoch)
 
 log = logging.getLogger(__name__)
+
+
+class DataReadError(RuntimeError):
+    """The training data cannot be read: a failing store or a corrupt shard. The message names the
+    dataset and the stream (and, mid-epoch, the shard, epoch and step); the library error is its cause."""
 
 
 class M3TrainDataset(IterableDataset):
@@ -96,6 +101,7 @@ class M3TrainDataset(IterableDataset):
         self._group_row_starts = [np.cumsum([0] + [self.streams[i].rows for i in g.streams]) for g in self.groups]
         self._sd = _open_streaming_dataset(train_data, local_cache, self.streams, where,
                                            download_retry=download_retry, download_timeout=download_timeout)
+        self._verified_shards: set[int] = set()   # shards whose files this process has hashed
 
         self._steps = steps_per_epoch([g.rows for g in self.groups], [g.per_device_batch_size for g in self.groups],
                                       world_size=self.world_size, tail=tail)
@@ -189,12 +195,18 @@ class M3TrainDataset(IterableDataset):
 
     def _read(self, group: int, row: int, epoch: int, step: int) -> dict:
         stream, sample = self._sample_index(group, row)
+        shard = int(self._sd.spanner[sample][0])
         try:
-            return self._sd[sample]
+            record = self._sd[sample]
+            if shard not in self._verified_shards:
+                _verify_shard(self._sd, shard)
+                self._verified_shards.add(shard)
+            return record
         except Exception as err:  # a missing/corrupt shard or a store that keeps failing: fail the epoch loudly
-            raise RuntimeError(f"stream {self.streams[stream].name}: cannot read row {row} of group "
-                               f"{self.groups[group].name} (sample {sample}) for epoch {epoch} step {step}: "
-                               f"{type(err).__name__}: {err}") from err
+            raise DataReadError(f"{self.train_data}: stream {self.streams[stream].name}: cannot read row {row} of "
+                                f"group {self.groups[group].name} (sample {sample}, shard "
+                                f"{_shard_name(self._sd, shard)}) for epoch {epoch} step {step}: "
+                                f"{type(err).__name__}: {_one_line(err)}") from err
 
     def _borrow(self, group: int, own_row: int, epoch: int, step: int):
         rows = self.groups[group].rows
@@ -338,15 +350,68 @@ def _streams_with_rows(train_data: str, local_cache: str | None, where: str) -> 
 
 def _open_streaming_dataset(train_data: str, local_cache: str | None, streams: list[StreamEntry], where: str, *,
                             download_retry: int, download_timeout: float) -> StreamingDataset:
-    """One StreamingDataset over all streams, read by global index; its row counts must match the index."""
+    """One StreamingDataset over all streams, read by global index; its row counts must match the index.
+
+    Shards written with `SHARD_HASH` are verified on first read: Streaming checks a compressed shard
+    when it decompresses it (`validate_hash`), `_verify_shard` the decompressed file once per process
+    (it may have sat in the cache since an earlier run). Streams written without hashes are read as before.
+    """
     root = train_data.rstrip("/")
     remote = is_remote(train_data) or local_cache
-    sd = StreamingDataset(
-        streams=[Stream(remote=f"{root}/{s.path}" if remote else None,
-                        local=os.path.join(local_cache, s.path) if local_cache else os.path.join(root, s.path))
-                 for s in streams],
-        batch_size=1, shuffle=False, download_retry=download_retry, download_timeout=download_timeout)
+    locals_ = [os.path.join(local_cache, s.path) if local_cache else os.path.join(root, s.path) for s in streams]
+    try:
+        sd = StreamingDataset(
+            streams=[Stream(remote=f"{root}/{s.path}" if remote else None, local=local)
+                     for s, local in zip(streams, locals_)],
+            batch_size=1, shuffle=False, download_retry=download_retry, download_timeout=download_timeout)
+    except Exception as err:  # Streaming reads every stream's MDS index.json here, in stream order
+        failed = next((s for s, local in zip(streams, locals_)
+                       if not os.path.exists(os.path.join(local, "index.json"))), None)
+        which = f"stream {failed.name} ({root}/{failed.path}/index.json)" if failed else "its streams"
+        raise DataReadError(f"{train_data}: cannot open {which} (download_retry={download_retry}, "
+                            f"download_timeout={download_timeout}s): {type(err).__name__}: {_one_line(err)}") from err
     for s, n in zip(streams, sd.samples_per_stream):
         if int(n) != s.rows:
             raise ValueError(f"{where}: stream {s.name} lists {s.rows} rows but its MDS index has {int(n)}")
+    unhashed = []
+    for stream_id, (entry, stream) in enumerate(zip(streams, sd.streams)):
+        pairs = [pair for shard, sid in zip(sd.shards, sd.stream_per_shard) if sid == stream_id
+                 for pair in shard.file_pairs]
+        if all(SHARD_HASH in info.hashes for pair in pairs for info in pair if info is not None):
+            stream.validate_hash = SHARD_HASH
+        else:
+            unhashed.append(entry.name)
+    if unhashed:
+        log.info("%s: streams %s were converted without shard hashes and are read unverified; convert again "
+                 "to verify them", where, unhashed)
     return sd
+
+
+def _shard_files(sd: StreamingDataset, shard_id: int) -> list[tuple[str, Any]]:
+    """(local path, FileInfo) of the decompressed files of one shard."""
+    stream = sd.streams[sd.stream_per_shard[shard_id]]
+    return [(os.path.join(stream.local, stream.split or "", raw.basename), raw)
+            for raw, _ in sd.shards[shard_id].file_pairs]
+
+
+def _shard_name(sd: StreamingDataset, shard_id: int) -> str:
+    raw, packed = sd.shards[shard_id].file_pairs[0]
+    return (packed or raw).basename
+
+
+def _verify_shard(sd: StreamingDataset, shard_id: int) -> None:
+    """Hash the decompressed files of a shard of a verified stream; a mismatch names the file."""
+    from streaming.base.hashing import get_hash
+
+    if not sd.streams[sd.stream_per_shard[shard_id]].validate_hash:
+        return
+    for path, info in _shard_files(sd, shard_id):
+        with open(path, "rb") as f:
+            digest = get_hash(SHARD_HASH, f.read())
+        if digest != info.hashes[SHARD_HASH]:
+            raise ValueError(f"{path}: corrupt shard ({SHARD_HASH} {digest}, its MDS index says "
+                             f"{info.hashes[SHARD_HASH]}); delete it from the cache to download it again")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())

@@ -21,6 +21,10 @@ from m3composer.fsutil import write_json_atomic
 
 INDEX_FILE = "m3_index.json"
 INDEX_VERSION = 2
+# The hash `m3c convert` records for every shard file (raw and compressed) in each stream's MDS
+# index.json, and the dataset verifies on first read. Datasets converted before it have none and
+# are read unverified; the MDS index says which, so m3_index.json needs no new field.
+SHARD_HASH = "xxh64"
 # Version 1 (before 2026-12) named two stream fields differently; it is still read.
 V1_NAMES = {"has_scores": "has_teacher_scores", "parallel": "is_parallel"}
 

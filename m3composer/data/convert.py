@@ -100,6 +100,10 @@ class ConvertError(ValueError):
 
 # ----------------------------------------------------------------------------------------- inputs
 
+class UploadError(RuntimeError):
+    """An object of an `s3://…` conversion could not be uploaded; the message names it."""
+
+
 @dataclass(frozen=True)
 class InputFile:
     """One JSONL file: where it is, how it is named in `source`, and what it feeds."""
@@ -730,9 +734,24 @@ def _upload(staged: Path, remote: str, replace: bool, threads: int = 4) -> None:
         uploader.s3.delete_object(Bucket=url.netloc, Key=url.path.lstrip("/"))
     files = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
     body = [f for f in files if f != INDEX_FILE]
+
+    def upload(name: str) -> None:
+        try:
+            uploader.upload_file(name)
+        except Exception as err:  # botocore (AWS_MAX_ATTEMPTS) and Streaming have given up
+            raise UploadError(f"{remote}/{name}: upload failed, so {INDEX_FILE} was not written and readers see "
+                              f"no dataset: {type(err).__name__}: {' '.join(str(err).split())}") from err
+
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(uploader.upload_file, body))  # list(): re-raise the first failure
-    uploader.upload_file(INDEX_FILE)
+        futures = [pool.submit(upload, name) for name in body]
+        try:
+            for future in futures:
+                future.result()       # re-raise the first failure
+        except BaseException:
+            for future in futures:    # a store that is down: do not wait out every file's retries
+                future.cancel()
+            raise
+    upload(INDEX_FILE)
 
 
 def convert(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.PathLike, tokenizer, *,

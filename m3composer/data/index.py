@@ -29,6 +29,10 @@ SHARD_HASH = "xxh64"
 V1_NAMES = {"has_scores": "has_teacher_scores", "parallel": "is_parallel"}
 
 
+# botocore error codes of an absent object (Streaming's and Composer's S3 clients use the same list).
+NOT_FOUND_CODES = ("403", "404", "NoSuchKey")
+
+
 def is_remote(location: str | os.PathLike) -> bool:
     """True for object-store URLs such as s3://bucket/prefix (not for local paths)."""
     return len(urllib.parse.urlparse(str(location)).scheme) > 1
@@ -129,8 +133,12 @@ def read_index(root: str | os.PathLike, local_cache: str | os.PathLike | None = 
             try:
                 CloudDownloader.direct_download(f"{root_str}/{INDEX_FILE}", str(local))
             except Exception as exc:  # the downloaders raise provider-specific errors
-                raise FileNotFoundError(f"{root_str}/{INDEX_FILE}: cannot read the index ({exc}); "
-                                        f"an interrupted or never-finished conversion has none") from exc
+                detail = " ".join(str(exc).split())
+                if not _is_not_found(exc):
+                    raise OSError(f"{root_str}/{INDEX_FILE}: the object store failed while reading the index "
+                                  f"({type(exc).__name__}: {detail})") from exc
+                raise FileNotFoundError(f"{root_str}/{INDEX_FILE}: no index ({detail}); not a converted dataset, "
+                                        f"or an interrupted or never-finished conversion") from exc
             return json.loads(local.read_text(encoding="utf-8"))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -138,6 +146,14 @@ def read_index(root: str | os.PathLike, local_cache: str | os.PathLike | None = 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no index; not a converted dataset, or the conversion did not finish")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    """The store answered that the object is absent (not that it failed)."""
+    if isinstance(exc, FileNotFoundError):
+        return True
+    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    return code in NOT_FOUND_CODES
 
 
 def read_streams(root: str | os.PathLike, local_cache: str | os.PathLike | None = None) -> tuple[dict, list[StreamEntry]]:

@@ -80,7 +80,7 @@ def test_convert_through_a_store_failing_a_quarter_of_requests_is_byte_identical
 def test_convert_to_a_store_that_goes_down_names_the_object_and_publishes_no_index(
         s3_server, proxy, converted_source, word_tokenizer_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")   # fail fast: botocore does not retry
     proxy.down_after = 6          # the empty-prefix check (3 requests) and a few uploads get through
     remote = f"s3://{s3_server['bucket']}/down/mds"
     with pytest.raises(UploadError) as err:
@@ -108,7 +108,7 @@ def test_a_store_failing_at_start_up_names_the_dataset_and_the_stream(remote_dat
                                                                       tmp_path, monkeypatch):
     from botocore.exceptions import ClientError
 
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")   # fail fast: botocore does not retry
     proxy.fail_match, proxy.fail_fraction = r"/len-\d+-\d+/", 1.0     # m3_index.json reads, the streams fail
     first = read_index(converted_dir)["streams"][0]["path"]
     with pytest.raises(DataReadError) as err:
@@ -121,7 +121,7 @@ def test_a_store_failing_at_start_up_names_the_dataset_and_the_stream(remote_dat
 
 def test_a_store_going_down_mid_epoch_names_shard_epoch_and_step_never_a_short_epoch(
         remote_dataset, converted_dir, proxy, tmp_path, monkeypatch):
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")   # fail fast: botocore does not retry
     clean = row_ids(M3TrainDataset(str(converted_dir), **DATASET_ARGS))
     ds = M3TrainDataset(remote_dataset, local_cache=str(tmp_path / "cache"), download_retry=1, **DATASET_ARGS)
     served = []

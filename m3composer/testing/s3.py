@@ -20,6 +20,7 @@ import http.client
 import logging
 import random
 import re
+import sys
 import threading
 import time
 import urllib.parse
@@ -132,7 +133,7 @@ class FaultProxy:
         return self._failed
 
     def __enter__(self) -> "FaultProxy":
-        server = ThreadingHTTPServer((LOCALHOST, 0), _handler_for(self))
+        server = _QuietServer((LOCALHOST, 0), _handler_for(self))
         server.daemon_threads = True
         server.block_on_close = False     # idle keep-alive connections must not hold up close()
         self._server = server
@@ -168,6 +169,13 @@ class FaultProxy:
     def _record(self, method: str, path: str, status: int) -> None:
         with self._lock:
             self.history.append((method, path, status))
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        # A client that exits (Composer's upload workers do) resets its idle keep-alive connections.
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:

@@ -72,9 +72,9 @@ def test_resume_two_ranks_same_stream_disjoint_rows_exact(tmp_path):
         streams = {rid // 1000 for rid in a["row_ids"] + b["row_ids"]}
         assert len(streams) == 1, f"step {a['batch']} mixes streams"
         assert len(a["row_ids"]) == len(b["row_ids"]) and not set(a["row_ids"]) & set(b["row_ids"])
-    for at, workers in ((6, "0"), (12, "1")):      # mid epoch 0; mid epoch 1, with a DataLoader worker
-        ckpt = _checkpoint(out / "ckpt", at).name.replace("rank0", "rank{rank}")
-        _launch([str(data), str(out), "resume", "20ba", workers, ckpt], tmp_path / f"logs_{at}")
-        for r in (0, 1):
-            resumed = json.loads((out / f"resume-rank{r}.json").read_text())
-            assert resumed == full[r][at:], f"rank {r}: resume from ba{at} differs"
+    at = 12     # mid epoch 1, with a DataLoader worker (the 1-rank test above covers mid epoch 0)
+    ckpt = _checkpoint(out / "ckpt", at).name.replace("rank0", "rank{rank}")
+    _launch([str(data), str(out), "resume", "20ba", "1", ckpt], tmp_path / f"logs_{at}")
+    for r in (0, 1):
+        resumed = json.loads((out / f"resume-rank{r}.json").read_text())
+        assert resumed == full[r][at:], f"rank {r}: resume from ba{at} differs"

@@ -81,7 +81,7 @@ class DataConfig:
     download_retry: int = 2             # Streaming: attempts per shard/index download (each retried by botocore too)
     download_timeout: float = 60.0      # Streaming: seconds one download may take
     prefetch_steps: int = 4             # each reader downloads the shards of its next K steps (0 = off)
-    prefetch_workers: int = 4           # download threads per reader (process or DataLoader worker)
+    prefetch_workers: int = 8           # download threads per reader (process or DataLoader worker)
     cache_limit: Optional[str] = None   # bytes or "20gb": the node's shard cache stays under it (LRU eviction)
     plan: str = "rows"                  # rows (FlagEmbedding's) | shard_blocks: batches drawn within blocks of shards
     plan_block_shards: int = 16         # shards per block of the shard_blocks plan

@@ -146,9 +146,11 @@ def _bytes_under(folder: Path) -> int:
     return total
 
 
-def train_steps(ds, model_dir: str, steps: int):
-    """Train the tiny model on the dataset's batches: (seconds waiting for each batch, seconds of each step)."""
+def train_steps(ds, model_dir: str, steps: int, num_workers: int = 0):
+    """Train the tiny model on the dataset's batches: (seconds waiting for each batch, seconds of each step).
+    With `num_workers` > 0 the batches come through the DataLoader train.py builds (`data.num_workers`)."""
     import torch
+    from torch.utils.data import DataLoader
 
     from m3composer.model.composer_model import ComposerM3
     from m3composer.model.m3 import M3Model
@@ -157,7 +159,8 @@ def train_steps(ds, model_dir: str, steps: int):
     model = ComposerM3(M3Model.from_pretrained(model_dir))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)     # as train.build_optimizer
     waits, computes = [], []
-    it = iter(ds)
+    source = DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=False) if num_workers else ds
+    it = iter(source)
     for _ in range(min(steps, len(ds))):
         start = time.perf_counter()
         batch = next(it)
@@ -168,7 +171,10 @@ def train_steps(ds, model_dir: str, steps: int):
         opt.zero_grad()
         computes.append(time.perf_counter() - got)
         waits.append(got - start)
-    it.close()
+    if hasattr(it, "close"):
+        it.close()
+    else:
+        del it                              # the DataLoader's iterator shuts its workers down
     return waits, computes
 
 
@@ -208,18 +214,26 @@ def prefetch_bench(args) -> dict:
                               shard_bytes_zip_plus_raw=int(probe._shard_bytes.sum()), steps_per_epoch=len(probe),
                               latency_ms=args.latency_ms, batch=args.batch)
                 runs = {}
-                for name, kw in (("no prefetch", dict(prefetch_steps=0)),
-                                 (f"prefetch {args.prefetch_steps} steps x {args.prefetch_workers} threads",
-                                  dict(prefetch_steps=args.prefetch_steps, prefetch_workers=args.prefetch_workers))):
+                variants = [("no prefetch", dict(prefetch_steps=0), 0)]
+                for pw in args.prefetch_workers:
+                    for nw in args.loader_workers:
+                        variants.append((f"prefetch {args.prefetch_steps} steps x {pw} threads, "
+                                         f"num_workers {nw}",
+                                         dict(prefetch_steps=args.prefetch_steps, prefetch_workers=pw), nw))
+                for name, kw, nw in variants:
                     ds = M3TrainDataset(remote, local_cache=str(work / f"cache-{len(runs)}"), **common, **kw)
                     requests = proxy.requests
-                    waits, computes = train_steps(ds, model_dir, args.train_steps)
+                    waits, computes = train_steps(ds, model_dir, args.train_steps, num_workers=nw)
                     wait, compute = sum(waits[2:]), sum(computes[2:])       # first two: model warm-up
                     runs[name] = {"steps": len(waits) - 2, "wait_ms_mean": 1000 * wait / (len(waits) - 2),
                                   "step_ms_mean": 1000 * compute / (len(waits) - 2),
-                                  "wait_share": wait / (wait + compute), "requests": proxy.requests - requests}
+                                  "wait_share": wait / (wait + compute), "requests": proxy.requests - requests,
+                                  "wait_ms_median": 1000 * statistics.median(waits[2:]),
+                                  "wait_ms_max": 1000 * max(waits[2:])}
                 result["dataloader_wait"] = runs
 
+                if args.skip_cache:
+                    return result
                 # a tenth of the shards (zip + raw, Streaming's measure), plus the stream indexes it always keeps
                 limit = int(probe._shard_bytes.sum()) // 10 + sum(s.get_index_size() for s in probe._sd.streams)
                 caches = {}
@@ -227,7 +241,7 @@ def prefetch_bench(args) -> dict:
                     cache = work / f"bounded-{plan}"
                     ds = M3TrainDataset(remote, local_cache=str(cache), cache_limit=limit, plan=plan,
                                         plan_block_shards=args.block_shards, prefetch_steps=args.prefetch_steps,
-                                        prefetch_workers=args.prefetch_workers, **common)
+                                        prefetch_workers=args.prefetch_workers[0], **common)
                     stop, peak = threading.Event(), [0]
                     watcher = threading.Thread(target=cache_watcher, args=(cache, stop, peak), daemon=True)
                     requests, start = proxy.requests, time.perf_counter()
@@ -255,6 +269,8 @@ def print_prefetch(r: dict) -> None:
     for name, x in r["dataloader_wait"].items():
         print(f"| {name} | {x['steps']} | {x['wait_ms_mean']:.1f} | {x['step_ms_mean']:.1f} | "
               f"{100 * x['wait_share']:.2f} % | {x['requests']} |")
+    if "bounded_cache" not in r:
+        return
     print("| plan | cache_limit bytes | peak on disk | under the limit | steps | store requests | loader-only s |")
     print("|---|---:|---:|---|---:|---:|---:|")
     for plan, x in r["bounded_cache"].items():
@@ -273,7 +289,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="--prefetch: per-device batch")
     ap.add_argument("--train-steps", type=int, default=60, help="--prefetch: tiny-model steps per run")
     ap.add_argument("--prefetch-steps", type=int, default=4)
-    ap.add_argument("--prefetch-workers", type=int, default=8)
+    ap.add_argument("--prefetch-workers", type=int, nargs="+", default=[8],
+                    help="--prefetch: prefetch thread counts to compare (the bounded-cache runs use the first)")
+    ap.add_argument("--loader-workers", type=int, nargs="+", default=[0],
+                    help="--prefetch: DataLoader num_workers to compare (train.py's data.num_workers)")
+    ap.add_argument("--skip-cache", action="store_true", help="--prefetch: only the loader-wait runs")
     ap.add_argument("--block-shards", type=int, default=16)
     ap.add_argument("--tokenizer", default=None, help="local model folder (default: the e5-small asset)")
     ap.add_argument("--batch-rows", type=int, default=1024)

@@ -86,7 +86,7 @@ class M3TrainDataset(IterableDataset):
                  passage_instruction_for_retrieval: str | None = None, shuffle_ratio: float = 0.0,
                  pad_to_multiple_of: int | None = None, world_size: int | None = None, rank: int | None = None,
                  download_retry: int = 2, download_timeout: float = 60, prefetch_steps: int = 4,
-                 prefetch_workers: int = 4, cache_limit: int | str | None = None, plan: str = "rows",
+                 prefetch_workers: int = 8, cache_limit: int | str | None = None, plan: str = "rows",
                  plan_block_shards: int = 16, negatives_dir: str | None = None):
         _check_arguments(tail=tail, train_group_size=train_group_size, seed=seed, shuffle_ratio=shuffle_ratio)
         _check_reading(prefetch_steps=prefetch_steps, prefetch_workers=prefetch_workers, plan=plan,

@@ -129,6 +129,7 @@ class TrainerConfig:
     console_log_interval: str = "10ba"
     device_train_microbatch_size: Optional[int] = None   # null: the largest per-device batch (required)
     fsdp: bool = False                  # Composer FSDP (FULL_SHARD) instead of DDP
+    train_subset_num_batches: Optional[int] = None   # end every epoch after N steps of its plan (Composer's); null: whole epochs
     object_store_max_attempts: Optional[int] = None   # botocore total attempts per S3 request (AWS_MAX_ATTEMPTS); null: botocore's (3)
 
 
@@ -274,6 +275,8 @@ def validate(cfg: TrainConfig) -> None:
            "trainer.device_train_microbatch_size", "must be >= 1 or null (never 'auto': it splits the contrastive batch)")
     _check(not t.autoresume or t.save_folder is not None, "trainer.autoresume", "needs trainer.save_folder")
     _check(t.save_num_checkpoints_to_keep >= -1, "trainer.save_num_checkpoints_to_keep", "must be >= -1")
+    _check(t.train_subset_num_batches is None or t.train_subset_num_batches >= 1,
+           "trainer.train_subset_num_batches", "must be >= 1 or null (whole epochs)")
     for key in ("max_duration", "save_interval", "console_log_interval"):
         _check_time(getattr(t, key), f"trainer.{key}")
     for key in ("export_interval", "eval_interval"):

@@ -228,7 +228,7 @@ def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: ModelDefaults, run_f
     from m3composer.callbacks.plots import Plots
     c = cfg.callbacks
     # StepSeed: dropout masks as a function of (seed, rank, step), so a mid-epoch resume is exact.
-    callbacks = [StepSeed(), DataRefresh(), SpeedMonitor(window_size=c.speed_window), LRMonitor(), Plots(cfg.run_dir)]
+    callbacks = [StepSeed(), DataRefresh(cfg.trainer.train_subset_num_batches), SpeedMonitor(window_size=c.speed_window), LRMonitor(), Plots(cfg.run_dir)]
     if c.negative_refresh is not None:
         from m3composer.callbacks.negative_refresh import NegativeRefresh
         from m3composer.config import refresh_interval_epochs
@@ -353,7 +353,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         # ep*-baN file (and, on S3, maybe an uploaded one) newer than `latest`, and without overwrite
         # the restart refuses to start (FileExistsError at FIT_START) or to re-upload checkpoint N.
         save_num_checkpoints_to_keep=t.save_num_checkpoints_to_keep, save_overwrite=True,
-        autoresume=t.autoresume, load_path=t.load_path)
+        autoresume=t.autoresume, load_path=t.load_path,
+        train_subset_num_batches=t.train_subset_num_batches or -1)
 
 
 def main(argv: list[str] | None = None) -> Trainer:

@@ -359,3 +359,31 @@ def test_sigterm_mid_epoch_checkpoints_at_the_step_boundary_and_the_same_command
             if key.startswith(("loss/", "lr-")):
                 assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (got["step"], key)
     assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+def test_train_subset_num_batches_ends_every_epoch_after_n_steps_of_a_fresh_plan(tmp_path, train_data):
+    """`trainer.train_subset_num_batches` N: epochs of N steps (Composer's option), each the start of
+    that epoch's own plan; epoch-end callbacks (DataRefresh's batch count, NegativeRefresh) run after N."""
+    from m3composer.train import build_trainer
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(
+        tmp_path, train_data, trainer={"max_duration": "2ep", "train_subset_num_batches": 3}))
+    trainer = build_trainer(load_config(recipe))
+    dataset = trainer.state.train_dataloader.dataset
+    assert len(dataset) > 3
+    planned = [dataset.batch(epoch, step)["row_ids"] for epoch in (0, 1) for step in range(3)]
+    trainer.fit()
+    assert (int(trainer.state.timestamp.epoch), int(trainer.state.timestamp.batch)) == (2, 6)
+    assert int(trainer.state.dataloader_len) == 3
+    assert dataset.epoch == 1                        # the second epoch drew its own plan
+    assert not torch.equal(planned[0], planned[3])
+    fits = read_loss_log(tmp_path / "losses.jsonl")
+    assert [r["step"] for r in fits[0]] == list(range(6))
+    trainer.close()
+
+
+def test_train_subset_num_batches_below_one_is_an_error_naming_the_key(tmp_path, train_data):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tmp_path, train_data,
+                                                                trainer={"train_subset_num_batches": 0}))
+    with pytest.raises(ConfigError, match="trainer.train_subset_num_batches"):
+        load_config(recipe)

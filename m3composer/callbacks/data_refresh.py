@@ -24,23 +24,29 @@ def _train_dataset(state: State):
     return getattr(dataloader, "dataset", None)
 
 
-def _reread_dataloader_len(state: State) -> None:
+def _reread_dataloader_len(state: State, subset_num_batches: int | None = None) -> None:
     """Composer reads len(dataloader) once, when the dataloader is set; an elastically resumed epoch
     has another length than the epochs after it (dataset.M3TrainDataset.__len__), so read it again
-    (-1 makes Composer call len())."""
+    (-1 makes Composer call len()). With `trainer.train_subset_num_batches` N an epoch is the first N
+    steps of its plan (Composer's setter keeps the smaller of N and len())."""
     if state.dataloader is not None and state.dataloader is state.train_dataloader:
         state.dataloader_len = -1
+        if subset_num_batches and (state.dataloader_len is None or subset_num_batches < int(state.dataloader_len)):
+            state.dataloader_len = subset_num_batches
 
 
 class DataRefresh(Callback):
+    def __init__(self, subset_num_batches: int | None = None):
+        self.subset_num_batches = subset_num_batches
+
     def after_load(self, state: State, logger: Logger) -> None:
-        _reread_dataloader_len(state)
+        _reread_dataloader_len(state, self.subset_num_batches)
 
     def epoch_start(self, state: State, logger: Logger) -> None:
         dataset = _train_dataset(state)
         if dataset is not None and hasattr(dataset, "set_epoch"):
             dataset.set_epoch(int(state.timestamp.epoch))
-            _reread_dataloader_len(state)
+            _reread_dataloader_len(state, self.subset_num_batches)
 
     def epoch_end(self, state: State, logger: Logger) -> None:
         # Composer has already moved `timestamp` to the next epoch (batch_in_epoch 0) when EPOCH_END

@@ -57,8 +57,10 @@ class ModelConfig:
     attn_implementation: Optional[str] = "sdpa"   # null: the encoder's default
     trust_remote_code: bool = False
     # Heads a folder does not have (any encoder that is not a trained BGE-M3) start as: the sparse
-    # head as lexical overlap (weight 0, bias √τ: recipe.md §Sparse head) or PyTorch's default.
-    new_sparse_head_init: str = "lexical_overlap"
+    # head fitted to idf-weighted overlap on a sample of the training data (idf), as plain lexical
+    # overlap (weight 0, bias √τ) or PyTorch's default (recipe.md §A fresh sparse head).
+    new_sparse_head_init: str = "idf"
+    sparse_init_passages: int = 1024    # idf: training passages sampled for the fit (one no-grad encode)
 
 
 @dataclass
@@ -224,6 +226,7 @@ def validate(cfg: TrainConfig) -> None:
     m, d, l, o, t = cfg.model, cfg.data, cfg.loss, cfg.optimizer, cfg.trainer
     _check(m.pooling in (AUTO, *POOLING_METHODS), "model.pooling", f"must be {_choices(AUTO, *POOLING_METHODS)}, got {m.pooling!r}")
     _check(m.colbert_dim == -1 or m.colbert_dim > 0, "model.colbert_dim", "must be -1 (hidden size) or positive")
+    _check(m.sparse_init_passages >= 1, "model.sparse_init_passages", "must be >= 1")
     _check(m.new_sparse_head_init in SPARSE_INITS, "model.new_sparse_head_init",
            f"must be {_choices(*SPARSE_INITS)}, got {m.new_sparse_head_init!r}")
     _validate_gradient_cache(cfg)

@@ -39,6 +39,7 @@ from m3composer.model.gradcache import GradientCacheBudget
 from m3composer.model.heads import init_sparse_as_lexical_overlap
 from m3composer.model.inference import unwrap_m3
 from m3composer.model.m3 import M3Model
+from m3composer.model.sparse_fit import fit_sparse_head_to_idf
 
 log = logging.getLogger("m3composer.train")
 
@@ -143,14 +144,40 @@ def apply_object_store_settings(cfg: TrainConfig) -> None:
 
 
 # ------------------------------------------------------------------------------ optimisation
+def _temperature(cfg: TrainConfig, m3: M3Model) -> float:
+    return cfg.loss.temperature if m3.normalize else 1.0     # ComposerM3 forces τ = 1 otherwise
+
+
 def init_new_heads(cfg: TrainConfig, m3: M3Model) -> None:
     """Initialise heads the model folder did not have as `model.new_sparse_head_init` says, and
-    record how in `m3.head_init` (saved in the export's m3composer.json)."""
-    temperature = cfg.loss.temperature if m3.normalize else 1.0     # ComposerM3 forces τ = 1 otherwise
-    if cfg.model.new_sparse_head_init == "lexical_overlap":
-        init_sparse_as_lexical_overlap(m3.sparse_linear, temperature)
+    record how in `m3.head_init` (saved in the export's m3composer.json). `idf` starts here as
+    lexical overlap (its special case with every idf equal) and is fitted by `fit_new_sparse_head`
+    once the training data is open."""
+    if cfg.model.new_sparse_head_init in ("lexical_overlap", "idf"):
+        init_sparse_as_lexical_overlap(m3.sparse_linear, _temperature(cfg, m3))
     m3.head_init = {"sparse": cfg.model.new_sparse_head_init, "colbert": "default",
                     "new_head_lr_multiplier": cfg.optimizer.new_head_lr_multiplier}
+
+
+def fit_new_sparse_head(cfg: TrainConfig, m3: M3Model, dataset: M3TrainDataset, on_gpu: bool) -> Optional[dict]:
+    """`model.new_sparse_head_init: idf` on a fresh head: fit it to idf-weighted overlap on a sample
+    of the training data (model/sparse_fit.py); the fit's facts go into `head_init`. Every rank fits
+    the same rows; on a GPU node the encode runs on this rank's GPU. None when nothing was fitted."""
+    if not m3.fresh_heads or cfg.model.new_sparse_head_init != "idf":
+        return None
+    passages, queries = dataset.head_fit_sample(cfg.model.sparse_init_passages)
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    m3.to(device)
+    try:
+        facts = fit_sparse_head_to_idf(m3, passages, queries, temperature=_temperature(cfg, m3),
+                                       pad_id=dataset.token_spec.pad_id)
+    finally:
+        m3.to("cpu")
+    m3.head_init = {**m3.head_init, "sparse_fit": facts}
+    if dist.get_global_rank() == 0:
+        log.info("fresh sparse head fitted to idf on %d passages and %d queries of the training data: "
+                 "r2 %.3f, scale %.4f", facts["passages"], facts["queries"], facts["r2"], facts["scale"])
+    return facts
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
@@ -322,6 +349,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
                  model_dir / CONFIG_FILE)
     model = build_model(cfg, model_dir, chosen)
     dataset = build_dataset(cfg, model.model.tokenizer, chosen)
+    fit_new_sparse_head(cfg, model.model, dataset, on_gpu)
     microbatch = cfg.trainer.device_train_microbatch_size or dataset.max_per_device_batch_size
     if microbatch < dataset.max_per_device_batch_size:
         raise ConfigError(

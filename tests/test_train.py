@@ -324,7 +324,7 @@ def test_new_heads_start_as_configured_and_the_export_records_it(tmp_path, tiny_
     default = build_model(_cfg(tmp_path, train_data, model={"new_sparse_head_init": "default"}), tiny_dir, chosen)
     assert torch.count_nonzero(default.model.sparse_linear.weight) > 0      # PyTorch's init, as FlagEmbedding
     assert build_model(_cfg(tmp_path, train_data), tiny_dir, chosen).model.head_init == {
-        "sparse": "lexical_overlap", "colbert": "default", "new_head_lr_multiplier": 10.0}   # the defaults
+        "sparse": "idf", "colbert": "default", "new_head_lr_multiplier": 10.0}   # the defaults (fitted later)
 
 
 def test_sigterm_mid_epoch_checkpoints_at_the_step_boundary_and_the_same_command_resumes_exactly(trained, tmp_path):
@@ -387,3 +387,15 @@ def test_train_subset_num_batches_below_one_is_an_error_naming_the_key(tmp_path,
                                                                 trainer={"train_subset_num_batches": 0}))
     with pytest.raises(ConfigError, match="trainer.train_subset_num_batches"):
         load_config(recipe)
+
+
+def test_a_fresh_sparse_head_is_fitted_to_idf_on_the_training_data_and_the_export_records_it(trained):
+    """The default `model.new_sparse_head_init: idf` (model/sparse_fit.py) on the run's own rows."""
+    from m3composer.model.folder_config import M3FolderConfig
+
+    head_init = M3FolderConfig.from_folder(trained["run"] / "export").head_init
+    assert head_init["sparse"] == "idf"
+    fit = head_init["sparse_fit"]
+    assert fit["passages"] > 0 and fit["queries"] > 0 and fit["positions"] > fit["passages"]
+    assert 0 < fit["r2"] <= 1 and fit["scale"] > 0
+    assert any("fitted to idf" in m for m in trained["log"])

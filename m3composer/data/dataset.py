@@ -21,6 +21,7 @@ shard cache; `plan="shard_blocks"` draws batches within blocks of shards (plan.p
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any, Iterator, Mapping
 
@@ -32,7 +33,8 @@ from streaming.base.util import bytes_to_int
 from torch.utils.data import IterableDataset, get_worker_info
 
 from m3composer.data import buckets
-from m3composer.data.collate import TokenSpec, collate_examples, draw_example, row_passages, token_spec_from_tokenizer
+from m3composer.data.collate import (TokenSpec, collate_examples, draw_example, row_passages, token_spec_from_tokenizer,
+                                     with_prefix)
 from m3composer.data.index import INDEX_FILE, SHARD_HASH, StreamEntry, is_remote, read_streams
 from m3composer.data.negatives import MinedNegatives
 from m3composer.data.plan import (PLAN_KINDS, ROW_STREAM, TAIL_RULES, EpochPlan, Group, group_streams, plan_epoch,
@@ -328,6 +330,29 @@ class M3TrainDataset(IterableDataset):
         start = int(self._stream_offset[stream])
         for sample in range(start, start + self.streams[stream].rows):
             yield self._sd[sample]
+
+    def head_fit_sample(self, max_passages: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Model-ready token ids (prefixed and truncated as the collator does) of up to `max_passages`
+        distinct passages and their rows' queries, from the first rows of every stream in proportion
+        to its rows (every task and bucket is represented, and only the first shards of each stream
+        are read: a sample that stays cheap on remote data). For fitting a fresh head
+        (`model.new_sparse_head_init: idf`)."""
+        total = sum(stream.rows for stream in self.streams)
+        spec, want_rows = self.token_spec, max(1, max_passages // 2)
+        passages, seen, queries = [], set(), []
+        for s, stream in enumerate(self.streams):
+            take = max(1, math.ceil(want_rows * stream.rows / total))
+            for i, row in enumerate(self.stream_rows(s)):
+                if i >= take:
+                    break
+                queries.append(with_prefix(row["query"], spec.query_prefix, self.query_max_len, spec.eos_id))
+                positives, negatives = row_passages(row)
+                for p in positives + negatives:
+                    seq = with_prefix(p, spec.passage_prefix, self.passage_max_len, spec.eos_id)
+                    if seq.tobytes() not in seen:
+                        seen.add(seq.tobytes())
+                        passages.append(seq)
+        return passages[:max_passages], queries
 
     def _borrow(self, group: int, own_row: int, epoch: int, step: int):
         rows = self.groups[group].rows

@@ -42,7 +42,7 @@ def sparse_token_weights(hidden: torch.Tensor, sparse_linear: nn.Linear) -> torc
     return torch.relu(sparse_linear(hidden)).squeeze(-1)
 
 
-SPARSE_INITS = ("lexical_overlap", "default")
+SPARSE_INITS = ("idf", "lexical_overlap", "default")      # idf: model/sparse_fit.py, needs training data
 
 
 def init_sparse_as_lexical_overlap(sparse_linear: nn.Linear, temperature: float) -> None:

@@ -49,7 +49,7 @@ done
 
 for data in a b d; do
   src="$RUN/data-$data"; [ "$data" = d ] && src="$RUN/sample/train"
-  [ -f "$RUN/mds-$data/index.json" ] && continue
+  [ -f "$RUN/mds-$data/m3_index.json" ] && continue
   step "convert $data"
   "${M3C[@]}" convert "$src" --out "$RUN/mds-$data" --overwrite --no-progress | tail -1
 done

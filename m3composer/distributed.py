@@ -53,6 +53,17 @@ def gather_local_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def sum_across_ranks(x: torch.Tensor) -> torch.Tensor:
+    """`x` summed over all ranks, the same sum on every rank (no gradient); `x` on one process.
+    Under nccl the reduction runs on this rank's GPU and the result comes back to `x`'s device."""
+    if not is_distributed():
+        return x
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else x.device
+    total = x.detach().to(device).clone()
+    dist.all_reduce(total)
+    return total.to(x.device)
+
+
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from all ranks (targets, teacher scores: no gradient needed)."""
     if not is_distributed():

@@ -162,7 +162,7 @@ def init_new_heads(cfg: TrainConfig, m3: M3Model) -> None:
 def fit_new_sparse_head(cfg: TrainConfig, m3: M3Model, dataset: M3TrainDataset, on_gpu: bool) -> Optional[dict]:
     """`model.new_sparse_head_init: idf` on a fresh head: fit it to idf-weighted overlap on a sample
     of the training data (model/sparse_fit.py); the fit's facts go into `head_init`. Every rank fits
-    the same rows; on a GPU node the encode runs on this rank's GPU. None when nothing was fitted."""
+    the same rows, encoding 1/W of them; on a GPU node on this rank's GPU. None when nothing was fitted."""
     if not m3.fresh_heads or cfg.model.new_sparse_head_init != "idf":
         return None
     passages, queries = dataset.head_fit_sample(cfg.model.sparse_init_passages)

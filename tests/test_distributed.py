@@ -67,9 +67,24 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results[name] = {"terms": {k: v.detach() for k, v in terms.items()}, "grads": encoder_grads(model)}
         gathered = distributed.gather_no_grad(torch.tensor([float(rank)]))
         results["gathered"] = gathered
+        results["sparse_fit"] = fitted_sparse_head()          # each rank encodes half the sample
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def fitted_sparse_head() -> torch.Tensor:
+    """The idf fit (model/sparse_fit.py) of the tiny model's fresh sparse head on real text."""
+    from m3composer.assets.build import ensure_assets
+    from m3composer.model.m3 import M3Model
+    from m3composer.model.sparse_fit import fit_sparse_head_to_idf
+    from tests.model.test_sparse_fit import TEXTS
+
+    m3 = M3Model.from_pretrained(ensure_assets(log=lambda *a: None)["tiny-xlmr"])
+    ids = [torch.tensor(m3.tokenizer(t)["input_ids"]).numpy() for t in TEXTS * 9]   # 72: several batches
+    fit_sparse_head_to_idf(m3, ids[:40], ids[40:], temperature=0.02, pad_id=m3.tokenizer.pad_token_id,
+                           batch_size=8)
+    return torch.cat([m3.sparse_linear.weight.detach().flatten(), m3.sparse_linear.bias.detach()])
 
 
 def _free_port() -> int:
@@ -194,3 +209,12 @@ def test_false_negatives_are_masked_across_ranks(two_rank_results):
         assert terms["masked_negatives"].item() == [1, 0][rank]      # query 0 (rank 0) loses column 3
         for name, g in result["dense_masked"]["grads"].items():
             assert torch.allclose(g, full_grads[name] / WORLD, atol=1e-6, rtol=1e-4), name
+
+
+def test_the_idf_fit_of_the_sparse_head_sharded_over_ranks_equals_the_one_process_fit(two_rank_results):
+    """Each rank encodes half the sample; the summed normal equations give every rank the fit one
+    process computes from the whole sample."""
+    alone = fitted_sparse_head()
+    for result in two_rank_results:
+        torch.testing.assert_close(result["sparse_fit"], alone, rtol=1e-5, atol=1e-7)
+    assert torch.equal(two_rank_results[0]["sparse_fit"], two_rank_results[1]["sparse_fit"])

@@ -17,8 +17,10 @@ variance the fit explains) is returned and recorded so that a poor fit shows. Tr
 head from there, as from `lexical_overlap` (W = 0, b = √τ, every token one logit), which is this fit
 with every idf equal.
 
-Everything is a pure function of the model and the token ids given: every rank computes the same
-fit from the same rows (and DDP broadcasts rank 0's weights at wrap anyway).
+Everything is a pure function of the model and the token ids given. On several ranks every rank
+is given the same sample, encodes 1/W of its batches and the normal equations are summed across
+ranks (`distributed.sum_across_ranks`), so every rank solves the same system: the encode costs 1/W
+and the heads agree (DDP broadcasts rank 0's parameters at wrap anyway).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from m3composer import distributed
 from m3composer.padding import right_pad
 
 
@@ -65,11 +68,12 @@ def fit_sparse_head_to_idf(m3, passages: Sequence[np.ndarray], queries: Sequence
     idf_t = torch.from_numpy(idf)
     sequences = list(passages) + list(queries)
     order = np.argsort([-len(s) for s in sequences], kind="stable")
+    starts = range(distributed.rank() * batch_size, len(order), distributed.world_size() * batch_size)
     was_training = m3.training
     m3.eval()                                   # no dropout: the fit sees the encoder as it ranks
     try:
         with torch.no_grad():
-            for start in range(0, len(order), batch_size):
+            for start in starts:                # this rank's share of the length-sorted batches
                 ids, mask = right_pad([sequences[r] for r in order[start:start + batch_size]], pad_id)
                 h = m3.encoder_hidden(ids.to(device), mask.to(device)).double().cpu()
                 keep = mask.bool() & ~torch.isin(ids, special_t)
@@ -82,6 +86,11 @@ def fit_sparse_head_to_idf(m3, passages: Sequence[np.ndarray], queries: Sequence
                 count += len(y)
     finally:
         m3.train(was_training)
+    flat = distributed.sum_across_ranks(torch.cat([xtx.flatten(), xty, sx, torch.tensor([sy, syy, count],
+                                                                                        dtype=torch.float64)]))
+    xtx, xty, sx = flat[:hidden * hidden].view(hidden, hidden), flat[hidden * hidden:hidden * (hidden + 1)], \
+        flat[hidden * (hidden + 1):hidden * (hidden + 2)]
+    sy, syy, count = float(flat[-3]), float(flat[-2]), int(flat[-1])
     if count == 0:
         raise ValueError("the idf fit of the sparse head found no non-special token in the sample")
     scale = math.sqrt(temperature / (syy / count)) if syy > 0 else math.sqrt(temperature)

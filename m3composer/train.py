@@ -173,8 +173,7 @@ def fit_new_sparse_head(cfg: TrainConfig, m3: M3Model, dataset: M3TrainDataset, 
                                        pad_id=dataset.token_spec.pad_id)
     finally:
         m3.to("cpu")
-    # the fitted head trains at lr (build_optimizer): the multiplier is for heads that start far off
-    m3.head_init = {**m3.head_init, "sparse_fit": facts, "sparse_lr_multiplier": 1.0}
+    m3.head_init = {**m3.head_init, "sparse_fit": facts}
     if dist.get_global_rank() == 0:
         log.info("fresh sparse head fitted to idf on %d passages and %d queries of the training data: "
                  "r2 %.3f, scale %.4f", facts["passages"], facts["queries"], facts["r2"], facts["scale"])
@@ -183,17 +182,13 @@ def fit_new_sparse_head(cfg: TrainConfig, m3: M3Model, dataset: M3TrainDataset, 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no decay on biases and LayerNorm weights; heads the model
-    folder did not have at `lr × optimizer.new_head_lr_multiplier`, except a sparse head fitted to idf
-    (`model.new_sparse_head_init: idf`): it starts near a solution, and at 10× lr AdamW's first steps
-    (each about lr per weight, whatever the gradient) undo the fit (recipe.md §A fresh sparse head)."""
+    folder did not have (an idf-fitted sparse head included: 1× measured no better, recipe.md §A fresh
+    sparse head) at `lr × optimizer.new_head_lr_multiplier`."""
     o = cfg.optimizer
     m3 = unwrap_m3(model)
     head_ids = set()
     if m3.fresh_heads and o.new_head_lr_multiplier != 1.0:
-        heads = [m3.colbert_linear]
-        if "sparse_fit" not in (m3.head_init or {}):
-            heads.append(m3.sparse_linear)
-        head_ids = {id(p) for head in heads for p in head.parameters()}
+        head_ids = {id(p) for p in (*m3.sparse_linear.parameters(), *m3.colbert_linear.parameters())}
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
     def decay_groups(named: list, lr: float) -> list[dict]:

@@ -400,18 +400,3 @@ def test_a_fresh_sparse_head_is_fitted_to_idf_on_the_training_data_and_the_expor
     assert 0 < fit["r2"] <= 1 and fit["scale"] > 0
     assert any("fitted to idf" in m for m in trained["log"])
 
-
-def test_a_sparse_head_fitted_to_idf_trains_at_the_base_lr_and_colbert_at_the_multiplier(tmp_path, tiny_dir,
-                                                                                          train_data):
-    from m3composer.train import ModelDefaults, build_dataset, build_model, build_optimizer, fit_new_sparse_head
-
-    chosen = ModelDefaults("cls", None, None)
-    cfg = _cfg(tmp_path, train_data, optimizer={"new_head_lr_multiplier": 10.0})       # default init: idf
-    model = build_model(cfg, tiny_dir, chosen)
-    facts = fit_new_sparse_head(cfg, model.model, build_dataset(cfg, model.model.tokenizer, chosen), False)
-    assert facts is not None and model.model.head_init["sparse_lr_multiplier"] == 1.0
-    groups = build_optimizer(cfg, model).param_groups
-    assert [g["lr"] for g in groups] == [cfg.optimizer.lr] * 2 + [10 * cfg.optimizer.lr] * 2
-    assert {id(p) for g in groups[2:] for p in g["params"]} == {id(p) for p in model.model.colbert_linear.parameters()}
-    sparse = {id(p) for p in model.model.sparse_linear.parameters()}
-    assert sparse <= {id(p) for g in groups[:2] for p in g["params"]}

@@ -52,7 +52,16 @@ def assert_same(a, b):
 
 
 def cache_bytes(cache: Path) -> int:
-    return sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    """Bytes on disk under `cache`; a file the prefetch threads rename or evict between the listing
+    and its stat (a shard's `.tmp` download) counts as gone."""
+    total = 0
+    for path in cache.rglob("*"):
+        try:
+            if path.is_file():
+                total += path.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def prefetch_threads() -> list[threading.Thread]:

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from m3composer.testing.disk import bytes_under
+
 
 def best_of(repeats: int, fn):
     times, result = [], None
@@ -129,21 +131,8 @@ def synthetic_jsonl(out: Path, rows: int, seed: int = 0) -> Path:
 def cache_watcher(cache: Path, stop, peak: list):
     """Sample the bytes on disk under `cache` every 20 ms; peak[0] keeps the largest."""
     while not stop.is_set():
-        peak[0] = max(peak[0], _bytes_under(cache))
+        peak[0] = max(peak[0], bytes_under(cache))
         stop.wait(0.02)
-
-
-def _bytes_under(folder: Path) -> int:
-    """Bytes of the files under `folder` now; a file that Streaming evicts or renames between the
-    listing and its stat counts as gone (else the watcher thread dies and the peak stops rising)."""
-    total = 0
-    for path in folder.rglob("*") if folder.exists() else ():
-        try:
-            if path.is_file():
-                total += path.stat().st_size
-        except FileNotFoundError:
-            pass
-    return total
 
 
 def train_steps(ds, model_dir: str, steps: int, num_workers: int = 0):

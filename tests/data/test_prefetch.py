@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from m3composer.data.dataset import M3TrainDataset
 from m3composer.data.prefetch import ShardPrefetcher, shard_is_local
+from m3composer.testing.disk import bytes_under
 from tests.data.m3_tiny_data import StreamSpec, write_converted
 
 # 2 rows per shard (1 KiB shards): 90 shards, a step of 6 rows reads up to 6 of them
@@ -52,16 +53,7 @@ def assert_same(a, b):
 
 
 def cache_bytes(cache: Path) -> int:
-    """Bytes on disk under `cache`; a file the prefetch threads rename or evict between the listing
-    and its stat (a shard's `.tmp` download) counts as gone."""
-    total = 0
-    for path in cache.rglob("*"):
-        try:
-            if path.is_file():
-                total += path.stat().st_size
-        except FileNotFoundError:
-            pass
-    return total
+    return bytes_under(cache)      # tolerates files renamed or evicted by the prefetch threads
 
 
 def prefetch_threads() -> list[threading.Thread]:

@@ -31,8 +31,11 @@ def read_stream(folder: Path) -> list[dict]:
 
     from streaming import StreamingDataset
 
+    from m3composer.data.dataset import release_shared_memory_when_dropped
+
     cache = tempfile.mkdtemp(prefix="cache-", dir=folder.parent.parent.parent)
     ds = StreamingDataset(remote=str(folder), local=cache, shuffle=False, batch_size=1)
+    release_shared_memory_when_dropped(ds)
     return [ds[i] for i in range(len(ds))]
 
 

@@ -270,3 +270,35 @@ def test_under_a_launcher_the_process_group_must_exist_first(tiny, monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     with pytest.raises(RuntimeError, match="initialize_dist"):
         make(tiny)
+
+
+def test_a_dropped_dataset_gives_back_its_shared_memory(tiny):
+    """Streaming keeps a StreamingDataset's /dev/shm blocks (and a descriptor each) until the process
+    exits; ours are closed and unlinked when the dataset is collected (docs/recipe.md §Streaming's
+    shared memory), so a process opening dataset after dataset does not run out of descriptors."""
+    import gc
+    import os
+
+    from streaming.base.shared.prefix import _get_path
+
+    ds = make(tiny)
+    batches = iter(ds)
+    next(batches)                       # the blocks are in use, the shard prefetcher runs
+    batches.close()                     # what the DataLoader does with an iterator it drops
+    prefix = ds._sd._shm_prefix_int
+    names = {_get_path(prefix, n) for n in ("locals", "barrier", "next_epoch", "cache_usage", "shard_states",
+                                            "shard_access_times")}
+
+    def held() -> tuple[set, set]:
+        targets = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                targets.add(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).removesuffix(" (deleted)"))
+            except OSError:
+                continue
+        return names & set(os.listdir("/dev/shm")), names & targets
+
+    assert held() == (names, names)
+    del ds, batches
+    gc.collect()
+    assert held() == (set(), set())

@@ -350,13 +350,13 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
                  model_dir / CONFIG_FILE)
     model = build_model(cfg, model_dir, chosen)
     dataset = build_dataset(cfg, model.model.tokenizer, chosen)
-    fit_new_sparse_head(cfg, model.model, dataset, on_gpu)
     microbatch = cfg.trainer.device_train_microbatch_size or dataset.max_per_device_batch_size
     if microbatch < dataset.max_per_device_batch_size:
         raise ConfigError(
             f"trainer.device_train_microbatch_size={microbatch} is below the largest per-device batch "
             f"({dataset.max_per_device_batch_size}): the in-batch contrastive loss needs the whole device batch "
             "in one forward (model.gradient_cache.enabled=true trains a batch larger than memory allows)")
+    fit_new_sparse_head(cfg, model.model, dataset, on_gpu)       # after every check: it encodes passages
     if dist.get_global_rank() == 0:
         log.info("per-device batch sizes: %s; %d steps per epoch on %d rank(s)", dataset.per_device_batch_sizes,
                  len(dataset), dist.get_world_size())

@@ -19,6 +19,7 @@ sample data is the same bytes for the same seed, Python and Django versions.
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import re
 import struct
@@ -153,17 +154,25 @@ def _docstrings(module: str, tree: ast.Module) -> Iterator[tuple[str, str]]:
         stack.extend((c, f"{qualname}.{c.name}" if qualname else c.name) for c in reversed(children))
 
 
+@functools.lru_cache(maxsize=None)
+def _file_docstrings(path: str, module: str, mtime_ns: int, size: int) -> tuple[tuple[str, str], ...]:
+    """The docstrings of one source file, parsed once per process and file version (parsing is most of
+    a `sample-data` run: 8 of 17 s; a process that generates again, as the tests do, reuses it)."""
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return ()  # a few stdlib files are deliberately not valid Python 3 / UTF-8
+    return tuple(_docstrings(module, tree))
+
+
 def stdlib_docstrings(root: str | os.PathLike | None = None, min_query_words: int = 3,
                       max_query_words: int = 60, min_passage_chars: int = 80) -> list[Item]:
     """Summary -> body items from the docstrings of the public stdlib modules under `root`."""
     root = Path(root) if root else stdlib_dir()
     items: list[Item] = []
     for module, path in _iter_stdlib_modules(root):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue  # a few stdlib files are deliberately not valid Python 3 / UTF-8
-        for qualname, doc in _docstrings(module, tree):
+        stat = path.stat()
+        for qualname, doc in _file_docstrings(str(path), module, stat.st_mtime_ns, stat.st_size):
             summary, body = split_summary(doc)
             if (min_query_words <= len(summary.split()) <= max_query_words
                     and len(body) >= min_passage_chars):

@@ -47,8 +47,7 @@ def tiny_recipe(run_dir: Path, mds: Path, **sections) -> dict:
     """The tiny-model recipe as a YAML dict; `sections` are merged in (e.g. trainer={...})."""
     recipe = {
         "run_name": "tiny", "run_dir": str(run_dir), "seed": 7,
-        # a 128-passage idf fit of the fresh sparse head (1,024 by default): the fit has its own tests
-        "model": {"name_or_path": "asset:tiny-xlmr", "sparse_init_passages": 128},
+        "model": {"name_or_path": "asset:tiny-xlmr"},
         "data": {"train_data": str(mds), "train_group_size": 3, "query_max_len": 32, "passage_max_len": 48,
                  "default_batch_size": 4},
         "loss": {"use_self_distill": True, "self_distill_start_step": f"{SELF_DISTILL_START}ba"},

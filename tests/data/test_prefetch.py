@@ -52,10 +52,6 @@ def assert_same(a, b):
             torch.testing.assert_close(x[k], y[k], rtol=0, atol=0)
 
 
-def cache_bytes(cache: Path) -> int:
-    return bytes_under(cache)      # tolerates files renamed or evicted by the prefetch threads
-
-
 def prefetch_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("m3c-prefetch")]
 
@@ -116,7 +112,7 @@ def test_cache_stays_under_its_limit_and_evicted_shards_come_back(sharded, tmp_p
         ds.set_epoch(epoch)
         for b in ds:
             seen.append({k: v.clone() for k, v in b.items()})
-            peak = max(peak, cache_bytes(cache), sd.cache_usage)
+            peak = max(peak, bytes_under(cache), sd.cache_usage)   # tolerates files renamed or evicted meanwhile
     assert_same(seen, expected)         # every shard evicted in epoch 0 and read again in epoch 1 came back right
     assert 0 < peak <= limit
     local = [s for s in range(sd.num_shards) if shard_is_local(sd, s)]

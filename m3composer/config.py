@@ -23,7 +23,7 @@ from omegaconf import MISSING, OmegaConf
 from m3composer.algorithms.self_distill_warmup import SELF_DISTILL_MODES, parse_start
 from m3composer.data.negatives import REFRESH_HEADS, parse_rank_range
 from m3composer.data.plan import PLAN_KINDS, TAIL_RULES
-from m3composer.distributed import CROSS_RANK_GRAD_SCALES
+from m3composer.distributed import CROSS_DEVICE_HEADS, CROSS_RANK_GRAD_SCALES
 from m3composer.model.heads import POOLING_METHODS, SPARSE_INITS
 
 AUTO = "auto"  # instruction prefixes / pooling: take what the model folder records
@@ -97,6 +97,7 @@ class LossConfig:
     self_distill_start_step: str = "0ba"   # Composer time; a bare number = optimizer batches
     self_distill_mode: str = "timestamp"   # timestamp | forward_calls (FlagEmbedding's strict '>' counting)
     negatives_cross_device: bool = False
+    negatives_cross_device_heads: str = "dense"  # dense (the recipe) | all (sparse, ColBERT, ensemble, self-distill too)
     cross_rank_grad_scale: str = "parity"  # parity (FlagEmbedding: dense term 1/W after DDP) | full_batch
     knowledge_distillation: bool = False   # use pos_scores/neg_scores (m3_kd_loss) when a stream has them
     bidirectional_parallel: bool = True    # passage->query term for parallel_ streams
@@ -263,6 +264,10 @@ def validate(cfg: TrainConfig) -> None:
         parse_start(l.self_distill_start_step)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"loss.self_distill_start_step: not a Composer time ({e})") from e
+    _check(l.negatives_cross_device_heads in CROSS_DEVICE_HEADS, "loss.negatives_cross_device_heads",
+           f"must be {_choices(*CROSS_DEVICE_HEADS)}")
+    _check(l.negatives_cross_device_heads == "dense" or (l.negatives_cross_device and l.unified_finetuning),
+           "loss.negatives_cross_device_heads", "all needs loss.negatives_cross_device=true and loss.unified_finetuning=true")
     _check(l.cross_rank_grad_scale in CROSS_RANK_GRAD_SCALES, "loss.cross_rank_grad_scale",
            f"must be {_choices(*CROSS_RANK_GRAD_SCALES)}")
     _check(o.lr > 0, "optimizer.lr", "must be positive")

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 CROSS_RANK_GRAD_SCALES = ("parity", "full_batch")
+CROSS_DEVICE_HEADS = ("dense", "all")   # which heads score against every rank's passages
 
 
 def is_distributed() -> bool:
@@ -80,3 +81,16 @@ def gather_for_negatives(x: torch.Tensor, cross_rank_grad_scale: str = "parity")
     if cross_rank_grad_scale == "full_batch":
         return gather_with_grad(x)
     raise ValueError(f"cross_rank_grad_scale must be one of {CROSS_RANK_GRAD_SCALES}, got {cross_rank_grad_scale!r}")
+
+
+def pad_to_longest_across_ranks(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """`x` zero-padded along `dim` to the longest size any rank has there (so it can be gathered);
+    differentiable. Zero rows are what one process's collate would have padded with."""
+    if not is_distributed():
+        return x
+    size = torch.tensor([x.shape[dim]], device=x.device)
+    longest = int(gather_no_grad(size).max())
+    if longest == x.shape[dim]:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, longest - x.shape[dim]]
+    return torch.nn.functional.pad(x, pad)

@@ -102,6 +102,7 @@ def build_model(cfg: TrainConfig, model_dir: Path, chosen: ModelDefaults) -> Com
     budget = GradientCacheBudget(cache.max_sequences, cache.max_tokens) if cache.enabled else None
     return ComposerM3(m3, temperature=loss.temperature, unified_finetuning=loss.unified_finetuning,
                       use_self_distill=loss.use_self_distill, negatives_cross_device=loss.negatives_cross_device,
+                      negatives_cross_device_heads=loss.negatives_cross_device_heads,
                       cross_rank_grad_scale=loss.cross_rank_grad_scale, train_group_size=cfg.data.train_group_size,
                       bidirectional_parallel=loss.bidirectional_parallel,
                       knowledge_distillation=loss.knowledge_distillation,

@@ -58,10 +58,18 @@ def test_missing_required_value_is_named(tmp_path):
     ("trainer.max_duration=forever", "trainer.max_duration"),
     ("trainer.autoresume=true", "trainer.autoresume"),
     ("model.pooling=max", "model.pooling"),
+    ("loss.negatives_cross_device_heads=sparse", "loss.negatives_cross_device_heads"),
 ])
 def test_out_of_range_values_fail_naming_the_key(yaml_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(yaml_path, [override])
+
+
+def test_every_head_across_ranks_needs_cross_device_negatives(yaml_path):
+    with pytest.raises(ConfigError, match=r"loss\.negatives_cross_device_heads: all needs"):
+        load_config(yaml_path, ["loss.negatives_cross_device_heads=all", "loss.negatives_cross_device=false"])
+    cfg = load_config(yaml_path, ["loss.negatives_cross_device_heads=all", "loss.negatives_cross_device=true"])
+    assert cfg.loss.negatives_cross_device_heads == "all"
 
 
 def test_self_distill_needs_unified(yaml_path):

@@ -26,6 +26,8 @@ from m3composer.model.composer_model import ComposerM3
 from tests.model.conftest import RECIPE_PASSAGE_IDS, RECIPE_QUERY_IDS, RECIPE_TEACHER, build_recipe_model, recipe_batch
 
 WORLD = 2
+ALL_HEADS = dict(unified_finetuning=True, use_self_distill=True, knowledge_distillation=True,
+                 negatives_cross_device_heads="all")
 SPAWN_TIMEOUT_S = 240
 # (name, ComposerM3 kwargs)
 MODES = [
@@ -33,6 +35,10 @@ MODES = [
     ("dense_full_batch", dict(unified_finetuning=False, cross_rank_grad_scale="full_batch")),
     ("unified_self_distill", dict(unified_finetuning=True, use_self_distill=True, cross_rank_grad_scale="parity")),
     ("dense_masked", dict(unified_finetuning=False, cross_rank_grad_scale="parity")),
+    # every head gathered (negatives_cross_device_heads="all"), with teacher scores and the
+    # self-distillation term; each rank's batch cut to its own longest text (ColBERT padding differs)
+    ("all_heads_full_batch", dict(ALL_HEADS, cross_rank_grad_scale="full_batch")),
+    ("all_heads_parity", dict(ALL_HEADS, cross_rank_grad_scale="parity")),
 ]
 # dense_masked: rank 1's negative (global column 3) is rank 0's positive text (docs/recipe.md
 # §False-negative masking), by hash label
@@ -45,6 +51,15 @@ def rank_batch(rank: int, masked: bool = False) -> dict:
     if masked:
         batch["passage_hashes"] = torch.tensor(MASKED_PASSAGE_HASHES[2 * rank:2 * rank + 2])
         batch["positive_hashes"] = torch.tensor(MASKED_POSITIVE_HASHES[rank:rank + 1])
+    return batch
+
+
+def cut_to_longest(batch: dict) -> dict:
+    """The batch padded to its own longest query and passage (as collate does per rank)."""
+    for side in ("query", "passage"):
+        length = int(batch[f"{side}_attention_mask"].sum(dim=1).max())
+        for key in (f"{side}_input_ids", f"{side}_attention_mask"):
+            batch[key] = batch[key][:, :length]
     return batch
 
 
@@ -62,6 +77,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             model = ComposerM3(build_recipe_model(), negatives_cross_device=True, **kwargs).train()
             ddp = torch.nn.parallel.DistributedDataParallel(model)
             batch = rank_batch(rank, masked=name.endswith("masked"))
+            if name.startswith("all_heads"):
+                batch = cut_to_longest(batch)
             terms = model.loss(ddp(batch), batch)
             terms["total"].backward()
             results[name] = {"terms": {k: v.detach() for k, v in terms.items()}, "grads": encoder_grads(model)}
@@ -218,3 +235,28 @@ def test_the_idf_fit_of_the_sparse_head_sharded_over_ranks_equals_the_one_proces
     for result in two_rank_results:
         torch.testing.assert_close(result["sparse_fit"], alone, rtol=1e-5, atol=1e-7)
     assert torch.equal(two_rank_results[0]["sparse_fit"], two_rank_results[1]["sparse_fit"])
+
+
+def test_with_every_head_gathered_each_rank_computes_the_one_process_loss_and_gradient(two_rank_results):
+    """negatives_cross_device_heads="all": sparse, ColBERT, ensemble, KD and self-distillation on the
+    whole global batch, so every term on every rank is the one-process term (rank 1's queries are
+    one token shorter than rank 0's: the ColBERT vectors are padded before the gather), and the
+    gradient is the one-process gradient (full_batch) or 1/W of it (parity)."""
+    full, full_grads = one_process(**ALL_HEADS)
+    for rank, result in enumerate(two_rank_results):
+        for mode, scale in (("all_heads_full_batch", 1.0), ("all_heads_parity", 1.0 / WORLD)):
+            terms = result[mode]["terms"]
+            assert list(terms) == list(full)
+            for key in ("dense", "sparse", "colbert", "ensemble", "self_distill", "total"):
+                assert terms[key].item() == pytest.approx(full[key].item(), rel=1e-5, abs=1e-6), (mode, key)
+            assert terms["self_distill"].item() > 0
+            grads = result[mode]["grads"]
+            assert set(grads) == set(full_grads)
+            for name, g in grads.items():
+                assert torch.allclose(g, full_grads[name] * scale, atol=1e-6, rtol=1e-4), (mode, name)
+        # a rank's own batch alone gives other sparse and ColBERT terms: the other rank's passages count
+        model = ComposerM3(build_recipe_model(), **ALL_HEADS).train()
+        batch = cut_to_longest(rank_batch(rank))
+        local = model.loss(model(batch), batch)
+        for key in ("sparse", "colbert"):
+            assert abs(local[key].item() - result["all_heads_parity"]["terms"][key].item()) > 1e-3, key

@@ -9,6 +9,8 @@ in `m3composer.losses`; this module decides which terms apply to a batch:
                    every rank); for parallel batches (L_dense + L_bi) / 2 with L_bi the
                    passage→query loss (`bidirectional_parallel`)
     unified        (L_dense + L_ens + 0.1·L_lex + L_mul) / 4 over local sparse/ColBERT/ensemble scores
+                   (global ones too with `negatives_cross_device_heads="all"`: every term on the
+                   gathered batch, as one process would compute it)
     self-distill   (L + L') / 2 while `self_distill_on`
     total          what Composer back-propagates
 
@@ -82,6 +84,9 @@ class ComposerM3(ComposerModel):
             are frozen so DDP sees no unused trainable parameter, and still saved on export).
         use_self_distill: initial value of `self_distill_on`.
         negatives_cross_device: dense scores against the passages of all ranks (no-op on one process).
+        negatives_cross_device_heads: "dense" (the recipe: sparse, ColBERT, ensemble and
+            self-distillation stay local) or "all" (every head's representations are gathered, so
+            every term is computed on the whole global batch).
         cross_rank_grad_scale: "parity" (FlagEmbedding: the dense term's applied gradient is 1/W of the
             full-batch one) or "full_batch" (differentiable gather: equals the one-process gradient).
         train_group_size: G; when given, every batch is checked against it.
@@ -97,7 +102,7 @@ class ComposerM3(ComposerModel):
 
     def __init__(self, model: M3Model, *, temperature: float = 0.02, unified_finetuning: bool = True,
                  use_self_distill: bool = False, negatives_cross_device: bool = False,
-                 cross_rank_grad_scale: str = "parity", train_group_size: Optional[int] = None,
+                 negatives_cross_device_heads: str = "dense", cross_rank_grad_scale: str = "parity", train_group_size: Optional[int] = None,
                  bidirectional_parallel: bool = True, knowledge_distillation: bool = False,
                  gradient_checkpointing: bool = False, colbert_max_elements: int = COLBERT_MAX_ELEMENTS,
                  gradient_cache: Optional[gradcache.GradientCacheBudget] = None,
@@ -106,6 +111,9 @@ class ComposerM3(ComposerModel):
         if cross_rank_grad_scale not in distributed.CROSS_RANK_GRAD_SCALES:
             raise ValueError(f"cross_rank_grad_scale must be one of {distributed.CROSS_RANK_GRAD_SCALES}, "
                              f"got {cross_rank_grad_scale!r}")
+        if negatives_cross_device_heads not in distributed.CROSS_DEVICE_HEADS:
+            raise ValueError(f"negatives_cross_device_heads must be one of {distributed.CROSS_DEVICE_HEADS}, "
+                             f"got {negatives_cross_device_heads!r}")
         if not model.normalize and temperature != 1.0:
             log.warning("model does not normalise its vectors: temperature %s forced to 1.0 (as the recipe)", temperature)
             temperature = 1.0
@@ -113,6 +121,7 @@ class ComposerM3(ComposerModel):
         self.temperature = temperature
         self.unified_finetuning = unified_finetuning
         self.negatives_cross_device = negatives_cross_device
+        self.negatives_cross_device_heads = negatives_cross_device_heads
         self.cross_rank_grad_scale = cross_rank_grad_scale
         self.train_group_size = train_group_size
         self.bidirectional_parallel = bidirectional_parallel
@@ -189,6 +198,16 @@ class ComposerM3(ComposerModel):
                                           first_row=distributed.rank() * positive_hashes.shape[0])
         return local, distributed.gather_no_grad(rows.to(torch.uint8)).bool()
 
+    def _gather(self, reps: M3Reps) -> M3Reps:
+        """Every head's representations from all ranks, in rank order (ColBERT vectors zero-padded
+        to the longest rank's length first, as one process's collate would have padded them)."""
+        def gather(x):
+            return distributed.gather_for_negatives(x, self.cross_rank_grad_scale)
+        vectors = distributed.pad_to_longest_across_ranks(reps.colbert, dim=1)
+        mask = distributed.pad_to_longest_across_ranks(reps.colbert_mask, dim=1)
+        return M3Reps(dense=gather(reps.dense), sparse=gather(reps.sparse), colbert=gather(vectors),
+                      colbert_mask=distributed.gather_no_grad(mask))
+
     def loss_from_reps(self, q: M3Reps, p: M3Reps, batch: dict[str, Any],
                        local_scores: Optional[M3Scores] = None) -> dict[str, torch.Tensor]:
         """All loss terms from the representations (the gradient-cache seam: `q`/`p` may be leaves)."""
@@ -211,11 +230,17 @@ class ComposerM3(ComposerModel):
             return losses.info_nce(losses.mask_scores(head_scores, mask),
                                    losses.in_batch_targets(n, group_size, head_scores.device))
 
-        # Dense: global over all ranks when asked (a no-op without a process group).
-        if gathered:
+        # Dense: global over all ranks when asked (a no-op without a process group); every head with "all".
+        every_head = gathered and self.unified_finetuning and self.negatives_cross_device_heads == "all"
+        global_scores = None
+        if every_head:
+            global_scores = self.score(self._gather(q), self._gather(p))
+            global_dense = global_scores.dense
+        elif gathered:
             q_all = distributed.gather_for_negatives(q.dense, self.cross_rank_grad_scale)
             p_all = distributed.gather_for_negatives(p.dense, self.cross_rank_grad_scale)
             global_dense = dense_scores(q_all, p_all, self.temperature)
+        if gathered:
             global_teacher = distributed.gather_no_grad(teacher) if teacher is not None else None
         else:
             global_dense, global_teacher = scores.dense, teacher
@@ -240,15 +265,17 @@ class ComposerM3(ComposerModel):
             terms["total"] = dense_term
             return terms
 
-        terms["sparse"] = head_loss(scores.sparse, teacher, local_mask)
-        terms["colbert"] = head_loss(scores.colbert, teacher, local_mask)
-        terms["ensemble"] = head_loss(scores.ensemble, teacher, local_mask)
+        heads, head_teacher, head_mask = ((global_scores, global_teacher, dense_mask) if every_head
+                                          else (scores, teacher, local_mask))
+        terms["sparse"] = head_loss(heads.sparse, head_teacher, head_mask)
+        terms["colbert"] = head_loss(heads.colbert, head_teacher, head_mask)
+        terms["ensemble"] = head_loss(heads.ensemble, head_teacher, head_mask)
         total = losses.unified_loss(dense_term, terms["sparse"], terms["colbert"], terms["ensemble"])
         if self.self_distill_on:
             # masked columns get probability 0 in the teacher and in every student
             terms["self_distill"] = losses.self_distill_loss(
-                *(losses.mask_scores(s, local_mask) for s in (scores.ensemble, scores.dense, scores.sparse,
-                                                              scores.colbert)))
+                *(losses.mask_scores(s, head_mask) for s in (heads.ensemble, heads.dense, heads.sparse,
+                                                             heads.colbert)))
             total = losses.combine_self_distill(total, terms["self_distill"])
         terms["total"] = total
         assert tuple(terms) == LOSS_KEYS

@@ -146,12 +146,9 @@ def run_composer(data: str, record: str, *, max_duration: str, save_folder: str 
     return len(dataset)
 
 
-if __name__ == "__main__":   # composer -n 2 m3_tiny_data.py DATA OUTDIR full|resume CKPT NUM_WORKERS
+if __name__ == "__main__":   # composer -n 2 m3_tiny_data.py DATA OUTDIR full MAX_DURATION NUM_WORKERS
     data, outdir, phase = sys.argv[1], sys.argv[2], sys.argv[3]
+    assert phase == "full", phase
     rank = int(os.environ.get("RANK", 0))
-    if phase == "full":
-        run_composer(data, f"{outdir}/full-rank{rank}.json", max_duration=sys.argv[4], save_folder=f"{outdir}/ckpt",
-                     num_workers=int(sys.argv[5]))
-    else:
-        run_composer(data, f"{outdir}/resume-rank{rank}.json", max_duration=sys.argv[4],
-                     load_path=f"{outdir}/ckpt/{sys.argv[6]}", num_workers=int(sys.argv[5]))
+    run_composer(data, f"{outdir}/full-rank{rank}.json", max_duration=sys.argv[4], save_folder=f"{outdir}/ckpt",
+                 num_workers=int(sys.argv[5]))

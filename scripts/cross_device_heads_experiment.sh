@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Issue 16's experiment on the quickstart's exact layout (yamls/quickstart-cpu.yaml, `composer -n 2`,
+# 32 steps of 8 queries per rank): does gathering every head's vectors across ranks
+# (loss.negatives_cross_device_heads=all) let the fresh sparse head learn as it does in one process?
+# For each seed in SEEDS and each setting in HEADS (dense = the recipe, all = every head gathered) it
+# trains, evaluates per query on the held-out split (`m3c eval --per-query`) and compares against the
+# base model and, when both exist, `all` against `dense` of the same seed (paired bootstrap, `m3c compare`).
+# Outputs: $RUN/<heads>-s<seed>/{export,losses.jsonl}, $RUN/eval_<heads>-s<seed>.json, $RUN/compare_*.txt;
+# a rerun skips what is already there. One training at a time (~13 GB for the 2 ranks).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${RUN:-runs/cross-device-heads}
+PY=${PY:-python}
+M3C=("$PY" -m m3composer.cli)
+COMPOSER=${COMPOSER:-composer}
+SEEDS=${SEEDS:-42 43 44}
+HEADS=${HEADS:-all dense}
+EVAL_ARGS=(--passage-max-len 192 --per-query)
+step() { printf '\n=== [%s] %s ===\n' "$(date +%H:%M:%S)" "$*"; }
+mkdir -p "$RUN"
+"${M3C[@]}" assets >/dev/null
+[ -d "$RUN/sample/train" ] || "${M3C[@]}" sample-data "$RUN/sample" --overwrite
+[ -f "$RUN/mds/m3_index.json" ] || "${M3C[@]}" convert "$RUN/sample/train" --out "$RUN/mds" --overwrite --no-progress | tail -1
+[ -f "$RUN/eval_base.json" ] || "${M3C[@]}" eval asset:e5-small "$RUN/sample/eval" "${EVAL_ARGS[@]}" \
+  --output "$RUN/eval_base.json" | tail -6
+
+for seed in $SEEDS; do
+  for heads in $HEADS; do
+    name="$heads-s$seed"; out="$RUN/$name"
+    if [ ! -f "$out/export/model.safetensors" ]; then
+      step "train $name"
+      rm -rf "$out"
+      "$COMPOSER" -n 2 scripts/train.py yamls/quickstart-cpu.yaml seed="$seed" run_dir="$out" \
+        loss.negatives_cross_device_heads="$heads" data.train_data="$RUN/mds" trainer.save_folder=null \
+        callbacks.export_dir="$out/export" callbacks.loss_log="$out/losses.jsonl" > "$out.log" 2>&1
+    fi
+    [ -f "$RUN/eval_$name.json" ] || "${M3C[@]}" eval "$out/export" "$RUN/sample/eval" "${EVAL_ARGS[@]}" \
+      --output "$RUN/eval_$name.json" | tail -6
+    "${M3C[@]}" compare "$RUN/eval_base.json" "$RUN/eval_$name.json" --base-head dense > "$RUN/compare_base_$name.txt"
+  done
+  if [ -f "$RUN/eval_all-s$seed.json" ] && [ -f "$RUN/eval_dense-s$seed.json" ]; then
+    "${M3C[@]}" compare "$RUN/eval_dense-s$seed.json" "$RUN/eval_all-s$seed.json" > "$RUN/compare_all_vs_dense-s$seed.txt"
+  fi
+done
+step "nDCG@10 per head"
+"$PY" - "$RUN" <<'EOF'
+import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+for path in sorted(run.glob("eval_*.json")):
+    result = json.loads(path.read_text())
+    heads = result.get("heads", result)
+    cells = []
+    for head in ("dense", "sparse", "colbert", "ensemble"):
+        value = heads.get(head, {}).get("ndcg@10") if isinstance(heads.get(head), dict) else None
+        cells.append(f"{head} {value:.4f}" if isinstance(value, (int, float)) else f"{head} -")
+    print(f"{path.stem[5:]:>12}: " + ", ".join(cells))
+EOF

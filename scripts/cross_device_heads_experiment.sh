@@ -49,10 +49,7 @@ from pathlib import Path
 run = Path(sys.argv[1])
 for path in sorted(run.glob("eval_*.json")):
     result = json.loads(path.read_text())
-    heads = result.get("heads", result)
-    cells = []
-    for head in ("dense", "sparse", "colbert", "ensemble"):
-        value = heads.get(head, {}).get("ndcg@10") if isinstance(heads.get(head), dict) else None
-        cells.append(f"{head} {value:.4f}" if isinstance(value, (int, float)) else f"{head} -")
+    cells = [f"{head} {result[head]['ndcg@10']:.4f}" if head in result else f"{head} -"
+             for head in ("dense", "sparse", "colbert", "ensemble")]
     print(f"{path.stem[5:]:>12}: " + ", ".join(cells))
 EOF

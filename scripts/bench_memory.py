@@ -3,14 +3,14 @@
     python scripts/bench_memory.py [--lengths 2048,8192] [--models tiny-v250k,e5-small] [--group-size 8]
                                    [--steps 3] [--mem-cap-gib 20] [--max-batch 512] [--threads 1]
                                    [--cache-sequences 16] [--cache-tokens 32768] [--time-batch 2]
-                                   [--out results.json] [--skip-search]
+                                   [--out results.json] [--skip-search] [--no-checkpointing]
 
 Every trial is a fresh process (`--trial`) capped at `--mem-cap-gib` of address space
 (`RLIMIT_AS`), so that a batch too big fails as an allocation error inside the process instead of
 waking the kernel's out-of-memory killer. A trial builds the model, a batch of B queries (32 tokens)
 × G passages of exactly L tokens (random ids over the model's vocabulary, real-token lengths, no
 padding), and runs `--steps` training steps (ComposerM3 forward + loss + backward + AdamW step, fp32
-on CPU; bf16 autocast on a GPU), unified loss with self-distillation, gradient checkpointing on.
+on CPU; bf16 autocast on a GPU), unified loss with self-distillation, gradient checkpointing on (`--no-checkpointing`: off in both).
 The search doubles B from 1 until a trial fails, then bisects; B is the largest that trained.
 
 Models: `tiny-v250k` = 2 layers, hidden 64, over the real 250,002-token vocabulary (random init,
@@ -78,7 +78,7 @@ def build_composer_model(args, cached: bool):
     from m3composer.model.gradcache import GradientCacheBudget
     m3 = build_model(args.model, args.length)
     budget = GradientCacheBudget(args.cache_sequences, args.cache_tokens) if cached else None
-    model = ComposerM3(m3, use_self_distill=True, gradient_checkpointing=True, gradient_cache=budget,
+    model = ComposerM3(m3, use_self_distill=True, gradient_checkpointing=not args.no_checkpointing, gradient_cache=budget,
                        train_group_size=args.group_size).train()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -146,6 +146,7 @@ def timing(args) -> dict:
 def run_trial(args, batch: int, cached: bool, mode: str = "--trial") -> dict:
     cmd = [sys.executable, __file__, mode, "--model", args.model, "--length", str(args.length), "--batch", str(batch),
            "--group-size", str(args.group_size), "--steps", str(args.steps), "--threads", str(args.threads),
+           *(["--no-checkpointing"] if args.no_checkpointing else []),
            "--cache-sequences", str(args.cache_sequences),
            "--cache-tokens", str(args.cache_tokens if args.cache_tokens is not None else 0)]
     if cached:
@@ -209,6 +210,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache-tokens", type=int, default=32768, help="0 = rows only")
     p.add_argument("--time-batch", type=int, default=2, help="batch of the side-by-side timing; 0 = skip")
     p.add_argument("--skip-search", action="store_true", help="only the timing")
+    p.add_argument("--no-checkpointing", action="store_true",
+                   help="gradient checkpointing off in both settings (default on: the strongest uncached setting)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.cache_tokens = args.cache_tokens or None

@@ -4,7 +4,8 @@
 # (loss.negatives_cross_device_heads=all) let the fresh sparse head learn as it does in one process?
 # For each seed in SEEDS and each setting in HEADS (dense = the recipe, all = every head gathered) it
 # trains, evaluates per query on the held-out split (`m3c eval --per-query`) and compares against the
-# base model and, when both exist, `all` against `dense` of the same seed (paired bootstrap, `m3c compare`).
+# base model, against the seed's untrained start, and, when both exist, `all` against `dense` of the
+# same seed (paired bootstrap, `m3c compare`).
 # Outputs: $RUN/<heads>-s<seed>/{export,losses.jsonl}, $RUN/eval_<heads>-s<seed>.json, $RUN/compare_*.txt;
 # a rerun skips what is already there. One training at a time (~13 GB for the 2 ranks).
 set -euo pipefail
@@ -25,6 +26,24 @@ mkdir -p "$RUN"
   --output "$RUN/eval_base.json" | tail -6
 
 for seed in $SEEDS; do
+  # the untrained start of this seed (fresh heads as initialised, the sparse head's idf fit), for
+  # "its start" intervals: the model build_trainer builds before step 0, saved and evaluated
+  start="$RUN/start-s$seed"
+  if [ ! -f "$RUN/eval_start-s$seed.json" ]; then
+    step "start of seed $seed"
+    "$PY" - "$seed" "$start" "$RUN/mds" <<'EOF'
+import sys
+from m3composer.config import load_config
+from m3composer.train import build_trainer
+seed, out, mds = sys.argv[1:4]
+trainer = build_trainer(load_config("yamls/quickstart-cpu.yaml", [
+    f"seed={seed}", f"run_dir={out}-run", f"data.train_data={mds}", "trainer.save_folder=null",
+    f"callbacks.export_dir={out}-run/export"]))
+trainer.state.model.model.save_pretrained(out)
+trainer.close()
+EOF
+    "${M3C[@]}" eval "$start" "$RUN/sample/eval" "${EVAL_ARGS[@]}" --output "$RUN/eval_start-s$seed.json" | tail -6
+  fi
   for heads in $HEADS; do
     name="$heads-s$seed"; out="$RUN/$name"
     if [ ! -f "$out/export/model.safetensors" ]; then
@@ -37,6 +56,7 @@ for seed in $SEEDS; do
     [ -f "$RUN/eval_$name.json" ] || "${M3C[@]}" eval "$out/export" "$RUN/sample/eval" "${EVAL_ARGS[@]}" \
       --output "$RUN/eval_$name.json" | tail -6
     "${M3C[@]}" compare "$RUN/eval_base.json" "$RUN/eval_$name.json" --base-head dense > "$RUN/compare_base_$name.txt"
+    "${M3C[@]}" compare "$RUN/eval_start-s$seed.json" "$RUN/eval_$name.json" > "$RUN/compare_start_$name.txt"
   done
   if [ -f "$RUN/eval_all-s$seed.json" ] && [ -f "$RUN/eval_dense-s$seed.json" ]; then
     "${M3C[@]}" compare "$RUN/eval_dense-s$seed.json" "$RUN/eval_all-s$seed.json" > "$RUN/compare_all_vs_dense-s$seed.txt"

@@ -102,7 +102,8 @@ class ComposerM3(ComposerModel):
 
     def __init__(self, model: M3Model, *, temperature: float = 0.02, unified_finetuning: bool = True,
                  use_self_distill: bool = False, negatives_cross_device: bool = False,
-                 negatives_cross_device_heads: str = "dense", cross_rank_grad_scale: str = "parity", train_group_size: Optional[int] = None,
+                 negatives_cross_device_heads: str = "dense", cross_rank_grad_scale: str = "parity",
+                 train_group_size: Optional[int] = None,
                  bidirectional_parallel: bool = True, knowledge_distillation: bool = False,
                  gradient_checkpointing: bool = False, colbert_max_elements: int = COLBERT_MAX_ELEMENTS,
                  gradient_cache: Optional[gradcache.GradientCacheBudget] = None,

@@ -1,6 +1,6 @@
 """The gradient cache under DDP on 2 real gloo processes, with cross-rank dense negatives under both
-gradient conventions: after DDP's all-reduce every parameter gradient equals the uncached DDP run's
-(to 1e-5 relative), over two steps (a reducer that saw a parameter twice, or not at all, fails the
+gradient conventions (and with every head gathered): after DDP's all-reduce every parameter gradient
+equals the uncached DDP run's (to 1e-5 relative), over two steps (a reducer that saw a parameter twice, or not at all, fails the
 second step: "Expected to have finished reduction in the prior iteration")."""
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ MODES = {
     "unified_full_batch": dict(use_self_distill=True, cross_rank_grad_scale="full_batch"),
     "dense_full_batch_kd": dict(unified_finetuning=False, knowledge_distillation=True,
                                 cross_rank_grad_scale="full_batch"),
+    # every head's representations gathered (the cached outputs are the gather's inputs)
+    "all_heads_parity": dict(use_self_distill=True, negatives_cross_device_heads="all",
+                             cross_rank_grad_scale="parity"),
 }
 BUDGET = GradientCacheBudget(max_sequences=2)       # 3 rows per rank: chunks of 2 and 1
 

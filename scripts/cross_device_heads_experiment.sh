@@ -16,6 +16,11 @@ M3C=("$PY" -m m3composer.cli)
 COMPOSER=${COMPOSER:-composer}
 SEEDS=${SEEDS:-42 43 44}
 HEADS=${HEADS:-all dense}
+# EXTRA: more key=value overrides for every training and start (e.g. model.sparse_init_passages=4096);
+# TAG: a suffix of every output name for such a variant (e.g. -fit4096)
+read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
+TAG=${TAG:-}
+START=${START:-1}      # 0: skip the untrained-start evaluation (it does not depend on HEADS)
 EVAL_ARGS=(--passage-max-len 192 --per-query)
 step() { printf '\n=== [%s] %s ===\n' "$(date +%H:%M:%S)" "$*"; }
 mkdir -p "$RUN"
@@ -28,38 +33,40 @@ mkdir -p "$RUN"
 for seed in $SEEDS; do
   # the untrained start of this seed (fresh heads as initialised, the sparse head's idf fit), for
   # "its start" intervals: the model build_trainer builds before step 0, saved and evaluated
-  start="$RUN/start-s$seed"
-  if [ ! -f "$RUN/eval_start-s$seed.json" ]; then
+  start="$RUN/start$TAG-s$seed"
+  if [ "$START" = 1 ] && [ ! -f "$RUN/eval_start$TAG-s$seed.json" ]; then
     step "start of seed $seed"
-    "$PY" - "$seed" "$start" "$RUN/mds" <<'EOF'
+    "$PY" - "$seed" "$start" "$RUN/mds" "${EXTRA_ARGS[@]}" <<'EOF'
 import sys
 from m3composer.config import load_config
 from m3composer.train import build_trainer
-seed, out, mds = sys.argv[1:4]
+seed, out, mds, *extra = sys.argv[1:]
 trainer = build_trainer(load_config("yamls/quickstart-cpu.yaml", [
     f"seed={seed}", f"run_dir={out}-run", f"data.train_data={mds}", "trainer.save_folder=null",
-    f"callbacks.export_dir={out}-run/export"]))
+    f"callbacks.export_dir={out}-run/export", *extra]))
 trainer.state.model.model.save_pretrained(out)
 trainer.close()
 EOF
-    "${M3C[@]}" eval "$start" "$RUN/sample/eval" "${EVAL_ARGS[@]}" --output "$RUN/eval_start-s$seed.json" | tail -6
+    "${M3C[@]}" eval "$start" "$RUN/sample/eval" "${EVAL_ARGS[@]}" --output "$RUN/eval_start$TAG-s$seed.json" | tail -6
   fi
   for heads in $HEADS; do
-    name="$heads-s$seed"; out="$RUN/$name"
+    name="$heads$TAG-s$seed"; out="$RUN/$name"
     if [ ! -f "$out/export/model.safetensors" ]; then
       step "train $name"
       rm -rf "$out"
       "$COMPOSER" -n 2 scripts/train.py yamls/quickstart-cpu.yaml seed="$seed" run_dir="$out" \
         loss.negatives_cross_device_heads="$heads" data.train_data="$RUN/mds" trainer.save_folder=null \
-        callbacks.export_dir="$out/export" callbacks.loss_log="$out/losses.jsonl" > "$out.log" 2>&1
+        callbacks.export_dir="$out/export" callbacks.loss_log="$out/losses.jsonl" "${EXTRA_ARGS[@]}" > "$out.log" 2>&1
     fi
     [ -f "$RUN/eval_$name.json" ] || "${M3C[@]}" eval "$out/export" "$RUN/sample/eval" "${EVAL_ARGS[@]}" \
       --output "$RUN/eval_$name.json" | tail -6
     "${M3C[@]}" compare "$RUN/eval_base.json" "$RUN/eval_$name.json" --base-head dense > "$RUN/compare_base_$name.txt"
-    "${M3C[@]}" compare "$RUN/eval_start-s$seed.json" "$RUN/eval_$name.json" > "$RUN/compare_start_$name.txt"
+    [ -f "$RUN/eval_start$TAG-s$seed.json" ] && "${M3C[@]}" compare "$RUN/eval_start$TAG-s$seed.json" \
+      "$RUN/eval_$name.json" > "$RUN/compare_start_$name.txt"
   done
-  if [ -f "$RUN/eval_all-s$seed.json" ] && [ -f "$RUN/eval_dense-s$seed.json" ]; then
-    "${M3C[@]}" compare "$RUN/eval_dense-s$seed.json" "$RUN/eval_all-s$seed.json" > "$RUN/compare_all_vs_dense-s$seed.txt"
+  if [ -f "$RUN/eval_all$TAG-s$seed.json" ] && [ -f "$RUN/eval_dense$TAG-s$seed.json" ]; then
+    "${M3C[@]}" compare "$RUN/eval_dense$TAG-s$seed.json" "$RUN/eval_all$TAG-s$seed.json" \
+      > "$RUN/compare_all_vs_dense$TAG-s$seed.txt"
   fi
 done
 step "nDCG@10 per head"

@@ -60,7 +60,7 @@ class ModelConfig:
     # head fitted to idf-weighted overlap on a sample of the training data (idf), as plain lexical
     # overlap (weight 0, bias √τ) or PyTorch's default (recipe.md §A fresh sparse head).
     new_sparse_head_init: str = "idf"
-    sparse_init_passages: int = 1024    # idf: training passages sampled for the fit (one no-grad encode)
+    sparse_init_passages: int = 4096    # idf: training passages sampled for the fit (one no-grad encode)
 
 
 @dataclass

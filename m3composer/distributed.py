@@ -83,14 +83,14 @@ def gather_for_negatives(x: torch.Tensor, cross_rank_grad_scale: str = "parity")
     raise ValueError(f"cross_rank_grad_scale must be one of {CROSS_RANK_GRAD_SCALES}, got {cross_rank_grad_scale!r}")
 
 
-def pad_to_longest_across_ranks(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """`x` zero-padded along `dim` to the longest size any rank has there (so it can be gathered);
-    differentiable. Zero rows are what one process's collate would have padded with."""
+def pad_to_longest_across_ranks(tensors: list[torch.Tensor], dim: int = 1) -> list[torch.Tensor]:
+    """The tensors (all of one size along `dim`) zero-padded along `dim` to the longest size any rank
+    has there, so they can be gathered; one collective for all of them, differentiable. Zero rows
+    are what one process's collate would have padded with."""
     if not is_distributed():
-        return x
-    size = torch.tensor([x.shape[dim]], device=x.device)
-    longest = int(gather_no_grad(size).max())
-    if longest == x.shape[dim]:
-        return x
-    pad = [0, 0] * (x.dim() - 1 - dim) + [0, longest - x.shape[dim]]
-    return torch.nn.functional.pad(x, pad)
+        return list(tensors)
+    here = tensors[0].shape[dim]
+    longest = int(gather_no_grad(torch.tensor([here], device=tensors[0].device)).max())
+    if longest == here:
+        return list(tensors)
+    return [torch.nn.functional.pad(x, [0, 0] * (x.dim() - 1 - dim) + [0, longest - here]) for x in tensors]

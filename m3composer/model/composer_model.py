@@ -204,8 +204,7 @@ class ComposerM3(ComposerModel):
         to the longest rank's length first, as one process's collate would have padded them)."""
         def gather(x):
             return distributed.gather_for_negatives(x, self.cross_rank_grad_scale)
-        vectors = distributed.pad_to_longest_across_ranks(reps.colbert, dim=1)
-        mask = distributed.pad_to_longest_across_ranks(reps.colbert_mask, dim=1)
+        vectors, mask = distributed.pad_to_longest_across_ranks([reps.colbert, reps.colbert_mask], dim=1)
         return M3Reps(dense=gather(reps.dense), sparse=gather(reps.sparse), colbert=gather(vectors),
                       colbert_mask=distributed.gather_no_grad(mask))
 
@@ -234,17 +233,17 @@ class ComposerM3(ComposerModel):
         # Dense: global over all ranks when asked (a no-op without a process group); every head with "all".
         every_head = gathered and self.unified_finetuning and self.negatives_cross_device_heads == "all"
         global_scores = None
-        if every_head:
-            global_scores = self.score(self._gather(q), self._gather(p))
-            global_dense = global_scores.dense
-        elif gathered:
-            q_all = distributed.gather_for_negatives(q.dense, self.cross_rank_grad_scale)
-            p_all = distributed.gather_for_negatives(p.dense, self.cross_rank_grad_scale)
-            global_dense = dense_scores(q_all, p_all, self.temperature)
-        if gathered:
-            global_teacher = distributed.gather_no_grad(teacher) if teacher is not None else None
-        else:
+        if not gathered:
             global_dense, global_teacher = scores.dense, teacher
+        else:
+            global_teacher = distributed.gather_no_grad(teacher) if teacher is not None else None
+            if every_head:
+                global_scores = self.score(self._gather(q), self._gather(p))
+                global_dense = global_scores.dense
+            else:
+                q_all = distributed.gather_for_negatives(q.dense, self.cross_rank_grad_scale)
+                p_all = distributed.gather_for_negatives(p.dense, self.cross_rank_grad_scale)
+                global_dense = dense_scores(q_all, p_all, self.temperature)
         dense_loss = head_loss(global_dense, global_teacher, dense_mask)
         zero = dense_loss.new_zeros(())
 

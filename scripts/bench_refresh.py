@@ -1,6 +1,6 @@
 """What one NegativeRefresh costs with e5-small on this machine: seconds per 1,000 training rows.
 
-usage: python scripts/bench_refresh.py MDS_DIR [--model asset:e5-small] [--out DIR] [--batch-size 64]
+usage: python scripts/bench_refresh.py MDS_DIR [--model asset:e5-small] [--head dense] [--out DIR] [--batch-size 64]
 
 Builds the training dataset as `scripts/train.py` would (e5's instructions, query 32 / passage 128
 tokens, as the quickstart), then runs one refresh (`NegativeRefresh.run`, 1 rank: the whole pool
@@ -16,6 +16,7 @@ import time
 from m3composer.assets.build import resolve_model_dir
 from m3composer.callbacks.negative_refresh import NegativeRefresh
 from m3composer.data.dataset import M3TrainDataset
+from m3composer.data.negatives import REFRESH_HEADS
 from m3composer.model.m3 import M3Model
 
 
@@ -29,6 +30,7 @@ def main() -> int:
     parser.add_argument("--model", default="asset:e5-small")
     parser.add_argument("--out", default=None, help="negatives folder (default: a temporary one)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--head", choices=REFRESH_HEADS, default="dense", help="the ranking head (default dense)")
     parser.add_argument("--query-max-len", type=int, default=32)
     parser.add_argument("--passage-max-len", type=int, default=128)
     args = parser.parse_args()
@@ -41,10 +43,10 @@ def main() -> int:
                              passage_instruction_for_retrieval=model.passage_instruction, negatives_dir=out)
     before = peak_rss_mib()
     started = time.perf_counter()
-    meta = NegativeRefresh(out, batch_size=args.batch_size).run(model, dataset, version=1, from_epoch=1)
+    meta = NegativeRefresh(out, head=args.head, batch_size=args.batch_size).run(model, dataset, version=1, from_epoch=1)
     seconds = time.perf_counter() - started
     rows, pool = meta["rows"], meta["pool_passages"]
-    print(json.dumps({"rows": rows, "pool_passages": pool, "seconds": meta["seconds"],
+    print(json.dumps({"head": args.head, "rows": rows, "pool_passages": pool, "seconds": meta["seconds"],
                       "seconds_per_1000_rows": round(1000 * seconds / rows, 1),
                       "seconds_per_1000_pool_passages": round(1000 * seconds / pool, 1),
                       "rows_with_fewer_negatives": meta["rows_with_fewer_negatives"],

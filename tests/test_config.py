@@ -114,8 +114,10 @@ def test_negative_refresh_is_off_by_default_and_bad_settings_fail_naming_the_key
     refresh = cfg.callbacks.negative_refresh
     assert (refresh.interval, refresh.range, refresh.head, refresh.negatives) == ("2ep", "5-50", "dense", 7)
     key = "callbacks.negative_refresh"
+    for head in ("sparse", "colbert", "ensemble"):
+        assert load_config(yaml_path, [f"{key}.head={head}"]).callbacks.negative_refresh.head == head
     for override, message in ((f"{key}.interval=100ba", r"\.interval: must be a whole number of epochs"),
-                              (f"{key}.head=sparse", r"\.head: must be dense, got 'sparse'"),
+                              (f"{key}.head=bm25", r"\.head: must be dense, sparse, colbert or ensemble, got 'bm25'"),
                               (f"{key}.range=20-10", r"\.range: range needs 1 <= FIRST <= LAST"),
                               (f"{key}.negatives=0", r"\.negatives: must be >= 1"),
                               ("trainer.fsdp=true", r": is not supported with trainer\.fsdp")):

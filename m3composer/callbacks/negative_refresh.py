@@ -5,11 +5,13 @@ At the `EPOCH_END` of every `interval_epochs`-th epoch (not after the last one) 
 
 1. builds the training data's own pool once (data/negatives.py: per stream, identical passages
    once) and keeps it for later refreshes;
-2. encodes its contiguous share of the pool and of the rows' queries with the dense head
-   (`retrieval/refresh.py`), prefixed and truncated as in training; the pool's vectors are
-   gathered onto every rank;
-3. mines its share of the rows (faiss, rank range, positive-aware filter, seeded draw: `m3c mine`'s
-   rules) and gathers the choices, so every rank holds the one result;
+2. encodes its contiguous share of the pool and of the rows' queries with the chosen head
+   (`retrieval/refresh.py`), prefixed and truncated as in training. Dense: the pool's vectors are
+   gathered onto every rank, each rank mines its share of the rows with faiss and the choices are
+   gathered. Sparse, ColBERT, ensemble: the pool stays sharded, the queries' representations are
+   gathered, each rank ranks every query against its share of the pool and the top-k lists are
+   gathered and merged. Either way `m3c mine`'s rules (rank range, positive-aware filter, seeded
+   draw) pick the negatives and every rank holds the one result;
 4. rank 0 writes `run_dir/negatives/v{N}/` (N = the refresh's number, epoch / interval) and the
    pool atomically; after a barrier every rank loads v{N} from disk into the dataset, checks it is
    the result it gathered, and the dataset serves it from the next epoch.
@@ -33,7 +35,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
@@ -42,25 +43,11 @@ from m3composer.data.collate import with_prefix
 from m3composer.data.negatives import (REFRESH_HEADS, TrainingPool, build_pool, version_arrays, version_sha256,
                                        write_pool, write_version)
 from m3composer.model.inference import unwrap_m3
-from m3composer.retrieval.refresh import encode_token_ids, mine_rows
+from m3composer.retrieval.refresh import encode_token_ids, gather_rows, mine_rows, mine_rows_sharded_pool, shard
 
 log = logging.getLogger(__name__)
 
 KILL_HOOK_ENV = "M3C_TEST_KILL_DURING_REFRESH"
-
-
-def shard(n: int, rank: int, world_size: int) -> tuple[int, int, int]:
-    """`(start, stop, size)`: rank's contiguous share of n items, every share padded to `size`."""
-    size = -(-n // world_size) if n else 0
-    return min(n, rank * size), min(n, (rank + 1) * size), size
-
-
-def gather_rows(local: np.ndarray, total: int, size: int, device) -> np.ndarray:
-    """Every rank's `local` rows (each padded to `size`) concatenated in rank order, cut to `total`."""
-    padded = np.zeros((size,) + local.shape[1:], dtype=local.dtype)
-    padded[:len(local)] = local
-    parts = dist.all_gather(torch.from_numpy(padded).to(device))
-    return torch.cat([p.cpu() for p in parts]).numpy()[:total]
 
 
 class NegativeRefresh(Callback):
@@ -69,7 +56,8 @@ class NegativeRefresh(Callback):
     Args:
         folder: where versions are written (`run_dir/negatives`; the dataset's `negatives_dir`).
         interval_epochs: refresh after epochs interval, 2·interval, …
-        head: the ranking head (dense only).
+        head: the ranking head: dense, sparse, colbert or ensemble (`m3c mine --head`; how each is
+            shared among ranks: retrieval/refresh.py).
         rank_range, negatives, max_score_ratio, margin: `m3c mine`'s `--range`, `--negatives`,
             `--max-score-ratio`, `--margin`.
         batch_size: encoding batch.
@@ -129,29 +117,36 @@ class NegativeRefresh(Callback):
         lo, hi, size = shard(len(pool.passages), rank, world)
         passages = [with_prefix(p, spec.passage_prefix, dataset.passage_max_len, spec.eos_id)
                     for p in pool.passages[lo:hi]]
-        pool_vecs = gather_rows(encode_token_ids(model, passages, spec.pad_id, self.batch_size), len(pool.passages),
-                                size, device)
-        encoded_pool = time.perf_counter()
-        lo, hi, size = shard(len(pool.row_ids), rank, world)
-        rows = np.arange(lo, hi)
-        queries = [with_prefix(pool.queries[r], spec.query_prefix, dataset.query_max_len, spec.eos_id) for r in rows]
-        query_vecs = encode_token_ids(model, queries, spec.pad_id, self.batch_size)
-        chosen, counts = mine_rows(pool, rows, query_vecs, pool_vecs, rank_range=self.rank_range,
-                                   negatives=self.negatives, seed=self.seed, version=version,
-                                   max_score_ratio=self.max_score_ratio, margin=self.margin)
-        chosen = gather_rows(chosen, len(pool.row_ids), size, device)
-        keys = sorted(counts)
-        totals = gather_rows(np.array([[counts[k] for k in keys]], dtype=np.int64), world, 1, device).sum(axis=0)
-        counts = {k: int(v) for k, v in zip(keys, totals)}
-        mined = time.perf_counter()
+        queries = [with_prefix(q, spec.query_prefix, dataset.query_max_len, spec.eos_id) for q in pool.queries]
+        options = dict(rank_range=self.rank_range, negatives=self.negatives, seed=self.seed, version=version,
+                       max_score_ratio=self.max_score_ratio, margin=self.margin)
+        if self.head == "dense":
+            pool_vecs = gather_rows(encode_token_ids(model, passages, spec.pad_id, self.batch_size),
+                                    len(pool.passages), size, device)
+            encoded_pool = time.perf_counter()
+            lo, hi, size = shard(len(pool.row_ids), rank, world)
+            rows = np.arange(lo, hi)
+            query_vecs = encode_token_ids(model, queries[lo:hi], spec.pad_id, self.batch_size)
+            chosen, counts = mine_rows(pool, rows, query_vecs, pool_vecs, **options)
+            chosen = gather_rows(chosen, len(pool.row_ids), size, device)
+            keys = sorted(counts)
+            totals = gather_rows(np.array([[counts[k] for k in keys]], dtype=np.int64), world, 1,
+                                 device).sum(axis=0)
+            counts = {k: int(v) for k, v in zip(keys, totals)}
+            seconds = {"encode_pool": round(encoded_pool - started, 3),
+                       "encode_queries_and_mine": round(time.perf_counter() - encoded_pool, 3)}
+        else:
+            # the pool stays sharded; every rank ends with every row's choice (retrieval/refresh.py)
+            chosen, counts = mine_rows_sharded_pool(model, pool, queries, dict(zip(range(lo, hi), passages)),
+                                                    head=self.head, pad_id=spec.pad_id, batch_size=self.batch_size,
+                                                    **options)
+            seconds = {"encode_and_mine": round(time.perf_counter() - started, 3)}
 
         pool_sha = pool.sha256
         meta = {"version": version, "from_epoch": from_epoch, "mined_after_epoch": from_epoch - 1,
                 "batch": batch, "head": self.head, "range": list(self.rank_range),
                 "negatives_per_row": self.negatives, "max_score_ratio": self.max_score_ratio, "margin": self.margin,
-                "pool_passages": len(pool.passages), "world_size": world, **counts,
-                "seconds": {"encode_pool": round(encoded_pool - started, 3),
-                            "encode_queries_and_mine": round(mined - encoded_pool, 3)}}
+                "pool_passages": len(pool.passages), "world_size": world, **counts, "seconds": seconds}
         if rank == 0:
             write_pool(self.folder, pool)
             meta = write_version(self.folder, version, pool.row_ids, chosen, pool_sha, meta,

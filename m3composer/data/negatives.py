@@ -39,9 +39,9 @@ from m3composer.fsutil import building_dir, write_json_atomic
 
 POOL_DIR = "pool"
 INDEX_FILE = "index.json"
-# The heads NegativeRefresh ranks with: dense (faiss over gathered vectors). Sparse and ColBERT would
-# need search.py's brute-force engine over every rank's share; not built.
-REFRESH_HEADS = ("dense",)
+# The heads NegativeRefresh ranks with, as `m3c mine --head`: dense (faiss over gathered vectors), the
+# others brute force over every rank's share of the pool (retrieval/refresh.py).
+REFRESH_HEADS = ("dense", "sparse", "colbert", "ensemble")
 
 
 def parse_rank_range(text: str) -> tuple[int, int]:

@@ -112,6 +112,15 @@ def colbert_maxsim(q_vecs: torch.Tensor, q_mask: torch.Tensor, d_vecs: torch.Ten
     return torch.cat(out)
 
 
+def merge_top_k(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best `k` of `(n, m)` candidate scores and their document indices, per row, best first;
+    equal scores go to the lower index (so merging lists in any order gives one result)."""
+    by_index = indices.argsort(dim=1, stable=True)
+    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
+    by_score = values.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return values.gather(1, by_score), indices.gather(1, by_score)
+
+
 class RunningTopK:
     """Best `k` (score, document index) per query over corpus batches; ties go to the lower index."""
 
@@ -123,11 +132,7 @@ class RunningTopK:
     def update(self, scores: torch.Tensor, doc_indices: torch.Tensor) -> None:
         values = torch.cat([self.values, scores.float()], dim=1)
         indices = torch.cat([self.indices, doc_indices.expand(scores.shape[0], -1)], dim=1)
-        # Sort by index, then stable-sort by score: equal scores stay in index order.
-        by_index = indices.argsort(dim=1)
-        values, indices = values.gather(1, by_index), indices.gather(1, by_index)
-        by_score = values.argsort(dim=1, descending=True, stable=True)[:, :self.k]
-        self.values, self.indices = values.gather(1, by_score), indices.gather(1, by_score)
+        self.values, self.indices = merge_top_k(values, indices, self.k)
 
 
 def encode_dense(model, texts: Sequence[str], tokenizer, instruction: Optional[str], max_length: int,

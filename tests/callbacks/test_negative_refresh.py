@@ -8,7 +8,8 @@ steps, a refresh after epochs 0 and 1. (Pools of several streams: tests/data/tes
   in), then the same command: the restart resumes from the checkpoint in epoch 1 (which records
   v1, so it reads v1 back from disk and serves it for the epoch's last step), mines v2 again, and every step of both runs logs the losses of
   the uninterrupted run; v1 and v2 are byte-identical to its;
-* on 2 ranks (gloo) both ranks serve the same version, the one on disk.
+* on 2 ranks (gloo) both ranks serve the same version, the one on disk, with the dense head (vectors
+  gathered) and with the ensemble (the pool sharded: tests/retrieval/test_refresh_heads.py).
 """
 from __future__ import annotations
 
@@ -55,13 +56,13 @@ def topics_mds(tmp_path_factory) -> Path:
     return root / "mds"
 
 
-def refresh_recipe(run: Path, mds: Path, epochs: int = 3, **trainer) -> Path:
+def refresh_recipe(run: Path, mds: Path, epochs: int = 3, head: str = "dense", **trainer) -> Path:
     return write_recipe(run / "recipe.yaml", tiny_recipe(
         run, mds,
         loss={"knowledge_distillation": True, "self_distill_start_step": "3ba"},
         trainer={"max_duration": f"{epochs}ep", "save_folder": str(run / "ckpt"), "save_interval": "3ba",
                  "autoresume": True, "save_num_checkpoints_to_keep": 1, **trainer},
-        callbacks={"negative_refresh": {"interval": "1ep", "range": "2-20", "negatives": 4}}))
+        callbacks={"negative_refresh": {"interval": "1ep", "range": "2-20", "negatives": 4, "head": head}}))
 
 
 def version_arrays(run: Path, version: int) -> dict:
@@ -133,13 +134,16 @@ def test_sigkill_during_a_refresh_then_the_same_command_continues_with_the_same_
         assert all(np.array_equal(mine[k], ref[k]) for k in ref), version
 
 
-def test_two_ranks_serve_the_same_version(topics_mds, tmp_path):
+@pytest.mark.parametrize("head", ["dense", "ensemble"])   # vectors gathered / pool sharded (retrieval/refresh.py)
+def test_two_ranks_serve_the_same_version(topics_mds, tmp_path, head):
     from tests.test_train_distributed import launch
 
     run = tmp_path / "two"
-    assert not launch(refresh_recipe(run, topics_mds, epochs=2), run / "logs", cwd=run)
+    assert not launch(refresh_recipe(run, topics_mds, epochs=2, head=head), run / "logs", cwd=run)
     meta = json.loads((run / "negatives" / "v1" / "meta.json").read_text())
-    assert meta["world_size"] == 2 and meta["rows"] == ROWS
+    assert meta["world_size"] == 2 and meta["rows"] == ROWS and meta["head"] == head
+    offsets = np.load(run / "negatives" / "v1" / "offsets.npy")
+    assert np.diff(offsets).tolist() == [4] * ROWS             # a pool of 32: every row gets its 4
     # local rank 0 logs through the launcher (launcher.txt), rank 1 to r1.err
     text = "".join(p.read_text() for p in sorted((run / "logs").iterdir()))
     served = re.findall(r"rank (\d) serves mined negatives v(\d+) \(sha256 (\w+)\)", text)

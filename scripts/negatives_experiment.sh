@@ -25,6 +25,9 @@ COMPOSER=${COMPOSER:-composer}
 NPROC=${NPROC:-1}
 SEEDS=${SEEDS:-42 43}
 ROWS=${ROWS:-a b c d}
+# EXTRA: more key=value overrides for every training (e.g. model.sparse_init_passages=1024, the
+# default when the README's table was first run)
+read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
 EVAL_ARGS=(--passage-max-len 192 --per-query)
 step() { printf '\n=== [%s] %s ===\n' "$(date +%H:%M:%S)" "$*"; }
 mkdir -p "$RUN"
@@ -74,7 +77,7 @@ for seed in $SEEDS; do
       run_name="neg-$name" seed="$seed" data.default_batch_size=$(( 16 / NPROC )) model.gradient_checkpointing=true \
       trainer.max_duration=2ep trainer.train_subset_num_batches=16 trainer.save_folder=null \
       run_dir="$out" data.train_data="$RUN/mds-$data" callbacks.export_dir="$out/export" \
-      callbacks.loss_log="$out/losses.jsonl" "${extra[@]}" > "$out/train.log" 2>&1
+      callbacks.loss_log="$out/losses.jsonl" "${extra[@]}" "${EXTRA_ARGS[@]}" > "$out/train.log" 2>&1
     grep -h "negative refresh\|NegativeRefresh" "$out/train.log" | tail -2 || true
     step "$name: held-out eval"
     "${M3C[@]}" eval "$out/export" "$RUN/sample/eval" "${EVAL_ARGS[@]}" --output "$RUN/eval_$name.json" | tail -6

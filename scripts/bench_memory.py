@@ -4,6 +4,7 @@
                                    [--steps 3] [--mem-cap-gib 20] [--max-batch 512] [--threads 1]
                                    [--cache-sequences 16] [--cache-tokens 32768] [--time-batch 2]
                                    [--out results.json] [--skip-search] [--no-checkpointing]
+    python scripts/bench_memory.py --peer ../shared/peer [--peer-sub-batch 1] [--lengths 2048] ...
 
 Every trial is a fresh process (`--trial`) capped at `--mem-cap-gib` of address space
 (`RLIMIT_AS`), so that a batch too big fails as an allocation error inside the process instead of
@@ -19,6 +20,14 @@ hidden 384, position table 514: lengths above 512 are skipped for it unless the 
 
 Timing (`--time-batch B`): the same batch trained cached and uncached in one process, one after the
 other, alternating, 3 steps each after a warm-up step: seconds per query group (step time / B).
+FlagEmbedding (`--peer PEER_DIR`, the harness of ../shared/peer with its venv from `setup.sh`): the
+same search, each trial FlagEmbedding's own M3 trainer (`run_peer.sh`, 1 process, `--steps` steps)
+with `--sub_batch_size` (`--peer-sub-batch`) and `--gradient_checkpointing`, unified loss with
+self-distillation, on the tiny-v250k model saved as a folder (same init, e5-small's tokenizer) and
+text rows whose query and passages are longer than 32 / L tokens, so that truncation makes every
+sequence exactly 32 / L tokens as in our trials (its split-batch needs equal lengths: sub-batches are
+padded on their own and the ColBERT vectors concatenated). Peak RSS from `/usr/bin/time -v`.
+
 Memory breakdown: at the largest cached batch, the sizes of the cached outputs (dense `n·H`, sparse
 per-position weights `n·L`, ColBERT `n·(L-1)·D`), of the loss's `(n, V)` sparse vectors (and their
 gradient), and the peak RSS, next to the uncached peak.
@@ -33,6 +42,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 QUERY_LEN = 32
@@ -170,12 +180,13 @@ def run_trial(args, batch: int, cached: bool, mode: str = "--trial") -> dict:
     return result
 
 
-def largest_batch(args, cached: bool) -> tuple[int, list[dict]]:
+def largest_batch(args, cached: Optional[bool], trial_fn=None) -> tuple[int, list[dict]]:
     """Doubling then bisection: the largest B that trains (0 if B=1 fails)."""
+    trial_fn = trial_fn or (lambda b: run_trial(args, b, cached))
     trials, good, bad = [], 0, None
     b = 1
     while b <= args.max_batch:
-        r = run_trial(args, b, cached)
+        r = trial_fn(b)
         trials.append(r)
         if not r["ok"]:
             bad = b
@@ -185,10 +196,77 @@ def largest_batch(args, cached: bool) -> tuple[int, list[dict]]:
         return good, trials
     while bad - good > 1:
         mid = (good + bad) // 2
-        r = run_trial(args, mid, cached)
+        r = trial_fn(mid)
         trials.append(r)
         good, bad = (mid, bad) if r["ok"] else (good, mid)
     return good, trials
+
+
+def peer_assets(args, work: Path) -> tuple[Path, Path]:
+    """The tiny-v250k model as a FlagEmbedding-loadable folder and a JSONL of equal-length rows."""
+    import shutil
+
+    from pydoc_data.topics import topics
+
+    from m3composer.assets.build import resolve_model_dir
+    model_dir, data_dir = work / f"tiny-v250k-{args.length}", work / f"data-{args.length}-b{args.max_batch}"
+    if not (model_dir / "config.json").is_file():
+        encoder = build_model("tiny-v250k", args.length).encoder
+        encoder.save_pretrained(model_dir)
+        e5 = Path(resolve_model_dir("asset:e5-small"))
+        for name in ("sentencepiece.bpe.model", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(e5 / name, model_dir / name)
+    if not data_dir.is_dir():
+        text = " ".join(" ".join(topics[t].split()) for t in sorted(topics))
+        width = 8 * args.length                      # characters: well over L tokens
+        rows = args.max_batch * (args.steps + 1)
+        data_dir.mkdir(parents=True)
+        with open(data_dir / "equal_len-0-99999.jsonl", "w") as out:
+            for r in range(rows):
+                at = lambda j: (r * 977 + j * 7919) % (len(text) - width)
+                passages = [text[at(j):at(j) + width] for j in range(args.group_size)]
+                out.write(json.dumps({"query": text[at(99):at(99) + 600], "pos": passages[:1],
+                                      "neg": passages[1:]}) + "\n")
+    return model_dir, data_dir
+
+
+def run_peer_trial(args, batch: int, model_dir: Path, data_dir: Path, work: Path) -> dict:
+    """FlagEmbedding's trainer at batch `batch` under the address-space cap (`--peer`)."""
+    import re
+    import shutil
+
+    out = work / f"run-L{args.length}-b{batch}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = ["/usr/bin/time", "-v", "bash", str(Path(args.peer) / "run_peer.sh"), str(model_dir), str(data_dir),
+           str(out), str(args.steps), "--train_group_size", str(args.group_size), "--query_max_len", str(QUERY_LEN),
+           "--passage_max_len", str(args.length), "--sub_batch_size", str(args.peer_sub_batch),
+           "--gradient_checkpointing", "True"]
+    cap = int(args.mem_cap_gib * 2 ** 30)
+    env = dict(os.environ, BATCH=str(batch), THREADS=str(args.threads))
+    start = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+    result = {"ok": done.returncode == 0 and (out / "peer_result.json").is_file(), "batch": batch, "cached": "peer",
+              "peak_rss_gib": int(peak.group(1)) / 2 ** 20 if peak else None,
+              "wall_s": round(time.monotonic() - start, 1)}
+    if result["ok"]:
+        peer = json.loads((out / "peer_result.json").read_text())
+        result["train_s_per_step"] = peer["wall_s"] / max(1, peer["steps"])
+    else:
+        log = (out / "peer_train.log").read_text() if (out / "peer_train.log").is_file() else done.stdout
+        err = [line for line in log.splitlines() if "Error" in line or "error" in line]
+        result["error"] = (err[-1] if err else log[-300:]).strip()[:300]
+    shutil.rmtree(out, ignore_errors=True)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def largest_peer_batch(args) -> tuple[int, list[dict]]:
+    work = Path(args.out).with_suffix("") if args.out else Path("/tmp/bench-memory-peer")
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir, data_dir = peer_assets(args, work)
+    return largest_batch(args, cached=None, trial_fn=lambda b: run_peer_trial(args, b, model_dir, data_dir, work))
 
 
 def main(argv=None) -> int:
@@ -212,6 +290,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-search", action="store_true", help="only the timing")
     p.add_argument("--no-checkpointing", action="store_true",
                    help="gradient checkpointing off in both settings (default on: the strongest uncached setting)")
+    p.add_argument("--peer", default=None, metavar="PEER_DIR",
+                   help="search FlagEmbedding's largest batch instead (../shared/peer; module doc)")
+    p.add_argument("--peer-sub-batch", type=int, default=1, help="FlagEmbedding's --sub_batch_size (default 1)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.cache_tokens = args.cache_tokens or None
@@ -219,6 +300,17 @@ def main(argv=None) -> int:
         print(json.dumps(trial(args) if args.trial else timing(args)), flush=True)
         return 0
     results = []
+    if args.peer:
+        for length in [int(x) for x in args.lengths.split(",")]:
+            args.length = length
+            best, trials = largest_peer_batch(args)
+            results.append({"model": "tiny-v250k", "length": length, "trainer": "FlagEmbedding",
+                            "sub_batch_size": args.peer_sub_batch, "mem_cap_gib": args.mem_cap_gib,
+                            "largest_batch": best, "trials": trials})
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "trials"}), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     for model in args.models.split(","):
         for length in [int(x) for x in args.lengths.split(",")]:
             if model == "e5-small" and length > 512:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from contextlib import contextmanager
 import time
 import socket
 import subprocess
@@ -67,11 +68,21 @@ def encoder_grads(model: ComposerM3) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.model.encoder.named_parameters() if p.grad is not None}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+@contextmanager
+def gloo_group(rank: int, port: int):
+    """A WORLD-rank gloo process group on 127.0.0.1 for a `spawn_ranks` worker (1 thread each),
+    destroyed on the way out."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    with gloo_group(rank, port):
         results = {}
         for name, kwargs in MODES:
             model = ComposerM3(build_recipe_model(), negatives_cross_device=True, **kwargs).train()
@@ -86,8 +97,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results["gathered"] = gathered
         results["sparse_fit"] = fitted_sparse_head()          # each rank encodes half the sample
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def fitted_sparse_head() -> torch.Tensor:

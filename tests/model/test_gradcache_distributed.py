@@ -4,18 +4,16 @@ equals the uncached DDP run's (to 1e-5 relative), over two steps (a reducer that
 second step: "Expected to have finished reduction in the prior iteration")."""
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from m3composer.model.composer_model import ComposerM3
 from m3composer.model.gradcache import GradientCacheBudget
 from tests.model.conftest import build_recipe_model
 from tests.model.test_gradcache import REL, param_grads, worst_relative_difference
-from tests.test_distributed import WORLD, rank_batch, spawn_ranks
+from tests.test_distributed import gloo_group, rank_batch, spawn_ranks
 
 MODES = {
     "unified_parity": dict(use_self_distill=True, cross_rank_grad_scale="parity"),
@@ -43,15 +41,10 @@ def _two_steps(kwargs: dict, budget, rank: int) -> list[dict]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, port):
         results = {name: {"plain": _two_steps(kwargs, None, rank), "cached": _two_steps(kwargs, BUDGET, rank)}
                    for name, kwargs in MODES.items()}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

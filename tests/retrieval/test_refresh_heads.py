@@ -12,20 +12,18 @@ merged. On the tiny model over real text (Python's `pydoc_data` topics, two stre
 """
 from __future__ import annotations
 
-import datetime
 import os
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from m3composer.data.negatives import TrainingPool
 from m3composer.model.m3 import M3Model
 from m3composer.padding import right_pad
 from m3composer.retrieval.refresh import mine_rows_sharded_pool, sharded_top_k
 from m3composer.retrieval.search import colbert_maxsim
-from tests.test_distributed import WORLD, spawn_ranks
+from tests.test_distributed import WORLD, gloo_group, spawn_ranks
 
 HEADS = ("sparse", "colbert", "ensemble")
 ROWS = (7, 5)              # rows per stream; the query chunk (3) is smaller than both
@@ -93,17 +91,12 @@ def mine_every_head(model: M3Model, pool: TrainingPool, share: range) -> dict:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, port):
         model = tiny_model()
         pool = topics_pool(model.tokenizer)
         size = -(-len(pool.passages) // WORLD)
         share = range(rank * size, min(len(pool.passages), (rank + 1) * size))
         torch.save(mine_every_head(model, pool, share), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

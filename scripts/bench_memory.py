@@ -4,7 +4,7 @@
                                    [--steps 3] [--mem-cap-gib 20] [--max-batch 512] [--threads 1]
                                    [--cache-sequences 16] [--cache-tokens 32768] [--time-batch 2]
                                    [--out results.json] [--skip-search] [--no-checkpointing]
-    python scripts/bench_memory.py --peer ../shared/peer [--peer-sub-batch 1] [--lengths 2048] ...
+    python scripts/bench_memory.py --peer ../shared/peer [--peer-sub-batch 1] [--peer-batches 4,6,8] [--lengths 2048] ...
 
 Every trial is a fresh process (`--trial`) capped at `--mem-cap-gib` of address space
 (`RLIMIT_AS`), so that a batch too big fails as an allocation error inside the process instead of
@@ -209,7 +209,9 @@ def peer_assets(args, work: Path) -> tuple[Path, Path]:
     from pydoc_data.topics import topics
 
     from m3composer.assets.build import resolve_model_dir
-    model_dir, data_dir = work / f"tiny-v250k-{args.length}", work / f"data-{args.length}-b{args.max_batch}"
+    largest = max(int(b) for b in args.peer_batches.split(",")) if args.peer_batches else args.max_batch
+    rows = largest * (args.steps + 1)                # every step a batch of its own rows
+    model_dir, data_dir = work / f"tiny-v250k-{args.length}", work / f"data-{args.length}-r{rows}"
     if not (model_dir / "config.json").is_file():
         encoder = build_model("tiny-v250k", args.length).encoder
         encoder.save_pretrained(model_dir)
@@ -219,7 +221,6 @@ def peer_assets(args, work: Path) -> tuple[Path, Path]:
     if not data_dir.is_dir():
         text = " ".join(" ".join(topics[t].split()) for t in sorted(topics))
         width = 8 * args.length                      # characters: well over L tokens
-        rows = args.max_batch * (args.steps + 1)
         data_dir.mkdir(parents=True)
         with open(data_dir / "equal_len-0-99999.jsonl", "w") as out:
             for r in range(rows):
@@ -263,9 +264,13 @@ def run_peer_trial(args, batch: int, model_dir: Path, data_dir: Path, work: Path
 
 
 def largest_peer_batch(args) -> tuple[int, list[dict]]:
+    """The search (or, with `--peer-batches`, just those batches) over FlagEmbedding trials."""
     work = Path(args.out).with_suffix("") if args.out else Path("/tmp/bench-memory-peer")
     work.mkdir(parents=True, exist_ok=True)
     model_dir, data_dir = peer_assets(args, work)
+    if args.peer_batches:
+        trials = [run_peer_trial(args, int(b), model_dir, data_dir, work) for b in args.peer_batches.split(",")]
+        return max([t["batch"] for t in trials if t["ok"]], default=0), trials
     return largest_batch(args, cached=None, trial_fn=lambda b: run_peer_trial(args, b, model_dir, data_dir, work))
 
 
@@ -293,6 +298,7 @@ def main(argv=None) -> int:
     p.add_argument("--peer", default=None, metavar="PEER_DIR",
                    help="search FlagEmbedding's largest batch instead (../shared/peer; module doc)")
     p.add_argument("--peer-sub-batch", type=int, default=1, help="FlagEmbedding's --sub_batch_size (default 1)")
+    p.add_argument("--peer-batches", default=None, help="with --peer: run these batches (e.g. 4,6,8), no search")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.cache_tokens = args.cache_tokens or None

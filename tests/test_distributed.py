@@ -71,8 +71,10 @@ def encoder_grads(model: ComposerM3) -> dict[str, torch.Tensor]:
 @contextmanager
 def gloo_group(rank: int, port: int):
     """A WORLD-rank gloo process group on 127.0.0.1 for a `spawn_ranks` worker (1 thread each),
-    destroyed on the way out."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    destroyed on the way out. The rank variables are set as a launcher would: Composer's `dist`
+    checks them against the group, and the spawning process may hold another test's (RANK=0)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), NODE_RANK="0")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:

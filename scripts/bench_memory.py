@@ -153,6 +153,12 @@ def timing(args) -> dict:
     return {"ok": True, "uncached_s_per_group": uncached, "cached_s_per_group": cached, "ratio": cached / uncached}
 
 
+def last_error(text: str) -> str:
+    """The last line of a failed trial's output that names an error (else its tail), cut to 300."""
+    err = [line for line in text.splitlines() if "Error" in line or "error" in line]
+    return (err[-1] if err else text[-300:]).strip()[:300]
+
+
 def run_trial(args, batch: int, cached: bool, mode: str = "--trial") -> dict:
     cmd = [sys.executable, __file__, mode, "--model", args.model, "--length", str(args.length), "--batch", str(batch),
            "--group-size", str(args.group_size), "--steps", str(args.steps), "--threads", str(args.threads),
@@ -173,8 +179,7 @@ def run_trial(args, batch: int, cached: bool, mode: str = "--trial") -> dict:
     if done.returncode == 0 and lines:
         result = json.loads(lines[-1])
     else:
-        err = [line for line in done.stderr.splitlines() if "Error" in line or "error" in line]
-        result = {"ok": False, "error": (err[-1] if err else done.stderr[-300:]).strip()[:300]}
+        result = {"ok": False, "error": last_error(done.stderr)}
     result.update(batch=batch, cached=cached, wall_s=round(time.monotonic() - start, 1))
     print(json.dumps(result), flush=True)
     return result
@@ -256,8 +261,7 @@ def run_peer_trial(args, batch: int, model_dir: Path, data_dir: Path, work: Path
         result["train_s_per_step"] = peer["wall_s"] / max(1, peer["steps"])
     else:
         log = (out / "peer_train.log").read_text() if (out / "peer_train.log").is_file() else done.stdout
-        err = [line for line in log.splitlines() if "Error" in line or "error" in line]
-        result["error"] = (err[-1] if err else log[-300:]).strip()[:300]
+        result["error"] = last_error(log)
     shutil.rmtree(out, ignore_errors=True)
     print(json.dumps(result), flush=True)
     return result

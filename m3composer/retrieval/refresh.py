@@ -60,7 +60,7 @@ def gather_rows(local: np.ndarray, total: int, size: int, device) -> np.ndarray:
 
 def gather_all(local: torch.Tensor) -> list[torch.Tensor]:
     """`local` (same shape on every rank) from every rank, in rank order."""
-    return [p for p in dist.all_gather(local.contiguous())]
+    return dist.all_gather(local.contiguous())
 
 
 # ---- encoding token ids ------------------------------------------------------------------------------
@@ -143,11 +143,6 @@ class QueryReps:
     colbert: Optional[torch.Tensor]     # (n, W-1, D), 0 at padding
     colbert_mask: Optional[torch.Tensor]     # (n, W-1) bool
 
-    def rows(self, index: torch.Tensor) -> "QueryReps":
-        pick = (lambda t: None if t is None else t[index])
-        return QueryReps(*(pick(t) for t in (self.dense, self.sparse_ids, self.sparse_weights, self.colbert,
-                                              self.colbert_mask)))
-
 
 def _uses(head: str) -> tuple[bool, bool]:
     """(sparse scores needed, ColBERT scores needed) for `head`."""
@@ -166,7 +161,7 @@ def encode_query_reps(model, sequences: Sequence[np.ndarray], pad_id: int, batch
         out["sparse_ids"] = np.zeros((n, width), dtype=np.int64)
         out["sparse_weights"] = np.zeros((n, width), dtype=np.float32)
     if with_colbert:
-        out["colbert"] = None            # (n, width-1, D) once D is known
+        out["colbert"] = np.zeros((n, width - 1, m3.colbert_linear.out_features), dtype=np.float32)
         out["colbert_mask"] = np.zeros((n, width - 1), dtype=np.uint8)
     with inference_mode(m3):
         for rows, ids, mask in token_id_batches(sequences, pad_id, batch_size):
@@ -180,13 +175,8 @@ def encode_query_reps(model, sequences: Sequence[np.ndarray], pad_id: int, batch
                     out["sparse_weights"][r, :len(nz)] = weights[j, nz].cpu().numpy()
             if with_colbert:
                 vecs = reps.colbert.float().cpu().numpy()
-                if out["colbert"] is None:
-                    out["colbert"] = np.zeros((n, width - 1, vecs.shape[-1]), dtype=np.float32)
                 out["colbert"][rows, :vecs.shape[1]] = vecs
                 out["colbert_mask"][rows, :vecs.shape[1]] = reps.colbert_mask.cpu().numpy()
-    if with_colbert and out["colbert"] is None:     # this rank's share is empty
-        dim = m3.colbert_linear.out_features
-        out["colbert"] = np.zeros((0, width - 1, dim), dtype=np.float32)
     return out
 
 
@@ -237,9 +227,9 @@ def sharded_top_k(model, pool: TrainingPool, rows: np.ndarray, query_sequences: 
     pos_ids = np.concatenate([pool.positives[r] for r in rows]).astype(np.int64)
     local_ids = np.fromiter(passage_sequences, dtype=np.int64, count=len(passage_sequences))
     local_seqs = [passage_sequences[int(i)] for i in local_ids]
+    with_sparse, with_colbert = _uses(head)
     with inference_mode(m3):
         for batch, ids, mask in token_id_batches(local_seqs, pad_id, batch_size):
-            with_sparse, with_colbert = _uses(head)
             reps = m3.encode(ids.to(device), mask.to(device), with_sparse=with_sparse, with_colbert=with_colbert)
             scores = head_scores(head, q, reps, weights)
             pool_ids = local_ids[batch]

@@ -3,7 +3,9 @@
     python scripts/bench_memory.py [--lengths 2048,8192] [--models tiny-v250k,e5-small] [--group-size 8]
                                    [--steps 3] [--mem-cap-gib 20] [--max-batch 512] [--threads 1]
                                    [--cache-sequences 16] [--cache-tokens 32768] [--time-batch 2]
-                                   [--out results.json] [--skip-search] [--no-checkpointing]
+                                   [--out results.json] [--skip-search] [--no-checkpointing] [--phases]
+                                   [--batches 1,20] [--settings uncached,cached]
+    python scripts/bench_memory.py --throughput 128:64,512:32 --models e5-small [--steps 5] ...
     python scripts/bench_memory.py --peer ../shared/peer [--peer-sub-batch 1] [--peer-batches 4,6,8] [--lengths 2048] ...
 
 Every trial is a fresh process (`--trial`) capped at `--mem-cap-gib` of address space
@@ -16,7 +18,8 @@ The search doubles B from 1 until a trial fails, then bisects; B is the largest 
 
 Models: `tiny-v250k` = 2 layers, hidden 64, over the real 250,002-token vocabulary (random init,
 position table 8194, as BENCHMARKS.md's long-passage row); `e5-small` = the offline asset (12 layers,
-hidden 384, position table 514: lengths above 512 are skipped for it unless the folder allows them).
+hidden 384, vocabulary 250,002; above 512 tokens its 512 learned positions are repeated to fill a longer
+table, `extend_positions`: time and memory do not depend on what the position vectors hold).
 
 Timing (`--time-batch B`): the same batch trained cached and uncached in one process, one after the
 other, alternating, 3 steps each after a warm-up step: seconds per query group (step time / B).
@@ -61,7 +64,31 @@ def build_model(name: str, max_len: int):
         encoder = XLMRobertaModel(config, add_pooling_layer=False)
         return M3Model.from_encoder(encoder, special_token_ids=dict(XLMR_SPECIAL_IDS))
     from m3composer.assets.build import resolve_model_dir
-    return M3Model.from_pretrained(resolve_model_dir("asset:e5-small"), attn_implementation="sdpa")
+    m3 = M3Model.from_pretrained(resolve_model_dir("asset:e5-small"), attn_implementation="sdpa")
+    extend_positions(m3.encoder, max_len + 2)
+    return m3
+
+
+def extend_positions(encoder, size: int) -> None:
+    """Grow a BERT or XLM-R position table to `size` entries by repeating its learned positions (for
+    XLM-R those after the padding offset), as long-context models are started; a no-op when it is
+    large enough. What a step costs in time and memory does not depend on the position vectors' values."""
+    import torch
+    embeddings = encoder.embeddings
+    old = embeddings.position_embeddings
+    if old.num_embeddings >= size:
+        return
+    padding_idx = getattr(embeddings, "padding_idx", None)     # XLM-R counts positions from padding_idx + 1
+    offset = 0 if padding_idx is None else padding_idx + 1
+    learned = old.weight.data[offset:]
+    table = torch.nn.Embedding(size, old.embedding_dim, padding_idx=old.padding_idx)
+    table.weight.data[:offset] = old.weight.data[:offset]
+    repeats = -(-(size - offset) // learned.shape[0])
+    table.weight.data[offset:] = learned.repeat(repeats, 1)[:size - offset]
+    embeddings.position_embeddings = table
+    embeddings.register_buffer("position_ids", torch.arange(size).expand((1, -1)), persistent=False)
+    embeddings.register_buffer("token_type_ids", torch.zeros((1, size), dtype=torch.long), persistent=False)
+    encoder.config.max_position_embeddings = size
 
 
 def make_batch(batch_size: int, group_size: int, length: int, vocab: int, device):
@@ -96,18 +123,81 @@ def build_composer_model(args, cached: bool):
     return model, optimizer, device
 
 
-def train_steps(model, optimizer, batch, steps: int) -> list[float]:
+class PhaseMemory:
+    """Peak resident memory per phase of a step, sampled from /proc/self/statm every `every` seconds
+    in a thread (`--phases`): where the memory of a step goes, measured rather than computed."""
+
+    def __init__(self, every: float = 0.01):
+        import threading
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.name, self.peaks, self.starts, self.order = "start", {}, {}, []
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._sample, args=(every,), daemon=True)
+        self.thread.start()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _sample(self, every: float) -> None:
+        while not self.stop.wait(every):
+            self.note()
+
+    def note(self) -> None:
+        rss = self.rss()
+        with self.lock:
+            self.peaks[self.name] = max(self.peaks.get(self.name, 0), rss)
+
+    def enter(self, name: str) -> str:
+        """Start phase `name` (the previous one ends); returns the previous name."""
+        self.note()
+        rss = self.rss()
+        with self.lock:
+            previous, self.name = self.name, name
+            if name not in self.starts:
+                self.starts[name] = rss
+                self.order.append(name)
+            self.peaks[name] = max(self.peaks.get(name, 0), rss)
+        return previous
+
+    def wrap(self, owner, method: str, name: str) -> None:
+        """Run `owner.method` as phase `name`, going back to the caller's phase after it."""
+        inner = getattr(owner, method)
+
+        def wrapped(*a, **k):
+            previous = self.enter(name)
+            try:
+                return inner(*a, **k)
+            finally:
+                self.enter(previous)
+        setattr(owner, method, wrapped)
+
+    def report(self) -> list[dict]:
+        self.stop.set()
+        self.thread.join()
+        gib = lambda b: round(b / 2 ** 30, 3)
+        return [{"phase": n, "rss_at_start_gib": gib(self.starts[n]), "peak_rss_gib": gib(self.peaks[n])}
+                for n in self.order]
+
+
+def train_steps(model, optimizer, batch, steps: int, phases: Optional[PhaseMemory] = None) -> list[float]:
     import torch
     device_type = batch["query_input_ids"].device.type
     times = []
+    mark = phases.enter if phases is not None else (lambda name: None)
     for _ in range(steps):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+            mark("forward (encode)")
             outputs = model(batch)
+            mark("loss forward")
             loss = model.loss(outputs, batch)["total"]
+        mark("backward")
         loss.backward()
+        mark("optimizer step")
         optimizer.step()
+        mark("between steps")
         if device_type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -122,10 +212,19 @@ def trial(args) -> dict:
     """One process: train `--steps` steps at batch `--batch`; print a JSON line."""
     import torch
     torch.set_num_threads(args.threads)
+    phases = None
+    if args.phases:
+        from m3composer.model import gradcache
+        phases = PhaseMemory()
+        phases.enter("model, optimizer and batch")
+        phases.wrap(gradcache._ChunkedEncoding, "encode_without_graph", "cache pass 1: encode without graph")
+        phases.wrap(gradcache._ChunkedEncoding, "replay", "cache pass 3: replay chunks with graph + backward")
     model, optimizer, device = build_composer_model(args, args.cached)
     batch = make_batch(args.batch, args.group_size, args.length, model.model.vocab_size, device)
-    times = train_steps(model, optimizer, batch, args.steps)
+    times = train_steps(model, optimizer, batch, args.steps, phases)
     out = {"ok": True, "step_s": times, "peak_rss_gib": peak_rss_gib()}
+    if phases is not None:
+        out["phases"] = phases.report()
     if device.type == "cuda":
         out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     if args.cached:
@@ -153,6 +252,55 @@ def timing(args) -> dict:
     return {"ok": True, "uncached_s_per_group": uncached, "cached_s_per_group": cached, "ratio": cached / uncached}
 
 
+# Dense bf16 peak (TFLOP/s) of common GPUs, by a part of their name; others: BF16_PEAK_TFLOPS.
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0,
+                    "4090": 165.0}
+
+
+def step_flops(model, batch: int, group_size: int, length: int, cached: bool, checkpointing: bool) -> float:
+    """Encoder FLOPs one training step executes: a forward costs 2·params per token (embedding tables
+    left out) plus attention 4·layers·H·L per token; a step is 3 forwards' worth (forward + a backward
+    of 2), one more with gradient checkpointing (the recomputed forward) and one more with the cache (its
+    no-graph forward). The ColBERT max-sim and the sparse scores are left out."""
+    cfg = model.model.encoder.config
+    params = sum(p.numel() for n, p in model.model.encoder.named_parameters() if "embeddings" not in n)
+    tokens = batch * (QUERY_LEN + group_size * length)
+    attn = 4 * cfg.num_hidden_layers * cfg.hidden_size * (batch * QUERY_LEN ** 2 + batch * group_size * length ** 2)
+    return (2 * params * tokens + attn) * (3 + checkpointing + cached)
+
+
+def throughput(args) -> list[dict]:
+    """`--throughput LENGTH:BATCH,...`: per bucket, uncached then cached, in one process: the median
+    step of `--steps` timed steps after 2 warm-up steps, samples (query groups) per second, TFLOP/s
+    executed (`step_flops`) and its share of the GPU's bf16 peak, and peak memory (GPU when there is
+    one, else the process's peak RSS so far)."""
+    import torch
+    torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = os.environ.get("BF16_PEAK_TFLOPS") or next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    rows = []
+    for bucket in args.throughput.split(","):
+        args.length, batch = (int(x) for x in bucket.split(":"))
+        for cached in (False, True):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            model, optimizer, device = build_composer_model(args, cached)
+            data = make_batch(batch, args.group_size, args.length, model.model.vocab_size, device)
+            train_steps(model, optimizer, data, 2)
+            step = sorted(train_steps(model, optimizer, data, args.steps))[args.steps // 2]
+            tflops = step_flops(model, batch, args.group_size, args.length, cached, not args.no_checkpointing) / step / 1e12
+            rows.append({"device": name, "model": args.model, "length": args.length, "batch": batch, "cached": cached,
+                         "step_s": step, "samples_per_s": batch / step, "tflops": tflops,
+                         "tflops_vs_bf16_peak": tflops / float(peak) if peak else None,
+                         "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda"
+                                             else peak_rss_gib())})
+            print(json.dumps(rows[-1]), flush=True)
+            del model, optimizer, data
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def last_error(text: str) -> str:
     """The last line of a failed trial's output that names an error (else its tail), cut to 300."""
     err = [line for line in text.splitlines() if "Error" in line or "error" in line]
@@ -162,7 +310,7 @@ def last_error(text: str) -> str:
 def run_trial(args, batch: int, cached: bool, mode: str = "--trial") -> dict:
     cmd = [sys.executable, __file__, mode, "--model", args.model, "--length", str(args.length), "--batch", str(batch),
            "--group-size", str(args.group_size), "--steps", str(args.steps), "--threads", str(args.threads),
-           *(["--no-checkpointing"] if args.no_checkpointing else []),
+           *(["--no-checkpointing"] if args.no_checkpointing else []), *(["--phases"] if args.phases else []),
            "--cache-sequences", str(args.cache_sequences),
            "--cache-tokens", str(args.cache_tokens if args.cache_tokens is not None else 0)]
     if cached:
@@ -286,6 +434,8 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=2048, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--phases", action="store_true",
+                   help="record each trial's peak RSS per phase of a step (sampled every 10 ms)")
     p.add_argument("--models", default="tiny-v250k,e5-small")
     p.add_argument("--lengths", default="2048,8192")
     p.add_argument("--group-size", type=int, default=8)
@@ -299,6 +449,12 @@ def main(argv=None) -> int:
     p.add_argument("--skip-search", action="store_true", help="only the timing")
     p.add_argument("--no-checkpointing", action="store_true",
                    help="gradient checkpointing off in both settings (default on: the strongest uncached setting)")
+    p.add_argument("--batches", default=None,
+                   help="run these batches (e.g. 1,20) instead of the search; largest_batch = the largest that trained")
+    p.add_argument("--settings", default="uncached,cached", help="which of uncached,cached to search or run")
+    p.add_argument("--throughput", default=None, metavar="LENGTH:BATCH,...",
+                   help="instead of the search: samples/s, TFLOP/s and peak memory per bucket, uncached and cached, "
+                        "for the first of --models (scripts/gpu_check.sh)")
     p.add_argument("--peer", default=None, metavar="PEER_DIR",
                    help="search FlagEmbedding's largest batch instead (../shared/peer; module doc)")
     p.add_argument("--peer-sub-batch", type=int, default=1, help="FlagEmbedding's --sub_batch_size (default 1)")
@@ -308,6 +464,12 @@ def main(argv=None) -> int:
     args.cache_tokens = args.cache_tokens or None
     if args.trial or args.timing:
         print(json.dumps(trial(args) if args.trial else timing(args)), flush=True)
+        return 0
+    if args.throughput:
+        args.model = args.models.split(",")[0]
+        rows = throughput(args)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
         return 0
     results = []
     if args.peer:
@@ -323,17 +485,18 @@ def main(argv=None) -> int:
         return 0
     for model in args.models.split(","):
         for length in [int(x) for x in args.lengths.split(",")]:
-            if model == "e5-small" and length > 512:
-                print(f"skip e5-small at {length}: its position table has 514 entries", flush=True)
-                continue
             args.model, args.length = model, length
             row = {"model": model, "length": length, "group_size": args.group_size, "steps": args.steps,
                    "mem_cap_gib": args.mem_cap_gib}
             if args.time_batch:
                 row["timing"] = run_trial(args, args.time_batch, False, mode="--timing")
             if not args.skip_search:
-                for cached in (False, True):
-                    best, trials = largest_batch(args, cached)
+                for cached in [setting == "cached" for setting in args.settings.split(",")]:
+                    if args.batches:
+                        trials = [run_trial(args, int(b), cached) for b in args.batches.split(",")]
+                        best = max([t["batch"] for t in trials if t["ok"]], default=0)
+                    else:
+                        best, trials = largest_batch(args, cached)
                     row["cached" if cached else "uncached"] = {"largest_batch": best, "trials": trials}
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("cached", "uncached")}), flush=True)

@@ -76,16 +76,39 @@ def sparse_vocab_weights(token_weights: torch.Tensor, input_ids: torch.Tensor, v
 
     Built with one `scatter_reduce(..., "amax")` into `(n, V)`, never an `(n, L, V)` tensor
     (FlagEmbedding's out-of-memory path, recipe.md §Sparse head). Weights are ≥ 0, so including
-    the zero initial value changes nothing. The special ids' columns are zeroed by multiplying
-    with a constant 0/1 mask, out of place, so the graph stays valid. Memory: `n·V` floats, about
-    1 MB per text for V=250,002 in fp32, plus the same again for its gradient: fine for a few
-    hundred texts per step.
+    the zero initial value changes nothing. The special ids' columns are zeroed by a constant 0/1
+    mask. Memory: the `n·V` floats of the result, about 1 MB per text for V=250,002 in fp32
+    (plus its gradient during backward). `_VocabMax` keeps only `(n, L)` tensors for the backward,
+    where autograd's own scatter, zeros and mask ops would keep two more `(n, V)` copies
+    (recipe.md §Sparse head, memory).
     """
-    n = token_weights.shape[0]
-    vocab = torch.zeros(n, vocab_size, dtype=token_weights.dtype, device=token_weights.device)
-    vocab = vocab.scatter_reduce(1, input_ids, token_weights, reduce="amax", include_self=True)
-    keep = special_token_mask(vocab_size, special_token_ids, device=vocab.device, dtype=vocab.dtype)
-    return vocab * keep
+    keep = special_token_mask(vocab_size, special_token_ids, device=token_weights.device, dtype=token_weights.dtype)
+    return _VocabMax.apply(token_weights, input_ids, keep)
+
+
+class _VocabMax(torch.autograd.Function):
+    """`scatter_reduce(zeros(n, V), 1, ids, w, "amax", include_self=True) * keep`, with the gradient
+    autograd gives it, from `(n, L)` saved tensors: each `(n, V)` cell's gradient is shared equally
+    by every input equal to its maximum (the zero it started from included), as torch's own backward
+    of `amax` does; here only the weights get one."""
+
+    @staticmethod
+    def forward(ctx, token_weights: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        vocab = token_weights.new_zeros(token_weights.shape[0], keep.shape[0])
+        vocab.scatter_reduce_(1, input_ids, token_weights, reduce="amax", include_self=True)
+        peak = vocab.gather(1, input_ids)              # each position's token's maximum, before the mask
+        ctx.save_for_backward(token_weights, input_ids, peak, keep)
+        return vocab.mul_(keep)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        token_weights, input_ids, peak, keep = ctx.saved_tensors
+        is_peak = (token_weights == peak).to(grad.dtype)
+        # how many inputs share each cell's maximum: the positions equal to it, plus the initial 0
+        sharing = torch.zeros_like(grad).scatter_add_(1, input_ids, is_peak).gather(1, input_ids)
+        sharing = sharing + (peak == 0).to(grad.dtype)
+        at_position = grad.gather(1, input_ids) * keep[input_ids]
+        return is_peak * (at_position / sharing), None, None
 
 
 def colbert_vectors(hidden: torch.Tensor, attention_mask: torch.Tensor, colbert_linear: nn.Linear,

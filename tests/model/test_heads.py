@@ -59,6 +59,41 @@ def test_special_tokens_get_zero_weight_and_zero_gradient():
     assert (hidden.grad[0, 1].abs().sum() == 0) != (hidden.grad[0, 3].abs().sum() == 0)
 
 
+def _autograd_vocab(weights, ids, vocab_size, special):
+    """The plain-autograd construction `sparse_vocab_weights` replaces (torch's own amax backward)."""
+    vocab = torch.zeros(ids.shape[0], vocab_size).scatter_reduce(1, ids, weights, reduce="amax", include_self=True)
+    return vocab * heads.special_token_mask(vocab_size, special)
+
+
+def test_sparse_weights_and_their_gradient_equal_plain_autograds_with_ties():
+    """Repeated tokens with equal weights share the gradient, zero weights share it with the initial 0,
+    special ids get none: bit for bit what autograd's scatter_reduce backward gives."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 12, (5, 40))
+    weights = torch.rand(5, 40).round(decimals=1)            # few distinct values: many ties
+    weights[weights < 0.2] = 0                               # zeros tie with the initial value
+    ids[1][ids[1] == 7] = 8
+    ids[1, :5], weights[1, :5] = 7, 0.5                      # one token five times, all at its maximum
+    upstream = torch.randn(5, 12)
+    results = []
+    for build in (heads.sparse_vocab_weights, _autograd_vocab):
+        w = weights.clone().requires_grad_(True)
+        vocab = build(w, ids, 12, [0, 1, 2, 3])
+        (vocab * upstream).sum().backward()
+        results.append((vocab.detach(), w.grad))
+    (ours, our_grad), (reference, reference_grad) = results
+    assert torch.equal(ours, reference) and torch.equal(our_grad, reference_grad)
+    assert torch.equal(our_grad[1, :5], torch.full((5,), float(upstream[1, 7]) / 5))
+    assert (our_grad[ids < 4] == 0).all() and (our_grad != 0).sum() > 20
+
+
+def test_sparse_weights_keep_no_vocabulary_sized_tensor_for_backward():
+    weights = torch.rand(3, 16, requires_grad=True)
+    vocab = heads.sparse_vocab_weights(weights, torch.randint(4, 1000, (3, 16)), 1000, [0, 1, 2, 3])
+    saved = vocab.grad_fn.saved_tensors                     # (n, L) tensors and the (V,) mask
+    assert saved and all(t.shape != (3, 1000) for t in saved) and sum(t.numel() for t in saved) < 3 * 1000
+
+
 def test_sparse_weights_at_full_vocabulary_never_build_n_l_v():
     # (64, 512, 250002) floats would be 33 GB; the per-token-id max must stay at (64, 250002) = 64 MB
     n, length, vocab_size = 64, 512, 250_002

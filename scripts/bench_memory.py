@@ -65,21 +65,23 @@ def build_model(name: str, max_len: int):
         return M3Model.from_encoder(encoder, special_token_ids=dict(XLMR_SPECIAL_IDS))
     from m3composer.assets.build import resolve_model_dir
     m3 = M3Model.from_pretrained(resolve_model_dir("asset:e5-small"), attn_implementation="sdpa")
-    extend_positions(m3.encoder, max_len + 2)
+    extend_positions(m3.encoder, max_len)
     return m3
 
 
-def extend_positions(encoder, size: int) -> None:
-    """Grow a BERT or XLM-R position table to `size` entries by repeating its learned positions (for
-    XLM-R those after the padding offset), as long-context models are started; a no-op when it is
-    large enough. What a step costs in time and memory does not depend on the position vectors' values."""
+def extend_positions(encoder, length: int) -> None:
+    """Grow a BERT or XLM-R position table to hold sequences of `length` tokens by repeating its
+    learned positions (for XLM-R those after the padding offset), as long-context models are started;
+    a no-op when it is large enough. What a step costs in time and memory does not depend on the
+    position vectors' values."""
     import torch
     embeddings = encoder.embeddings
     old = embeddings.position_embeddings
-    if old.num_embeddings >= size:
-        return
     padding_idx = getattr(embeddings, "padding_idx", None)     # XLM-R counts positions from padding_idx + 1
     offset = 0 if padding_idx is None else padding_idx + 1
+    size = length + offset
+    if old.num_embeddings >= size:
+        return
     learned = old.weight.data[offset:]
     table = torch.nn.Embedding(size, old.embedding_dim, padding_idx=old.padding_idx)
     table.weight.data[:offset] = old.weight.data[:offset]
@@ -150,9 +152,9 @@ class PhaseMemory:
 
     def enter(self, name: str) -> str:
         """Start phase `name` (the previous one ends); returns the previous name."""
-        self.note()
         rss = self.rss()
         with self.lock:
+            self.peaks[self.name] = max(self.peaks.get(self.name, 0), rss)
             previous, self.name = self.name, name
             if name not in self.starts:
                 self.starts[name] = rss
@@ -301,6 +303,11 @@ def throughput(args) -> list[dict]:
     return rows
 
 
+def largest_trained(trials: list[dict]) -> int:
+    """The largest batch among `trials` that trained (0 if none did)."""
+    return max([t["batch"] for t in trials if t["ok"]], default=0)
+
+
 def last_error(text: str) -> str:
     """The last line of a failed trial's output that names an error (else its tail), cut to 300."""
     err = [line for line in text.splitlines() if "Error" in line or "error" in line]
@@ -422,7 +429,7 @@ def largest_peer_batch(args) -> tuple[int, list[dict]]:
     model_dir, data_dir = peer_assets(args, work)
     if args.peer_batches:
         trials = [run_peer_trial(args, int(b), model_dir, data_dir, work) for b in args.peer_batches.split(",")]
-        return max([t["batch"] for t in trials if t["ok"]], default=0), trials
+        return largest_trained(trials), trials
     return largest_batch(args, cached=None, trial_fn=lambda b: run_peer_trial(args, b, model_dir, data_dir, work))
 
 
@@ -494,7 +501,7 @@ def main(argv=None) -> int:
                 for cached in [setting == "cached" for setting in args.settings.split(",")]:
                     if args.batches:
                         trials = [run_trial(args, int(b), cached) for b in args.batches.split(",")]
-                        best = max([t["batch"] for t in trials if t["ok"]], default=0)
+                        best = largest_trained(trials)
                     else:
                         best, trials = largest_batch(args, cached)
                     row["cached" if cached else "uncached"] = {"largest_batch": best, "trials": trials}

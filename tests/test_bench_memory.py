@@ -36,7 +36,7 @@ def test_extend_positions_keeps_short_inputs_and_runs_long_ones(asset, request):
         before = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
 
     size = old.shape[0] + 130
-    _bench_memory().extend_positions(encoder, size)
+    _bench_memory().extend_positions(encoder, size - offset)
 
     table = encoder.embeddings.position_embeddings.weight.detach()
     assert table.shape == (size, old.shape[1]) and encoder.config.max_position_embeddings == size
@@ -55,7 +55,7 @@ def test_extend_positions_leaves_a_large_enough_table_alone(tiny_dir):
     from m3composer.model.m3 import M3Model
     encoder = M3Model.from_pretrained(tiny_dir).encoder
     table = encoder.embeddings.position_embeddings
-    _bench_memory().extend_positions(encoder, table.num_embeddings - 1)
+    _bench_memory().extend_positions(encoder, table.num_embeddings - encoder.embeddings.padding_idx - 1)
     assert encoder.embeddings.position_embeddings is table
 
 

@@ -126,6 +126,9 @@ class TrainerConfig:
     save_num_checkpoints_to_keep: int = 1
     autoresume: bool = False
     load_path: Optional[str] = None
+    # Load checkpoints with full pickle: a crafted checkpoint then runs any code it holds. Off: only
+    # the types an m3composer checkpoint holds are loaded (m3composer/checkpoints.py)
+    trust_checkpoint: bool = False
     preemption_checkpoint: bool = True  # SIGTERM/SIGUSR1 on any rank: checkpoint at the next step, exit 0 (needs save_folder)
     progress_bar: bool = True
     log_to_console: bool = False

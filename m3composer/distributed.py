@@ -16,6 +16,9 @@ Two conventions for the gradient of a loss computed on gathered tensors (docs/re
 """
 from __future__ import annotations
 
+import atexit
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -94,3 +97,55 @@ def pad_to_longest_across_ranks(tensors: list[torch.Tensor], dim: int = 1) -> li
     if longest == here:
         return list(tensors)
     return [torch.nn.functional.pad(x, [0, 0] * (x.dim() - 1 - dim) + [0, longest - here]) for x in tensors]
+
+
+# ---- teardown (docs/recipe.md §Process-group teardown) ---------------------------------------------
+GLOO_WORKER_THREADS = 2      # ProcessGroupGloo's default worker-thread count (torch 2.7)
+SETTLE_S = 0.02              # GIL-free wait after the probes, for a worker still finishing a work
+
+
+def _release_gloo_workers(probes: int) -> None:
+    """Let gloo's worker threads finish the works they hold, with the GIL free.
+
+    A worker thread drops its last reference to a finished work (and so to the work's tensors) a
+    little after the collective has returned. A tensor that Python has already dropped then needs
+    the GIL to be freed, and `~ProcessGroupGloo` joins the workers while holding the GIL: a
+    deadlock at `destroy_process_group`, or `std::terminate` if the group dies in interpreter
+    finalisation. Each probe is a collective whose tensor this function keeps until the worker has
+    let go of it (`_use_count() == 1`), sleeping meanwhile, so that a worker waiting for the GIL
+    gets it; then one more short sleep."""
+    for _ in range(probes):
+        probe = torch.zeros(1)
+        dist.all_reduce(probe)
+        while probe._use_count() > 1:
+            time.sleep(0.0005)
+    time.sleep(SETTLE_S)
+
+
+def shutdown(ok: bool = True) -> None:
+    """Destroy the default process group, the one place this happens (end of training, of every
+    multi-rank tool, and `atexit`). `ok`: every rank got here normally, so a barrier first makes
+    every rank's collectives complete; after an error the other ranks may be gone, so no collective
+    is started. A no-op without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "gloo":
+        if ok:
+            dist.barrier()
+            _release_gloo_workers(GLOO_WORKER_THREADS)
+        else:
+            time.sleep(SETTLE_S)
+    elif ok:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+_AT_EXIT = []
+
+
+def shutdown_at_exit() -> None:
+    """Register `shutdown(ok=False)` to run at interpreter exit (once per process), before
+    finalisation: a process that ends without calling `shutdown` still destroys its group while
+    the interpreter is whole."""
+    if not _AT_EXIT:
+        _AT_EXIT.append(atexit.register(shutdown, ok=False))

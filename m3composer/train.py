@@ -11,9 +11,10 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from composer import Trainer
@@ -24,6 +25,7 @@ from composer.optim import LinearWithWarmupScheduler
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
+from m3composer import checkpoints, distributed
 from m3composer.algorithms import FreezePositionEmbeddings, SelfDistillWarmup
 from m3composer.callbacks.data_refresh import DataRefresh
 from m3composer.callbacks.export import ExportModel, export_model
@@ -335,6 +337,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         log.info("CPU threads per rank: %d", set_cpu_threads())
     # One process group for the whole run, opened before the dataset (which reads rank/world size).
     dist.initialize_dist(device)
+    distributed.shutdown_at_exit()   # a group left open is destroyed before interpreter finalisation
     reproducibility.seed_all(cfg.seed)
     precision = cfg.trainer.precision
     if precision == "auto":
@@ -370,6 +373,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     if t.preemption_checkpoint and preemption is None and dist.get_global_rank() == 0:
         log.warning("trainer.save_folder is not set: SIGTERM/SIGUSR1 stop the run without a checkpoint")
     parallelism = {"fsdp": {"sharding_strategy": "FULL_SHARD", "use_orig_params": True}} if t.fsdp else None
+    checkpoints.use_safe_loading(checkpoints.LoadPolicy(
+        trust=t.trust_checkpoint, earlier=checkpoints.earlier_checkpoints_note(t.save_folder, t.save_num_checkpoints_to_keep)))
     return Trainer(
         run_name=cfg.run_name, model=model, train_dataloader=make_data_spec(dataloader),
         optimizers=optimizer, schedulers=build_scheduler(cfg), step_schedulers_every_batch=True,
@@ -399,6 +404,27 @@ def main(argv: list[str] | None = None) -> Trainer:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     trainer = build_trainer(cfg)
+    with closed_at_end(trainer):
+        fit(trainer, cfg)
+    return trainer
+
+
+@contextmanager
+def closed_at_end(trainer: Trainer) -> Iterator[Trainer]:
+    """Close the trainer's callbacks and loggers on every rank, after success or an error (then
+    without Trainer.close's barrier: another rank may be gone), then destroy the process group the
+    one safe way (docs/recipe.md §Process-group teardown)."""
+    ok = False
+    try:
+        yield trainer
+        ok = True
+    finally:
+        trainer.close() if ok else trainer.engine.close()
+        distributed.shutdown(ok=ok)
+
+
+def fit(trainer: Trainer, cfg: TrainConfig) -> None:
+    """Train to `max_duration`, or only re-export a run that autoresume found complete."""
     if trainer.state.timestamp >= trainer.state.max_duration:
         # Autoresume found the final checkpoint (the run was killed after it, e.g. while uploading):
         # Composer's fit() would raise. Re-export (the kill may have come before the export) and stop.
@@ -407,10 +433,8 @@ def main(argv: list[str] | None = None) -> Trainer:
         for callback in trainer.state.callbacks:
             if isinstance(callback, ExportModel):
                 export_model(trainer.state, callback.export_dir, run_facts=callback.run_facts)
-        trainer.close()
-        return trainer
+        return
     trainer.fit()
     if preempted(trainer.state):
         log.info("%s stopped by a preemption signal at step %d with a checkpoint in %s: run the same command "
                  "to resume", cfg.run_name, int(trainer.state.timestamp.batch), cfg.trainer.save_folder)
-    return trainer

@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import logging
     import torch
-    from m3composer.train import build_trainer, load_config
+    from m3composer.train import build_trainer, closed_at_end, load_config
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     t_process = time.perf_counter()
@@ -261,23 +261,24 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.data.num_workers == 0:
         timer.time_batch_building(trainer.state.train_dataloader.dataset)
     t_built = time.perf_counter()
-    trainer.fit()
-    t_fit = time.perf_counter()
-    mine = timer.summary()
-    mine["build_s"] = t_built - t_process
-    mine["fit_call_s"] = t_fit - t_built
-    per_rank = dist.all_gather_object(mine)
-    if dist.get_global_rank() == 0:
-        extra = {"threads_per_rank": torch.get_num_threads(), "num_workers": cfg.data.num_workers,
-                 "build_s": round(max(r["build_s"] for r in per_rank), 3),
-                 "fit_call_s": round(max(r["fit_call_s"] for r in per_rank), 3)}
-        report = combine(per_rank, extra)
-        text = json.dumps(report)
-        print("BENCH_TRAIN " + text, flush=True)
-        if args.json:
-            tmp = f"{args.json}.tmp-{os.getpid()}"
-            Path(tmp).write_text(text + "\n")
-            os.replace(tmp, args.json)
+    with closed_at_end(trainer):
+        trainer.fit()
+        t_fit = time.perf_counter()
+        mine = timer.summary()
+        mine["build_s"] = t_built - t_process
+        mine["fit_call_s"] = t_fit - t_built
+        per_rank = dist.all_gather_object(mine)
+        if dist.get_global_rank() == 0:
+            extra = {"threads_per_rank": torch.get_num_threads(), "num_workers": cfg.data.num_workers,
+                     "build_s": round(max(r["build_s"] for r in per_rank), 3),
+                     "fit_call_s": round(max(r["fit_call_s"] for r in per_rank), 3)}
+            report = combine(per_rank, extra)
+            text = json.dumps(report)
+            print("BENCH_TRAIN " + text, flush=True)
+            if args.json:
+                tmp = f"{args.json}.tmp-{os.getpid()}"
+                Path(tmp).write_text(text + "\n")
+                os.replace(tmp, args.json)
     return 0
 
 

@@ -13,9 +13,14 @@ Treat the folders as read-only: copy one into `tmp_path` before changing it.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Every Python process the suite starts prints all its threads' stacks on SIGABRT, SIGSEGV and the
+# like (tests/bounded.py sends SIGABRT to a child that hangs; a C++ std::terminate is a SIGABRT too).
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,12 @@ gradient under the parity convention, and equal to it under `full_batch`.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
+import signal
 from contextlib import contextmanager
 import time
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch.multiprocessing as mp
 
 from m3composer import distributed
 from m3composer.model.composer_model import ComposerM3
+from tests import bounded
 from tests.model.conftest import RECIPE_PASSAGE_IDS, RECIPE_QUERY_IDS, RECIPE_TEACHER, build_recipe_model, recipe_batch
 
 WORLD = 2
@@ -71,16 +73,19 @@ def encoder_grads(model: ComposerM3) -> dict[str, torch.Tensor]:
 @contextmanager
 def gloo_group(rank: int, port: int):
     """A WORLD-rank gloo process group on 127.0.0.1 for a `spawn_ranks` worker (1 thread each),
-    destroyed on the way out. The rank variables are set as a launcher would: Composer's `dist`
+    torn down on the way out the library's way (`distributed.shutdown`, docs/recipe.md
+    §Process-group teardown). The rank variables are set as a launcher would: Composer's `dist`
     checks them against the group, and the spawning process may hold another test's (RANK=0)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), NODE_RANK="0")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    ok = False
     try:
         yield
+        ok = True
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(ok=ok)
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -121,15 +126,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_ranks(worker, out_dir: Path) -> list[dict]:
-    """Run `worker(rank, port, out_dir)` on WORLD processes; each writes `out_dir/rank{r}.pt`."""
-    context = mp.spawn(worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=2):          # raises if a worker failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"2-rank workers did not finish within {SPAWN_TIMEOUT_S} s")
+def _traced(rank: int, worker, port: int, out_dir: str) -> None:
+    """`worker(rank, port, out_dir)` with its stacks written to `out_dir/rank{r}.stack` on SIGABRT
+    (a C++ std::terminate too), a crash, or SIGTERM (how `mp.spawn` stops the other ranks when one
+    fails: a rank hung in native code shows where)."""
+    with open(os.path.join(out_dir, f"rank{rank}.stack"), "w") as stacks:
+        faulthandler.enable(file=stacks, all_threads=True)
+        faulthandler.register(signal.SIGTERM, file=stacks, all_threads=True, chain=True)
+        worker(rank, port, out_dir)
+
+
+def _stacks(out_dir: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-6000:]}" for p in sorted(out_dir.glob("rank*.stack")))
+
+
+def spawn_ranks(worker, out_dir: Path, timeout_s: float = SPAWN_TIMEOUT_S) -> list[dict]:
+    """Run `worker(rank, port, out_dir)` on WORLD processes; each writes `out_dir/rank{r}.pt`. A worker
+    that fails or exits non-zero fails the test; one still running after `timeout_s` is sent
+    SIGABRT, and the failure shows every rank's stacks."""
+    context = mp.spawn(_traced, args=(worker, _free_port(), str(out_dir)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=2):          # raises if a worker failed or exited non-zero
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    if process.is_alive():
+                        os.kill(process.pid, signal.SIGABRT)
+                for process in context.processes:
+                    process.join(bounded.ABORT_GRACE_S)
+                    if process.is_alive():
+                        process.kill()
+                pytest.fail(f"2-rank workers did not finish within {timeout_s} s; their stacks:\n{_stacks(out_dir)}")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+        pytest.fail(f"a rank failed: {err}\n{_stacks(out_dir)}")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -177,8 +206,7 @@ print("ok")
 
 def test_helpers_and_cross_rank_negatives_need_no_process_group():
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", NO_PROCESS_GROUP_CHECK], cwd=root, capture_output=True,
-                          text=True, timeout=300)
+    done = bounded.run([sys.executable, "-c", NO_PROCESS_GROUP_CHECK], cwd=root, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 

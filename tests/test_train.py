@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,9 @@ import torch
 from omegaconf import OmegaConf
 
 from m3composer.config import ConfigError, load_config
+from tests import bounded
+
+REPO = Path(__file__).resolve().parents[1]
 
 SELF_DISTILL_START = 10
 MAX_STEPS = 16
@@ -403,3 +408,87 @@ def test_a_fresh_sparse_head_is_fitted_to_idf_on_the_training_data_and_the_expor
     assert 0 < fit["r2"] <= 1 and fit["scale"] > 0
     assert any("fitted to idf" in m for m in trained["log"])
 
+
+
+# ---- checkpoint loading without pickle's code execution (m3composer/checkpoints.py) --------------
+class _Payload:
+    """Unpickling this runs `touch MARKER` (what a crafted checkpoint does)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def _crafted(path: Path, marker: Path, inside: Path | None = None) -> Path:
+    """`{"state": payload}`, or a real checkpoint (`inside`) with the payload deep in its optimizer state."""
+    if inside is None:
+        torch.save({"state": _Payload(marker)}, path)
+    else:
+        checkpoint = torch.load(inside, weights_only=False)     # our own file: trusted
+        (optimizer,) = checkpoint["state"]["optimizers"].values()
+        next(iter(optimizer["state"].values()))["exp_avg_sq_max"] = _Payload(marker)
+        torch.save(checkpoint, path)
+    return path
+
+
+def test_every_checkpoint_of_a_run_loads_under_the_allow_list(trained):
+    from m3composer import checkpoints
+
+    saved = sorted((trained["run"] / "ckpt").glob("ep*-ba*.pt"))
+    assert len(saved) == MAX_STEPS // 4
+    for path in saved:
+        loaded = checkpoints.load(path)
+        assert {"model", "optimizers", "schedulers", "timestamp", "dataset_state"} <= set(loaded["state"])
+        assert loaded["rng"] and loaded["state"]["dataset_state"]["train"]["step"] > 0
+
+
+@pytest.mark.parametrize("where", ["top level", "inside the optimizer state"])
+def test_a_crafted_checkpoint_is_refused_without_running_its_payload(trained, tmp_path, where):
+    from m3composer.checkpoints import CheckpointError
+    from m3composer.train import build_trainer
+
+    marker = tmp_path / "payload-ran"
+    inside = trained["run"] / "ckpt" / "ep0-ba8-rank0.pt" if where != "top level" else None
+    crafted = _crafted(tmp_path / "crafted.pt", marker, inside)
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tmp_path, trained["data"],
+                                                                trainer={"load_path": str(crafted)}))
+    with pytest.raises(CheckpointError) as refused:
+        build_trainer(load_config(recipe))
+    assert not marker.exists()
+    message = str(refused.value)
+    assert "\n" not in message and str(crafted) in message and "posix.system" in message
+    assert "trainer.trust_checkpoint=true" in message
+
+
+def test_trust_checkpoint_loads_with_full_pickle(trained, tmp_path):
+    """The documented opt-in does what it says: the file is unpickled, its code runs."""
+    from m3composer.train import build_trainer
+
+    marker = tmp_path / "payload-ran"
+    crafted = _crafted(tmp_path / "crafted.pt", marker)
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tmp_path, trained["data"], trainer={
+        "load_path": str(crafted), "trust_checkpoint": True}))
+    with pytest.raises(Exception):                  # not a checkpoint after all
+        build_trainer(load_config(recipe))
+    assert marker.exists()
+
+
+def test_an_unreadable_checkpoint_is_one_line_naming_the_file_and_the_earlier_ones(trained, tmp_path):
+    """Through scripts/train.py as a user runs it: autoresume meets a truncated latest checkpoint."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    shutil.copy(trained["run"] / "ckpt" / "ep0-ba4-rank0.pt", folder / "ep0-ba4-rank0.pt")
+    latest = trained["run"] / "ckpt" / "ep0-ba8-rank0.pt"
+    (folder / "ep0-ba8-rank0.pt").write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tmp_path, trained["data"], trainer={
+        "load_path": str(folder / "ep0-ba8-rank0.pt"), "save_folder": str(folder), "save_num_checkpoints_to_keep": 2}))
+    done = bounded.run([sys.executable, str(REPO / "scripts" / "train.py"), str(recipe)], timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("scripts/train.py: error: ") and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"{folder / 'ep0-ba8-rank0.pt'}: cannot read this checkpoint" in last
+    assert "save_num_checkpoints_to_keep=2" in last and "ep0-ba4-rank0.pt" in last

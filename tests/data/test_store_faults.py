@@ -182,3 +182,16 @@ def test_shards_carry_hashes_and_a_dataset_converted_without_them_still_reads(co
         old_rows = row_ids(M3TrainDataset(str(old), **DATASET_ARGS))
     assert "converted without shard hashes and are read unverified" in caplog.text
     assert old_rows == row_ids(M3TrainDataset(str(converted_dir), **DATASET_ARGS))
+
+
+def test_a_shard_with_a_pickled_column_is_refused_before_any_row_is_read(converted_dir, tmp_path):
+    """Streaming unpickles a `pkl` column when it reads a sample: a crafted MDS index naming one is
+    refused when the dataset opens, naming the stream's index and the column."""
+    crafted = copy_published(converted_dir, tmp_path / "crafted")
+    mds_index = sorted(crafted.glob("*/*/index.json"))[0]
+    meta = json.loads(mds_index.read_text())
+    for shard in meta["shards"]:
+        shard["column_encodings"][shard["column_names"].index("source")] = "pkl"
+    mds_index.write_text(json.dumps(meta))
+    with pytest.raises(DataReadError, match=rf"{re.escape(str(mds_index))}: column source is encoded as pkl"):
+        M3TrainDataset(str(crafted), **DATASET_ARGS)

@@ -4,12 +4,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests import bounded
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "bench_memory.py"
@@ -64,10 +65,9 @@ def test_cached_trial_reports_memory_per_phase():
     fresh process under the address-space cap: every phase of the step is there, in order, with a peak
     no lower than where it started, and the cache's two passes inside the step's forward and backward."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(SCRIPT), "--trial", "--cached", "--phases", "--model", "tiny-v250k",
-                           "--length", "64", "--batch", "1", "--group-size", "2", "--steps", "1", "--threads", "1",
-                           "--cache-sequences", "2", "--cache-tokens", "0"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    done = bounded.run([sys.executable, str(SCRIPT), "--trial", "--cached", "--phases", "--model", "tiny-v250k",
+                        "--length", "64", "--batch", "1", "--group-size", "2", "--steps", "1", "--threads", "1",
+                        "--cache-sequences", "2", "--cache-tokens", "0"], env=env, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
     assert result["ok"]
@@ -85,9 +85,9 @@ def test_throughput_mode_of_the_gpu_check_runs_on_the_cpu(tmp_path):
     setting with a step time, samples/s, TFLOP/s (no bf16 peak on a CPU) and the peak memory."""
     out = tmp_path / "throughput.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(SCRIPT), "--throughput", "32:1", "--models", "tiny-v250k",
-                           "--group-size", "2", "--steps", "1", "--threads", "1", "--cache-sequences", "2",
-                           "--out", str(out)], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    done = bounded.run([sys.executable, str(SCRIPT), "--throughput", "32:1", "--models", "tiny-v250k",
+                        "--group-size", "2", "--steps", "1", "--threads", "1", "--cache-sequences", "2",
+                        "--out", str(out)], env=env, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert [(r["length"], r["batch"], r["cached"]) for r in rows] == [(32, 1, False), (32, 1, True)]

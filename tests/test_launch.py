@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests import bounded
+
 REPO = Path(__file__).resolve().parents[1]
 
 RANK = """
@@ -44,7 +46,7 @@ def test_sigusr1_and_sigterm_to_the_launcher_reach_the_rank_and_the_launcher_exi
         proc.send_signal(signal.SIGTERM)                  # a cloud scheduler's
         output, _ = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:                           # a hang: the launcher's and the rank's stacks
+            print(bounded.abort_with_stacks(proc)[0][-6000:])
     assert proc.returncode == 0, output
     assert got.read_text() == "SIGUSR1,SIGTERM"

@@ -30,6 +30,7 @@ from typing import Callable
 import pytest
 from omegaconf import OmegaConf
 
+from tests import bounded
 from tests.test_train import MAX_STEPS, SELF_DISTILL_START, read_loss_log, sample_mds, tiny_recipe, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +66,8 @@ def launch(recipe: Path, logs: Path, *, cwd: Path, kill_when: Callable[[int], bo
         deadline = time.monotonic() + TIMEOUT_S
         try:
             while proc.poll() is None:
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline:       # every process prints its stacks into the logs
+                    bounded.abort_with_stacks(proc)
                     pytest.fail(f"composer -n 2 timed out after {TIMEOUT_S} s\n{_tails(logs)}")
                 if kill_when is not None and kill_when(_last_logged_step(loss_log)):
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -230,3 +232,17 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_and_its_epoch_ends_after_the_
     assert [r["epoch"] for r in fit] == [0] * (epoch_end - done) + [1] * (done + 10 - epoch_end)
     assert all(math.isfinite(r["loss/train/total"]) for r in fit)
     assert len(dataset) == dataset.steps_per_epoch       # epoch 1: planned normally at W=1
+
+
+def test_a_finished_two_rank_run_exits_0_on_every_rank_each_time(reference, tmp_path):
+    """A finished 2-rank run once died at exit with SIGABRT ("terminate called without an active
+    exception": gloo's teardown, docs/recipe.md §Process-group teardown). Two more short runs to the end
+    (after the reference run): the launcher exits 0 (so did every rank) and no rank printed a terminate."""
+    for attempt in range(2):
+        run = tmp_path / f"run{attempt}"
+        recipe = write_recipe(run / "recipe.yaml", tiny_recipe(
+            run, reference["mds"], model={"sparse_init_passages": 64}, loss={"negatives_cross_device": True},
+            trainer={"max_duration": "2ba"}))
+        assert not launch(recipe, run / "logs", cwd=run)
+        assert "terminate called" not in _tails(run / "logs")
+        assert [r["step"] for r in read_loss_log(run / "losses.jsonl")[0]] == [0, 1]

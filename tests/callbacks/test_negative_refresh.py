@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 
 from m3composer.config import load_config
+from tests import bounded
 from tests.test_train import read_loss_log, tiny_recipe, write_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,8 +113,7 @@ def test_sigkill_during_a_refresh_then_the_same_command_continues_with_the_same_
     run = tmp_path / "killed"
     recipe = refresh_recipe(run, topics_mds)
     env = dict(os.environ, M3C_TEST_KILL_DURING_REFRESH="2", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), str(recipe)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = bounded.run([sys.executable, str(REPO / "scripts" / "train.py"), str(recipe)], env=env, timeout=300)
     assert proc.returncode == -9, proc.stderr[-3000:]
     negatives = run / "negatives"
     assert (negatives / "v1").is_dir() and not (negatives / "v2").exists()

@@ -235,11 +235,14 @@ def test_collate_hashes_passages_as_encoded_and_lists_every_positive_of_a_row():
 
 
 def test_content_hash_is_the_same_in_another_process():
-    import subprocess
     import sys
 
+    from tests import bounded
+
     code = "import numpy as np; from m3composer.data.collate import content_hash; print(content_hash(np.array([0, 5, 2])))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    done = bounded.run([sys.executable, "-c", code], timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
     assert int(out) == content_hash(np.array([0, 5, 2], dtype=np.int32))
 
 

@@ -5,14 +5,13 @@ rows of one stream at every step."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests import bounded
 from tests.data.m3_tiny_data import RESUME_SPECS, run_composer, write_converted
 
 HERE = Path(__file__).parent
@@ -50,10 +49,8 @@ def _launch(args: list[str], logs: Path) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        stderr = "timed out after 240 s\n" + stderr
+    except subprocess.TimeoutExpired:                  # every process prints its stacks, then dies
+        stderr = "timed out after 240 s\n" + bounded.abort_with_stacks(proc)[1]
     if proc.returncode != 0:
         errs = "\n".join(p.read_text()[-3000:] for p in sorted(logs.glob("r*.err")))
         pytest.fail(f"composer -n 2 failed ({proc.returncode}):\n{stderr[-3000:]}\n{errs}")

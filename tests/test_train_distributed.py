@@ -50,10 +50,11 @@ def _tails(logs: Path) -> str:
 
 
 def launch(recipe: Path, logs: Path, *, cwd: Path, kill_when: Callable[[int], bool] | None = None,
-           script: list[str] | None = None, launcher: list[str] | None = None) -> bool:
+           script: list[str] | None = None, launcher: list[str] | None = None, expect_error: bool = False) -> bool:
     """Run the recipe on 2 ranks; with `kill_when`, SIGKILL the whole process group as soon as
     `kill_when(last step in the loss log)` is true. Returns whether it was killed; fails the test on
-    error or timeout (or a non-zero exit). `script`: another training script and its arguments
+    error or timeout (or a non-zero exit, or a rank that aborted in C++: "terminate called"; with
+    `expect_error`, on a zero exit instead). `script`: another training script and its arguments
     before the recipe (default scripts/train.py); `launcher`: instead of `composer`."""
     logs.mkdir(parents=True)
     cwd.mkdir(parents=True, exist_ok=True)
@@ -78,8 +79,8 @@ def launch(recipe: Path, logs: Path, *, cwd: Path, kill_when: Callable[[int], bo
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    if proc.returncode != 0:
-        pytest.fail(f"composer -n 2 failed ({proc.returncode})\n{_tails(logs)}")
+    if (proc.returncode != 0) != expect_error or "terminate called" in _tails(logs):
+        pytest.fail(f"composer -n 2 exited {proc.returncode}\n{_tails(logs)}")
     return False
 
 
@@ -234,15 +235,23 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_and_its_epoch_ends_after_the_
     assert len(dataset) == dataset.steps_per_epoch       # epoch 1: planned normally at W=1
 
 
-def test_a_finished_two_rank_run_exits_0_on_every_rank_each_time(reference, tmp_path):
+def test_two_rank_runs_end_cleanly_after_success_and_after_an_error(reference, tmp_path):
     """A finished 2-rank run once died at exit with SIGABRT ("terminate called without an active
-    exception": gloo's teardown, docs/recipe.md §Process-group teardown). Two more short runs to the end
-    (after the reference run): the launcher exits 0 (so did every rank) and no rank printed a terminate."""
-    for attempt in range(2):
-        run = tmp_path / f"run{attempt}"
-        recipe = write_recipe(run / "recipe.yaml", tiny_recipe(
-            run, reference["mds"], model={"sparse_init_passages": 64}, loss={"negatives_cross_device": True},
-            trainer={"max_duration": "2ba"}))
-        assert not launch(recipe, run / "logs", cwd=run)
-        assert "terminate called" not in _tails(run / "logs")
-        assert [r["step"] for r in read_loss_log(run / "losses.jsonl")[0]] == [0, 1]
+    exception": gloo's teardown, docs/recipe.md §Process-group teardown); `launch` checks every run
+    for it. One more short run to the end exits 0; a run that fails on every rank after the process
+    group is up (a microbatch below the device batch) ends at once with the one-line error, no hang,
+    no traceback and no abort."""
+    run = tmp_path / "ok"
+    recipe = write_recipe(run / "recipe.yaml", tiny_recipe(
+        run, reference["mds"], model={"sparse_init_passages": 64}, loss={"negatives_cross_device": True},
+        trainer={"max_duration": "2ba"}))
+    assert not launch(recipe, run / "logs", cwd=run)
+    assert [r["step"] for r in read_loss_log(run / "losses.jsonl")[0]] == [0, 1]
+
+    run = tmp_path / "error"
+    recipe = write_recipe(run / "recipe.yaml", tiny_recipe(
+        run, reference["mds"], trainer={"max_duration": "2ba", "device_train_microbatch_size": 1}))
+    assert launch(recipe, run / "logs", cwd=run, expect_error=True) is False
+    logs = _tails(run / "logs")        # rank 0 prints to the launcher's output, rank 1 to r1.err
+    assert "scripts/train.py: error: trainer.device_train_microbatch_size=1 is below" in logs, logs
+    assert "Traceback" not in logs, logs

@@ -192,6 +192,9 @@ def test_export_loads_and_gives_the_in_memory_models_outputs(trained):
                  "tokenizer.json"):
         assert (export / name).is_file(), name
     assert not [p for p in export.parent.iterdir() if p.name.startswith(".export")], "temporary folder left behind"
+    from m3composer.fsutil import umask
+    for made in (export, export / "model.safetensors", export / "m3composer.json"):   # modes as the umask allows
+        assert made.stat().st_mode & 0o777 == {True: 0o777, False: 0o666}[made.is_dir()] & ~umask(), made
     # tiny-xlmr records CLS pooling and no instruction; the export records what training used,
     # and how the heads the folder did not have were started
     recorded = json.loads((export / "m3composer.json").read_text())

@@ -15,7 +15,6 @@ with the Agg backend (no display needed).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -25,6 +24,7 @@ from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
 from m3composer.callbacks.loss_log import finished_step_losses
+from m3composer.fsutil import atomic_file
 
 LOSS_PREFIX = "loss/train/"
 EVAL_PREFIX = "metrics/"
@@ -68,15 +68,8 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 
 
 def _save_atomic(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
 
 
 def _eval_series(history: dict[str, list[tuple[int, float]]]) -> dict[str, dict[str, list[tuple[int, float]]]]:

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests import bounded
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +31,10 @@ out.write_text(",".join(signal.Signals(s).name for s in got))
 def _wait_for(path: Path, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + 60
     while not path.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        if proc.poll() is not None:
+            pytest.fail(f"the launcher exited {proc.returncode}:\n{proc.communicate()[0][-6000:]}")
+        if time.monotonic() > deadline:                   # a hang: the launcher's and the rank's stacks
+            pytest.fail(f"{path.name} did not appear within 60 s:\n{bounded.abort_with_stacks(proc)[0][-6000:]}")
         time.sleep(0.05)
 
 

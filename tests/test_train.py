@@ -289,9 +289,18 @@ def test_the_same_command_after_a_finished_autoresume_run_only_exports_again(tmp
     Composer's fit() ('max_duration ... less than or equal to the elapsed training duration')."""
     from m3composer.train import main
 
+    # With every algorithm, callback and file logger on: the final checkpoint holds their state and
+    # loads under the allow-list (m3composer/checkpoints.py).
+    eval_rows = train_data.parent / "jsonl" / "train" / "pydoc_topics" / "pydoc_topics_len-0-500.jsonl"
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(
         tmp_path, train_data, trainer={"max_duration": "2ba", "save_folder": str(tmp_path / "ckpt"),
-                                       "save_interval": "2ba", "autoresume": True}))
+                                       "save_interval": "2ba", "autoresume": True},
+        model={"fix_position_embedding": True, "sparse_init_passages": 64,
+               "gradient_cache": {"enabled": True, "max_sequences": 8}},
+        loss={"self_distill_start_step": "1ba"},
+        callbacks={"eval_data": str(eval_rows), "eval_interval": "1ba", "eval_max_queries": 4,
+                   "eval_passage_max_len": 64, "negative_refresh": {"range": "2-20", "negatives": 2}},
+        loggers={"tensorboard": {"log_dir": str(tmp_path / "tensorboard")}}))
     main([str(recipe)]).close()
     export = tmp_path / "export"
     shutil.rmtree(export)                           # as if the kill came before the export

@@ -17,6 +17,7 @@ Two conventions for the gradient of a loss computed on gathered tensors (docs/re
 from __future__ import annotations
 
 import atexit
+import functools
 import time
 
 import torch
@@ -102,6 +103,7 @@ def pad_to_longest_across_ranks(tensors: list[torch.Tensor], dim: int = 1) -> li
 # ---- teardown (docs/recipe.md §Process-group teardown) ---------------------------------------------
 GLOO_WORKER_THREADS = 2      # ProcessGroupGloo's default worker-thread count (torch 2.7)
 SETTLE_S = 0.02              # GIL-free wait after the probes, for a worker still finishing a work
+PROBE_RELEASE_S = 5.0        # bound on the wait for a worker to let go of a probe (microseconds normally)
 
 
 def _release_gloo_workers(probes: int) -> None:
@@ -117,7 +119,8 @@ def _release_gloo_workers(probes: int) -> None:
     for _ in range(probes):
         probe = torch.zeros(1)
         dist.all_reduce(probe)
-        while probe._use_count() > 1:
+        deadline = time.monotonic() + PROBE_RELEASE_S
+        while probe._use_count() > 1 and time.monotonic() < deadline:
             time.sleep(0.0005)
     time.sleep(SETTLE_S)
 
@@ -140,12 +143,9 @@ def shutdown(ok: bool = True) -> None:
     dist.destroy_process_group()
 
 
-_AT_EXIT = []
-
-
+@functools.cache
 def shutdown_at_exit() -> None:
     """Register `shutdown(ok=False)` to run at interpreter exit (once per process), before
     finalisation: a process that ends without calling `shutdown` still destroys its group while
     the interpreter is whole."""
-    if not _AT_EXIT:
-        _AT_EXIT.append(atexit.register(shutdown, ok=False))
+    atexit.register(shutdown, ok=False)

@@ -419,8 +419,10 @@ def closed_at_end(trainer: Trainer) -> Iterator[Trainer]:
         yield trainer
         ok = True
     finally:
-        trainer.close() if ok else trainer.engine.close()
-        distributed.shutdown(ok=ok)
+        try:
+            trainer.close() if ok else trainer.engine.close()
+        finally:
+            distributed.shutdown(ok=ok)
 
 
 def fit(trainer: Trainer, cfg: TrainConfig) -> None:

@@ -125,3 +125,14 @@ def test_negative_refresh_is_off_by_default_and_bad_settings_fail_naming_the_key
             load_config(yaml_path, [f"{key}.interval=1ep", override])
     with pytest.raises(ConfigKeyError, match="bogus"):
         load_config(yaml_path, [f"{key}.bogus=1"])
+
+
+@pytest.mark.parametrize("name", ["quickstart-cpu", "kd-cpu"])
+def test_a_recipes_outputs_and_data_move_with_run_dir(name):
+    """A copied recipe with its own run_dir writes nowhere near the original's (yaml interpolation)."""
+    from pathlib import Path
+    recipe = Path(__file__).resolve().parents[1] / "yamls" / f"{name}.yaml"
+    default, moved = load_config(recipe), load_config(recipe, ["run_dir=/elsewhere/mine"])
+    paths = lambda cfg: [cfg.data.train_data, cfg.trainer.save_folder, cfg.callbacks.export_dir]
+    assert all(p.startswith(default.run_dir + "/") for p in paths(default))
+    assert all(p.startswith("/elsewhere/mine/") for p in paths(moved))

@@ -67,6 +67,9 @@ COMMON_OVERRIDES = [
     "loss.unified_finetuning=true", "loss.use_self_distill=true", "loss.self_distill_start_step=0ba",
     "optimizer.lr=1e-5", "optimizer.warmup_ratio=0.1", "optimizer.weight_decay=0.0",   # HF's default, as run_peer.sh
     "seed=42", "trainer.precision=fp32",
+    # FlagEmbedding gathers only the dense head's passages across processes; the quickstart recipe
+    # this starts from gathers every head (and refuses that with one process)
+    "loss.negatives_cross_device_heads=dense",
     "trainer.save_folder=null", "trainer.progress_bar=false", "trainer.log_to_console=false",
     "model.pooling=cls", "data.query_instruction_for_retrieval=null", "data.passage_instruction_for_retrieval=null",
 ]

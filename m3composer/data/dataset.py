@@ -557,11 +557,6 @@ def _open_streaming_dataset(train_data: str, local_cache: str | None, streams: l
         which = f"stream {failed.name} ({root}/{failed.path}/index.json)" if failed else "its streams"
         raise DataReadError(f"{train_data}: cannot open {which} (download_retry={download_retry}, "
                             f"download_timeout={download_timeout}s): {type(err).__name__}: {_one_line(err)}") from err
-    for shard, stream_id in zip(sd.shards, sd.stream_per_shard):
-        pickled = [c for c, e in zip(shard.column_names, shard.column_encodings) if e == "pkl"]
-        if pickled:     # Streaming would unpickle them on read: code a crafted shard names would run
-            raise DataReadError(f"{root}/{streams[stream_id].path}/index.json: column {pickled[0]} is encoded as "
-                                "pkl (pickle), which m3composer never writes and does not read; convert the data again")
     for s, n in zip(streams, sd.samples_per_stream):
         if int(n) != s.rows:
             raise ValueError(f"{where}: stream {s.name} lists {s.rows} rows but its MDS index has {int(n)}")

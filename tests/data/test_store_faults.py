@@ -185,13 +185,15 @@ def test_shards_carry_hashes_and_a_dataset_converted_without_them_still_reads(co
 
 
 def test_a_shard_with_a_pickled_column_is_refused_before_any_row_is_read(converted_dir, tmp_path):
-    """Streaming unpickles a `pkl` column when it reads a sample: a crafted MDS index naming one is
-    refused when the dataset opens, naming the stream's index and the column."""
+    """Streaming would unpickle a `pkl` column when it reads a sample; it refuses to open a stream that
+    declares one unless `allow_unsafe_types=True`, which m3composer never passes: a crafted MDS index
+    is refused when the dataset opens, naming the dataset and the column."""
     crafted = copy_published(converted_dir, tmp_path / "crafted")
     mds_index = sorted(crafted.glob("*/*/index.json"))[0]
     meta = json.loads(mds_index.read_text())
     for shard in meta["shards"]:
         shard["column_encodings"][shard["column_names"].index("source")] = "pkl"
     mds_index.write_text(json.dumps(meta))
-    with pytest.raises(DataReadError, match=rf"{re.escape(str(mds_index))}: column source is encoded as pkl"):
+    with pytest.raises(DataReadError, match=rf"{re.escape(str(crafted))}: cannot open its streams: ValueError: "
+                                            "Column source contains an unsafe type: pkl"):
         M3TrainDataset(str(crafted), **DATASET_ARGS)

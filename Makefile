@@ -23,9 +23,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 # The suite in a random order (modules shuffled, and the tests in each): no test may rely on what
-# an earlier one left behind. The seed is printed; rerun one order with -p random_order --random-order-seed=N.
+# an earlier one left behind. The seed is printed first; `make test-shuffled SEED=N` reruns that order.
+SEED ?= $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 test-shuffled: $(STAMP)
-	$(BIN)/python -m pytest -q tests --random-order
+	@echo "random order seed: $(SEED)"
+	$(BIN)/python -m pytest -q tests --random-order-seed=$(SEED)
 
 clean:
 	rm -rf $(VENV) runs

@@ -24,7 +24,9 @@ test: $(STAMP)
 
 # The suite in a random order (modules shuffled, and the tests in each): no test may rely on what
 # an earlier one left behind. The seed is printed first; `make test-shuffled SEED=N` reruns that order.
-SEED ?= $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+ifndef SEED
+SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+endif
 test-shuffled: $(STAMP)
 	@echo "random order seed: $(SEED)"
 	$(BIN)/python -m pytest -q tests --random-order-seed=$(SEED)

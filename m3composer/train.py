@@ -7,6 +7,7 @@ line and calls `main`. Launch with `composer -n N scripts/train.py yamls/<recipe
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -421,6 +422,10 @@ def closed_at_end(trainer: Trainer) -> Iterator[Trainer]:
     finally:
         try:
             trainer.close() if ok else trainer.engine.close()
+            # Composer's atexit hook of a closed engine holds its state (model, dataset, Streaming's
+            # shared memory and file descriptors) until the process exits; a process that trains
+            # again and again (a notebook, the test suite) would run out of descriptors
+            atexit.unregister(trainer.engine._close)
         finally:
             distributed.shutdown(ok=ok)
 

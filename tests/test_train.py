@@ -501,3 +501,20 @@ def test_an_unreadable_checkpoint_is_one_line_naming_the_file_and_the_earlier_on
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"{folder / 'ep0-ba8-rank0.pt'}: cannot read this checkpoint")
     assert "save_num_checkpoints_to_keep=2" in message and "ep0-ba4-rank0.pt" in message
+
+
+def test_a_finished_run_keeps_nothing_of_its_dataset_alive(tmp_path, train_data):
+    """Composer's atexit hook of a closed engine would hold the run's state, and with it the dataset's
+    shared memory and file descriptors, until the process exits (train.closed_at_end drops it)."""
+    import gc
+    import weakref
+
+    from m3composer.train import main
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(
+        tmp_path, train_data, model={"sparse_init_passages": 64}, trainer={"max_duration": "2ba"}))
+    trainer = main([str(recipe)])
+    dataset = weakref.ref(trainer.state.train_dataloader.dataset)
+    del trainer
+    gc.collect()
+    assert dataset() is None

@@ -161,8 +161,9 @@ def prepare_smoke(work: Path, rows: int = 24) -> Path:
     converted with the tiny asset's tokenizer. Returns the converted folder."""
     mds = work / "smoke" / "mds"
     if not (mds / "m3_index.json").exists():
-        sys.path.insert(0, str(REPO))
-        sys.path.insert(0, str(REPO / "scripts"))
+        for folder in (str(REPO), str(REPO / "scripts")):      # appended: nothing of the caller's is shadowed
+            if folder not in sys.path:
+                sys.path.append(folder)
         from bench_data import synthetic_jsonl
         from m3composer.assets.build import resolve_model_dir
         from m3composer.cli import main as m3c

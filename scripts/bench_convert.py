@@ -39,7 +39,7 @@ def copy_inputs(data: Path, copies: int, dest: Path) -> Path:
     return dest
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from m3composer.data.convert import convert, load_tokenizer
     from m3composer.data.index import read_index
 
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokenizer", default=None, help="model folder (default: the e5-small asset)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.tokenizer is None:
         from m3composer.assets.build import ensure_assets
         from m3composer.assets.paths import E5_SMALL

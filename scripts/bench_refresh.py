@@ -27,7 +27,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("mds")
     parser.add_argument("--model", default="asset:e5-small")
@@ -36,7 +36,7 @@ def main() -> int:
     parser.add_argument("--heads", default="dense", help=f"comma-separated ranking heads of {REFRESH_HEADS} (default dense)")
     parser.add_argument("--query-max-len", type=int, default=32)
     parser.add_argument("--passage-max-len", type=int, default=128)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     model = M3Model.from_pretrained(resolve_model_dir(args.model))
     out = args.out or tempfile.mkdtemp(prefix="bench-refresh-")

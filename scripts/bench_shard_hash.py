@@ -84,12 +84,12 @@ def hash_pass(files: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--passage-tokens", type=int, default=120)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     data = rows(args.rows, args.passage_tokens)
     times: dict[str, list[float]] = {k: [] for k in ("write", "write_hashed", "read", "read_hashed", "raw", "zip")}
     with tempfile.TemporaryDirectory(prefix="bench-hash-") as tmp:

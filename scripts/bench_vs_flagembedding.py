@@ -2,6 +2,7 @@
 
     python scripts/bench_vs_flagembedding.py [--work DIR] [--peer-venv DIR] [--repeats 2]
                                              [--configs tiny-1,tiny-2,big-1,big-2] [--long-passage 128,2048]
+    python scripts/bench_vs_flagembedding.py --smoke [--work DIR]
 
 It needs the *peer harness*, a folder outside this repository (`--peer-dir`, default
 `../shared/peer` beside the checkout) that holds `setup.sh` (builds FlagEmbedding's virtualenv),
@@ -20,10 +21,17 @@ What it does (issue 10):
 3. prints and writes (`WORK/results.json`, `WORK/results.md`) samples/s, the ratio, loss at the
    first and last step (and the whole curves), peak RSS, loop time and process wall time.
 
-Settings common to both: G=4, query 64 / passage 128 tokens, per-device batch 8, unified loss +
+Settings common to both (ours: `yamls/bench-vs-flagembedding.yaml`, this benchmark's own, so a change
+to a recipe does not change it): G=4, query 64 / passage 128 tokens, per-device batch 8, unified loss +
 self-distillation from step 0, lr 1e-5, warm-up 0.1, seed 42, fp32, CLS pooling (the peer folder has
 no m3composer.json), the same thread count per process (cores / processes). 2 processes: gloo,
-cross-rank negatives (`negatives_cross_device`). Steps: tiny 100, big 24 (the harness's defaults).
+cross-rank negatives (`negatives_cross_device`) for the dense head only, as FlagEmbedding gathers.
+Steps: tiny 100, big 24 (the harness's defaults).
+
+`--smoke` runs only m3composer's half of the smallest configuration (tiny, 1 process, 1 step, one
+repeat) on the tiny asset model (`asset:tiny-xlmr`) and a few synthetic rows, without the peer
+harness or FlagEmbedding's virtualenv: it shows in seconds that the benchmark still runs (the
+test suite runs it).
 
 Counting, the same for both:
 * samples/s = query groups (1 query + G passages) trained per second, all processes together.
@@ -62,18 +70,11 @@ DEFAULT_PEER_DIR = REPO.parent / "shared" / "peer"
 BIN = Path(sys.executable).parent
 GIB = 1024 ** 3
 
-COMMON_OVERRIDES = [
-    "data.train_group_size=4", "data.query_max_len=64", "data.passage_max_len=128", "data.default_batch_size=8",
-    "loss.unified_finetuning=true", "loss.use_self_distill=true", "loss.self_distill_start_step=0ba",
-    "optimizer.lr=1e-5", "optimizer.warmup_ratio=0.1", "optimizer.weight_decay=0.0",   # HF's default, as run_peer.sh
-    "seed=42", "trainer.precision=fp32",
-    # FlagEmbedding gathers only the dense head's passages across processes; the quickstart recipe
-    # this starts from gathers every head (and refuses that with one process)
-    "loss.negatives_cross_device_heads=dense",
-    "trainer.save_folder=null", "trainer.progress_bar=false", "trainer.log_to_console=false",
-    "model.pooling=cls", "data.query_instruction_for_retrieval=null", "data.passage_instruction_for_retrieval=null",
-]
+# The settings the two trainers share (this benchmark's own YAML, not a recipe's)
+RECIPE = REPO / "yamls" / "bench-vs-flagembedding.yaml"
 STEPS = {"tiny": 100, "big": 24}
+SMOKE_MODEL = "asset:tiny-xlmr"
+SMOKE_STEPS = 1
 
 
 # ------------------------------------------------------------------------------- process runner
@@ -153,6 +154,25 @@ def prepare(work: Path, peer_dir: Path, peer_python: Path, models: set[str]) -> 
         subprocess.run([sys.executable, "-m", "m3composer.cli", "convert", str(work / "data"), "--out",
                         str(work / "mds"), "--tokenizer", str(work / "tiny"), "--no-progress", "--overwrite"],
                        check=True, stdout=subprocess.DEVNULL, cwd=REPO)
+
+
+def prepare_smoke(work: Path, rows: int = 24) -> Path:
+    """`--smoke`'s data: a few synthetic rows (1 query, 1 positive, 3 negatives; bench_data.py's),
+    converted with the tiny asset's tokenizer. Returns the converted folder."""
+    mds = work / "smoke" / "mds"
+    if not (mds / "m3_index.json").exists():
+        for folder in (str(REPO), str(REPO / "scripts")):      # appended: nothing of the caller's is shadowed
+            if folder not in sys.path:
+                sys.path.append(folder)
+        from bench_data import synthetic_jsonl
+        from m3composer.assets.build import resolve_model_dir
+        from m3composer.cli import main as m3c
+
+        jsonl = synthetic_jsonl(work / "smoke" / "jsonl", rows)
+        if m3c(["convert", str(jsonl), "--out", str(mds), "--tokenizer", str(resolve_model_dir(SMOKE_MODEL)),
+                "--no-progress", "--overwrite"]) != 0:
+            raise SystemExit(f"m3c convert of {jsonl} failed")
+    return mds
 
 
 def prepare_long(work: Path, passage_len: int) -> tuple[Path, Path, Path]:
@@ -240,10 +260,8 @@ def run_ours(args, work: Path, model_dir: Path, mds: Path, nproc: int, steps: in
     env = thread_env(max(1, (os.cpu_count() or 1) // nproc))
     overrides = [f"run_name=bench-{tag}", f"run_dir={out}", f"model.name_or_path={model_dir}",
                  f"data.train_data={mds}", f"trainer.max_duration={steps}ba", f"callbacks.export_dir={out}/export",
-                 f"loss.negatives_cross_device={'true' if nproc > 1 else 'false'}", *COMMON_OVERRIDES, *extra,
-                 *args.ours_override]
-    script = [str(REPO / "scripts" / "bench_train.py"), "--json", str(out / "bench.json"),
-              str(REPO / "yamls" / "quickstart-cpu.yaml"), *overrides]
+                 f"loss.negatives_cross_device={'true' if nproc > 1 else 'false'}", *extra, *args.ours_override]
+    script = [str(REPO / "scripts" / "bench_train.py"), "--json", str(out / "bench.json"), str(RECIPE), *overrides]
     cmd = [sys.executable, *script] if nproc == 1 else [str(BIN / "composer"), "-n", str(nproc), *script]
     run = Run(cmd, env, out.parent / f"ours-{tag}.log", cwd=REPO, mem_cap_bytes=mem_cap)
     rc, wall, text = run.run(args.timeout)
@@ -353,13 +371,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-cap-gib", type=float, default=20.0, help="address-space cap of the long-passage runs")
     ap.add_argument("--ours-override", action="append", default=[], help="extra key=value for our runs (A/B tests)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"only m3composer's half of tiny-1 ({SMOKE_STEPS} step, 1 repeat) on {SMOKE_MODEL} and "
+                         "synthetic rows (no peer harness needed; replaces --configs, --repeats, --long-passage)")
     args = ap.parse_args(argv)
-    peer_python = args.peer_venv / "bin" / "python"
-    if not peer_python.exists():
-        ap.error(f"no FlagEmbedding virtualenv at {args.peer_venv}: run {args.peer_dir}/setup.sh (or pass --peer-venv)")
-
+    if args.smoke:
+        args.configs, args.repeats, args.long_passage, args.steps_tiny = "tiny-1", 1, "", SMOKE_STEPS
     configs = [c.split("-") for c in args.configs.split(",") if c]
-    prepare(args.work, args.peer_dir, peer_python, {m for m, _ in configs} | ({"tiny"} if args.long_passage else set()))
+    if args.smoke:
+        sides, models, mds = ("ours",), {"tiny": SMOKE_MODEL}, prepare_smoke(args.work)
+    else:
+        peer_python = args.peer_venv / "bin" / "python"
+        if not peer_python.exists():
+            ap.error(f"no FlagEmbedding virtualenv at {args.peer_venv}: run {args.peer_dir}/setup.sh "
+                     "(or pass --peer-venv)")
+        prepare(args.work, args.peer_dir, peer_python,
+                {m for m, _ in configs} | ({"tiny"} if args.long_passage else set()))
+        sides, models, mds = ("peer", "ours"), {m: args.work / m for m in STEPS}, args.work / "mds"
     steps = {"tiny": args.steps_tiny, "big": args.steps_big}
     header = (f"Machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / GIB:.0f} GiB RAM; "
               f"started {time.strftime('%Y-%m-%d %H:%M')}, load average {load_avg()}")
@@ -369,14 +397,14 @@ def main(argv: list[str] | None = None) -> int:
         for model, nproc in configs:
             nproc = int(nproc)
             config = f"{model} {nproc}p"
-            order = ("peer", "ours") if (rep % 2 == 0) else ("ours", "peer")
+            order = sides if (rep % 2 == 0) else sides[::-1]
             for who in order:
                 tag = f"{model}-{nproc}p-r{rep}"
                 load = load_avg()
                 if who == "peer":
                     r = run_peer(args, args.work, args.work / model, args.work / "data", nproc, steps[model], tag)
                 else:
-                    r = run_ours(args, args.work, args.work / model, args.work / "mds", nproc, steps[model], tag)
+                    r = run_ours(args, args.work, models[model], mds, nproc, steps[model], tag)
                 r.update(config=config, repeat=rep, load_before=load)
                 results.append(r)
                 print(f"[{config} r{rep}] {r['trainer']:13s} samples/s={r.get('samples_per_s')} loop_s={r.get('loop_s')} "

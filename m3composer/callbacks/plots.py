@@ -1,7 +1,8 @@
 """PNG plots of a run: per-head training losses and retrieval metrics over steps.
 
     RUN_DIR/plots/losses.png   loss/train/<term> (dense, sparse, colbert, ensemble, self_distill,
-                               bidirectional, masked_negatives (a count), total), raw per step plus a moving average
+                               bidirectional, masked_negatives (a count), total), raw per step plus a moving average,
+                               then the heads' diagnostics: a grid of at most 5 rows, filled down the columns
     RUN_DIR/plots/eval.png     metrics/<label>/<head>/<metric> (what RetrievalEval logs): one panel
                                per metric, one line per head
 
@@ -34,6 +35,19 @@ DIAGNOSTIC_SERIES = ("heads/sparse/shared_token_weight", "heads/sparse/zero_weig
 HEAD_ORDER = ("dense", "sparse", "colbert", "ensemble")
 # The loss terms in the order ComposerM3 logs them; unknown terms go just before "total".
 LOSS_ORDER = ("dense", "sparse", "colbert", "ensemble", "self_distill", "bidirectional", "masked_negatives", "total")
+# losses.png is a grid of at most LOSS_MAX_ROWS rows (1,210 px at the 110 dpi of _save_atomic), filled
+# down the columns, so that the twelve panels of a full run fit a screen (3 x 4: 1,815 x 968 px):
+# 1 column of 8 in, or columns of 5.5 in
+LOSS_MAX_ROWS = 5
+LOSS_PANEL_HEIGHT_IN = 2.2
+LOSS_COLUMN_WIDTH_IN = (8.0, 5.5)
+
+
+def loss_grid(panels: int) -> tuple[int, int]:
+    """(rows, columns) of losses.png: one column up to LOSS_MAX_ROWS panels, then as many columns as
+    needed, with the rows spread evenly over them."""
+    cols = -(-panels // LOSS_MAX_ROWS)
+    return -(-panels // cols), cols
 
 
 def _step_of(when: Any) -> int:
@@ -112,18 +126,27 @@ def write_plots(run_dir: str | os.PathLike, history: Mapping[str, Sequence[tuple
             if history.get(name):
                 losses[name] = history[name]
                 terms.append(name)
-        fig, axes = plt.subplots(len(terms), 1, figsize=(8, 2.2 * len(terms)), sharex=True, squeeze=False)
-        for ax, term in zip(axes[:, 0], terms):
+        rows, cols = loss_grid(len(terms))
+        fig, axes = plt.subplots(rows, cols, figsize=(LOSS_COLUMN_WIDTH_IN[min(cols, 2) - 1] * cols,
+                                                      LOSS_PANEL_HEIGHT_IN * rows), sharex=True, squeeze=False)
+        # down the columns: the loss terms in their order, then the diagnostics
+        cells = [axes[i % rows, i // rows] for i in range(len(terms))]
+        for ax, term in zip(cells, terms):
             steps, values = zip(*sorted(losses[term]))
             ax.plot(steps, values, lw=0.8, alpha=0.45, label="per step")
             if len(values) > 2:
                 ax.plot(steps, _moving_average(list(values), smoothing_window), lw=1.6,
                         label=f"trailing mean of {smoothing_window}")
-            ax.set_ylabel(term)
+            ax.set_title(term, fontsize=9, loc="left")    # a title, not a y label: the diagnostics' names are long
             ax.grid(alpha=0.3)
-        axes[0, 0].set_title("training loss terms (loss/train/*), then the heads' diagnostics")
-        axes[0, 0].legend(loc="upper right", fontsize=8)
-        axes[-1, 0].set_xlabel("step (batch)")
+        for ax in axes.flat:
+            ax.set_visible(ax in cells)
+        for col in range(cols):          # the lowest drawn panel of each column carries the step axis
+            bottom = [ax for ax in axes[:, col] if ax in cells][-1]
+            bottom.xaxis.set_tick_params(labelbottom=True)
+            bottom.set_xlabel("step (batch)")
+        fig.suptitle("training loss terms (loss/train/*), then the heads' diagnostics")
+        cells[0].legend(loc="upper right", fontsize=8)
         fig.tight_layout()
         _save_atomic(fig, plots_dir / "losses.png")
         plt.close(fig)

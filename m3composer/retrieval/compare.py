@@ -4,6 +4,12 @@
     m3c eval MODEL EVAL --per-query --output model.json
     m3c compare base.json model.json [--metric ndcg@10] [--base-head dense]
 
+Each head of the model is compared with the same head of the base. A head the base was not
+evaluated with (a plain encoder such as e5-small has only dense; its eval JSON has no per-query
+rows for the others) is shown without a comparison: a fine-tuned sparse head measured against the
+base's dense head would read as "sparse got worse" when the base has no sparse head at all.
+`--base-head dense` compares every head with the base's dense head instead, and says so.
+
 Two models scored on the same queries differ query by query; the mean difference alone says
 nothing about noise. `paired_bootstrap` resamples the queries with replacement (the same draw for
 both models, so per-query differences stay paired) and reports the mean difference with a
@@ -88,17 +94,21 @@ def per_query(results: dict, head: str, metric: str, where: str) -> Optional[dic
 
 
 def compare(base: dict, other: dict, *, metric: str = "ndcg@10", base_head: Optional[str] = None,
-            samples: int = 10_000, seed: int = 0, where: tuple[str, str] = ("base", "other")) -> dict[str, PairedDifference]:
-    """Every head of `other` against the same head of `base` (or against `base_head` for all)."""
-    out = {}
+            samples: int = 10_000, seed: int = 0,
+            where: tuple[str, str] = ("base", "other")) -> dict[str, Optional[PairedDifference]]:
+    """Every head of `other` against the same head of `base`, or against `base_head` of `base` for all.
+
+    A head of `other` that `base` has no per-query rows for maps to None (not compared), unless
+    `base_head` is given; a `base_head` that `base` lacks is an error."""
+    out: dict[str, Optional[PairedDifference]] = {}
     for head in SCORE_NAMES:
         theirs = per_query(other, head, metric, where[1])
         if theirs is None:
             continue
         ours = per_query(base, base_head or head, metric, where[0])
-        if ours is None:
-            ours = per_query(base, "dense", metric, where[0])     # a base without heads: dense
-        out[head] = paired_bootstrap(ours, theirs, samples=samples, seed=seed)
+        if ours is None and base_head:
+            raise ValueError(f"{where[0]}: no per-query metrics of the {base_head} head (--base-head)")
+        out[head] = None if ours is None else paired_bootstrap(ours, theirs, samples=samples, seed=seed)
     return out
 
 
@@ -107,11 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("other", help="the same for the model compared with it")
     parser.add_argument("--metric", default="ndcg@10", help="per-query metric to compare (default: ndcg@10)")
     parser.add_argument("--base-head", default=None,
-                        help="compare every head against this head of the base (default: the same head, "
-                             "or dense where the base has no such head)")
+                        help="compare every head with this one head of the base, e.g. dense (default: each "
+                             "head with the same head of the base; a head the base lacks is not compared)")
     parser.add_argument("--samples", type=int, default=10_000, help="bootstrap resamples (default: 10000)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=None, help="write the comparison as JSON here")
+    parser.add_argument("--output", default=None, help="write the comparison as JSON here (a head not compared: null)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,14 +132,21 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"m3c compare: error: {err}", file=sys.stderr)
         return 2
-    print(f"{args.metric}, {args.other} vs {args.base} (paired bootstrap over queries, 95 %)")
+    against = f"the base's {args.base_head} head" if args.base_head else "the same head of the base"
+    print(f"{args.metric}, {args.other} vs {args.base}: each head against {against} "
+          "(paired bootstrap over queries, 95 %)")
     print(f"{'head':<10}{'queries':>8}{'base':>9}{'other':>9}{'diff':>9}   interval")
     for head, d in result.items():
+        if d is None:
+            theirs = per_query(other, head, args.metric, args.other)
+            print(f"{head:<10}{len(theirs):>8}{'-':>9}{np.mean(list(theirs.values())):>9.4f}{'-':>9}   "
+                  f"no base {head} head: not compared")
+            continue
         mark = "  *" if d.excludes_zero else ""
         print(f"{head:<10}{d.queries:>8}{d.base:>9.4f}{d.other:>9.4f}{d.difference:>+9.4f}   "
               f"[{d.low:+.4f}, {d.high:+.4f}]{mark}")
     print("* the interval excludes 0")
     if args.output:
-        write_json_atomic(args.output, {head: {**vars(d), "excludes_zero": d.excludes_zero}
+        write_json_atomic(args.output, {head: None if d is None else {**vars(d), "excludes_zero": d.excludes_zero}
                                         for head, d in result.items()})
     return 0

@@ -85,3 +85,19 @@ def test_head_diagnostics_are_recorded_and_drawn_under_the_losses(tmp_path):
     with_diagnostics = written[0].stat().st_size
     without = write_plots(tmp_path / "plain", synthetic_history())[0].stat().st_size
     assert with_diagnostics > without                      # one more panel in losses.png
+
+
+def test_a_full_runs_loss_plot_is_a_grid_that_fits_a_screen(tmp_path):
+    """Eight loss terms and the four head diagnostics: 3 columns of 4 panels (968 x 1815 px at 110 dpi),
+    not one column of twelve (2,904 px tall); five panels stay in one column, six take 2 columns of 3."""
+    from m3composer.callbacks.plots import DIAGNOSTIC_SERIES, LOSS_ORDER, loss_grid
+
+    history = {f"loss/train/{term}": [(s, 1.0 + s / 10) for s in range(12)] for term in LOSS_ORDER}
+    history.update({name: [(s, 0.5) for s in range(12)] for name in DIAGNOSTIC_SERIES})
+    image = mpimg.imread(write_plots(tmp_path / "run", history)[0])
+    assert loss_grid(12) == (4, 3) and image.shape[:2] == (round(4 * 2.2 * 110), round(3 * 5.5 * 110))
+    assert image.shape[0] <= 1200 and image.shape[1] <= 1920
+    assert [loss_grid(n) for n in (1, 4, 5, 6, 8, 10, 16)] == [(1, 1), (4, 1), (5, 1), (3, 2), (4, 2), (5, 2), (4, 4)]
+    six = {f"loss/train/{term}": history[f"loss/train/{term}"] for term in LOSS_ORDER[:6]}
+    assert mpimg.imread(write_plots(tmp_path / "six", six)[0]).shape[:2] == (round(3 * 2.2 * 110),
+                                                                              round(2 * 5.5 * 110))

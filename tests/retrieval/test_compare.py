@@ -35,12 +35,12 @@ def _eval_json(path, per_query):
     return path
 
 
-def test_cli_compares_every_head_against_the_base_dense_when_the_base_has_no_heads(tmp_path, capsys):
+def test_cli_with_base_head_dense_compares_every_head_against_the_base_dense(tmp_path, capsys):
     queries = [f"q{i}" for i in range(20)]
     base = _eval_json(tmp_path / "base.json", {"dense": {q: {"ndcg@10": 0.5} for q in queries}})
     other = _eval_json(tmp_path / "other.json", {
         "dense": {q: {"ndcg@10": 0.6} for q in queries}, "sparse": {q: {"ndcg@10": 0.4} for q in queries}})
-    assert main(["compare", str(base), str(other), "--output", str(tmp_path / "c.json")]) == 0
+    assert main(["compare", str(base), str(other), "--base-head", "dense", "--output", str(tmp_path / "c.json")]) == 0
     out = capsys.readouterr().out
     assert "dense" in out and "sparse" in out
     written = json.loads((tmp_path / "c.json").read_text())
@@ -49,6 +49,45 @@ def test_cli_compares_every_head_against_the_base_dense_when_the_base_has_no_hea
     (tmp_path / "plain.json").write_text(json.dumps({"dense": {}}))
     assert main(["compare", str(tmp_path / "plain.json"), str(other)]) == 2
     assert "--per-query" in capsys.readouterr().err
+
+
+def test_each_head_is_compared_with_the_same_head_of_the_base_and_a_head_the_base_lacks_is_not(tmp_path, capsys):
+    """The quickstart's last table: the base e5-small has only dense, so the fine-tuned sparse head has
+    nothing to be compared with; it is shown with its own mean and a note, not against base dense."""
+    queries = [f"q{i}" for i in range(20)]
+    base = _eval_json(tmp_path / "base.json", {"dense": {q: {"ndcg@10": 0.5} for q in queries}})
+    other = _eval_json(tmp_path / "other.json", {
+        "dense": {q: {"ndcg@10": 0.6} for q in queries}, "sparse": {q: {"ndcg@10": 0.4} for q in queries}})
+    assert main(["compare", str(base), str(other), "--output", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "each head against the same head of the base" in out
+    sparse_row = next(line for line in out.splitlines() if line.startswith("sparse"))
+    assert "no base sparse head: not compared" in sparse_row and "0.4000" in sparse_row and "*" not in sparse_row
+    assert "0.5000" not in sparse_row and "-0.1" not in sparse_row
+    written = json.loads((tmp_path / "c.json").read_text())
+    assert written["sparse"] is None and written["dense"]["difference"] == pytest.approx(0.1)
+    assert compare(json.loads(base.read_text()), json.loads(other.read_text()))["sparse"] is None
+
+
+def test_a_base_with_every_head_is_compared_head_by_head(tmp_path):
+    queries = [f"q{i}" for i in range(20)]
+    heads = ("dense", "sparse", "colbert", "ensemble")
+    base = {"per_query": {h: {q: {"ndcg@10": 0.5} for q in queries} for h in heads}}
+    base["per_query"]["sparse"] = {q: {"ndcg@10": 0.2} for q in queries}
+    other = {"per_query": {h: {q: {"ndcg@10": 0.6} for q in queries} for h in heads}}
+    result = compare(base, other)
+    assert list(result) == list(heads)
+    assert {h: round(d.difference, 6) for h, d in result.items()} == {
+        "dense": 0.1, "sparse": 0.4, "colbert": 0.1, "ensemble": 0.1}
+    assert {round(d.base, 6) for d in compare(base, other, base_head="dense").values()} == {0.5}
+
+
+def test_a_base_head_the_base_lacks_is_an_error_naming_it(tmp_path, capsys):
+    queries = [f"q{i}" for i in range(5)]
+    base = _eval_json(tmp_path / "base.json", {"dense": {q: {"ndcg@10": 0.5} for q in queries}})
+    other = _eval_json(tmp_path / "other.json", {"dense": {q: {"ndcg@10": 0.6} for q in queries}})
+    assert main(["compare", str(base), str(other), "--base-head", "colbert"]) == 2
+    assert "no per-query metrics of the colbert head" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------- scripts/compare_eval.py: the quickstart's verdict

@@ -7,7 +7,7 @@ batch membership, positives, negatives and text shuffles are all functions of (s
 there, so the refresh is deterministic and resume-safe. `EPOCH_START` does not fire when a run
 resumes mid-epoch; the dataset's `load_state_dict` has set the epoch then. After the load
 (AFTER_LOAD) and at each EPOCH_START it has Composer read the epoch's length again: an epoch resumed
-on another world size is longer or shorter than the others (docs/architecture.md §Elastic resume).
+on another world size is longer or shorter than the others (docs/recipe.md §Elastic resume).
 
 At `EPOCH_END` it checks the number of batches served against the plan: a store that keeps
 failing can make Streaming yield a short or empty epoch without raising (docs/recipe.md

@@ -5,7 +5,7 @@ Cloud schedulers send SIGTERM some seconds before they take a node; Slurm sends 
 `--signal=USR1@90` names. Without this, Composer's own SIGTERM handler exits with 143 at once and
 everything since the last `save_interval` is lost.
 
-How (README §Preemption):
+How (docs/operations.md §Preemption and elastic resume):
 
 * `Preemption` installs handlers for the signals at FIT_START (Python runs them in the main
   thread) that only record the signal: the step in flight finishes untouched. It puts the

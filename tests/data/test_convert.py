@@ -310,10 +310,10 @@ def test_many_defects_are_listed_up_to_a_limit_with_the_total(tmp_path, word_tok
 # ------------------------------------------------------------------------------- atomic output
 
 def test_interrupted_conversion_leaves_no_output(tmp_path, word_tokenizer_dir, monkeypatch, converted_source):
-    from m3composer.data import convert as convert_module
+    from m3composer.data.convert import writer as convert_module
 
     calls = {"n": 0}
-    real_write = convert_module._Converter._write
+    real_write = convert_module.Converter._write
 
     def flaky_write(self, inp, rows, ids):
         calls["n"] += 1
@@ -321,7 +321,7 @@ def test_interrupted_conversion_leaves_no_output(tmp_path, word_tokenizer_dir, m
             raise KeyboardInterrupt("simulated interruption")
         return real_write(self, inp, rows, ids)
 
-    monkeypatch.setattr(convert_module._Converter, "_write", flaky_write)
+    monkeypatch.setattr(convert_module.Converter, "_write", flaky_write)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         convert(converted_source, out, word_tokenizer_dir, batch_rows=5, progress=False)

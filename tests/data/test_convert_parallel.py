@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from tests.data.conftest import make_row, write_jsonl
-from m3composer.data.convert import (PARTS_DIR, REJECTS_FILE, ConvertError, _line_ranges, convert, discover_inputs,
-                                     merge_partitions, plan_units, write_partition)
+from m3composer.data.convert import (PARTS_DIR, REJECTS_FILE, ConvertError, convert, discover_inputs, merge_partitions,
+                                     plan_units, write_partition)
+from m3composer.data.convert.inputs import _line_ranges
 from m3composer.data.dataset import M3TrainDataset
 from m3composer.data.index import read_index
 from m3composer.data.rows import iter_lines

@@ -31,7 +31,7 @@ def read_stream(folder: Path) -> list[dict]:
 
     from streaming import StreamingDataset
 
-    from m3composer.data.dataset import release_shared_memory_when_dropped
+    from m3composer.data.streaming_internals import release_shared_memory_when_dropped
 
     cache = tempfile.mkdtemp(prefix="cache-", dir=folder.parent.parent.parent)
     ds = StreamingDataset(remote=str(folder), local=cache, shuffle=False, batch_size=1)

@@ -28,7 +28,7 @@ def read_rows(out: Path) -> dict[str, list[dict]]:
 
     from streaming import StreamingDataset
 
-    from m3composer.data.dataset import release_shared_memory_when_dropped
+    from m3composer.data.streaming_internals import release_shared_memory_when_dropped
 
     got = {}
     for s in read_index(out)["streams"]:

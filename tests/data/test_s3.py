@@ -21,7 +21,7 @@ def keys(s3, prefix: str) -> list[str]:
 def rows_by_source(remote_or_local: str, stream: dict, cache) -> dict[str, dict]:
     from streaming import Stream, StreamingDataset
 
-    from m3composer.data.dataset import release_shared_memory_when_dropped
+    from m3composer.data.streaming_internals import release_shared_memory_when_dropped
 
     ds = StreamingDataset(streams=[Stream(remote=f"{remote_or_local}/{stream['path']}", local=str(cache))],
                           shuffle=False, batch_size=1)

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from m3composer.data.convert import UploadError, convert
-from m3composer.data.dataset import DataReadError, M3TrainDataset
+from m3composer.data.dataset import M3TrainDataset
+from m3composer.data.streams import DataReadError
 from m3composer.data.index import INDEX_FILE, SHARD_HASH, read_index
 from m3composer.testing.s3 import FaultProxy
 
@@ -178,7 +179,7 @@ def test_shards_carry_hashes_and_a_dataset_converted_without_them_still_reads(co
                 shard[part]["hashes"] = {}                   # what Streaming wrote before hashing was on
             shard["hashes"] = []
         mds_index.write_text(json.dumps(meta))
-    with caplog.at_level(logging.INFO, logger="m3composer.data.dataset"):
+    with caplog.at_level(logging.INFO, logger="m3composer.data.shard_checks"):
         old_rows = row_ids(M3TrainDataset(str(old), **DATASET_ARGS))
     assert "converted without shard hashes and are read unverified" in caplog.text
     assert old_rows == row_ids(M3TrainDataset(str(converted_dir), **DATASET_ARGS))

@@ -9,7 +9,7 @@ import sys
 from m3composer.data.buckets import DEFAULT_EDGES
 from m3composer.data.convert.conversion import convert
 from m3composer.data.convert.partitions import merge_partitions
-from m3composer.data.convert.validation import ON_ERROR
+from m3composer.data.convert.validation import DEFAULT_ON_ERROR, ON_ERROR
 from m3composer.data.convert.workers import DEFAULT_WORKERS
 from m3composer.data.convert.writer import DEFAULT_BATCH_ROWS, DEFAULT_COMPRESSION
 from m3composer.data.rows import DEFAULT_MAX_LINE_BYTES
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory or object-store URL (s3://bucket/prefix)")
     parser.add_argument("--tokenizer", default=None,
                         help="local model folder with a fast tokenizer, or asset:NAME (default: asset:e5-small)")
-    parser.add_argument("--on-error", choices=ON_ERROR, default=ON_ERROR[0],
+    parser.add_argument("--on-error", choices=ON_ERROR, default=DEFAULT_ON_ERROR,
                         help="fail: write nothing if any line is bad (default); skip: keep valid lines, "
                              "write rejects.jsonl")
     parser.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,

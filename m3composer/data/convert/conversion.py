@@ -17,7 +17,7 @@ from m3composer.data.convert.publish import prepare_local_out, remote_is_used, u
 from m3composer.data.convert.stream_stats import finalize_streams
 from m3composer.data.convert.summary import ConvertSummary, summarize
 from m3composer.data.convert.tokenizer import load_tokenizer, tokenizer_facts
-from m3composer.data.convert.validation import (ON_ERROR, ConvertError, Totals, check_edges, check_on_error,
+from m3composer.data.convert.validation import (DEFAULT_ON_ERROR, ConvertError, Totals, check_edges, check_on_error,
                                                 totals_of_parts, write_rejects)
 from m3composer.data.convert.workers import DEFAULT_WORKERS, run_workers
 from m3composer.data.convert.writer import (DEFAULT_BATCH_ROWS, DEFAULT_COMPRESSION, DEFAULT_SHARD_SIZE_LIMIT,
@@ -27,7 +27,7 @@ from m3composer.data.rows import DEFAULT_MAX_LINE_BYTES
 
 
 def convert(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.PathLike, tokenizer, *,
-            on_error: str = ON_ERROR[0], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+            on_error: str = DEFAULT_ON_ERROR, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
             bucket_edges: tuple[int, ...] = DEFAULT_EDGES, batch_rows: int = DEFAULT_BATCH_ROWS,
             local_cache: str | os.PathLike | None = None, overwrite: bool = False,
             compression: str | None = DEFAULT_COMPRESSION, shard_size_limit: int = DEFAULT_SHARD_SIZE_LIMIT,

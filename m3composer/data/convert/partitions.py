@@ -23,8 +23,8 @@ from m3composer.data.convert.publish import cloud_uploader, quiet_streaming
 from m3composer.data.convert.stream_stats import StreamStats, finalize_streams, stream_path
 from m3composer.data.convert.summary import ConvertSummary, summarize
 from m3composer.data.convert.tokenizer import cached_tokenizer, tokenizer_facts
-from m3composer.data.convert.validation import (ON_ERROR, REJECTS_FILE, ConvertError, check_edges, check_on_error,
-                                                totals_of_parts, write_rejects)
+from m3composer.data.convert.validation import (DEFAULT_ON_ERROR, REJECTS_FILE, ConvertError, check_edges,
+                                                check_on_error, totals_of_parts, write_rejects)
 from m3composer.data.convert.writer import (DEFAULT_BATCH_ROWS, DEFAULT_COMPRESSION, DEFAULT_SHARD_SIZE_LIMIT,
                                             Converter)
 from m3composer.data.index import INDEX_FILE, is_remote, write_index
@@ -116,7 +116,7 @@ def read_part_records(out_str: str, remote: str | None, scratch: Path) -> list[d
     return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
 
 
-def merge_partitions(out: str | os.PathLike, *, on_error: str = ON_ERROR[0],
+def merge_partitions(out: str | os.PathLike, *, on_error: str = DEFAULT_ON_ERROR,
                      local_cache: str | os.PathLike | None = None) -> ConvertSummary:
     """Merge the partitions `write_partition` wrote into `out` into one dataset: every stream's
     MDS index over its partitions (in partition order), then `m3_index.json` (written last)."""

@@ -15,7 +15,8 @@ from pathlib import Path
 from m3composer.fsutil import atomic_file
 from m3composer.data.rows import RowError
 
-ON_ERROR = ("fail", "skip")   # the first is the default
+ON_ERROR = ("fail", "skip")     # what bad input lines do: stop the conversion, or go to rejects.jsonl
+DEFAULT_ON_ERROR = ON_ERROR[0]
 REJECTS_FILE = "rejects.jsonl"
 MAX_ERRORS_SHOWN = 20
 

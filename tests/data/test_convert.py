@@ -1,4 +1,4 @@
-"""m3composer/data/convert.py: JSONL -> one MDS stream per task x bucket, bad input, atomic output.
+"""m3composer/data/convert/: JSONL -> one MDS stream per task x bucket, bad input, atomic output.
 
 The word-level test tokenizer (conftest) gives every word one token, so a text of n words is
 n + 2 ids (`<s>` ... `</s>`) and word `w` has id 4 + WORDS.index(w): expected ids and lengths

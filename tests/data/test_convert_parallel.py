@@ -1,4 +1,4 @@
-"""m3composer/data/convert.py beyond one process: files mixing scored and unscored rows (no valid row
+"""m3composer/data/convert/ beyond one process: files mixing scored and unscored rows (no valid row
 lost), `--workers N` (the same dataset as one worker), and partitions written apart by any engine
 (`write_partition`) merged into one dataset (`merge_partitions`, `m3c convert --merge`).
 

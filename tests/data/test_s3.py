@@ -1,4 +1,4 @@
-"""Object-store output of m3composer/data/convert.py, against a moto S3 server on 127.0.0.1.
+"""Object-store output of m3composer/data/convert/ (publish.py, partitions.py), against a moto S3 server on 127.0.0.1.
 
 Convert straight to s3://, read the index back, stream every row back with Streaming (explicit
 local cache per stream), and check that the index is uploaded last and that a failed or

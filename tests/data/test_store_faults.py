@@ -1,4 +1,5 @@
-"""A failing object store and corrupt shards, for m3composer/data/convert.py and data/dataset.py.
+"""A failing object store and corrupt shards, for m3composer/data/convert/ and data/dataset.py (with data/streams.py
+and data/shard_checks.py).
 
 Everything goes through m3composer.testing.s3.FaultProxy in front of the session's moto server:
 conversion to s3:// while a quarter of the requests fail comes out byte-identical; a store that goes

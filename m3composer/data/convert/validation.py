@@ -62,7 +62,7 @@ def totals_of_parts(parts: list[dict]) -> Totals:
         for name, n in p["file_lines"].items():
             file_lines[name] = file_lines.get(name, 0) + n
     return Totals(sum(p["lines"] for p in parts), sum(p["kept"] for p in parts),
-                   [RowError.from_json(e) for p in parts for e in p["errors"]], file_lines)
+                  [RowError.from_json(e) for p in parts for e in p["errors"]], file_lines)
 
 
 def write_rejects(folder: Path, errors: list[RowError]) -> None:

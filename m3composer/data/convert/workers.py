@@ -19,11 +19,6 @@ DEFAULT_WORKERS = 1    # processes of a conversion
 _WORKER: dict = {}     # this worker process's tokenizer and the run's stop event
 
 
-DEFAULT_WORKERS = 1    # processes of a conversion
-
-_WORKER: dict = {}
-
-
 def _init_worker(tokenizer, stop) -> None:
     _WORKER.update(tok=load_untruncated(tokenizer), stop=stop)
 

@@ -41,7 +41,7 @@ def quiet_streaming():
 
 
 def prepare_local_out(out: Path, overwrite: bool) -> Path:
-    """The staging folder `OUT.tmp-<pid>` of a local OUT, which must be empty unless `overwrite`."""
+    """A fresh staging folder `OUT.tmp-<pid>` beside a local OUT; OUT must be absent or empty unless `overwrite`."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise FileExistsError(f"{out}: output exists and is not empty (pass overwrite=True / --overwrite)")

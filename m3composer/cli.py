@@ -15,7 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "assets": ("m3composer.assets.build", "build the offline model folders (e5-small and the tiny test model)"),
     "sample-data": ("m3composer.sample_data.generate", "write real multi-task sample data (JSONL + BEIR eval split)"),
-    "convert": ("m3composer.data.convert", "JSONL -> tokenised MDS streams per task x length bucket"),
+    "convert": ("m3composer.data.convert.cli", "JSONL -> tokenised MDS streams per task x length bucket"),
     "eval": ("m3composer.retrieval.evaluate", "retrieval metrics per head (dense, sparse, ColBERT, ensemble) on a BEIR folder or JSONL"),
     "compare": ("m3composer.retrieval.compare", "paired bootstrap interval between two `m3c eval --per-query` results"),
     "score-teacher": ("m3composer.retrieval.teacher", "add a teacher model's pos_scores/neg_scores to a JSONL (knowledge distillation)"),

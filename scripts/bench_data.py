@@ -94,9 +94,11 @@ def dataloader_run(out_dir: str, tokenizer_dir: str, steps: int, cache: str | No
     from torch.utils.data import DataLoader
 
     from m3composer.data.dataset import M3TrainDataset
+    from m3composer.testing.settings import dataset_settings
 
-    ds = M3TrainDataset(out_dir, local_cache=cache, tokenizer=tokenizer_dir, train_group_size=8, default_batch_size=8,
-                        query_max_len=512, passage_max_len=8192, world_size=1, rank=0)
+    ds = M3TrainDataset(out_dir, local_cache=cache, tokenizer=tokenizer_dir, world_size=1, rank=0,
+                        **dataset_settings(train_group_size=8, default_batch_size=8, query_max_len=512,
+                                           passage_max_len=8192))
     loader = DataLoader(ds, batch_size=None, num_workers=0)
     n = min(steps, len(ds))
     per_batch, queries = [], 0
@@ -178,6 +180,7 @@ def prefetch_bench(args) -> dict:
     from m3composer.data.convert import convert
     from m3composer.data.dataset import M3TrainDataset
     from m3composer.testing.s3 import FaultProxy, MotoS3
+    from m3composer.testing.settings import dataset_settings
 
     model_dir = str(ensure_assets(log=lambda *a: None)["tiny-xlmr"])
     tok = AutoTokenizer.from_pretrained(model_dir, use_fast=True, local_files_only=True)
@@ -198,7 +201,8 @@ def prefetch_bench(args) -> dict:
                 remote = f"s3://{s3.bucket}/bench"
                 common = dict(train_group_size=4, default_batch_size=args.batch, query_max_len=32,
                               passage_max_len=64, world_size=1, rank=0)
-                probe = M3TrainDataset(remote, local_cache=str(work / "probe"), prefetch_steps=0, **common)
+                probe = M3TrainDataset(remote, local_cache=str(work / "probe"),
+                                       **dataset_settings(**common, prefetch_steps=0))
                 result.update(shards=probe._sd.num_shards, rows=args.rows, shard_zip_bytes=data_bytes,
                               shard_bytes_zip_plus_raw=int(probe._shard_bytes.sum()), steps_per_epoch=len(probe),
                               latency_ms=args.latency_ms, batch=args.batch)
@@ -210,7 +214,8 @@ def prefetch_bench(args) -> dict:
                                          f"num_workers {nw}",
                                          dict(prefetch_steps=args.prefetch_steps, prefetch_workers=pw), nw))
                 for name, kw, nw in variants:
-                    ds = M3TrainDataset(remote, local_cache=str(work / f"cache-{len(runs)}"), **common, **kw)
+                    ds = M3TrainDataset(remote, local_cache=str(work / f"cache-{len(runs)}"),
+                                        **dataset_settings(**common, **kw))
                     requests = proxy.requests
                     waits, computes = train_steps(ds, model_dir, args.train_steps, num_workers=nw)
                     wait, compute = sum(waits[2:]), sum(computes[2:])       # first two: model warm-up
@@ -228,9 +233,9 @@ def prefetch_bench(args) -> dict:
                 caches = {}
                 for plan in ("rows", "shard_blocks"):
                     cache = work / f"bounded-{plan}"
-                    ds = M3TrainDataset(remote, local_cache=str(cache), cache_limit=limit, plan=plan,
-                                        plan_block_shards=args.block_shards, prefetch_steps=args.prefetch_steps,
-                                        prefetch_workers=args.prefetch_workers[0], **common)
+                    ds = M3TrainDataset(remote, local_cache=str(cache), **dataset_settings(
+                        cache_limit=limit, plan=plan, plan_block_shards=args.block_shards,
+                        prefetch_steps=args.prefetch_steps, prefetch_workers=args.prefetch_workers[0], **common))
                     stop, peak = threading.Event(), [0]
                     watcher = threading.Thread(target=cache_watcher, args=(cache, stop, peak), daemon=True)
                     requests, start = proxy.requests, time.perf_counter()

@@ -21,6 +21,7 @@ from m3composer.callbacks.negative_refresh import NegativeRefresh
 from m3composer.data.dataset import M3TrainDataset
 from m3composer.data.negatives import REFRESH_HEADS
 from m3composer.model.m3 import M3Model
+from m3composer.testing.settings import dataset_settings
 
 
 def peak_rss_mib() -> float:
@@ -40,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
 
     model = M3Model.from_pretrained(resolve_model_dir(args.model))
     out = args.out or tempfile.mkdtemp(prefix="bench-refresh-")
-    dataset = M3TrainDataset(args.mds, tokenizer=model.tokenizer, train_group_size=4, default_batch_size=8,
-                             query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
+    dataset = M3TrainDataset(args.mds, tokenizer=model.tokenizer,
                              query_instruction_for_retrieval=model.query_instruction,
-                             passage_instruction_for_retrieval=model.passage_instruction, negatives_dir=out)
+                             passage_instruction_for_retrieval=model.passage_instruction, negatives_dir=out,
+                             **dataset_settings(train_group_size=4, default_batch_size=8,
+                                                query_max_len=args.query_max_len, passage_max_len=args.passage_max_len))
     heads = args.heads.split(",")
     unknown = set(heads) - set(REFRESH_HEADS)
     if unknown:

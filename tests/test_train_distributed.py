@@ -222,8 +222,8 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_and_its_epoch_ends_after_the_
     dataset = trainer.state.train_dataloader.dataset
     assert dataset.world_size == 1 and int(trainer.state.timestamp.batch_in_epoch) == done
     sizes = ([g.rows for g in dataset.groups], [g.per_device_batch_size for g in dataset.groups])
-    two_rank_epoch = len(plan_epoch(*sizes, seed=7, epoch=0, world_size=2))
-    epoch_end = len(plan_epoch(*sizes, seed=7, epoch=0, world_size=1, history=[(2, done)]))
+    two_rank_epoch = len(plan_epoch(*sizes, seed=7, epoch=0, world_size=2, tail="keep_if_ge_2W"))
+    epoch_end = len(plan_epoch(*sizes, seed=7, epoch=0, world_size=1, history=[(2, done)], tail="keep_if_ge_2W"))
     # the rest of the epoch at half the rows per step takes more steps, and it ends within this run
     assert two_rank_epoch - done < epoch_end - done < done + 10 - done
     trainer.fit()       # DataRefresh raises at EPOCH_END if the epoch served another number of batches

@@ -67,8 +67,9 @@ def bucket_for_length(length: int, edges: tuple[int, ...] = DEFAULT_EDGES) -> Bu
 
 
 def table_batch_size(bucket_name: str, train_group_size: int, default_batch_size: int,
-                     table: dict[str, dict[int, int]] | None = None) -> int:
-    """FlagEmbedding's lookup: the table value for (bucket, G) if there is one, else the default."""
+                     table: dict[str, dict[int, int]] | None) -> int:
+    """FlagEmbedding's lookup: the table value for (bucket, G) if there is one, else the default; `table`
+    None is FlagEmbedding's own tables (`DEFAULT_BATCH_TABLE`)."""
     table = DEFAULT_BATCH_TABLE if table is None else table
     return int(table.get(bucket_name, {}).get(train_group_size, default_batch_size))
 

@@ -121,7 +121,7 @@ def row_passages(row: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 
 def draw_example(row: dict, train_group_size: int, rng: np.random.Generator, *, has_teacher_scores: bool,
-                 shuffle_ratio: float = 0.0, borrow: Borrow | None = None) -> Example:
+                 shuffle_ratio: float, borrow: Borrow | None = None) -> Example:
     """Draw the positive, shuffle it (maybe), and draw G−1 negatives for one MDS row."""
     positives, negatives = row_passages(row)
     if not positives:

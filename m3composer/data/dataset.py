@@ -16,50 +16,44 @@ without `persistent_workers`; with N workers, worker w serves steps w, w+N, … 
 
 Each reader (the process, or each DataLoader worker) downloads the shards of its next
 `prefetch_steps` steps in background threads (`prefetch.py`); `cache_limit` bounds the node's
-shard cache; `plan="shard_blocks"` draws batches within blocks of shards (plan.py).
+shard cache (`cache_limit.py`); `plan="shard_blocks"` draws batches within blocks of shards (plan.py).
+Opening the streams is `streams.py`, the shard hash checks `shard_checks.py`; every use of
+Streaming's private attributes is in `streaming_internals.py`.
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import math
-import os
-import weakref
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch.distributed
 from composer.utils import dist
-from streaming import Stream, StreamingDataset
 from streaming.base.util import bytes_to_int
 from torch.utils.data import IterableDataset, get_worker_info
 
 from m3composer.data import buckets
 from m3composer.data.collate import (TokenSpec, collate_examples, draw_example, row_passages, token_spec_from_tokenizer,
                                      with_prefix)
-from m3composer.data.index import INDEX_FILE, SHARD_HASH, StreamEntry, is_remote, read_streams
+from m3composer.data.cache_limit import CacheBound
+from m3composer.data.index import INDEX_FILE, StreamEntry
 from m3composer.data.negatives import MinedNegatives
 from m3composer.data.plan import (PLAN_KINDS, ROW_STREAM, TAIL_RULES, EpochPlan, Group, group_streams, plan_epoch,
                                   plan_epoch_shard_blocks, steps_per_epoch)
 from m3composer.data.prefetch import ShardPrefetcher
+from m3composer.data.shard_checks import ShardVerifier, shard_name
+from m3composer.data.streams import DataReadError, one_line, open_streaming_dataset, streams_with_rows
 
 log = logging.getLogger(__name__)
-
-
-class DataReadError(RuntimeError):
-    """The training data cannot be read: a failing store or a corrupt shard. The message names the
-    dataset and the stream (and, mid-epoch, the shard, epoch and step); the library error is its cause."""
 
 
 class M3TrainDataset(IterableDataset):
     """Per-rank collated batches of the M3 recipe; see the module docstring.
 
-    Args (the names of the `data:` section of the config):
+    Args (the names of the `data:` section of the config; the settings below `train_data` and
+    above `local_cache` have no default here: their defaults are the config schema's, `config.DataConfig`
+    and `TrainConfig.seed`, and `train.build_dataset` passes them):
         train_data: converted dir, local path or `s3://…`.
-        local_cache: cache dir for shards (required for a remote `train_data`; for a local one the
-            shards are read in place when None).
-        tokenizer: HF tokenizer or local folder, for special ids and instruction ids; or give
-            `token_spec` instead (tests with synthetic ids). Default: XLM-R ids, no instructions.
         train_group_size: G, passages per query (1 positive + G−1 negatives).
         default_batch_size: per-device batch size of buckets the table does not cover.
         batch_size_table: {bucket: {G: per-device batch}}; None = FlagEmbedding's tables (G ∈ {1, 8}).
@@ -68,30 +62,34 @@ class M3TrainDataset(IterableDataset):
         small_threshold, drop_threshold: the small-stream merge (0/0 = off).
         tail: one of `plan.TAIL_RULES`.
         seed: plan and draw seed.
-        query_instruction_for_retrieval, passage_instruction_for_retrieval: instruction strings
-            (need `tokenizer`).
         shuffle_ratio: probability of `shuffle_text` on a positive.
-        world_size, rank: default from the launcher's environment.
-        negatives_dir: where `NegativeRefresh` writes its versions (`run_dir/negatives`); None = off.
+        download_retry, download_timeout: Streaming's attempts per download and seconds per download.
         prefetch_steps, prefetch_workers: each reader downloads the shards of its next
             `prefetch_steps` steps with `prefetch_workers` threads (0 steps = off).
         cache_limit: Streaming's `cache_limit` (bytes or "10gb"): the node's shard cache stays
             under it, evicting least-recently-used shards; needs a `local_cache`.
         plan, plan_block_shards: `plan.PLAN_KINDS`; "shard_blocks" draws each group's batches
             within blocks of `plan_block_shards` shards.
+        local_cache: cache dir for shards (required for a remote `train_data`; for a local one the
+            shards are read in place when None; `train.build_dataset` resolves the schema's default).
+        tokenizer: HF tokenizer or local folder, for special ids and instruction ids; or give
+            `token_spec` instead (tests with synthetic ids). Default: XLM-R ids, no instructions.
+        query_instruction_for_retrieval, passage_instruction_for_retrieval: instruction strings
+            (need `tokenizer`); None: none (`train.build_dataset` resolves the schema's `auto`).
+        pad_to_multiple_of: pad the collated batches' lengths to a multiple of it.
+        world_size, rank: default from the launcher's environment.
+        negatives_dir: where `NegativeRefresh` writes its versions (`run_dir/negatives`); None = off.
     """
 
-    def __init__(self, train_data: str, *, local_cache: str | None = None, tokenizer: Any = None,
-                 token_spec: TokenSpec | None = None, train_group_size: int = 8, default_batch_size: int = 8,
-                 batch_size_table: Mapping[str, Mapping[int, int]] | None = None,
-                 max_tokens_per_device_batch: int | None = None, query_max_len: int = 32,
-                 passage_max_len: int = 128, small_threshold: int = 0, drop_threshold: int = 0,
-                 tail: str = "keep_if_ge_2W", seed: int = 42, query_instruction_for_retrieval: str | None = None,
-                 passage_instruction_for_retrieval: str | None = None, shuffle_ratio: float = 0.0,
-                 pad_to_multiple_of: int | None = None, world_size: int | None = None, rank: int | None = None,
-                 download_retry: int = 2, download_timeout: float = 60, prefetch_steps: int = 4,
-                 prefetch_workers: int = 8, cache_limit: int | str | None = None, plan: str = "rows",
-                 plan_block_shards: int = 16, negatives_dir: str | None = None):
+    def __init__(self, train_data: str, *, train_group_size: int, default_batch_size: int,
+                 batch_size_table: Mapping[str, Mapping[int, int]] | None, max_tokens_per_device_batch: int | None,
+                 query_max_len: int, passage_max_len: int, small_threshold: int, drop_threshold: int, tail: str,
+                 seed: int, shuffle_ratio: float, download_retry: int, download_timeout: float, prefetch_steps: int,
+                 prefetch_workers: int, cache_limit: int | str | None, plan: str, plan_block_shards: int,
+                 local_cache: str | None = None, tokenizer: Any = None, token_spec: TokenSpec | None = None,
+                 query_instruction_for_retrieval: str | None = None,
+                 passage_instruction_for_retrieval: str | None = None, pad_to_multiple_of: int | None = None,
+                 world_size: int | None = None, rank: int | None = None, negatives_dir: str | None = None):
         _check_arguments(tail=tail, train_group_size=train_group_size, seed=seed, shuffle_ratio=shuffle_ratio)
         _check_reading(prefetch_steps=prefetch_steps, prefetch_workers=prefetch_workers, plan=plan,
                        plan_block_shards=plan_block_shards, cache_limit=cache_limit, local_cache=local_cache,
@@ -116,7 +114,7 @@ class M3TrainDataset(IterableDataset):
         where = f"{train_data}/{INDEX_FILE}"
         if batch_size_table is not None:     # YAML may give the group-size keys as strings
             batch_size_table = {k: {int(g): int(b) for g, b in v.items()} for k, v in batch_size_table.items()}
-        self.streams = _streams_with_rows(train_data, local_cache, where)
+        self.streams = streams_with_rows(train_data, local_cache, where)
         sizes = [self._batch_size(s, default_batch_size, batch_size_table, max_tokens_per_device_batch)
                  for s in self.streams]
         self.groups, self.dropped_groups = group_streams(self.streams, sizes, small_threshold=small_threshold,
@@ -128,17 +126,18 @@ class M3TrainDataset(IterableDataset):
         self._stream_offset = np.cumsum([0] + [s.rows for s in self.streams])[:-1]
         self._group_row_starts = [np.cumsum([0] + [self.streams[i].rows for i in g.streams]) for g in self.groups]
         try:
-            self._sd = _open_streaming_dataset(train_data, local_cache, self.streams, where,
-                                               download_retry=download_retry, download_timeout=download_timeout,
-                                               cache_limit=self.cache_limit)
+            self._sd = open_streaming_dataset(train_data, local_cache, self.streams, where,
+                                              download_retry=download_retry, download_timeout=download_timeout,
+                                              cache_limit=self.cache_limit)
         except ValueError as err:
             if self.cache_limit and "cache limit" in str(err).lower():
                 raise ValueError(f"{where}: data.cache_limit={cache_limit} is too low: {err}") from err
             raise
         self._shard_bytes = np.array([shard.get_max_size() for shard in self._sd.shards], dtype=np.int64)
-        if self.cache_limit:
-            self._sd.cache_limit = self._streaming_cache_limit(where)
-        self._verified_shards: set[int] = set()   # shards whose files this process has hashed
+        self._cache = None if not self.cache_limit else CacheBound(
+            self._sd, self.cache_limit, self._shard_bytes, rank=self.rank, local_world_size=self.local_world_size,
+            threads_per_rank=1 + (prefetch_workers if prefetch_steps else 0), train_data=train_data, where=where)
+        self._shard_verifier = ShardVerifier(self._sd)
 
         self._steps = steps_per_epoch([g.rows for g in self.groups], [g.per_device_batch_size for g in self.groups],
                                       world_size=self.world_size, tail=tail)
@@ -201,8 +200,8 @@ class M3TrainDataset(IterableDataset):
             else:
                 plan = plan_epoch(rows, sizes, seed=self.seed, epoch=epoch, world_size=self.world_size, tail=self.tail,
                                   history=history)
-            if self.cache_limit:
-                self._check_steps_fit_cache(plan)
+            if self._cache is not None:
+                self._cache.check_plan(plan, self._shards_of_rows, [g.name for g in self.groups])
             self._plan = plan
             self._plan_history = history
         return self._plan
@@ -242,19 +241,6 @@ class M3TrainDataset(IterableDataset):
         stream = g.streams[member]
         return stream, int(self._stream_offset[stream] + row - self._group_row_starts[group][member])
 
-    def _streaming_cache_limit(self, where: str) -> int:
-        """The limit Streaming evicts against: `cache_limit` less one largest shard per other download
-        that can be in flight on the node (Streaming counts a shard only once it is downloaded, so
-        each concurrent download sees the same free space). Then the disk stays under `cache_limit`."""
-        threads = self.local_world_size * (1 + (self.prefetch_workers if self.prefetch_steps else 0))
-        biggest = int(self._shard_bytes.max())
-        limit = self.cache_limit - (threads - 1) * biggest
-        if limit < 4 * biggest:     # Streaming's own minimum, for the limit it is given
-            raise ValueError(f"{where}: data.cache_limit={self.cache_limit} is too low: {threads} download threads "
-                             f"on this node and shards of up to {biggest} bytes (zip + raw) need at least "
-                             f"{(threads + 3) * biggest} bytes")
-        return limit
-
     # ---- shards: the plan's rows -> Streaming's shards (prefetch, the cache bound, the shard-aware plan)
     def _group_shard_rows(self) -> list[np.ndarray]:
         """Rows of each shard of each group, in the group's row order (its streams concatenated)."""
@@ -271,40 +257,14 @@ class M3TrainDataset(IterableDataset):
         samples = self._stream_offset[stream] + rows - starts[member]
         return np.unique(np.searchsorted(self._sd.sample_offset_per_shard, samples, side="right") - 1)
 
-    def _node_rows(self, step) -> np.ndarray:
-        """Rows of a step that this node's ranks read (they share the node's shard cache)."""
-        first = self.rank - self.rank % self.local_world_size
-        return step.rows[first * step.per_rank:(first + self.local_world_size) * step.per_rank]
-
-    def _check_steps_fit_cache(self, plan: EpochPlan) -> None:
-        room = self._sd.cache_limit - sum(stream.get_index_size() for stream in self._sd.streams)
-        for i, step in enumerate(plan.steps):
-            shards = self._shards_of_rows(step.group, self._node_rows(step))
-            need = int(self._shard_bytes[shards].sum())
-            if need > room:
-                raise ValueError(
-                    f"{self.train_data}: data.cache_limit={self.cache_limit} bytes cannot hold one step: epoch "
-                    f"{plan.epoch} step {i} (group {self.groups[step.group].name}) reads {len(shards)} shards of "
-                    f"{need} bytes (zip + raw) on this node, {room} bytes fit beside the stream indexes; raise "
-                    "cache_limit, write smaller shards, or use data.plan=shard_blocks")
-
     def _prefetcher(self, epoch: int, steps: range, num_workers: int) -> ShardPrefetcher | None:
         if self.prefetch_steps == 0 or not len(steps) or self._sd.streams[0].remote is None:
             return None         # read in place: nothing to download (shards are decompressed where they lie)
         plan = self.plan(epoch)
         mine = [self._shards_of_rows(plan.steps[s].group, plan.steps[s].rank_rows(self.rank)) for s in steps]
         budget, release = None, None
-        if self.cache_limit:
-            room = self._sd.cache_limit - sum(stream.get_index_size() for stream in self._sd.streams)
-            budget = room // (self.local_world_size * max(1, num_workers))  # every reader of the node has a window
-            last_use = np.full(len(self._shard_bytes), -1, dtype=np.int64)
-            for i, step in enumerate(plan.steps):
-                last_use[self._shards_of_rows(step.group, self._node_rows(step))] = i
-            position = {s: p for p, s in enumerate(steps)}
-            release = {}
-            for shard, s in enumerate(last_use):
-                if int(s) in position:
-                    release.setdefault(position[int(s)], []).append(shard)
+        if self._cache is not None:
+            budget, release = self._cache.reader_window(plan, steps, num_workers, self._shards_of_rows)
         return ShardPrefetcher(self._sd, mine, lookahead=self.prefetch_steps, workers=self.prefetch_workers,
                                budget_bytes=budget,
                                release_after={p: np.asarray(v) for p, v in (release or {}).items()})
@@ -314,18 +274,13 @@ class M3TrainDataset(IterableDataset):
         shard = int(self._sd.spanner[sample][0])
         try:
             record = self._sd[sample]
-            if shard not in self._verified_shards:
-                try:
-                    _verify_shard(self._sd, shard)
-                    self._verified_shards.add(shard)
-                except FileNotFoundError:   # evicted since the read (data.cache_limit): checked at its next read
-                    pass
+            self._shard_verifier.check(shard)
             return record
         except Exception as err:  # a missing/corrupt shard or a store that keeps failing: fail the epoch loudly
             raise DataReadError(f"{self.train_data}: stream {self.streams[stream].name}: cannot read row {row} of "
                                 f"group {self.groups[group].name} (sample {sample}, shard "
-                                f"{_shard_name(self._sd, shard)}) for epoch {epoch} step {step}: "
-                                f"{type(err).__name__}: {_one_line(err)}") from err
+                                f"{shard_name(self._sd, shard)}) for epoch {epoch} step {step}: "
+                                f"{type(err).__name__}: {one_line(err)}") from err
 
     def stream_rows(self, stream: int) -> Iterator[dict]:
         """Every MDS row of `self.streams[stream]` in order (the pool NegativeRefresh mines from)."""
@@ -513,123 +468,3 @@ def _rank_and_world_size(world_size: int | None, rank: int | None) -> tuple[int,
         raise RuntimeError("M3TrainDataset under a launcher: call composer.utils.dist.initialize_dist(device) "
                            "before building it")
     return world_size, rank
-
-
-def _streams_with_rows(train_data: str, local_cache: str | None, where: str) -> list[StreamEntry]:
-    """The index's streams that have rows (empty ones are logged and skipped)."""
-    if is_remote(train_data) and local_cache is None:
-        raise ValueError(f"{train_data} is remote: pass `local_cache`, a cache dir for its shards")
-    _, entries = read_streams(train_data, local_cache)
-    for e in entries:
-        if e.rows <= 0:
-            log.warning("%s: stream %s has no rows; skipped", where, e.name)
-    streams = [e for e in entries if e.rows > 0]
-    if not streams:
-        raise ValueError(f"{where}: no stream with rows")
-    return streams
-
-
-def _open_streaming_dataset(train_data: str, local_cache: str | None, streams: list[StreamEntry], where: str, *,
-                            download_retry: int, download_timeout: float,
-                            cache_limit: int | None = None) -> StreamingDataset:
-    """One StreamingDataset over all streams, read by global index; its row counts must match the index.
-
-    Shards written with `SHARD_HASH` are verified on first read: Streaming checks a compressed shard
-    when it decompresses it (`validate_hash`), `_verify_shard` the decompressed file once per process
-    (it may have sat in the cache since an earlier run). Streams written without hashes are read as before.
-    """
-    root = train_data.rstrip("/")
-    remote = is_remote(train_data) or local_cache
-    locals_ = [os.path.join(local_cache, s.path) if local_cache else os.path.join(root, s.path) for s in streams]
-    try:
-        sd = StreamingDataset(
-            streams=[Stream(remote=f"{root}/{s.path}" if remote else None, local=local)
-                     for s, local in zip(streams, locals_)],
-            batch_size=1, shuffle=False, download_retry=download_retry, download_timeout=download_timeout,
-            cache_limit=cache_limit)
-    except ValueError as err:
-        if cache_limit and "cache limit" in str(err).lower():
-            raise                   # a limit too low for the data: M3TrainDataset names data.cache_limit
-        raise DataReadError(f"{train_data}: cannot open its streams: {type(err).__name__}: {_one_line(err)}") from err
-    except Exception as err:  # Streaming reads every stream's MDS index.json here, in stream order
-        failed = next((s for s, local in zip(streams, locals_)
-                       if not os.path.exists(os.path.join(local, "index.json"))), None)
-        which = f"stream {failed.name} ({root}/{failed.path}/index.json)" if failed else "its streams"
-        raise DataReadError(f"{train_data}: cannot open {which} (download_retry={download_retry}, "
-                            f"download_timeout={download_timeout}s): {type(err).__name__}: {_one_line(err)}") from err
-    for s, n in zip(streams, sd.samples_per_stream):
-        if int(n) != s.rows:
-            raise ValueError(f"{where}: stream {s.name} lists {s.rows} rows but its MDS index has {int(n)}")
-    unhashed = []
-    for stream_id, (entry, stream) in enumerate(zip(streams, sd.streams)):
-        pairs = [pair for shard, sid in zip(sd.shards, sd.stream_per_shard) if sid == stream_id
-                 for pair in shard.file_pairs]
-        if all(SHARD_HASH in info.hashes for pair in pairs for info in pair if info is not None):
-            stream.validate_hash = SHARD_HASH
-        else:
-            unhashed.append(entry.name)
-    if unhashed:
-        log.info("%s: streams %s were converted without shard hashes and are read unverified; convert again "
-                 "to verify them", where, unhashed)
-    release_shared_memory_when_dropped(sd)
-    return sd
-
-
-def release_shared_memory_when_dropped(sd: StreamingDataset) -> None:
-    """Give back `sd`'s shared-memory blocks when it is garbage-collected, instead of at process exit.
-
-    Streaming registers every block it creates or attaches to with `atexit`, so a dropped
-    StreamingDataset keeps its file descriptors and /dev/shm blocks until the process ends, and each
-    new one attaches to the blocks of every earlier one while it chooses its name prefix: a process
-    that opens datasets again and again (a test suite, a notebook) grows quadratically in file
-    descriptors (measured: 6 datasets in one process, 19 → 259 descriptors; with this, 19 at each).
-    Used by every StreamingDataset this package opens (docs/recipe.md §Streaming's shared memory).
-    """
-    blocks = [sd._locals_shm, sd._shared_barrier._arr.shm, sd._next_epoch.arr.shm, sd._cache_usage.arr.shm,
-              sd._shard_states.shm, sd._shard_access_times.shm]   # all it makes when read by index
-    weakref.finalize(sd, _release_shared_memory, blocks)
-
-
-def _release_shared_memory(blocks: list) -> None:
-    """Close the blocks (unlinking those this process created), unless several ranks are running: the
-    ranks of a node pick a common prefix by which blocks exist, and a release at each rank's own GC
-    time could make them pick different ones; there Streaming's release at exit stays."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-            torch.distributed.get_world_size() > 1:
-        return
-    for block in blocks:
-        atexit.unregister(block.cleanup)
-        try:
-            block.cleanup()
-        except BufferError:          # a numpy view of it is still alive: leave it to exit, as Streaming does
-            atexit.register(block.cleanup)
-
-
-def _shard_files(sd: StreamingDataset, shard_id: int) -> list[tuple[str, Any]]:
-    """(local path, FileInfo) of the decompressed files of one shard."""
-    stream = sd.streams[sd.stream_per_shard[shard_id]]
-    return [(os.path.join(stream.local, stream.split or "", raw.basename), raw)
-            for raw, _ in sd.shards[shard_id].file_pairs]
-
-
-def _shard_name(sd: StreamingDataset, shard_id: int) -> str:
-    raw, packed = sd.shards[shard_id].file_pairs[0]
-    return (packed or raw).basename
-
-
-def _verify_shard(sd: StreamingDataset, shard_id: int) -> None:
-    """Hash the decompressed files of a shard of a verified stream; a mismatch names the file."""
-    from streaming.base.hashing import get_hash
-
-    if not sd.streams[sd.stream_per_shard[shard_id]].validate_hash:
-        return
-    for path, info in _shard_files(sd, shard_id):
-        with open(path, "rb") as f:
-            digest = get_hash(SHARD_HASH, f.read())
-        if digest != info.hashes[SHARD_HASH]:
-            raise ValueError(f"{path}: corrupt shard ({SHARD_HASH} {digest}, its MDS index says "
-                             f"{info.hashes[SHARD_HASH]}); delete it from the cache to download it again")
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())

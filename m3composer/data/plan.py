@@ -10,7 +10,7 @@ and logged by the dataset.
 Epoch e draws from `default_rng([seed, PLAN_STREAM, e])`, so any step of any epoch can be
 recomputed directly, which is what makes resume exact.
 
-Elastic resume (docs/architecture.md §Elastic resume): an epoch begun at world size W and continued
+Elastic resume (docs/recipe.md §Elastic resume): an epoch begun at world size W and continued
 at W' after k steps is `plan_epoch(..., world_size=W', history=[(W, k)])`: its first k steps are
 the W plan's, then the rows of each group that the W plan had for its later steps are chunked
 again for W' under the same tail rule. Still a pure function, so it resumes exactly too.
@@ -49,7 +49,7 @@ class Group:
 
 
 def group_streams(streams: Sequence[StreamEntry], batch_sizes: Sequence[int], *,
-                  small_threshold: int = 0, drop_threshold: int = 0) -> tuple[list[Group], list[str]]:
+                  small_threshold: int, drop_threshold: int) -> tuple[list[Group], list[str]]:
     """The small-stream merge (docs/recipe.md §Small-stream merge): (groups, names of dropped merged groups).
 
     Streams with `0 < rows < small_threshold` are merged per (task, has_teacher_scores, is_parallel) into one
@@ -129,7 +129,7 @@ def _chunk_sizes(rows: int, per_device_batch_size: int, world_size: int, tail: s
 
 
 def steps_per_epoch(group_rows: Sequence[int], per_device_batch_sizes: Sequence[int], *,
-                    world_size: int, tail: str = "keep_if_ge_2W") -> int:
+                    world_size: int, tail: str) -> int:
     """Number of steps of every epoch (it does not depend on the epoch; an elastically resumed epoch differs)."""
     return sum(len(_chunk_sizes(n, b, world_size, tail)) for n, b in zip(group_rows, per_device_batch_sizes))
 
@@ -148,8 +148,7 @@ def _chunk_and_shuffle(orders: Sequence[np.ndarray], per_device_batch_sizes: Seq
 
 
 def plan_epoch(group_rows: Sequence[int], per_device_batch_sizes: Sequence[int], *, seed: int, epoch: int,
-               world_size: int, tail: str = "keep_if_ge_2W",
-               history: Sequence[tuple[int, int]] = ()) -> EpochPlan:
+               world_size: int, tail: str, history: Sequence[tuple[int, int]] = ()) -> EpochPlan:
     """The steps of `epoch`: identical on every rank, a pure function of its arguments.
 
     `history` is empty for an epoch run at one world size. After elastic resumes it lists, in order,
@@ -199,7 +198,7 @@ SHARD_BLOCK_STREAM = 4    # purpose tag of the shard-aware plan's generator (see
 
 def plan_epoch_shard_blocks(group_rows: Sequence[int], per_device_batch_sizes: Sequence[int],
                             group_shard_rows: Sequence[Sequence[int]], *, block_shards: int, seed: int, epoch: int,
-                            world_size: int, tail: str = "keep_if_ge_2W") -> EpochPlan:
+                            world_size: int, tail: str) -> EpochPlan:
     """The steps of `epoch` with batch membership drawn within blocks of shards (docs/recipe.md §Shard-aware plan).
 
     `group_shard_rows[g]` are the rows of group g's shards in the group's row order (they sum to

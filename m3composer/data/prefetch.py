@@ -10,8 +10,10 @@ With a `cache_limit` it also keeps the window inside the cache: the window stops
 `budget_bytes` of shards, and shards the plan has finished with are released (made the coldest),
 so Streaming's LRU eviction takes them first. (Streaming counts a shard only once it is
 downloaded, so parallel downloads could each see the same free space: the dataset gives
-Streaming a limit lowered by one largest shard per download thread, see dataset.py.) A failed background download is only logged: the step's own read downloads again in the
-training thread and raises there, with the step in the message, as without prefetch.
+Streaming a limit lowered by one largest shard per download thread, see cache_limit.py.) A failed
+background download is only logged: the step's own read downloads again in the training thread
+and raises there, with the step in the message, as without prefetch. Releasing a shard and the
+reset after a failed download write Streaming's private state (streaming_internals.py).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from streaming import StreamingDataset
 
+from m3composer.data.streaming_internals import release_shards, unstick_shard
+
 log = logging.getLogger(__name__)
 
 
@@ -34,39 +38,6 @@ def shard_is_local(sd: StreamingDataset, shard_id: int) -> bool:
     stream = sd.streams[sd.stream_per_shard[shard_id]]
     return all(os.path.isfile(os.path.join(stream.local, stream.split or "", raw.basename))
                for raw, _ in shard.file_pairs)
-
-
-def release_shards(sd: StreamingDataset, shard_ids) -> None:
-    """Make shards the coldest in the cache, so that eviction takes them first; nothing is deleted.
-
-    Streaming 0.13.0 picks the shard with the oldest access time in its shared-memory array
-    (`_evict_coldest_shard`) and has no public call to age one, so this writes that array: 1 ns
-    after the epoch, older than any real access (0.13.0's `NEVER`, for evicted shards, is far in
-    the future). A released shard still needed by another reader is, at worst, downloaded again.
-    """
-    times = getattr(sd, "_shard_access_times", None)
-    if times is None:       # another Streaming version: eviction stays plain LRU
-        return
-    for shard_id in shard_ids:
-        times[int(shard_id)] = 1
-
-
-def unstick_shard(sd: StreamingDataset, shard_id: int) -> None:
-    """After a failed `prepare_shard`: put the shard back to 'remote' so that the next read tries again.
-
-    Streaming 0.13.0 leaves a shard whose download or decompression raised in its 'preparing'
-    state, and every later `prepare_shard` of it waits for that to end, forever (its own iterator
-    stops the epoch instead). There is no public reset (`evict_shard` would also delete the files,
-    the data itself when it is read in place), so this sets the shared state under Streaming's lock.
-    """
-    from streaming.base.dataset import _ShardState
-
-    lock, states = getattr(sd, "_cache_filelock", None), getattr(sd, "_shard_states", None)
-    if lock is None or states is None:
-        return
-    with lock:
-        if states[shard_id] == _ShardState.PREPARING:
-            states[shard_id] = _ShardState.REMOTE
 
 
 class ShardPrefetcher:

@@ -18,6 +18,7 @@ from m3composer.callbacks.data_refresh import DataRefresh
 from m3composer.data.collate import make_data_spec
 from m3composer.data.dataset import M3TrainDataset
 from tests.data.m3_tiny_data import Dummy, StreamSpec, write_converted
+from m3composer.testing.settings import dataset_settings
 
 SPECS = [StreamSpec("t1", "len-0-500", 12, num_pos=1, num_neg=6),
          StreamSpec("t1", "len-500-1000", 8, num_pos=1, num_neg=6, first_row_id=1000, bucket_hi=1000)]
@@ -40,7 +41,8 @@ def _as_record(epoch: int, batch: dict):
 
 
 def _dataset(data, cls=M3TrainDataset) -> M3TrainDataset:
-    return cls(str(data), train_group_size=3, default_batch_size=2, seed=11, query_max_len=16, passage_max_len=16)
+    return cls(str(data), **dataset_settings(train_group_size=3, default_batch_size=2, seed=11, query_max_len=16,
+                                             passage_max_len=16))
 
 
 def _fit(dataset, callbacks, max_duration="2ep", loggers=()):

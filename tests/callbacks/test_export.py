@@ -19,14 +19,15 @@ from m3composer.model.folder_config import M3FolderConfig
 from m3composer.model.composer_model import ComposerM3
 from m3composer.model.m3 import M3Model
 from tests.data.m3_tiny_data import StreamSpec, write_converted
+from m3composer.testing.settings import dataset_settings
 
 FILES = {"config.json", "model.safetensors", "colbert_linear.pt", "sparse_linear.pt", "m3composer.json"}
 
 
 def _trainer(tmp_path: Path, tiny_dir: Path, callbacks: list, max_duration: str) -> Trainer:
     data = write_converted(tmp_path / "mds", [StreamSpec("t", "len-0-500", 24, num_pos=1, num_neg=3)])
-    dataset = M3TrainDataset(str(data), train_group_size=2, default_batch_size=4, seed=1, query_max_len=16,
-                             passage_max_len=16)
+    dataset = M3TrainDataset(str(data), **dataset_settings(train_group_size=2, default_batch_size=4, seed=1,
+                                                           query_max_len=16, passage_max_len=16))
     model = ComposerM3(M3Model.from_pretrained(tiny_dir), train_group_size=2)
     return Trainer(model=model, train_dataloader=make_data_spec(DataLoader(dataset, batch_size=None)),
                    optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2), max_duration=max_duration,

@@ -111,6 +111,7 @@ def run_composer(data: str, record: str, *, max_duration: str, save_folder: str 
 
     from m3composer.data.collate import make_data_spec
     from m3composer.data.dataset import M3TrainDataset
+    from m3composer.testing.settings import dataset_settings
 
     class SetEpoch(Callback):
         def epoch_start(self, state, logger):
@@ -131,8 +132,9 @@ def run_composer(data: str, record: str, *, max_duration: str, save_folder: str 
 
     from composer.utils import dist
     dist.initialize_dist("cpu")       # before the dataset: one process group for Streaming and the Trainer
-    dataset = M3TrainDataset(data, train_group_size=4, default_batch_size=2, batch_size_table=RESUME_TABLE,
-                             seed=5, query_max_len=16, passage_max_len=16)
+    dataset = M3TrainDataset(data, **dataset_settings(train_group_size=4, default_batch_size=2, seed=5,
+                                                      batch_size_table=RESUME_TABLE, query_max_len=16,
+                                                      passage_max_len=16))
     model = Dummy()
     trainer = Trainer(model=model, train_dataloader=make_data_spec(DataLoader(dataset, batch_size=None,
                                                                                num_workers=num_workers)),

@@ -51,7 +51,7 @@ def test_draw_example_positive_first_then_negatives_of_the_row():
     row = make_row(num_pos=2, num_neg=5)
     positives_drawn = set()
     for seed in range(30):
-        ex = draw_example(row, 4, np.random.default_rng(seed), has_teacher_scores=False)
+        ex = draw_example(row, 4, np.random.default_rng(seed), has_teacher_scores=False, shuffle_ratio=0.0)
         kinds = [ident(p) for p in ex.passages]
         assert kinds[0][0] == 11 and all(k == 12 for k, _ in kinds[1:])
         assert len({j for _, j in kinds[1:]}) == 3          # 5 >= 3 negatives: no duplicates
@@ -66,7 +66,7 @@ def test_teacher_scores_travel_with_passages_and_negatives_sorted_descending():
     row = make_row(num_pos=2, num_neg=2, scores=scores)
     score_of = {(11, 0): 0.9, (11, 1): 0.4, (12, 0): 0.0, (12, 1): 0.1}
     for seed in range(30):
-        ex = draw_example(row, 4, np.random.default_rng(seed), has_teacher_scores=True)
+        ex = draw_example(row, 4, np.random.default_rng(seed), has_teacher_scores=True, shuffle_ratio=0.0)
         kinds = [ident(p) for p in ex.passages]
         assert ex.teacher_scores == pytest.approx([score_of[k] for k in kinds])
         neg_scores = ex.teacher_scores[1:]
@@ -75,26 +75,29 @@ def test_teacher_scores_travel_with_passages_and_negatives_sorted_descending():
 
 
 def test_group_size_one_is_just_the_positive():
-    ex = draw_example(make_row(num_neg=0), 1, np.random.default_rng(0), has_teacher_scores=False)
+    ex = draw_example(make_row(num_neg=0), 1, np.random.default_rng(0), has_teacher_scores=False, shuffle_ratio=0.0)
     assert [ident(p)[0] for p in ex.passages] == [11]
 
 
 def test_row_without_negatives_borrows_instead_of_crashing():
     row = make_row(num_pos=1, num_neg=0)
     borrowed = [passage(13, 1), passage(13, 2), passage(13, 3)]
-    ex = draw_example(row, 4, np.random.default_rng(0), has_teacher_scores=False, borrow=lambda n, rng: borrowed[:n])
+    ex = draw_example(row, 4, np.random.default_rng(0), has_teacher_scores=False, shuffle_ratio=0.0,
+                      borrow=lambda n, rng: borrowed[:n])
     assert [ident(p) for p in ex.passages] == [(11, 0), (13, 1), (13, 2), (13, 3)]
     # nothing to borrow (a one-row group): the positive is repeated, still G passages
-    ex = draw_example(row, 3, np.random.default_rng(0), has_teacher_scores=False, borrow=lambda n, rng: [])
+    ex = draw_example(row, 3, np.random.default_rng(0), has_teacher_scores=False, shuffle_ratio=0.0,
+                      borrow=lambda n, rng: [])
     assert [ident(p) for p in ex.passages] == [(11, 0)] * 3
     with pytest.raises(ValueError, match="no negatives"):
-        draw_example(make_row(num_pos=1, num_neg=0, scores=[1.0]), 3, np.random.default_rng(0), has_teacher_scores=True)
+        draw_example(make_row(num_pos=1, num_neg=0, scores=[1.0]), 3, np.random.default_rng(0), has_teacher_scores=True,
+                     shuffle_ratio=0.0)
 
 
 def test_same_generator_state_same_draw():
     row = make_row(num_pos=3, num_neg=6)
-    a = draw_example(row, 5, np.random.default_rng([1, 2, 3]), has_teacher_scores=False)
-    b = draw_example(row, 5, np.random.default_rng([1, 2, 3]), has_teacher_scores=False)
+    a = draw_example(row, 5, np.random.default_rng([1, 2, 3]), has_teacher_scores=False, shuffle_ratio=0.0)
+    b = draw_example(row, 5, np.random.default_rng([1, 2, 3]), has_teacher_scores=False, shuffle_ratio=0.0)
     assert [ident(p) for p in a.passages] == [ident(p) for p in b.passages]
 
 
@@ -249,5 +252,5 @@ def test_content_hash_is_the_same_in_another_process():
 def test_draw_example_keeps_all_positives_of_the_row():
     row = {"row_id": 3, "query": np.array([0, 9, 2]), "passages": np.array([0, 5, 2, 0, 6, 2, 0, 7, 2]),
            "passage_offsets": np.array([0, 3, 6, 9]), "num_pos": 2, "scores": np.full(3, np.nan)}
-    example = draw_example(row, 2, np.random.default_rng(0), has_teacher_scores=False)
+    example = draw_example(row, 2, np.random.default_rng(0), has_teacher_scores=False, shuffle_ratio=0.0)
     assert [p.tolist() for p in example.positives] == [[0, 5, 2], [0, 6, 2]]

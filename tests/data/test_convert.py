@@ -1,4 +1,4 @@
-"""m3composer/data/convert.py: JSONL -> one MDS stream per task x bucket, bad input, atomic output.
+"""m3composer/data/convert/: JSONL -> one MDS stream per task x bucket, bad input, atomic output.
 
 The word-level test tokenizer (conftest) gives every word one token, so a text of n words is
 n + 2 ids (`<s>` ... `</s>`) and word `w` has id 4 + WORDS.index(w): expected ids and lengths
@@ -31,7 +31,7 @@ def read_stream(folder: Path) -> list[dict]:
 
     from streaming import StreamingDataset
 
-    from m3composer.data.dataset import release_shared_memory_when_dropped
+    from m3composer.data.streaming_internals import release_shared_memory_when_dropped
 
     cache = tempfile.mkdtemp(prefix="cache-", dir=folder.parent.parent.parent)
     ds = StreamingDataset(remote=str(folder), local=cache, shuffle=False, batch_size=1)
@@ -310,10 +310,10 @@ def test_many_defects_are_listed_up_to_a_limit_with_the_total(tmp_path, word_tok
 # ------------------------------------------------------------------------------- atomic output
 
 def test_interrupted_conversion_leaves_no_output(tmp_path, word_tokenizer_dir, monkeypatch, converted_source):
-    from m3composer.data import convert as convert_module
+    from m3composer.data.convert import writer as convert_module
 
     calls = {"n": 0}
-    real_write = convert_module._Converter._write
+    real_write = convert_module.Converter._write
 
     def flaky_write(self, inp, rows, ids):
         calls["n"] += 1
@@ -321,7 +321,7 @@ def test_interrupted_conversion_leaves_no_output(tmp_path, word_tokenizer_dir, m
             raise KeyboardInterrupt("simulated interruption")
         return real_write(self, inp, rows, ids)
 
-    monkeypatch.setattr(convert_module._Converter, "_write", flaky_write)
+    monkeypatch.setattr(convert_module.Converter, "_write", flaky_write)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         convert(converted_source, out, word_tokenizer_dir, batch_rows=5, progress=False)

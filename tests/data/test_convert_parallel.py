@@ -1,4 +1,4 @@
-"""m3composer/data/convert.py beyond one process: files mixing scored and unscored rows (no valid row
+"""m3composer/data/convert/ beyond one process: files mixing scored and unscored rows (no valid row
 lost), `--workers N` (the same dataset as one worker), and partitions written apart by any engine
 (`write_partition`) merged into one dataset (`merge_partitions`, `m3c convert --merge`).
 
@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 
 from tests.data.conftest import make_row, write_jsonl
-from m3composer.data.convert import (PARTS_DIR, REJECTS_FILE, ConvertError, _line_ranges, convert, discover_inputs,
-                                     merge_partitions, plan_units, write_partition)
+from m3composer.data.convert import (PARTS_DIR, REJECTS_FILE, ConvertError, convert, discover_inputs, merge_partitions,
+                                     plan_units, write_partition)
+from m3composer.data.convert.inputs import _line_ranges
 from m3composer.data.dataset import M3TrainDataset
 from m3composer.data.index import read_index
 from m3composer.data.rows import iter_lines
+from m3composer.testing.settings import dataset_settings
 
 
 def read_rows(out: Path) -> dict[str, list[dict]]:
@@ -27,7 +29,7 @@ def read_rows(out: Path) -> dict[str, list[dict]]:
 
     from streaming import StreamingDataset
 
-    from m3composer.data.dataset import release_shared_memory_when_dropped
+    from m3composer.data.streaming_internals import release_shared_memory_when_dropped
 
     got = {}
     for s in read_index(out)["streams"]:
@@ -87,7 +89,8 @@ def test_a_file_mixing_scored_and_unscored_rows_keeps_every_valid_row_and_trains
     kd_rows = {r["row_id"] for r in rows["kd/len-0-500.scored"]}
 
     # training: each stream is its own group, so a batch is all-KD or all-plain; every row is served
-    ds = M3TrainDataset(str(out), train_group_size=2, default_batch_size=3, query_max_len=16, passage_max_len=32)
+    ds = M3TrainDataset(str(out), **dataset_settings(train_group_size=2, default_batch_size=3, query_max_len=16,
+                                                     passage_max_len=32))
     assert sorted(g.name for g in ds.groups) == sorted(streams)
     seen = []
     for batch in ds:
@@ -190,7 +193,8 @@ def test_partitions_written_apart_merge_into_the_dataset_of_one_conversion(tmp_p
     assert sorted(p.name for p in (out / PARTS_DIR).iterdir()) == ["part-00000.json", "part-00001.json",
                                                                    "part-00002.json"]
 
-    ds = M3TrainDataset(str(out), train_group_size=2, default_batch_size=4, query_max_len=16, passage_max_len=32)
+    ds = M3TrainDataset(str(out), **dataset_settings(train_group_size=2, default_batch_size=4, query_max_len=16,
+                                                     passage_max_len=32))
     served = [r for b in ds for r in b["row_ids"].tolist()]
     assert len(served) == len(set(served)) == got["rows"] - sum(ds.left_out(0).values())
 
@@ -215,7 +219,7 @@ def test_workers_and_partitions_on_s3(tmp_path, word_tokenizer_dir, s3_server):
     got = read_index(remote, local_cache=tmp_path)
     assert [(s["name"], s["rows"], s["tokens"]) for s in got["streams"]] == [
         (s["name"], s["rows"], s["tokens"]) for s in read_index(local)["streams"]]
-    ds = M3TrainDataset(remote, local_cache=str(tmp_path / "cache"), train_group_size=2, default_batch_size=4,
-                        query_max_len=16, passage_max_len=32)
+    ds = M3TrainDataset(remote, local_cache=str(tmp_path / "cache"), **dataset_settings(
+        train_group_size=2, default_batch_size=4, query_max_len=16, passage_max_len=32))
     served = [r for b in ds for r in b["row_ids"].tolist()]
     assert len(served) == len(set(served)) == len(scored) + len(plain) - sum(ds.left_out(0).values())

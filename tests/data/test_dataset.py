@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from tests.data.m3_tiny_data import StreamSpec, write_converted
 from m3composer.data.dataset import M3TrainDataset
+from m3composer.testing.settings import dataset_settings
 
 SPECS = [
     StreamSpec("t1", "len-0-500", 23, first_row_id=0, num_neg=6),
@@ -33,7 +34,7 @@ def make(data, **kw):
     args = dict(train_group_size=4, default_batch_size=2, batch_size_table=TABLE, seed=5, query_max_len=16,
                 passage_max_len=16)
     args.update(kw)
-    return M3TrainDataset(str(data), **args)
+    return M3TrainDataset(str(data), **dataset_settings(**args))
 
 
 def streams_of(batch):
@@ -79,14 +80,14 @@ def test_flagembedding_tables_for_group_size_8_and_1(tmp_path):
                                               StreamSpec("a", "len-500-1000", 70, first_row_id=1000, bucket_hi=1000),
                                               StreamSpec("a", "len-9-10", 5, first_row_id=2000, bucket_hi=10)])
     # recipe.md §Batch sizes: G=8 -> 48 / 32, G=1 -> 700 / 570, other G or unknown bucket -> default_batch_size
-    g8 = M3TrainDataset(str(data), train_group_size=8, default_batch_size=4)
+    g8 = M3TrainDataset(str(data), **dataset_settings(train_group_size=8, default_batch_size=4))
     assert g8.per_device_batch_sizes == {"a/len-0-500": 48, "a/len-500-1000": 32, "a/len-9-10": 4}
     sizes = collections.Counter(b["row_ids"].shape[0] for b in g8)
     # W = 1: 100 -> 48, 48, tail 4 (>= 2 kept); 70 -> 32, 32, tail 6; 5 -> 4, tail 1 (< 2 left out)
     assert sizes == {48: 2, 32: 2, 4: 2, 6: 1}
-    g1 = M3TrainDataset(str(data), train_group_size=1, default_batch_size=4)
+    g1 = M3TrainDataset(str(data), **dataset_settings(train_group_size=1, default_batch_size=4))
     assert g1.per_device_batch_sizes == {"a/len-0-500": 700, "a/len-500-1000": 570, "a/len-9-10": 4}
-    g4 = M3TrainDataset(str(data), train_group_size=4, default_batch_size=5)
+    g4 = M3TrainDataset(str(data), **dataset_settings(train_group_size=4, default_batch_size=5))
     assert set(g4.per_device_batch_sizes.values()) == {5}
     assert all(b["passage_input_ids"].shape[0] == 8 * b["row_ids"].shape[0] for b in g8)
 
@@ -95,8 +96,8 @@ def test_token_budget_bounds_every_padded_batch(tmp_path):
     data = write_converted(tmp_path / "mds", [StreamSpec("a", "len-0-500", 40, passage_len=6),
                                               StreamSpec("b", "len-0-500", 40, first_row_id=1000, passage_len=20)])
     budget = 200
-    ds = M3TrainDataset(str(data), train_group_size=4, max_tokens_per_device_batch=budget, query_max_len=16,
-                        passage_max_len=16)
+    ds = M3TrainDataset(str(data), **dataset_settings(train_group_size=4, max_tokens_per_device_batch=budget,
+                                                      query_max_len=16, passage_max_len=16))
     # queries are 5 tokens; passages 8 (a) and 22 -> truncated to 16 (b): a query costs 5 + 4*8 = 37
     # or 5 + 4*16 = 69 tokens, so the largest B within 200 is 5 and 2.
     assert ds.per_device_batch_sizes == {"a/len-0-500": 5, "b/len-0-500": 2}
@@ -135,7 +136,7 @@ def test_rows_without_negatives_borrow_from_their_own_stream(tmp_path, caplog):
                                               StreamSpec("k", "len-0-500", 12, num_neg=negs, first_row_id=500,
                                                          has_teacher_scores=True)])
     with caplog.at_level(logging.WARNING):
-        ds = M3TrainDataset(str(data), train_group_size=3, default_batch_size=4, seed=1)
+        ds = M3TrainDataset(str(data), **dataset_settings(train_group_size=3, default_batch_size=4, seed=1))
     assert "without teacher scores" in caplog.text
     for epoch in (0, 1):
         ds.set_epoch(epoch)
@@ -225,7 +226,8 @@ def test_reads_the_converters_output_with_instructions(converted_dir, word_token
     tok = AutoTokenizer.from_pretrained(str(word_tokenizer_dir))
     ds = M3TrainDataset(str(converted_dir), tokenizer=tok, query_instruction_for_retrieval="query",
                         passage_instruction_for_retrieval="passage",
-                        train_group_size=3, default_batch_size=4, query_max_len=16, passage_max_len=64)
+                        **dataset_settings(train_group_size=3, default_batch_size=4, query_max_len=16,
+                                           passage_max_len=64))
     q_id, p_id = tok.convert_tokens_to_ids(["query", "passage"])
     rows = {s.name: s.rows for s in ds.streams}
     served = collections.Counter()

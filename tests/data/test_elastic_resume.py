@@ -8,6 +8,7 @@ import pytest
 from m3composer.data.dataset import M3TrainDataset
 from m3composer.data.plan import plan_epoch, steps_per_epoch
 from tests.data.m3_tiny_data import RESUME_SPECS, RESUME_TABLE, write_converted
+from m3composer.testing.settings import dataset_settings
 
 ROWS, SIZES = [23, 9, 17, 4], [3, 2, 4, 1]
 
@@ -49,15 +50,15 @@ def test_resumed_plan_keeps_the_done_steps_and_plans_each_remaining_row_once(old
 
 def test_two_resumes_in_one_epoch_and_the_plan_is_a_pure_function():
     history = [(2, 3), (1, 7)]
-    a = plan_epoch(ROWS, SIZES, seed=3, epoch=0, world_size=3, history=history)
-    b = plan_epoch(ROWS, SIZES, seed=3, epoch=0, world_size=3, history=history)
+    a = plan_epoch(ROWS, SIZES, seed=3, epoch=0, world_size=3, history=history, tail="keep_if_ge_2W")
+    b = plan_epoch(ROWS, SIZES, seed=3, epoch=0, world_size=3, history=history, tail="keep_if_ge_2W")
     assert _as_lists(a.steps) == _as_lists(b.steps)
-    once = plan_epoch(ROWS, SIZES, seed=3, epoch=0, world_size=1, history=history[:1])
+    once = plan_epoch(ROWS, SIZES, seed=3, epoch=0, world_size=1, history=history[:1], tail="keep_if_ge_2W")
     assert _as_lists(a.steps[:7]) == _as_lists(once.steps[:7])
     trained = _rows_by_group(a.steps, len(ROWS))
     assert all(len(rows) == len(set(rows)) for rows in trained)
     with pytest.raises(ValueError, match="steps done"):
-        plan_epoch(ROWS, SIZES, seed=3, epoch=0, world_size=3, history=[(2, 5), (1, 4)])
+        plan_epoch(ROWS, SIZES, seed=3, epoch=0, world_size=3, history=[(2, 5), (1, 4)], tail="keep_if_ge_2W")
 
 
 # ---- the dataset: 2 -> 1 and 1 -> 2 ranks over a whole epoch ---------------------------------------------------
@@ -68,8 +69,9 @@ def data(tmp_path_factory):
 
 
 def _datasets(data, world_size: int) -> list[M3TrainDataset]:
-    return [M3TrainDataset(str(data), train_group_size=4, default_batch_size=2, batch_size_table=RESUME_TABLE,
-                           seed=5, query_max_len=16, passage_max_len=16, world_size=world_size, rank=r)
+    return [M3TrainDataset(str(data), world_size=world_size, rank=r, **dataset_settings(
+        train_group_size=4, default_batch_size=2, batch_size_table=RESUME_TABLE, seed=5, query_max_len=16,
+        passage_max_len=16))
             for r in range(world_size)]
 
 
@@ -105,7 +107,7 @@ def test_dataset_resumed_on_another_world_size_trains_each_planned_row_of_the_ep
     for ds in after:
         ds.load_state_dict(state)
     expected_len = len(plan_epoch([g.rows for g in after[0].groups], [g.per_device_batch_size for g in after[0].groups],
-                                  seed=5, epoch=epoch, world_size=new, history=[(old, k)]))
+                                  seed=5, epoch=epoch, world_size=new, history=[(old, k)], tail="keep_if_ge_2W"))
     assert len(after[0]) == expected_len and after[0].epoch == epoch
     rest_rows, rest_samples = _serve(after)
     trained = done_rows + rest_rows
@@ -130,7 +132,7 @@ def test_dataset_resumed_on_another_world_size_trains_each_planned_row_of_the_ep
     for ds in after:
         ds.set_epoch(epoch + 1)
     normal = steps_per_epoch([g.rows for g in after[0].groups], [g.per_device_batch_size for g in after[0].groups],
-                             world_size=new)
+                             world_size=new, tail="keep_if_ge_2W")
     assert len(after[0]) == normal == after[0].steps_per_epoch
     assert _serve(after)[0] == _serve(_datasets_at_epoch(data, new, epoch + 1))[0]
 

@@ -12,6 +12,7 @@ from m3composer.data.dataset import M3TrainDataset
 from m3composer.data.negatives import (MinedNegatives, build_pool, read_version, version_dir, with_negatives,
                                        write_pool, write_version)
 from tests.data.m3_tiny_data import StreamSpec, write_converted
+from m3composer.testing.settings import dataset_settings
 
 SPECS = [
     StreamSpec("t1", "len-0-500", 8, first_row_id=0, num_neg=3, has_teacher_scores=True),
@@ -25,8 +26,8 @@ def tiny(tmp_path_factory):
 
 
 def make(data, negatives_dir=None, **kw):
-    return M3TrainDataset(str(data), train_group_size=3, default_batch_size=2, seed=3, query_max_len=16,
-                          passage_max_len=16, negatives_dir=negatives_dir, **kw)
+    return M3TrainDataset(str(data), negatives_dir=negatives_dir, **dataset_settings(
+        train_group_size=3, default_batch_size=2, seed=3, query_max_len=16, passage_max_len=16, **kw))
 
 
 def pool_of(dataset):

@@ -10,6 +10,7 @@ import pytest
 from m3composer.data.dataset import M3TrainDataset
 from m3composer.data.plan import PLAN_STREAM, _chunk_sizes, plan_epoch, plan_epoch_shard_blocks
 from tests.data.m3_tiny_data import StreamSpec, write_converted
+from m3composer.testing.settings import dataset_settings
 
 ROWS, SIZES = [97, 40, 13, 64], [4, 3, 2, 5]
 SHARD_ROWS = [[7] * 13 + [6], [5] * 8, [3, 4, 6], [8] * 8]
@@ -44,8 +45,8 @@ def test_shard_blocks_keep_the_steps_and_draw_each_batch_within_a_block(world_si
     starts = [np.concatenate([[0], np.cumsum(s)]) for s in SHARD_ROWS]
     for epoch in (0, 1):
         plan = plan_epoch_shard_blocks(ROWS, SIZES, SHARD_ROWS, block_shards=block, seed=11, epoch=epoch,
-                                       world_size=world_size)
-        default = plan_epoch(ROWS, SIZES, seed=11, epoch=epoch, world_size=world_size)
+                                       world_size=world_size, tail="keep_if_ge_2W")
+        default = plan_epoch(ROWS, SIZES, seed=11, epoch=epoch, world_size=world_size, tail="keep_if_ge_2W")
         assert plan.left_out == default.left_out
         assert sorted((s.group, len(s.rows)) for s in plan.steps) == sorted((s.group, len(s.rows)) for s in default.steps)
         assert len({s.group for s in plan.steps[:len(ROWS) * 3]}) > 1        # groups interleaved
@@ -62,21 +63,25 @@ def test_shard_blocks_keep_the_steps_and_draw_each_batch_within_a_block(world_si
                 blocks = sorted({block_of[s] for s in shard_of[step.rows].tolist()})
                 assert blocks[0] >= previous and blocks == list(range(blocks[0], blocks[-1] + 1))
                 previous = blocks[-1]
-    a = plan_epoch_shard_blocks(ROWS, SIZES, SHARD_ROWS, block_shards=block, seed=11, epoch=0, world_size=world_size)
-    b = plan_epoch_shard_blocks(ROWS, SIZES, SHARD_ROWS, block_shards=block, seed=11, epoch=1, world_size=world_size)
+    a = plan_epoch_shard_blocks(ROWS, SIZES, SHARD_ROWS, block_shards=block, seed=11, epoch=0, world_size=world_size,
+                                tail="keep_if_ge_2W")
+    b = plan_epoch_shard_blocks(ROWS, SIZES, SHARD_ROWS, block_shards=block, seed=11, epoch=1, world_size=world_size,
+                                tail="keep_if_ge_2W")
     assert any(not np.array_equal(x.rows, y.rows) for x, y in zip(a.steps, b.steps))   # re-drawn per epoch
     with pytest.raises(ValueError, match="do not add up"):
-        plan_epoch_shard_blocks(ROWS, SIZES, [[1]] * 4, block_shards=2, seed=1, epoch=0, world_size=1)
+        plan_epoch_shard_blocks(ROWS, SIZES, [[1]] * 4, block_shards=2, seed=1, epoch=0, world_size=1,
+                                tail="keep_if_ge_2W")
 
 
 def test_the_dataset_reads_the_shard_aware_plan_and_refuses_to_resume_across_plans(tmp_path):
     data = write_converted(tmp_path / "mds", [StreamSpec("t1", "len-0-500", 40), StreamSpec(
         "t2", "len-0-500", 30, first_row_id=1000)], size_limit=1 << 10)
     args = dict(train_group_size=4, default_batch_size=4, seed=2, world_size=2, query_max_len=16, passage_max_len=16)
-    default = M3TrainDataset(str(data), rank=0, **args)
+    default = M3TrainDataset(str(data), **dataset_settings(rank=0, **args))
     np.testing.assert_array_equal(default.plan(0).steps[0].rows, plan_epoch(
-        [40, 30], [4, 4], seed=2, epoch=0, world_size=2).steps[0].rows)
-    ranks = [M3TrainDataset(str(data), rank=r, plan="shard_blocks", plan_block_shards=2, **args) for r in (0, 1)]
+        [40, 30], [4, 4], seed=2, epoch=0, world_size=2, tail="keep_if_ge_2W").steps[0].rows)
+    ranks = [M3TrainDataset(str(data), **dataset_settings(rank=r, plan="shard_blocks", plan_block_shards=2, **args))
+             for r in (0, 1)]
     assert len(ranks[0]) == len(default)
     for b0, b1 in zip(*ranks, strict=True):
         tasks = {int(r) // 1000 for r in b0["row_ids"].tolist() + b1["row_ids"].tolist()}

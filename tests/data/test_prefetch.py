@@ -18,6 +18,7 @@ from m3composer.data.dataset import M3TrainDataset
 from m3composer.data.prefetch import ShardPrefetcher, shard_is_local
 from m3composer.testing.disk import bytes_under
 from tests.data.m3_tiny_data import StreamSpec, write_converted
+from m3composer.testing.settings import dataset_settings
 
 # 2 rows per shard (1 KiB shards): 90 shards, a step of 6 rows reads up to 6 of them
 SPECS = [StreamSpec("t1", "len-0-500", 120, first_row_id=0),
@@ -33,7 +34,7 @@ def make(data, cache, **kw):
     args = dict(train_group_size=4, default_batch_size=6, seed=3, query_max_len=16, passage_max_len=16,
                 world_size=1, rank=0, local_cache=str(cache))
     args.update(kw)
-    return M3TrainDataset(str(data), **args)
+    return M3TrainDataset(str(data), **dataset_settings(**args))
 
 
 def batches(ds_or_loader, epochs=(0,), ds=None):

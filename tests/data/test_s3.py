@@ -1,4 +1,4 @@
-"""Object-store output of m3composer/data/convert.py, against a moto S3 server on 127.0.0.1.
+"""Object-store output of m3composer/data/convert/ (publish.py, partitions.py), against a moto S3 server on 127.0.0.1.
 
 Convert straight to s3://, read the index back, stream every row back with Streaming (explicit
 local cache per stream), and check that the index is uploaded last and that a failed or
@@ -21,7 +21,7 @@ def keys(s3, prefix: str) -> list[str]:
 def rows_by_source(remote_or_local: str, stream: dict, cache) -> dict[str, dict]:
     from streaming import Stream, StreamingDataset
 
-    from m3composer.data.dataset import release_shared_memory_when_dropped
+    from m3composer.data.streaming_internals import release_shared_memory_when_dropped
 
     ds = StreamingDataset(streams=[Stream(remote=f"{remote_or_local}/{stream['path']}", local=str(cache))],
                           shuffle=False, batch_size=1)
@@ -96,7 +96,7 @@ def test_s3_refuses_a_used_prefix_and_overwrites_on_request(s3_server, word_toke
 def test_s3_failed_or_interrupted_conversion_uploads_nothing(s3_server, converted_source, word_tokenizer_dir,
                                                              tmp_path, monkeypatch):
     from tests.data.conftest import write_jsonl
-    from m3composer.data import convert as convert_module
+    from m3composer.data.convert import writer as convert_module
 
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "bad/t.jsonl", ['{"query": "q", "pos": ["alpha"]}', "{oops"])
@@ -108,7 +108,7 @@ def test_s3_failed_or_interrupted_conversion_uploads_nothing(s3_server, converte
     def broken_write(self, inp, rows, ids):
         raise KeyboardInterrupt("simulated interruption")
 
-    monkeypatch.setattr(convert_module._Converter, "_write", broken_write)
+    monkeypatch.setattr(convert_module.Converter, "_write", broken_write)
     with pytest.raises(KeyboardInterrupt):
         convert(converted_source, f"s3://{s3_server['bucket']}/interrupted", word_tokenizer_dir,
                 local_cache=tmp_path, progress=False)

@@ -1,4 +1,5 @@
-"""A failing object store and corrupt shards, for m3composer/data/convert.py and data/dataset.py.
+"""A failing object store and corrupt shards, for m3composer/data/convert/ and data/dataset.py (with data/streams.py
+and data/shard_checks.py).
 
 Everything goes through m3composer.testing.s3.FaultProxy in front of the session's moto server:
 conversion to s3:// while a quarter of the requests fail comes out byte-identical; a store that goes
@@ -18,11 +19,14 @@ from pathlib import Path
 import pytest
 
 from m3composer.data.convert import UploadError, convert
-from m3composer.data.dataset import DataReadError, M3TrainDataset
+from m3composer.data.dataset import M3TrainDataset
+from m3composer.data.streams import DataReadError
 from m3composer.data.index import INDEX_FILE, SHARD_HASH, read_index
 from m3composer.testing.s3 import FaultProxy
+from m3composer.testing.settings import dataset_settings
 
-DATASET_ARGS = dict(train_group_size=3, default_batch_size=4, query_max_len=16, passage_max_len=32, seed=3)
+DATASET_ARGS = dataset_settings(train_group_size=3, default_batch_size=4, query_max_len=16, passage_max_len=32,
+                                seed=3, download_timeout=60)
 
 
 @pytest.fixture
@@ -112,7 +116,7 @@ def test_a_store_failing_at_start_up_names_the_dataset_and_the_stream(remote_dat
     proxy.fail_match, proxy.fail_fraction = r"/len-\d+-\d+/", 1.0     # m3_index.json reads, the streams fail
     first = read_index(converted_dir)["streams"][0]["path"]
     with pytest.raises(DataReadError) as err:
-        M3TrainDataset(remote_dataset, local_cache=str(tmp_path / "cache"), download_retry=1, **DATASET_ARGS)
+        M3TrainDataset(remote_dataset, local_cache=str(tmp_path / "cache"), **dict(DATASET_ARGS, download_retry=1))
     message = str(err.value)
     assert message.startswith(f"{remote_dataset}: cannot open stream {first} ({remote_dataset}/{first}/index.json) "
                               "(download_retry=1, download_timeout=60s): ClientError: "), message
@@ -123,7 +127,7 @@ def test_a_store_going_down_mid_epoch_names_shard_epoch_and_step_never_a_short_e
         remote_dataset, converted_dir, proxy, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")   # fail fast: botocore does not retry
     clean = row_ids(M3TrainDataset(str(converted_dir), **DATASET_ARGS))
-    ds = M3TrainDataset(remote_dataset, local_cache=str(tmp_path / "cache"), download_retry=1, **DATASET_ARGS)
+    ds = M3TrainDataset(remote_dataset, local_cache=str(tmp_path / "cache"), **dict(DATASET_ARGS, download_retry=1))
     served = []
     with pytest.raises(DataReadError) as err:
         for batch in ds:
@@ -145,7 +149,7 @@ def test_a_flipped_byte_in_a_remote_shard_is_caught_before_its_rows_are_served(
     stream = read_index(converted_dir)["streams"][1]
     client, bucket, key = s3_server["client"], s3_server["bucket"], f"{prefix}/{stream['path']}/shard.00000.mds.zstd"
     client.put_object(Bucket=bucket, Key=key, Body=flip_byte(client.get_object(Bucket=bucket, Key=key)["Body"].read()))
-    ds = M3TrainDataset(remote, local_cache=str(tmp_path / "cache"), download_retry=1, **DATASET_ARGS)
+    ds = M3TrainDataset(remote, local_cache=str(tmp_path / "cache"), **dict(DATASET_ARGS, download_retry=1))
     group = next(i for i, g in enumerate(ds.groups) if g.name == stream["name"])
     first_step = next(i for i, s in enumerate(ds.plan(0).steps) if s.group == group)
     with pytest.raises(DataReadError, match=rf"stream {stream['name']}: .*shard shard\.00000\.mds\.zstd\) for "
@@ -178,7 +182,7 @@ def test_shards_carry_hashes_and_a_dataset_converted_without_them_still_reads(co
                 shard[part]["hashes"] = {}                   # what Streaming wrote before hashing was on
             shard["hashes"] = []
         mds_index.write_text(json.dumps(meta))
-    with caplog.at_level(logging.INFO, logger="m3composer.data.dataset"):
+    with caplog.at_level(logging.INFO, logger="m3composer.data.shard_checks"):
         old_rows = row_ids(M3TrainDataset(str(old), **DATASET_ARGS))
     assert "converted without shard hashes and are read unverified" in caplog.text
     assert old_rows == row_ids(M3TrainDataset(str(converted_dir), **DATASET_ARGS))

@@ -12,7 +12,7 @@ Figures, best of `--repeats` interleaved rounds, wall clock:
   shard copied from the written folder, decompressed), with `validate_hash` off and on;
 * the hashing itself: xxh64 over the shard bytes, timed alone (steadier than the difference of
   two noisy end-to-end times): writing hashes the raw and the zstd shard; a first read hashes the
-  zstd one (Streaming's `validate_hash`) and the decompressed one (`dataset._verify_shard`, once
+  zstd one (Streaming's `validate_hash`) and the decompressed one (`shard_checks.verify_shard`, once
   per shard and process).
 Prints a Markdown table for BENCHMARKS.md.
 """

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: about 4 pieces per worker, 1-64 MiB)")
     parser.add_argument("--merge", action="store_true",
                         help="no INPUT: merge the partitions that write_partition wrote into --out "
-                             "into one dataset (README: Converting on a cluster)")
+                             "into one dataset (docs/operations.md: Converting on a cluster)")
 
 
 def run(args: argparse.Namespace) -> int:

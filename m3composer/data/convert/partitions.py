@@ -4,7 +4,7 @@ Beyond one machine: `write_partition` converts one piece of the input for any en
 `mapPartitionsWithIndex`) into `<stream>/part-NNNNN/` folders and a record in `.parts/`;
 `merge_partitions` (`m3c convert --merge`) merges them: every stream's MDS index over its
 partitions in partition order (Streaming's `merge_index`), then `m3_index.json`, written last
-(README §Converting on a cluster). `merge_parts` is the merge that `convert(workers=N)` uses too.
+(docs/operations.md §Converting on a cluster). `merge_parts` is the merge that `convert(workers=N)` uses too.
 """
 from __future__ import annotations
 

@@ -39,9 +39,10 @@ from m3composer.data.collate import (TokenSpec, collate_examples, draw_example, 
                                      with_prefix)
 from m3composer.data.index import INDEX_FILE, SHARD_HASH, StreamEntry, is_remote, read_streams
 from m3composer.data.negatives import MinedNegatives
-from m3composer.data.plan import (PLAN_KINDS, ROW_STREAM, TAIL_RULES, EpochPlan, Group, group_streams, plan_epoch,
+from m3composer.data.plan import (PLAN_KINDS, TAIL_RULES, EpochPlan, Group, group_streams, plan_epoch,
                                   plan_epoch_shard_blocks, steps_per_epoch)
 from m3composer.data.prefetch import ShardPrefetcher
+from m3composer.seeds import ROW_STREAM
 
 log = logging.getLogger(__name__)
 

@@ -33,13 +33,12 @@ import torch
 from composer.utils import dist
 
 from m3composer.data.negatives import TrainingPool
-from m3composer.data.plan import ROW_STREAM
 from m3composer.model.inference import unwrap_m3
 from m3composer.padding import right_pad
 from m3composer.retrieval.mine import faiss_top_k, select_negatives
 from m3composer.retrieval.search import DEFAULT_WEIGHTS, RunningTopK, colbert_maxsim, inference_mode, merge_top_k
+from m3composer.seeds import REFRESH_STREAM
 
-REFRESH_STREAM = ROW_STREAM + 1     # the draw's purpose tag, after the plan's (1) and the rows' (2)
 QUERY_CHUNK = 8192                  # rows whose query representations are held at once (sharded-pool heads)
 
 
@@ -88,7 +87,7 @@ def encode_token_ids(model, sequences: Sequence[np.ndarray], pad_id: int, batch_
 
 def _select(pool: TrainingPool, row: int, top_indices, top_scores, positive_score, *, rank_range, negatives, seed,
             version, max_score_ratio, margin) -> tuple[list[int], int]:
-    """`mine.select_negatives` for pool row `row`, seeded by (seed, refresh, version, row id)."""
+    """`mine.select_negatives` for pool row `row`, seeded by (seed, REFRESH_STREAM, version, row id)."""
     rng = np.random.default_rng([seed, REFRESH_STREAM, version, int(pool.row_ids[row])])
     picked, dropped = select_negatives(top_indices, top_scores, pool.excluded[row], rank_range, negatives, rng,
                                        positive_score, max_score_ratio=max_score_ratio, margin=margin)

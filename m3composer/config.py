@@ -21,7 +21,8 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 
 from m3composer.algorithms.self_distill_warmup import SELF_DISTILL_MODES, parse_start
-from m3composer.data.negatives import REFRESH_HEADS, parse_rank_range
+from m3composer.data.negatives import parse_rank_range
+from m3composer.model.scores import SCORE_NAMES as REFRESH_HEADS   # NegativeRefresh ranks with any score
 from m3composer.data.plan import PLAN_KINDS, TAIL_RULES
 from m3composer.distributed import CROSS_DEVICE_HEADS, CROSS_RANK_GRAD_SCALES
 from m3composer.model.heads import POOLING_METHODS, SPARSE_INITS

@@ -19,7 +19,7 @@ import time
 from m3composer.assets.build import resolve_model_dir
 from m3composer.callbacks.negative_refresh import NegativeRefresh
 from m3composer.data.dataset import M3TrainDataset
-from m3composer.data.negatives import REFRESH_HEADS
+from m3composer.model.scores import SCORE_NAMES as REFRESH_HEADS
 from m3composer.model.m3 import M3Model
 from m3composer.testing.settings import dataset_settings
 

@@ -26,15 +26,17 @@ from composer.utils import dist
 
 from m3composer.callbacks.loss_log import finished_step_losses
 from m3composer.fsutil import atomic_file
+from m3composer.model.composer_model import LOSS_KEYS
+from m3composer.model.scores import SCORE_NAMES
 
 LOSS_PREFIX = "loss/train/"
 EVAL_PREFIX = "metrics/"
 # HeadDiagnostics' per-step numbers: drawn under the loss terms, so a dead head shows in the same figure
 DIAGNOSTIC_SERIES = ("heads/sparse/shared_token_weight", "heads/sparse/zero_weight_share", "grad_norm/sparse_head",
                      "grad_norm/clip_scale")
-HEAD_ORDER = ("dense", "sparse", "colbert", "ensemble")
+HEAD_ORDER = SCORE_NAMES
 # The loss terms in the order ComposerM3 logs them; unknown terms go just before "total".
-LOSS_ORDER = ("dense", "sparse", "colbert", "ensemble", "self_distill", "bidirectional", "masked_negatives", "total")
+LOSS_ORDER = LOSS_KEYS
 # losses.png is a grid of at most LOSS_MAX_ROWS rows (1,210 px at the 110 dpi of _save_atomic), filled
 # down the columns, so that the twelve panels of a full run fit a screen (3 x 4: 1,815 x 968 px):
 # 1 column of 8 in, or columns of 5.5 in

@@ -38,11 +38,12 @@ from m3composer.data.collate import (TokenSpec, collate_examples, draw_example, 
 from m3composer.data.cache_limit import CacheBound
 from m3composer.data.index import INDEX_FILE, StreamEntry
 from m3composer.data.negatives import MinedNegatives
-from m3composer.data.plan import (PLAN_KINDS, ROW_STREAM, TAIL_RULES, EpochPlan, Group, group_streams, plan_epoch,
+from m3composer.data.plan import (PLAN_KINDS, TAIL_RULES, EpochPlan, Group, group_streams, plan_epoch,
                                   plan_epoch_shard_blocks, steps_per_epoch)
 from m3composer.data.prefetch import ShardPrefetcher
 from m3composer.data.shard_checks import ShardVerifier, shard_name
 from m3composer.data.streams import DataReadError, one_line, open_streaming_dataset, streams_with_rows
+from m3composer.seeds import ROW_STREAM
 
 log = logging.getLogger(__name__)
 

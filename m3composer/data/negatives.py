@@ -39,9 +39,6 @@ from m3composer.fsutil import building_dir, write_json_atomic
 
 POOL_DIR = "pool"
 INDEX_FILE = "index.json"
-# The heads NegativeRefresh ranks with, as `m3c mine --head`: dense (faiss over gathered vectors), the
-# others brute force over every rank's share of the pool (retrieval/refresh.py).
-REFRESH_HEADS = ("dense", "sparse", "colbert", "ensemble")
 
 
 def parse_rank_range(text: str) -> tuple[int, int]:

@@ -7,8 +7,9 @@ rank r takes its slice of it. The rules and how they compare with FlagEmbedding'
 §Tail rule. Rows that sit out an epoch under the tail rule are counted in `EpochPlan.left_out`
 and logged by the dataset.
 
-Epoch e draws from `default_rng([seed, PLAN_STREAM, e])`, so any step of any epoch can be
-recomputed directly, which is what makes resume exact.
+Epoch e draws from `default_rng([seed, PLAN_STREAM, e])` (every purpose tag is in
+`m3composer/seeds.py`), so any step of any epoch can be recomputed directly, which is what makes
+resume exact.
 
 Elastic resume (docs/recipe.md §Elastic resume): an epoch begun at world size W and continued
 at W' after k steps is `plan_epoch(..., world_size=W', history=[(W, k)])`: its first k steps are
@@ -25,16 +26,11 @@ from typing import Sequence
 import numpy as np
 
 from m3composer.data.index import StreamEntry
+from m3composer.seeds import ELASTIC_STREAM, PLAN_STREAM, SHARD_BLOCK_STREAM
 
 log = logging.getLogger(__name__)
 
 TAIL_RULES = ("keep_if_ge_2W", "drop_partial")
-
-# Purpose tags for numpy SeedSequence entropy: [seed, tag, ...]. Distinct, non-zero, and before the
-# epoch, because SeedSequence ignores trailing zeros (`[42, 0]` and `[42]` give the same generator).
-PLAN_STREAM = 1
-ROW_STREAM = 2
-ELASTIC_STREAM = 3
 
 
 @dataclass(frozen=True)
@@ -193,7 +189,6 @@ def plan_epoch(group_rows: Sequence[int], per_device_batch_sizes: Sequence[int],
 
 # ---- the shard-aware plan (data.plan: shard_blocks) ------------------------------------------------
 PLAN_KINDS = ("rows", "shard_blocks")
-SHARD_BLOCK_STREAM = 4    # purpose tag of the shard-aware plan's generator (see PLAN_STREAM)
 
 
 def plan_epoch_shard_blocks(group_rows: Sequence[int], per_device_batch_sizes: Sequence[int],

@@ -42,7 +42,7 @@ from m3composer.model.scores import COLBERT_MAX_ELEMENTS, SCORE_NAMES, M3Reps, M
 
 log = logging.getLogger(__name__)
 
-LOSS_KEYS = ("dense", "sparse", "colbert", "ensemble", "self_distill", "bidirectional", "masked_negatives", "total")
+LOSS_KEYS = SCORE_NAMES + ("self_distill", "bidirectional", "masked_negatives", "total")
 
 
 class InBatchAccuracy(Metric):

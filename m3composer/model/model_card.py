@@ -16,11 +16,13 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from m3composer.model.scores import SCORE_NAMES
+
 FACTS_FILE = "training_run.json"
 CARD_FILE = "README.md"
 LOSS_PLOT = "plots/losses.png"
 KINDS = ("m3", "dense", "colbert", "sparse")
-HEAD_ORDER = ("dense", "sparse", "colbert", "ensemble")
+HEAD_ORDER = SCORE_NAMES
 
 _TITLES = {
     "m3": "BGE-M3-style model (dense, sparse and ColBERT heads)",

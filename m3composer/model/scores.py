@@ -11,18 +11,27 @@ ran in. Formulas (docs/recipe.md §Scores), with `τ` the temperature:
     S_lex[q, p]   = Σ_t v_q[t] · v_p[t] / τ
     S_mul[q, p]   = ( Σ_i max_j <C_q[i], C_p[j]> ) / N_q / τ,   N_q = number of unmasked query vectors
     S_ens         = w_dense · S_dense + w_lex · S_lex + w_mul · S_mul,   weights (1, 0.3, 1)
+
+This module is also the one home of three rules that inference shares with training: the score
+names (`HEADS`, `SCORE_NAMES`), the ensemble's weighted sum (`ensemble_scores`, with training's
+`ENSEMBLE_WEIGHTS` or BGE-M3's inference weights `INFERENCE_ENSEMBLE_WEIGHTS`) and the ColBERT
+max-sim (`colbert_maxsim`, whose `padding` argument picks training's or inference's treatment of
+padding: recipe.md §ColBERT max-sim variants). `m3c eval`, `m3c mine`, `m3c score-teacher` and
+NegativeRefresh call them without a temperature.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 HEADS = ("dense", "sparse", "colbert")          # the three heads of an M3 model
 SCORE_NAMES = HEADS + ("ensemble",)              # every score: the heads and their weighted sum
-ENSEMBLE_WEIGHTS = (1.0, 0.3, 1.0)   # (dense, sparse, colbert), recipe.md §Scores
+ENSEMBLE_WEIGHTS = (1.0, 0.3, 1.0)   # (dense, sparse, colbert) in training, recipe.md §Scores
+INFERENCE_ENSEMBLE_WEIGHTS = (0.4, 0.2, 0.4)   # (dense, sparse, colbert): BGE-M3's README hybrid weights
+COLBERT_PADDING = ("kept", "masked")   # colbert_maxsim's padding variants, recipe.md §ColBERT max-sim variants
 
 # Largest (queries × query tokens × passages × passage tokens) block the ColBERT max-sim builds at
 # once: 2^25 fp32 elements = 128 MiB (plus about the same again transiently in backward).
@@ -78,42 +87,87 @@ def sparse_scores(q_sparse: torch.Tensor, p_sparse: torch.Tensor, temperature: f
     return q_sparse.float() @ p_sparse.float().T / temperature
 
 
+def _chunk_steps(n_whole: int, n_chunked: int, per_pair: int, max_elements: int) -> tuple[int, int]:
+    """`(step of the side kept whole if it fits, step of the side chunked)` so that one block of
+    `step_whole · step_chunked · per_pair` elements stays within `max_elements` (or is one pair)."""
+    whole = n_whole if n_whole * per_pair <= max_elements else max(1, max_elements // per_pair)
+    return whole, max(1, min(n_chunked, max_elements // max(1, whole * per_pair)))
+
+
+def colbert_maxsim(q_vecs: torch.Tensor, q_mask: torch.Tensor, p_vecs: torch.Tensor,
+                   p_mask: Optional[torch.Tensor] = None, *, padding: str = "masked",
+                   max_elements: int = COLBERT_MAX_ELEMENTS) -> torch.Tensor:
+    """Late-interaction max-sim `(Nq, Lq, D) × (Np, Lp, D) -> (Nq, Np)`: for each query vector the
+    max inner product with the passage's vectors, summed over the query's vectors and divided by
+    their number (the ones of `q_mask`, at least 1). No temperature and no cast: the caller's dtype.
+
+    `padding` says what padding rows (zero vectors) do (docs/recipe.md §ColBERT max-sim variants):
+
+    - `"kept"`: they take part. A passage's padding offers a dot product of 0 to the max; a query's
+      padding rows add 0 to the sum. FlagEmbedding's training score, kept for parity of the losses
+      (recipe.md §Scores); `p_mask` is not used.
+    - `"masked"`: the passage's padding (`p_mask` 0) is left out of the max (`−inf`) and the query's
+      padding (`q_mask` 0) out of the sum. BGE-M3's inference `colbert_score`: a score does not
+      depend on how the batch around it is padded.
+
+    The full token-score tensor has `Nq·Lq·Np·Lp` elements (for 8 queries × 512 tokens against 32
+    passages × 8192 tokens, 4·10⁹ floats). When that exceeds `max_elements` it is built in chunks,
+    cut along the side each variant's callers have many of: training ("kept": a few queries, their
+    groups of passages) chunks the passages, retrieval ("masked": a block of queries against one
+    corpus batch) the queries; the other side too if one item is still too big. Keeping each
+    variant's chunks keeps its scores bit-identical to earlier runs (a matmul's rounding depends on
+    its shape). Only the max indices of each chunk are kept for backward, so peak memory is one
+    chunk, in the forward and the backward pass.
+    """
+    if padding not in COLBERT_PADDING:
+        raise ValueError(f"padding must be one of {COLBERT_PADDING}, got {padding!r}")
+    masked = padding == "masked"
+    if masked and p_mask is None:
+        raise ValueError('padding="masked" needs the passages\' mask p_mask')
+    n_q, len_q = q_vecs.shape[:2]
+    n_p, len_p = p_vecs.shape[:2]
+    per_pair = max(1, len_q * len_p)
+    if masked:
+        p_step, q_step = _chunk_steps(n_p, n_q, per_pair, max_elements)
+    else:
+        q_step, p_step = _chunk_steps(n_q, n_p, per_pair, max_elements)
+    q_real = q_mask.bool()[:, :, None] if masked else None                  # (Nq, Lq, 1)
+    p_pad = ~p_mask.bool()[None, None] if masked else None                  # (1, 1, Np, Lp)
+    rows = []
+    for q0 in range(0, n_q, q_step):
+        cols = []
+        for p0 in range(0, n_p, p_step):
+            token_scores = torch.einsum("qin,pjn->qipj", q_vecs[q0:q0 + q_step], p_vecs[p0:p0 + p_step])
+            if masked:
+                token_scores = token_scores.masked_fill(p_pad[:, :, p0:p0 + p_step], float("-inf"))
+            best = token_scores.max(dim=-1).values                                  # (q_chunk, Lq, p_chunk)
+            if masked:
+                best = torch.where(q_real[q0:q0 + q_step], best, torch.zeros_like(best))
+            cols.append(best.sum(dim=1))                                            # (q_chunk, p_chunk)
+        rows.append(torch.cat(cols, dim=1))
+    summed = torch.cat(rows, dim=0)
+    return summed / q_mask.sum(dim=-1, keepdim=True).to(summed.dtype).clamp_min(1)
+
+
 @_fp32
 def colbert_scores(q_vecs: torch.Tensor, q_mask: torch.Tensor, p_vecs: torch.Tensor, temperature: float,
                    max_elements: int = COLBERT_MAX_ELEMENTS) -> torch.Tensor:
-    """Late-interaction max-sim `(Nq, Lq, D) × (Np, Lp, D) -> (Nq, Np)`, divided by `N_q` and τ.
-
-    The full token-score tensor has `Nq·Lq·Np·Lp` elements (for 8 queries × 512 tokens against 32
-    passages × 8192 tokens, 4·10⁹ floats). When that exceeds `max_elements` the passages (and, if
-    one passage is still too big, the queries) are processed in chunks. Only the max indices of each
-    chunk are kept for backward, so peak memory is one chunk, in the forward and the backward pass.
-    Padding rows are zero vectors: they count in the max over passage tokens and add 0 to the sum
-    over query tokens (FlagEmbedding's training score, kept for parity: recipe.md §Scores).
-    """
-    q_vecs, p_vecs = q_vecs.float(), p_vecs.float()
-    n_q, len_q = q_vecs.shape[:2]
-    n_p, len_p = p_vecs.shape[:2]
-    per_query_passage = max(1, len_q * len_p)
-    q_step = n_q if n_q * per_query_passage <= max_elements else max(1, max_elements // per_query_passage)
-    p_step = max(1, min(n_p, max_elements // max(1, q_step * per_query_passage)))
-    rows = []
-    for q0 in range(0, n_q, q_step):
-        q_chunk = q_vecs[q0:q0 + q_step]
-        cols = []
-        for p0 in range(0, n_p, p_step):
-            token_scores = torch.einsum("qin,pjn->qipj", q_chunk, p_vecs[p0:p0 + p_step])
-            cols.append(token_scores.max(dim=-1).values.sum(dim=1))      # (q_chunk, p_chunk)
-        rows.append(torch.cat(cols, dim=1))
-    summed = torch.cat(rows, dim=0)
-    num_query_vectors = q_mask.sum(dim=-1, keepdim=True).float()
-    return summed / num_query_vectors / temperature
+    """Training's ColBERT scores `(Nq, Np)`: `colbert_maxsim` with the padding kept, in fp32, / τ."""
+    return colbert_maxsim(q_vecs.float(), q_mask, p_vecs.float(), padding="kept",
+                          max_elements=max_elements) / temperature
 
 
-def ensemble_scores(dense: torch.Tensor, sparse: torch.Tensor, colbert: torch.Tensor,
-                    weights: tuple[float, float, float] = ENSEMBLE_WEIGHTS) -> torch.Tensor:
-    """`S_ens = w_dense·S_dense + w_lex·S_lex + w_mul·S_mul` (all the same shape)."""
+def ensemble_scores(dense, sparse=None, colbert=None,
+                    weights: Sequence[float] = ENSEMBLE_WEIGHTS):
+    """`S_ens = w_dense·S_dense + w_lex·S_lex + w_mul·S_mul`, summed in that order over the heads
+    given (a head that is None is left out). Tensors of one shape, or plain numbers (one pair)."""
     w_dense, w_lex, w_mul = weights
-    return w_dense * dense + w_lex * sparse + w_mul * colbert
+    total = w_dense * dense
+    if sparse is not None:
+        total = total + w_lex * sparse
+    if colbert is not None:
+        total = total + w_mul * colbert
+    return total
 
 
 def score(q: M3Reps, p: M3Reps, temperature: float, *,

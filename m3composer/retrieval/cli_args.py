@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from m3composer.model.scores import HEADS
-from m3composer.retrieval.search import DEFAULT_WEIGHTS
+from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS
 
 
 def parse_weights(text: str) -> tuple[float, float, float]:
@@ -48,5 +47,5 @@ def add_encoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--query-max-len", type=int, default=64)
     parser.add_argument("--passage-max-len", type=int, default=512)
-    parser.add_argument("--weights", type=parse_weights, default=DEFAULT_WEIGHTS,
+    parser.add_argument("--weights", type=parse_weights, default=INFERENCE_ENSEMBLE_WEIGHTS,
                         help="ensemble weights dense,sparse,colbert (default: 0.4,0.2,0.4)")

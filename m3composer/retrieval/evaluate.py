@@ -19,18 +19,18 @@ from typing import Optional, Sequence
 
 from m3composer.fsutil import write_json_atomic
 from m3composer.model.inference import heads_in_folder, load_model_for_inference, unwrap_m3
-from m3composer.model.scores import HEADS, SCORE_NAMES
+from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES
 from m3composer.retrieval.beir import EvalSet, load_eval_set
 from m3composer.retrieval.cli_args import add_encoding_arguments, instructions_from_args, parse_heads
 from m3composer.retrieval.metrics import mean_metrics, metric_names, per_query_metrics
-from m3composer.retrieval.search import DEFAULT_WEIGHTS, rank_corpus
+from m3composer.retrieval.search import rank_corpus
 
 DEFAULT_K_VALUES = (1, 10)
 
 
 def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instruction: Optional[str] = None,
                    passage_instruction: Optional[str] = None, batch_size: int = 32, query_max_len: int = 64,
-                   passage_max_len: int = 512, weights: Sequence[float] = DEFAULT_WEIGHTS,
+                   passage_max_len: int = 512, weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS,
                    heads: Sequence[str] = HEADS, k_values: Sequence[int] = DEFAULT_K_VALUES,
                    progress: bool = False, per_query: bool = False) -> dict:
     """Metrics per head and for the ensemble on `eval_set`.

@@ -27,10 +27,11 @@ A row with fewer than N candidates left keeps what is left (maybe none) and is c
 summary; no row is dropped. Bad lines stop the run with `file:line: reason` (the checks of
 `m3c convert`); the output is written to a temporary name and renamed.
 
-Search: dense uses faiss (`IndexFlatIP`, exact, up to `HNSW_MIN_POOL` passages; above it
-`IndexHNSWFlat`, approximate, M = 32, efSearch = max(128, 2k)); sparse, ColBERT and the ensemble
-use the exact streamed engine of `search.py` (brute force: every query against every passage, the
-pool encoded once; cost in BENCHMARKS.md §Mining).
+Search: dense uses faiss (`mining.faiss_top_k`: `IndexFlatIP`, exact, up to `HNSW_MIN_POOL`
+passages; above it `IndexHNSWFlat`, approximate); sparse, ColBERT and the ensemble use the exact
+streamed engine of `search.py` (brute force: every query against every passage, the pool encoded
+once; cost in BENCHMARKS.md §Mining). Steps 3-5 are `mining.select_negatives`, the rule
+NegativeRefresh uses too; this module is the command around it.
 """
 from __future__ import annotations
 
@@ -48,16 +49,11 @@ import numpy as np
 from m3composer.data.negatives import parse_rank_range
 from m3composer.fsutil import atomic_file
 from m3composer.model.inference import heads_in_folder, load_model_for_inference, unwrap_m3
-from m3composer.model.scores import HEADS
+from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES
 from m3composer.retrieval.beir import load_corpus_texts
 from m3composer.retrieval.cli_args import add_encoding_arguments, instructions_from_args
-from m3composer.retrieval.search import DEFAULT_WEIGHTS, encode_dense, search_top_k
-from m3composer.retrieval.teacher import colbert_match, lexical_match
-
-MINE_HEADS = HEADS + ("ensemble",)
-INDEXES = ("auto", "flat", "hnsw")
-HNSW_MIN_POOL = 1_000_000     # flat search of 10k queries over 1M e5-small vectors is ~1 min on 2 cores
-HNSW_M = 32
+from m3composer.retrieval.mining import HNSW_MIN_POOL, INDEXES, faiss_top_k, pair_score, select_negatives
+from m3composer.retrieval.search import encode_dense, search_top_k
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -94,78 +90,20 @@ def input_pool(rows: Sequence[MineRow]) -> list[str]:
     return list(dict.fromkeys(t for r in rows for t in r.pos + r.neg))
 
 
-def pair_score(query: dict, passage: dict, head: str, weights: Sequence[float] = DEFAULT_WEIGHTS) -> float:
-    """One (query, passage) score of `head`, from `M3Model.encode_texts` items (search.py's scores)."""
-    dense = float(np.dot(query["dense_vecs"], passage["dense_vecs"]))
-    if head == "dense":
-        return dense
-    sparse = lexical_match(query["lexical_weights"], passage["lexical_weights"]) if head != "colbert" else 0.0
-    colbert = colbert_match(query["colbert_vecs"], passage["colbert_vecs"]) if head != "sparse" else 0.0
-    if head == "sparse":
-        return sparse
-    if head == "colbert":
-        return colbert
-    w_dense, w_sparse, w_colbert = weights
-    return w_dense * dense + w_sparse * sparse + w_colbert * colbert
-
-
-def faiss_top_k(queries: np.ndarray, pool: np.ndarray, k: int, index: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """`(scores, indices)` of the `k` best inner products per query with faiss (module doc)."""
-    import faiss
-
-    if index == "auto":
-        index = "hnsw" if len(pool) >= HNSW_MIN_POOL else "flat"
-    if index == "flat":
-        searcher = faiss.IndexFlatIP(pool.shape[1])
-    else:
-        searcher = faiss.IndexHNSWFlat(pool.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        searcher.hnsw.efSearch = max(128, 2 * k)
-    searcher.add(np.ascontiguousarray(pool, dtype=np.float32))
-    scores, indices = searcher.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    return scores, indices
-
-
-def select_negatives(top_indices: Sequence[int], top_scores: Sequence[float], excluded: set[int] | frozenset,
-                     rank_range: tuple[int, int], negatives: int, rng: np.random.Generator,
-                     positive_score: Optional[float] = None, *, max_score_ratio: Optional[float] = None,
-                     margin: Optional[float] = None) -> tuple[list[tuple[int, float]], int]:
-    """Steps 3-5 of the module doc for one query: `(chosen (pool index, score) in rank order,
-    candidates dropped by the score filter)`.
-
-    `top_indices`/`top_scores` are the query's best candidates, best first (faiss's -1 padding is
-    skipped); `excluded` pool indices do not count as ranks; ranks `rank_range` (1-based,
-    inclusive) are kept unless above `max_score_ratio · positive_score` or `positive_score −
-    margin`; then `negatives` of them are drawn with `rng`, without replacement. Also what
-    `NegativeRefresh` uses on a training set's own pool.
-    """
-    first, last = rank_range
-    candidates = [(int(c), float(s)) for c, s in zip(top_indices, top_scores)
-                  if c >= 0 and int(c) not in excluded][first - 1:last]
-    dropped = 0
-    if positive_score is not None and (max_score_ratio is not None or margin is not None):
-        limits = [positive_score * max_score_ratio] if max_score_ratio is not None else []
-        limits += [positive_score - margin] if margin is not None else []
-        limit = min(limits)
-        kept = [(c, s) for c, s in candidates if s <= limit]
-        dropped, candidates = len(candidates) - len(kept), kept
-    chosen = sorted(rng.choice(len(candidates), size=min(negatives, len(candidates)), replace=False).tolist())
-    return [candidates[j] for j in chosen], dropped
-
-
 def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *, head: str = "dense",
          rank_range: tuple[int, int] = (10, 100), negatives: int = 7, corpus: Optional[str | os.PathLike] = None,
          max_score_ratio: Optional[float] = None, margin: Optional[float] = None,
          exclude_positives_of_query: bool = False, with_scores: bool = False, scale: float = 1.0,
          index: str = "auto", seed: int = 42, batch_size: int = 32, query_instruction: Optional[str] = None,
          passage_instruction: Optional[str] = None, query_max_len: int = 64, passage_max_len: int = 512,
-         weights: Sequence[float] = DEFAULT_WEIGHTS, progress: bool = True) -> dict:
+         weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS, progress: bool = True) -> dict:
     """Write `output_path` = `input_path` with mined `neg` (module doc); returns the summary counts.
 
     `model` is an `M3Model` (or a wrapper). Instructions default (None) to the model's recorded
     ones; "" means none.
     """
-    if head not in MINE_HEADS:
-        raise ValueError(f"head must be one of {MINE_HEADS}, got {head!r}")
+    if head not in SCORE_NAMES:
+        raise ValueError(f"head must be one of {SCORE_NAMES}, got {head!r}")
     if index not in INDEXES:
         raise ValueError(f"index must be one of {INDEXES}, got {index!r}")
     if negatives < 0:
@@ -275,7 +213,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default=None,
                         help="candidate pool: a BEIR folder or a JSONL of {title?, text} (default: the input's "
                              "positives and negatives, deduplicated)")
-    parser.add_argument("--head", choices=MINE_HEADS, default="dense", help="the score that ranks (default: dense)")
+    parser.add_argument("--head", choices=SCORE_NAMES, default="dense", help="the score that ranks (default: dense)")
     parser.add_argument("--range", dest="rank_range", type=parse_range, default=(10, 100),
                         help="ranks to sample from, 1-based and inclusive, after removing the positives (default 10-100)")
     parser.add_argument("--negatives", type=int, default=7, help="negatives per row (default 7)")

@@ -4,7 +4,7 @@
 The sequences are the shards' token ids, prefixed and truncated as the collator does
 (`collate.with_prefix`), so the model ranks exactly what it trains on. Scores are `m3c mine`'s
 (BGE-M3's inference scores, no temperature: `search.py`'s definitions), and so is the selection
-(`mine.select_negatives`: ranks after excluding the row's positives and its own query text, the
+(`mining.select_negatives`: ranks after excluding the row's positives and its own query text, the
 positive-aware filter, a seeded draw); only the pool differs (the row's stream, see
 data/negatives.py). Two ways of sharing the work, by head:
 
@@ -33,13 +33,13 @@ import torch
 from composer.utils import dist
 
 from m3composer.data.negatives import TrainingPool
-from m3composer.data.plan import ROW_STREAM
 from m3composer.model.inference import unwrap_m3
+from m3composer.model.scores import INFERENCE_ENSEMBLE_WEIGHTS, colbert_maxsim, ensemble_scores
 from m3composer.padding import right_pad
-from m3composer.retrieval.mine import faiss_top_k, select_negatives
-from m3composer.retrieval.search import DEFAULT_WEIGHTS, RunningTopK, colbert_maxsim, inference_mode, merge_top_k
+from m3composer.retrieval.mining import faiss_top_k, select_negatives
+from m3composer.retrieval.search import RunningTopK, inference_mode, merge_top_k
+from m3composer.seeds import REFRESH_STREAM
 
-REFRESH_STREAM = ROW_STREAM + 1     # the draw's purpose tag, after the plan's (1) and the rows' (2)
 QUERY_CHUNK = 8192                  # rows whose query representations are held at once (sharded-pool heads)
 
 
@@ -88,7 +88,7 @@ def encode_token_ids(model, sequences: Sequence[np.ndarray], pad_id: int, batch_
 
 def _select(pool: TrainingPool, row: int, top_indices, top_scores, positive_score, *, rank_range, negatives, seed,
             version, max_score_ratio, margin) -> tuple[list[int], int]:
-    """`mine.select_negatives` for pool row `row`, seeded by (seed, refresh, version, row id)."""
+    """`mining.select_negatives` for pool row `row`, seeded by (seed, REFRESH_STREAM, version, row id)."""
     rng = np.random.default_rng([seed, REFRESH_STREAM, version, int(pool.row_ids[row])])
     picked, dropped = select_negatives(top_indices, top_scores, pool.excluded[row], rank_range, negatives, rng,
                                        positive_score, max_score_ratio=max_score_ratio, margin=margin)
@@ -193,7 +193,7 @@ def gather_query_reps(model, sequences: Sequence[np.ndarray], pad_id: int, batch
                      full["colbert_mask"].bool() if "colbert_mask" in full else None)
 
 
-def head_scores(head: str, q: QueryReps, reps, weights: Sequence[float] = DEFAULT_WEIGHTS) -> torch.Tensor:
+def head_scores(head: str, q: QueryReps, reps, weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS) -> torch.Tensor:
     """`(queries, passages)` inference scores of `head` (search.py's definitions) between gathered
     queries and an encoded passage batch `reps` (M3Reps)."""
     with_sparse, with_colbert = _uses(head)
@@ -202,16 +202,16 @@ def head_scores(head: str, q: QueryReps, reps, weights: Sequence[float] = DEFAUL
         columns = reps.sparse.float()[:, q.sparse_ids]                               # (b, n, W)
         parts["sparse"] = torch.einsum("bnw,nw->nb", columns, q.sparse_weights)
     if with_colbert:
-        parts["colbert"] = colbert_maxsim(q.colbert, q.colbert_mask, reps.colbert.float(), reps.colbert_mask.bool())
+        parts["colbert"] = colbert_maxsim(q.colbert, q.colbert_mask, reps.colbert.float(), reps.colbert_mask.bool(),
+                                          padding="masked")
     if head != "ensemble":
         return parts[head]
-    w_dense, w_sparse, w_colbert = weights
-    return w_dense * parts["dense"] + w_sparse * parts["sparse"] + w_colbert * parts["colbert"]
+    return ensemble_scores(parts["dense"], parts["sparse"], parts["colbert"], weights)
 
 
 def sharded_top_k(model, pool: TrainingPool, rows: np.ndarray, query_sequences: Sequence[np.ndarray],
                   passage_sequences: dict[int, np.ndarray], *, head: str, k: int, pad_id: int, batch_size: int,
-                  weights: Sequence[float] = DEFAULT_WEIGHTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For `rows` (pool rows of one stream, the same on every rank) with their prepared queries:
     `(scores (n, k), pool ids (n, k) with -1 padding, lowest positive score (n,))` over the whole
     stream, from every rank's share of it (`passage_sequences`: this rank's pool ids of the stream ->
@@ -254,7 +254,7 @@ def mine_rows_sharded_pool(model, pool: TrainingPool, query_sequences: Sequence[
                            passage_share: dict[int, np.ndarray], *, head: str, rank_range: tuple[int, int],
                            negatives: int, seed: int, version: int, pad_id: int, batch_size: int = 64,
                            max_score_ratio: Optional[float] = None, margin: Optional[float] = None,
-                           query_chunk: int = QUERY_CHUNK, weights: Sequence[float] = DEFAULT_WEIGHTS
+                           query_chunk: int = QUERY_CHUNK, weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS
                            ) -> tuple[np.ndarray, dict]:
     """Sparse, ColBERT or ensemble: `(chosen (rows, negatives) pool ids padded with -1, counts)` for
     every pool row, the same on every rank (module doc). `query_sequences[r]` is row r's prepared

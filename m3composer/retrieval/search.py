@@ -3,19 +3,20 @@
 `search_top_k` (and `rank_corpus`, its rankings as document ids) encodes the queries once, then streams the corpus batch by batch and keeps, per head
 and for the ensemble, only a running top-k `(queries, k)`: never a `(queries, documents)` matrix
 nor the corpus' vectors. Scores are BGE-M3's inference scores (no temperature; docs/recipe.md
-§Scores, §ColBERT max-sim variants):
+§Scores, §ColBERT max-sim variants), with the rules of `model/scores.py`:
 
     dense     <e_q, e_d>
     sparse    Σ over tokens shared by q and d of w_q[t] · w_d[t]  (per-token max weights)
     colbert   mean over the query's vectors of the max inner product with the document's vectors
-              (document padding excluded, unlike training: see `colbert_maxsim`)
-    ensemble  w_dense·dense + w_sparse·sparse + w_colbert·colbert  (BGE-M3's hybrid weights 0.4/0.2/0.4)
+              (`colbert_maxsim` with padding masked: document padding excluded, unlike training)
+    ensemble  w_dense·dense + w_sparse·sparse + w_colbert·colbert  (`ensemble_scores`; BGE-M3's hybrid
+              weights 0.4/0.2/0.4, `INFERENCE_ENSEMBLE_WEIGHTS`)
 
 Ties are broken by corpus order (the lower document index ranks first), so rankings are
 deterministic. Memory: the query side (dense `(Nq, H)`, sparse as a torch sparse matrix over the
 query vocabulary, ColBERT `Nq × Lq × D` floats: about 1.3 GB for 10,000 queries of 32 tokens at
 D = 1024) and one corpus batch (sparse `(batch, V)`, ColBERT `(batch, Lp, D)`). The ColBERT max-sim
-is chunked over queries to stay under `colbert_max_elements` floats per block.
+is chunked to stay under `colbert_max_elements` floats per block.
 """
 from __future__ import annotations
 
@@ -26,12 +27,11 @@ import numpy as np
 import torch
 
 from m3composer.model.inference import unwrap_m3
-from m3composer.model.scores import HEADS
+from m3composer.model.scores import (COLBERT_MAX_ELEMENTS, HEADS, INFERENCE_ENSEMBLE_WEIGHTS, colbert_maxsim,
+                                     ensemble_scores)
 from m3composer.padding import right_pad
 from m3composer.retrieval.beir import EvalSet
 
-DEFAULT_WEIGHTS = (0.4, 0.2, 0.4)     # (dense, sparse, colbert): BGE-M3's README hybrid weights
-COLBERT_BLOCK_ELEMENTS = 2 ** 25      # floats in one (queries × Lq × docs × Lp) max-sim block: 128 MiB
 TOKENIZE_CHUNK = 4096                 # texts tokenised (and length-sorted) at a time on the corpus side
 
 
@@ -91,25 +91,6 @@ class QuerySide:
 
     def __len__(self) -> int:
         return len(self.order)
-
-
-def colbert_maxsim(q_vecs: torch.Tensor, q_mask: torch.Tensor, d_vecs: torch.Tensor, d_mask: torch.Tensor,
-                   max_elements: int = COLBERT_BLOCK_ELEMENTS) -> torch.Tensor:
-    """`(Nq, Lq, D) × (Nd, Ld, D) -> (Nq, Nd)`: mean over each query's vectors of the max over the
-    document's vectors, padding excluded on both sides (BGE-M3's `colbert_score`). Chunked over
-    queries so no block exceeds `max_elements` floats."""
-    n_q, len_q = q_vecs.shape[:2]
-    n_d, len_d = d_vecs.shape[:2]
-    step = max(1, max_elements // max(1, len_q * n_d * len_d))
-    pad = ~d_mask.bool()
-    out = []
-    for s in range(0, n_q, step):
-        tokens = torch.einsum("qin,djn->qidj", q_vecs[s:s + step], d_vecs)
-        best = tokens.masked_fill(pad[None, None], float("-inf")).amax(dim=-1)         # (q, Lq, Nd)
-        mask = q_mask[s:s + step].to(best.dtype)
-        best = torch.where(mask[..., None] > 0, best, torch.zeros_like(best))
-        out.append(best.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1))
-    return torch.cat(out)
 
 
 def merge_top_k(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,8 +160,8 @@ def rank_corpus(model, eval_set: EvalSet, *, top_k: int = 10, **kwargs) -> dict[
 def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenizer=None,
                  query_instruction: Optional[str] = None, passage_instruction: Optional[str] = None,
                  batch_size: int = 32, query_max_len: int = 64, passage_max_len: int = 512,
-                 weights: Sequence[float] = DEFAULT_WEIGHTS, heads: Sequence[str] = HEADS, top_k: int = 10,
-                 progress: bool = True, colbert_max_elements: int = COLBERT_BLOCK_ELEMENTS
+                 weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS, heads: Sequence[str] = HEADS, top_k: int = 10,
+                 progress: bool = True, colbert_max_elements: int = COLBERT_MAX_ELEMENTS
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """`{head: (scores (Nq, k), document indices (Nq, k))}`, rows in query order, best first, for
     each head and the ensemble; `k = min(top_k, len(docs))`.
@@ -196,7 +177,6 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
     if unknown or "dense" not in heads:
         raise ValueError(f"heads must include dense and come from {HEADS}, got {list(heads)}")
     heads = tuple(h for h in HEADS if h in heads)
-    weight_of = dict(zip(HEADS, weights))
     with_ensemble = len(heads) > 1
     device = next(model.parameters()).device
     top_k = min(top_k, len(docs))
@@ -219,10 +199,12 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
                 scores["sparse"] = torch.sparse.mm(q.sparse, d_cols.T.contiguous())
             if "colbert" in heads:
                 d_vecs, d_mask = d.colbert.float(), d.colbert_mask.bool()
-                scores["colbert"] = torch.cat([colbert_maxsim(vecs, mask, d_vecs, d_mask, colbert_max_elements)
+                scores["colbert"] = torch.cat([colbert_maxsim(vecs, mask, d_vecs, d_mask, padding="masked",
+                                                              max_elements=colbert_max_elements)
                                                for vecs, mask in q.colbert_blocks])
             if with_ensemble:
-                scores["ensemble"] = sum(weight_of[h] * scores[h] for h in heads)
+                scores["ensemble"] = ensemble_scores(scores["dense"], scores.get("sparse"), scores.get("colbert"),
+                                                     weights)
             for head, head_scores in scores.items():
                 tops[head].update(head_scores, doc_indices)
             bar.update(len(indices))

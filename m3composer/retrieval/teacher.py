@@ -8,7 +8,7 @@ negative against its query with a model folder as the teacher, and writes the sa
 output is written to a temporary name and renamed, so a failure leaves no partial file. Every
 line is validated as `m3c convert` does; the first bad line stops the run with its file:line.
 
-Scale of the scores: raw BGE-M3 inference scores (no temperature), times `--scale`:
+Scale of the scores: raw BGE-M3 inference scores (no temperature; `mining.pair_score`), times `--scale`:
 
     dense     <e_q, e_p>, the cosine similarity for a normalising model: in [-1, 1]
     ensemble  0.4·dense + 0.2·sparse + 0.4·colbert (sparse is unbounded ≥ 0, ColBERT in [-1, 1])
@@ -27,44 +27,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
-
 from m3composer.fsutil import atomic_file
 from m3composer.model.inference import heads_in_folder, load_model_for_inference, unwrap_m3
-from m3composer.model.scores import HEADS
+from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS
 from m3composer.retrieval.cli_args import add_encoding_arguments, instructions_from_args
-from m3composer.retrieval.search import DEFAULT_WEIGHTS
+from m3composer.retrieval.mining import pair_score
 
 SCORE_KINDS = ("dense", "ensemble")
-
-
-def lexical_match(q_weights: dict, p_weights: dict) -> float:
-    """Σ over tokens in both of `w_q[t] · w_p[t]` (BGE-M3's lexical matching score)."""
-    if len(p_weights) < len(q_weights):
-        q_weights, p_weights = p_weights, q_weights
-    return float(sum(w * p_weights[t] for t, w in q_weights.items() if t in p_weights))
-
-
-def colbert_match(q_vecs: np.ndarray, p_vecs: np.ndarray) -> float:
-    """Mean over the query's vectors of the max inner product with the passage's vectors."""
-    return float((q_vecs @ p_vecs.T).max(axis=1).mean())
-
-
-def pair_scores(query: dict, passages: Sequence[dict], score: str = "dense",
-                weights: Sequence[float] = DEFAULT_WEIGHTS) -> list[float]:
-    """Teacher scores of `passages` against `query`; each item holds one text's `dense_vecs`,
-    `lexical_weights`, `colbert_vecs` as `M3Model.encode_texts` returns them."""
-    if score not in SCORE_KINDS:
-        raise ValueError(f"score must be one of {SCORE_KINDS}, got {score!r}")
-    w_dense, w_sparse, w_colbert = weights
-    out = []
-    for p in passages:
-        value = float(np.dot(query["dense_vecs"], p["dense_vecs"]))
-        if score == "ensemble":
-            value = (w_dense * value + w_sparse * lexical_match(query["lexical_weights"], p["lexical_weights"])
-                     + w_colbert * colbert_match(query["colbert_vecs"], p["colbert_vecs"]))
-        out.append(value)
-    return out
 
 
 def _split(encoded: dict, n: int) -> list[dict]:
@@ -74,7 +43,7 @@ def _split(encoded: dict, n: int) -> list[dict]:
 def score_teacher(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *, score: str = "dense",
                   batch_size: int = 32, query_instruction: Optional[str] = None,
                   passage_instruction: Optional[str] = None, query_max_len: int = 64, passage_max_len: int = 512,
-                  weights: Sequence[float] = DEFAULT_WEIGHTS, scale: float = 1.0, rows_per_chunk: int = 256,
+                  weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS, scale: float = 1.0, rows_per_chunk: int = 256,
                   progress: bool = True) -> dict:
     """Write `output_path` = `input_path` with teacher `pos_scores`/`neg_scores`; returns counts.
 
@@ -111,7 +80,7 @@ def score_teacher(input_path: str | os.PathLike, output_path: str | os.PathLike,
         at = 0
         for (obj, row), q in zip(pending, queries):
             n_pos, n = len(row.pos), len(row.pos) + len(row.neg)
-            values = [v * scale for v in pair_scores(q, passages[at:at + n], score, weights)]
+            values = [pair_score(q, p, score, weights) * scale for p in passages[at:at + n]]
             at += n
             obj["pos_scores"], obj["neg_scores"] = values[:n_pos], values[n_pos:]
             out.write(json.dumps(obj, ensure_ascii=False) + "\n")

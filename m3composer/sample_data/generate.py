@@ -52,6 +52,7 @@ from m3composer.sample_data.sources import (Item, Translation, django_translatio
                                               stdlib_docstrings)
 from m3composer.data.buckets import DEFAULT_EDGES, bucket_for_length
 from m3composer.retrieval.bm25 import BM25, evaluate_bm25_on_beir
+from m3composer.seeds import HOLDOUT_TAG, SUBSAMPLE_TAG
 
 TASK_PYDOC = "pydoc_topics"
 TASK_DOCSTRINGS = "stdlib_docstrings"
@@ -79,7 +80,7 @@ class SampleDataConfig:
 def split_holdout(items: Sequence[Item], fraction: float, seed: int, task: str) -> tuple[list[Item], list[Item]]:
     """(train, held out): a seeded choice of round(fraction * n) items, each list in source order."""
     order = sorted(range(len(items)), key=lambda i: items[i].item_id)
-    random.Random(f"{seed}:{task}:holdout").shuffle(order)
+    random.Random(f"{seed}:{task}:{HOLDOUT_TAG}").shuffle(order)
     held = set(order[:round(fraction * len(items))])
     return ([it for i, it in enumerate(items) if i not in held],
             [it for i, it in enumerate(items) if i in held])
@@ -143,7 +144,7 @@ def subsample(rows: list[dict], limit: int | None, seed: int, task: str) -> list
     """At most `limit` rows, a seeded choice kept in original order."""
     if limit is None or len(rows) <= limit:
         return rows
-    keep = sorted(random.Random(f"{seed}:{task}:rows").sample(range(len(rows)), limit))
+    keep = sorted(random.Random(f"{seed}:{task}:{SUBSAMPLE_TAG}").sample(range(len(rows)), limit))
     return [rows[i] for i in keep]
 
 

@@ -15,7 +15,8 @@ from m3composer.model.m3 import M3Model
 from m3composer.retrieval.beir import EvalSet, load_eval_set
 from m3composer.model.inference import heads_in_folder, unwrap_m3
 from m3composer.retrieval.evaluate import evaluate_model, format_table
-from m3composer.retrieval.search import RunningTopK, colbert_maxsim, rank_corpus
+from m3composer.model.scores import colbert_maxsim
+from m3composer.retrieval.search import RunningTopK, rank_corpus
 from m3composer.retrieval.metrics import mean_metrics
 from tests.ranking import SCORE_TOL, assert_ranked_by, min_neighbour_gap
 

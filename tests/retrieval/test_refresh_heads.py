@@ -20,9 +20,9 @@ import torch
 
 from m3composer.data.negatives import TrainingPool
 from m3composer.model.m3 import M3Model
+from m3composer.model.scores import colbert_maxsim
 from m3composer.padding import right_pad
 from m3composer.retrieval.refresh import mine_rows_sharded_pool, sharded_top_k
-from m3composer.retrieval.search import colbert_maxsim
 from tests.test_distributed import WORLD, gloo_group, spawn_ranks
 
 HEADS = ("sparse", "colbert", "ensemble")

@@ -9,7 +9,8 @@ from m3composer.cli import main
 from m3composer.data.convert import convert
 from m3composer.data.index import read_index
 from m3composer.model.inference import load_model_for_inference
-from m3composer.retrieval.teacher import colbert_match, lexical_match, score_teacher
+from m3composer.retrieval.mining import colbert_match, lexical_match
+from m3composer.retrieval.teacher import score_teacher
 
 ROWS = [
     {"query": "What is the capital of France?", "id": 7, "type": "qa",

@@ -1,0 +1,100 @@
+"""The rules of hard-negative mining, as a library: what `m3c mine` (retrieval/mine.py, the command)
+and NegativeRefresh (retrieval/refresh.py, for callbacks/negative_refresh.py) both call.
+
+- `faiss_top_k`: a dense candidate search with faiss (`IndexFlatIP`, exact, up to `HNSW_MIN_POOL`
+  passages; above it `IndexHNSWFlat`, approximate, M = 32, efSearch = max(128, 2k)).
+- `pair_score`: one (query, passage) score of any head from `M3Model.encode_texts` items, BGE-M3's
+  inference scores (no temperature), with the rules of `model/scores.py`; `m3c score-teacher`
+  scores its pairs with it too.
+- `select_negatives`: which of a query's ranked candidates become its negatives (ranks after the
+  exclusions, the positive-aware filter, a seeded draw; docs/recipe.md §Negative refresh).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from m3composer.model.scores import INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES, colbert_maxsim, ensemble_scores
+
+INDEXES = ("auto", "flat", "hnsw")
+HNSW_MIN_POOL = 1_000_000     # flat search of 10k queries over 1M e5-small vectors is ~1 min on 2 cores
+HNSW_M = 32
+
+
+def faiss_top_k(queries: np.ndarray, pool: np.ndarray, k: int, index: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """`(scores, indices)` of the `k` best inner products per query with faiss (module doc); a
+    query with fewer than `k` results is padded with index -1."""
+    import faiss
+
+    if index == "auto":
+        index = "hnsw" if len(pool) >= HNSW_MIN_POOL else "flat"
+    if index == "flat":
+        searcher = faiss.IndexFlatIP(pool.shape[1])
+    else:
+        searcher = faiss.IndexHNSWFlat(pool.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        searcher.hnsw.efSearch = max(128, 2 * k)
+    searcher.add(np.ascontiguousarray(pool, dtype=np.float32))
+    scores, indices = searcher.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return scores, indices
+
+
+def lexical_match(q_weights: dict, p_weights: dict) -> float:
+    """Σ over tokens in both of `w_q[t] · w_p[t]` (BGE-M3's lexical matching score)."""
+    if len(p_weights) < len(q_weights):
+        q_weights, p_weights = p_weights, q_weights
+    return float(sum(w * p_weights[t] for t, w in q_weights.items() if t in p_weights))
+
+
+def colbert_match(q_vecs: np.ndarray, p_vecs: np.ndarray) -> float:
+    """Mean over the query's vectors of the max inner product with the passage's vectors: one
+    unpadded text each, `colbert_maxsim` of a batch of one."""
+    q, p = torch.as_tensor(q_vecs)[None], torch.as_tensor(p_vecs)[None]
+    return float(colbert_maxsim(q, torch.ones(q.shape[:2]), p, padding="kept")[0, 0])
+
+
+def pair_score(query: dict, passage: dict, head: str,
+               weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS) -> float:
+    """One (query, passage) score of `head` (a name of `SCORE_NAMES`), from `M3Model.encode_texts`
+    items: search.py's scores, one pair at a time."""
+    if head not in SCORE_NAMES:
+        raise ValueError(f"head must be one of {SCORE_NAMES}, got {head!r}")
+    dense = float(np.dot(query["dense_vecs"], passage["dense_vecs"]))
+    if head == "dense":
+        return dense
+    sparse = lexical_match(query["lexical_weights"], passage["lexical_weights"]) if head != "colbert" else None
+    colbert = colbert_match(query["colbert_vecs"], passage["colbert_vecs"]) if head != "sparse" else None
+    if head == "sparse":
+        return sparse
+    if head == "colbert":
+        return colbert
+    return ensemble_scores(dense, sparse, colbert, weights)
+
+
+def select_negatives(top_indices: Sequence[int], top_scores: Sequence[float], excluded: set[int] | frozenset,
+                     rank_range: tuple[int, int], negatives: int, rng: np.random.Generator,
+                     positive_score: Optional[float] = None, *, max_score_ratio: Optional[float] = None,
+                     margin: Optional[float] = None) -> tuple[list[tuple[int, float]], int]:
+    """One query's negatives: `(chosen (pool index, score) in rank order, candidates dropped by the
+    score filter)`.
+
+    `top_indices`/`top_scores` are the query's best candidates, best first (faiss's -1 padding is
+    skipped). The `excluded` pool indices (the row's positives, its own query text, ...) do not
+    count as ranks; the candidates at ranks `rank_range` (1-based, inclusive) are kept unless they
+    score above `max_score_ratio · positive_score` or above `positive_score − margin`
+    (NV-Retriever's positive-aware filter; `positive_score` is the lowest score of the row's
+    positives); then `negatives` of them are drawn with `rng`, uniformly without replacement.
+    """
+    first, last = rank_range
+    candidates = [(int(c), float(s)) for c, s in zip(top_indices, top_scores)
+                  if c >= 0 and int(c) not in excluded][first - 1:last]
+    dropped = 0
+    if positive_score is not None and (max_score_ratio is not None or margin is not None):
+        limits = [positive_score * max_score_ratio] if max_score_ratio is not None else []
+        limits += [positive_score - margin] if margin is not None else []
+        limit = min(limits)
+        kept = [(c, s) for c, s in candidates if s <= limit]
+        dropped, candidates = len(candidates) - len(kept), kept
+    chosen = sorted(rng.choice(len(candidates), size=min(negatives, len(candidates)), replace=False).tolist())
+    return [candidates[j] for j in chosen], dropped

@@ -225,7 +225,7 @@ class OptimizerConfig:
     new_head_lr_multiplier: float = setting(10.0, (
         "learning rate of heads the model folder did not have, as a multiple of `optimizer.lr` (fresh heads "
         "start far from where they need to be; a trained BGE-M3 folder's heads keep `lr`; the `idf`-fitted "
-        "sparse head trains at it too: 1× was measured no better, README §Every head learns)"))
+        "sparse head trains at it too: 1× was measured no better, docs/recipe.md §A fresh sparse head)"))
 
 
 @dataclass

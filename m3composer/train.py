@@ -34,10 +34,11 @@ from m3composer.callbacks.model_card import training_facts
 from m3composer.callbacks.preemption import Preemption, preempted
 from m3composer.callbacks.step_seed import StepSeed
 from m3composer.config import (AUTO, LOGGER_PACKAGES, LOGGERS, ConfigError, LossConfig, NegativeRefreshConfig,
-                               TrainConfig, default_settings, load_config, to_dict)
+                               TrainConfig, default_settings, load_config, refresh_interval_epochs, to_dict)
 from m3composer.data.collate import make_data_spec
 from m3composer.data.dataset import M3TrainDataset
 from m3composer.data.index import is_remote
+from m3composer.data.negatives import parse_rank_range
 from m3composer.model.composer_model import ComposerM3
 from m3composer.model.folder_config import CONFIG_FILE, M3FolderConfig
 from m3composer.model.gradcache import GradientCacheBudget
@@ -250,8 +251,6 @@ def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: ModelDefaults, run_f
 
 def negative_refresh_settings(refresh: NegativeRefreshConfig, seed: int) -> dict:
     """NegativeRefresh's settings from the `callbacks.negative_refresh` section and the run's seed."""
-    from m3composer.config import refresh_interval_epochs
-    from m3composer.data.negatives import parse_rank_range
     return {"interval_epochs": refresh_interval_epochs(refresh.interval), "head": refresh.head,
             "rank_range": parse_rank_range(refresh.range), "negatives": refresh.negatives,
             "max_score_ratio": refresh.max_score_ratio, "margin": refresh.margin, "batch_size": refresh.batch_size,

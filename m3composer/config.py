@@ -51,9 +51,9 @@ def setting(default: Any = MISSING, doc: str = "", *, factory: Optional[Callable
     return field(default=default, metadata=metadata)
 
 
-def section(cls: type, doc: str = "") -> Any:
-    """A nested section, documented by its class docstring (and `doc`, what the parent says of it)."""
-    return field(default_factory=cls, metadata={"doc": doc, "choices": ()})
+def section(cls: type) -> Any:
+    """A nested section, always present; its class docstring documents it."""
+    return field(default_factory=cls)
 
 
 @dataclass

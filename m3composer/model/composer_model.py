@@ -119,7 +119,7 @@ class ComposerM3(ComposerModel):
         if model.score_temperature(temperature) != temperature:
             log.warning("model does not normalise its vectors: temperature %s forced to %s (as the recipe)",
                         temperature, model.score_temperature(temperature))
-            temperature = model.score_temperature(temperature)
+        temperature = model.score_temperature(temperature)
         self.model = model
         self.temperature = temperature
         self.unified_finetuning = unified_finetuning

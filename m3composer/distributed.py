@@ -78,7 +78,7 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def gather_for_negatives(x: torch.Tensor, cross_rank_grad_scale: str = "parity") -> torch.Tensor:
+def gather_for_negatives(x: torch.Tensor, cross_rank_grad_scale: str) -> torch.Tensor:
     """Gather `x` for cross-rank negatives under the named gradient convention (see module doc)."""
     if cross_rank_grad_scale == "parity":
         return gather_local_grad(x)

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -26,28 +26,30 @@ from composer.optim import LinearWithWarmupScheduler
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
-from m3composer import checkpoints, distributed
+from m3composer import checkpoints, distributed, optim
 from m3composer.algorithms import FreezePositionEmbeddings, SelfDistillWarmup
 from m3composer.callbacks.data_refresh import DataRefresh
 from m3composer.callbacks.export import ExportModel, export_model
+from m3composer.callbacks.model_card import training_facts
 from m3composer.callbacks.preemption import Preemption, preempted
 from m3composer.callbacks.step_seed import StepSeed
-from m3composer.config import AUTO, LOGGER_PACKAGES, LOGGERS, ConfigError, TrainConfig, load_config, to_dict
+from m3composer.config import (AUTO, LOGGER_PACKAGES, LOGGERS, ConfigError, LossConfig, NegativeRefreshConfig,
+                               TrainConfig, default_settings, load_config, refresh_interval_epochs, to_dict)
 from m3composer.data.collate import make_data_spec
 from m3composer.data.dataset import M3TrainDataset
 from m3composer.data.index import is_remote
+from m3composer.data.negatives import parse_rank_range
 from m3composer.model.composer_model import ComposerM3
 from m3composer.model.folder_config import CONFIG_FILE, M3FolderConfig
 from m3composer.model.gradcache import GradientCacheBudget
-from m3composer.model.heads import init_sparse_as_lexical_overlap
-from m3composer.model.inference import unwrap_m3
+from m3composer.model.heads import init_fresh_sparse_head, needs_sparse_fit
 from m3composer.model.m3 import M3Model
 from m3composer.model.sparse_fit import fit_sparse_head_to_idf
 
 log = logging.getLogger("m3composer.train")
 
-# transformers' own rule: no weight decay on biases and LayerNorm weights (docs/recipe.md §Optimizer and schedule).
-NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight")
+# `loss` keys that the self-distillation Algorithm reads (build_algorithms); ComposerM3 takes the others.
+SELF_DISTILL_SCHEDULE = ("self_distill_start_step", "self_distill_mode")
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -100,17 +102,21 @@ def build_model(cfg: TrainConfig, model_dir: Path, chosen: ModelDefaults) -> Com
     if m3.fresh_heads:
         init_new_heads(cfg, m3)
     m3.train()
-    loss = cfg.loss
+    return ComposerM3(m3, **composer_model_settings(cfg))
+
+
+def composer_model_settings(cfg: TrainConfig) -> dict:
+    """ComposerM3's settings: the `loss` section (less the self-distillation schedule, which is
+    SelfDistillWarmup's), the group size every batch is checked against, and how the encoder runs."""
     cache = cfg.model.gradient_cache
-    budget = GradientCacheBudget(cache.max_sequences, cache.max_tokens) if cache.enabled else None
-    return ComposerM3(m3, temperature=loss.temperature, unified_finetuning=loss.unified_finetuning,
-                      use_self_distill=loss.use_self_distill, negatives_cross_device=loss.negatives_cross_device,
-                      negatives_cross_device_heads=loss.negatives_cross_device_heads,
-                      cross_rank_grad_scale=loss.cross_rank_grad_scale, train_group_size=cfg.data.train_group_size,
-                      bidirectional_parallel=loss.bidirectional_parallel,
-                      knowledge_distillation=loss.knowledge_distillation,
-                      gradient_checkpointing=cfg.model.gradient_checkpointing, gradient_cache=budget,
-                      mask_false_negatives=loss.mask_false_negatives)
+    return {**loss_settings(cfg.loss), "train_group_size": cfg.data.train_group_size,
+            "gradient_checkpointing": cfg.model.gradient_checkpointing,
+            "gradient_cache": GradientCacheBudget(cache.max_sequences, cache.max_tokens) if cache.enabled else None}
+
+
+def loss_settings(loss: LossConfig) -> dict:
+    """The `loss` keys ComposerM3 takes, by name."""
+    return {key: value for key, value in asdict(loss).items() if key not in SELF_DISTILL_SCHEDULE}
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -148,17 +154,11 @@ def apply_object_store_settings(cfg: TrainConfig) -> None:
 
 
 # ------------------------------------------------------------------------------ optimisation
-def _temperature(cfg: TrainConfig, m3: M3Model) -> float:
-    return cfg.loss.temperature if m3.normalize else 1.0     # ComposerM3 forces τ = 1 otherwise
-
-
 def init_new_heads(cfg: TrainConfig, m3: M3Model) -> None:
-    """Initialise heads the model folder did not have as `model.new_sparse_head_init` says, and
-    record how in `m3.head_init` (saved in the export's m3composer.json). `idf` starts here as
-    lexical overlap (its special case with every idf equal) and is fitted by `fit_new_sparse_head`
-    once the training data is open."""
-    if cfg.model.new_sparse_head_init in ("lexical_overlap", "idf"):
-        init_sparse_as_lexical_overlap(m3.sparse_linear, _temperature(cfg, m3))
+    """Initialise heads the model folder did not have as `model.new_sparse_head_init` says
+    (model/heads.py), and record how in `m3.head_init` (saved in the export's m3composer.json);
+    an `idf` head is fitted by `fit_new_sparse_head` once the training data is open."""
+    init_fresh_sparse_head(m3.sparse_linear, cfg.model.new_sparse_head_init, m3.score_temperature(cfg.loss.temperature))
     m3.head_init = {"sparse": cfg.model.new_sparse_head_init, "colbert": "default",
                     "new_head_lr_multiplier": cfg.optimizer.new_head_lr_multiplier}
 
@@ -167,13 +167,13 @@ def fit_new_sparse_head(cfg: TrainConfig, m3: M3Model, dataset: M3TrainDataset, 
     """`model.new_sparse_head_init: idf` on a fresh head: fit it to idf-weighted overlap on a sample
     of the training data (model/sparse_fit.py); the fit's facts go into `head_init`. Every rank fits
     the same rows, encoding 1/W of them; on a GPU node on this rank's GPU. None when nothing was fitted."""
-    if not m3.fresh_heads or cfg.model.new_sparse_head_init != "idf":
+    if not m3.fresh_heads or not needs_sparse_fit(cfg.model.new_sparse_head_init):
         return None
     passages, queries = dataset.head_fit_sample(cfg.model.sparse_init_passages)
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     m3.to(device)
     try:
-        facts = fit_sparse_head_to_idf(m3, passages, queries, temperature=_temperature(cfg, m3),
+        facts = fit_sparse_head_to_idf(m3, passages, queries, temperature=m3.score_temperature(cfg.loss.temperature),
                                        pad_id=dataset.token_spec.pad_id)
     finally:
         m3.to("cpu")
@@ -185,29 +185,10 @@ def fit_new_sparse_head(cfg: TrainConfig, m3: M3Model, dataset: M3TrainDataset, 
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no decay on biases and LayerNorm weights; heads the model
-    folder did not have (an idf-fitted sparse head included: 1× measured no better, recipe.md §A fresh
-    sparse head) at `lr × optimizer.new_head_lr_multiplier`."""
+    """AdamW as the recipe's optimizer policy says (m3composer/optim.py), with the `optimizer` section."""
     o = cfg.optimizer
-    m3 = unwrap_m3(model)
-    head_ids = set()
-    if m3.fresh_heads and o.new_head_lr_multiplier != 1.0:
-        head_ids = {id(p) for p in (*m3.sparse_linear.parameters(), *m3.colbert_linear.parameters())}
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-    def decay_groups(named: list, lr: float) -> list[dict]:
-        no_decay = [any(m in name for m in NO_DECAY_MARKERS) for name, _ in named]
-        return [{"params": [p for (_, p), nd in zip(named, no_decay) if not nd],
-                 "weight_decay": o.weight_decay, "lr": lr},
-                {"params": [p for (_, p), nd in zip(named, no_decay) if nd], "weight_decay": 0.0, "lr": lr}]
-
-    groups = decay_groups([(n, p) for n, p in trainable if id(p) not in head_ids], o.lr)
-    heads = [(n, p) for n, p in trainable if id(p) in head_ids]
-    if heads:
-        groups += decay_groups(heads, o.lr * o.new_head_lr_multiplier)
-    # fused: one kernel over all tensors (CPU and CUDA), same update rule as the default per-tensor
-    # loop and several times faster on CPU (BENCHMARKS.md §Training, "What was changed").
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
+    return optim.adamw(model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
+                       new_head_lr_multiplier=o.new_head_lr_multiplier)
 
 
 def build_scheduler(cfg: TrainConfig) -> LinearWithWarmupScheduler:
@@ -230,30 +211,11 @@ def build_algorithms(cfg: TrainConfig) -> list:
     return algorithms
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def recipe_changes(cfg: TrainConfig) -> dict:
-    """`{dotted key: value}` of every config key whose value differs from the schema's default."""
-    from omegaconf import OmegaConf
-    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False))
-    return {key: value for key, value in _flatten(to_dict(cfg)).items()
-            if key not in defaults or defaults[key] != value}
-
-
 def card_facts(cfg: TrainConfig, dataset: M3TrainDataset) -> dict:
     """What the export's model card says about the run beyond the state (callbacks/model_card.py)."""
-    from m3composer.callbacks.model_card import data_summary
-    return {"run_name": cfg.run_name, "base_model": cfg.model.name_or_path,
-            "data": data_summary(cfg.data.train_data, dataset.streams),
-            "recipe_changes": recipe_changes(cfg), "eval_data": cfg.callbacks.eval_data}
+    return training_facts(run_name=cfg.run_name, base_model=cfg.model.name_or_path, train_data=cfg.data.train_data,
+                          streams=dataset.streams, settings=to_dict(cfg), defaults=default_settings(),
+                          eval_data=cfg.callbacks.eval_data)
 
 
 def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: ModelDefaults, run_facts: Optional[dict] = None) -> list:
@@ -263,13 +225,7 @@ def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: ModelDefaults, run_f
     callbacks = [StepSeed(), DataRefresh(cfg.trainer.train_subset_num_batches), SpeedMonitor(window_size=c.speed_window), LRMonitor(), Plots(cfg.run_dir)]
     if c.negative_refresh is not None:
         from m3composer.callbacks.negative_refresh import NegativeRefresh
-        from m3composer.config import refresh_interval_epochs
-        from m3composer.data.negatives import parse_rank_range
-        r = c.negative_refresh
-        callbacks.append(NegativeRefresh(
-            negatives_dir(cfg), interval_epochs=refresh_interval_epochs(r.interval), head=r.head,
-            rank_range=parse_rank_range(r.range), negatives=r.negatives, max_score_ratio=r.max_score_ratio,
-            margin=r.margin, batch_size=r.batch_size, seed=cfg.seed))
+        callbacks.append(NegativeRefresh(negatives_dir(cfg), **negative_refresh_settings(c.negative_refresh, cfg.seed)))
     if c.loss_log:
         from m3composer.callbacks.loss_log import LossLog
         callbacks.append(LossLog(c.loss_log))
@@ -291,6 +247,14 @@ def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: ModelDefaults, run_f
         # After every other callback (ExportModel too), so their BATCH_END still sees the run's own max_duration.
         callbacks.append(Preemption())
     return callbacks
+
+
+def negative_refresh_settings(refresh: NegativeRefreshConfig, seed: int) -> dict:
+    """NegativeRefresh's settings from the `callbacks.negative_refresh` section and the run's seed."""
+    return {"interval_epochs": refresh_interval_epochs(refresh.interval), "head": refresh.head,
+            "rank_range": parse_rank_range(refresh.range), "negatives": refresh.negatives,
+            "max_score_ratio": refresh.max_score_ratio, "margin": refresh.margin, "batch_size": refresh.batch_size,
+            "seed": seed}
 
 
 def build_loggers(cfg: TrainConfig) -> list:

@@ -143,11 +143,14 @@ def train_steps(ds, model_dir: str, steps: int, num_workers: int = 0):
     import torch
     from torch.utils.data import DataLoader
 
+    from m3composer.config import LossConfig
     from m3composer.model.composer_model import ComposerM3
     from m3composer.model.m3 import M3Model
+    from m3composer.train import loss_settings
 
     torch.manual_seed(0)
-    model = ComposerM3(M3Model.from_pretrained(model_dir))
+    model = ComposerM3(M3Model.from_pretrained(model_dir), **loss_settings(LossConfig()), gradient_checkpointing=False,
+                       gradient_cache=None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)     # as train.build_optimizer
     waits, computes = [], []
     source = DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=False) if num_workers else ds

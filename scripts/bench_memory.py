@@ -113,12 +113,14 @@ def make_batch(batch_size: int, group_size: int, length: int, vocab: int, device
 def build_composer_model(args, cached: bool):
     import torch
 
+    from m3composer.config import LossConfig
     from m3composer.model.composer_model import ComposerM3
     from m3composer.model.gradcache import GradientCacheBudget
+    from m3composer.train import loss_settings
     m3 = build_model(args.model, args.length)
     budget = GradientCacheBudget(args.cache_sequences, args.cache_tokens) if cached else None
-    model = ComposerM3(m3, use_self_distill=True, gradient_checkpointing=not args.no_checkpointing, gradient_cache=budget,
-                       train_group_size=args.group_size).train()
+    model = ComposerM3(m3, **loss_settings(LossConfig(use_self_distill=True)), gradient_checkpointing=not args.no_checkpointing,
+                       gradient_cache=budget, train_group_size=args.group_size).train()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)

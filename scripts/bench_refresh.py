@@ -18,10 +18,12 @@ import time
 
 from m3composer.assets.build import resolve_model_dir
 from m3composer.callbacks.negative_refresh import NegativeRefresh
+from m3composer.config import NegativeRefreshConfig, default_settings
 from m3composer.data.dataset import M3TrainDataset
 from m3composer.model.scores import SCORE_NAMES as REFRESH_HEADS
 from m3composer.model.m3 import M3Model
 from m3composer.testing.settings import dataset_settings
+from m3composer.train import negative_refresh_settings
 
 
 def peak_rss_mib() -> float:
@@ -53,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     for version, head in enumerate(heads, start=1):
         before = peak_rss_mib()
         started = time.perf_counter()
-        meta = NegativeRefresh(out, head=head, batch_size=args.batch_size).run(model, dataset, version=version,
-                                                                            from_epoch=version)
+        settings = {**negative_refresh_settings(NegativeRefreshConfig(), default_settings()["seed"]),
+                    "head": head, "batch_size": args.batch_size}
+        meta = NegativeRefresh(out, **settings).run(model, dataset, version=version, from_epoch=version)
         seconds = time.perf_counter() - started
         rows, pool = meta["rows"], meta["pool_passages"]
         print(json.dumps({"head": head, "rows": rows, "pool_passages": pool, "seconds": meta["seconds"],

@@ -26,7 +26,8 @@ import torch.multiprocessing as mp
 from m3composer import distributed
 from m3composer.model.composer_model import ComposerM3
 from tests import bounded
-from tests.model.conftest import RECIPE_PASSAGE_IDS, RECIPE_QUERY_IDS, RECIPE_TEACHER, build_recipe_model, recipe_batch
+from tests.model.conftest import (RECIPE_PASSAGE_IDS, RECIPE_QUERY_IDS, RECIPE_TEACHER, build_recipe_model, model_settings,
+                                  recipe_batch)
 
 WORLD = 2
 ALL_HEADS = dict(unified_finetuning=True, use_self_distill=True, knowledge_distillation=True,
@@ -92,7 +93,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     with gloo_group(rank, port):
         results = {}
         for name, kwargs in MODES:
-            model = ComposerM3(build_recipe_model(), negatives_cross_device=True, **kwargs).train()
+            model = ComposerM3(build_recipe_model(), **model_settings(negatives_cross_device=True, **kwargs)).train()
             ddp = torch.nn.parallel.DistributedDataParallel(model)
             batch = rank_batch(rank, masked=name.endswith("masked"))
             if name.startswith("all_heads"):
@@ -168,7 +169,7 @@ def two_rank_results(tmp_path_factory):
 
 
 def one_process(masked: bool = False, **kwargs) -> tuple[dict, dict]:
-    model = ComposerM3(build_recipe_model(), **kwargs).train()
+    model = ComposerM3(build_recipe_model(), **model_settings(**kwargs)).train()
     batch = recipe_batch()
     if masked:
         batch["passage_hashes"] = torch.tensor(MASKED_PASSAGE_HASHES)
@@ -184,7 +185,7 @@ NO_PROCESS_GROUP_CHECK = """
 import pytest, torch, torch.distributed as dist
 from m3composer import distributed
 from m3composer.model.composer_model import ComposerM3
-from tests.model.conftest import build_recipe_model, recipe_batch
+from tests.model.conftest import build_recipe_model, model_settings, recipe_batch
 assert not dist.is_initialized()
 x = torch.randn(3, 2)
 assert distributed.world_size() == 1 and distributed.rank() == 0 and not distributed.is_distributed()
@@ -193,7 +194,7 @@ for gather in (distributed.gather_with_grad, distributed.gather_local_grad, dist
 with pytest.raises(ValueError, match="cross_rank_grad_scale"):
     distributed.gather_for_negatives(x, "sum")
 def total(**kwargs):
-    model = ComposerM3(build_recipe_model(), unified_finetuning=False, **kwargs).train()
+    model = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False, **kwargs)).train()
     batch = recipe_batch()
     return model.loss(model(batch), batch)
 with_flag, without = total(negatives_cross_device=True), total()
@@ -222,7 +223,7 @@ def test_dense_loss_on_each_rank_is_the_full_batch_loss(two_rank_results):
         assert dense.item() == pytest.approx(full["dense"].item(), abs=1e-5)   # summation order differs
         assert dense.item() == pytest.approx(1.060854, abs=1e-5)
         # a local-only loss (this rank's 2 passages) is a different number: the other rank's passages count
-        local_model = ComposerM3(build_recipe_model(), unified_finetuning=False).train()
+        local_model = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False)).train()
         local_batch = rank_batch(rank)
         local = local_model.loss(local_model(local_batch), local_batch)["dense"]
         assert abs(local.item() - dense.item()) > 1e-3
@@ -294,7 +295,7 @@ def test_with_every_head_gathered_each_rank_computes_the_one_process_loss_and_gr
             for name, g in grads.items():
                 assert torch.allclose(g, full_grads[name] * scale, atol=1e-6, rtol=1e-4), (mode, name)
         # a rank's own batch alone gives other sparse and ColBERT terms: the other rank's passages count
-        model = ComposerM3(build_recipe_model(), **ALL_HEADS).train()
+        model = ComposerM3(build_recipe_model(), **model_settings(**ALL_HEADS)).train()
         batch = cut_to_longest(rank_batch(rank))
         local = model.loss(model(batch), batch)
         for key in ("sparse", "colbert"):

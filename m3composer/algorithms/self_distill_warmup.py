@@ -6,7 +6,10 @@ is derived from `state.timestamp`, which Composer checkpoints (it saves an Algor
 only as a repr: recipe.md §Algorithm state), so a resumed run switches at exactly the same
 optimizer step.
 
-* `mode="timestamp"` (default): on iff `state.timestamp.get(unit) >= start`, with `start` a
+The start and the mode are the run schema's `loss.self_distill_start_step` and
+`loss.self_distill_mode` (defaults there, m3composer/config.py).
+
+* `mode="timestamp"`: on iff `state.timestamp.get(unit) >= start`, with `start` a
   Composer time string (`"6000ba"`, `"2ep"`, `"0ba"` = from the first step). A bare integer
   string means optimizer batches.
 * `mode="forward_calls"` (parity with FlagEmbedding): on iff the number of training forward calls
@@ -34,7 +37,7 @@ def parse_start(start: str | int) -> Time:
 SELF_DISTILL_MODES = ("timestamp", "forward_calls")
 
 
-def self_distill_active(state: State, start: Time, mode: str = "timestamp") -> bool:
+def self_distill_active(state: State, start: Time, mode: str) -> bool:
     """Whether the self-distillation term is on for the batch about to run."""
     if mode == "timestamp":
         return state.timestamp.get(start.unit).value >= start.value
@@ -50,10 +53,10 @@ def self_distill_active(state: State, start: Time, mode: str = "timestamp") -> b
 class SelfDistillWarmup(Algorithm):
     """Sets `model.self_distill_on` at every `BATCH_START` from the (checkpointed) timestamp."""
 
-    def __init__(self, self_distill_start_step: str | int = "0ba", mode: str = "timestamp"):
+    def __init__(self, self_distill_start_step: str | int, *, mode: str):
         self.start = parse_start(self_distill_start_step)
         self.mode = mode
-        if mode not in ("timestamp", "forward_calls"):
+        if mode not in SELF_DISTILL_MODES:
             raise ValueError(f"unknown self-distill mode {mode!r}: expected 'timestamp' or 'forward_calls'")
 
     def match(self, event: Event, state: State) -> bool:

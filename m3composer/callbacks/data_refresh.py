@@ -36,7 +36,8 @@ def _reread_dataloader_len(state: State, subset_num_batches: int | None = None) 
 
 
 class DataRefresh(Callback):
-    def __init__(self, subset_num_batches: int | None = None):
+    def __init__(self, subset_num_batches: int | None):
+        """`subset_num_batches`: `trainer.train_subset_num_batches` (None: whole epochs)."""
         self.subset_num_batches = subset_num_batches
 
     def after_load(self, state: State, logger: Logger) -> None:

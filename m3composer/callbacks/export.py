@@ -83,7 +83,9 @@ def export_model(state: State, out_dir: str | Path, *, keep_periodic: bool = Fal
 
 
 class ExportModel(Callback):
-    def __init__(self, export_dir: str, export_interval: str | None = None, run_facts: Optional[dict] = None):
+    def __init__(self, export_dir: str, export_interval: str | None, run_facts: Optional[dict] = None):
+        """`export_interval`: `callbacks.export_interval`, also export every N to `export_dir/step-N`
+        (None: at the end only); `run_facts`: the model card's static facts (`training_facts`)."""
         self.export_dir = Path(export_dir)
         self.run_facts = run_facts
         # Composer's own interval rule (as for checkpoints): `ba`/`sp`/`tok` intervals fire at

@@ -55,7 +55,8 @@ def token_weight_stats(q_sparse: torch.Tensor, p_sparse: torch.Tensor, batch: di
 
 
 class HeadDiagnostics(Callback):
-    def __init__(self, max_grad_norm: Optional[float] = None):
+    def __init__(self, max_grad_norm: Optional[float]):
+        """`max_grad_norm`: the run's clipping threshold (`optimizer.max_grad_norm`; None: no clipping)."""
         self.max_grad_norm = max_grad_norm
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:

@@ -35,6 +35,32 @@ from m3composer.model.inference import unwrap_m3
 from m3composer.model.model_card import write_card
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (an empty dict stays a value)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_changes(settings: dict, defaults: dict) -> dict:
+    """`{dotted key: value}` of every setting whose value differs from its default (both nested
+    dicts: the run's config and the schema's defaults)."""
+    defaults = flatten(defaults)
+    return {key: value for key, value in flatten(settings).items() if key not in defaults or defaults[key] != value}
+
+
+def training_facts(*, run_name: str, base_model: str, train_data: str, streams: list[StreamEntry],
+                   settings: dict, defaults: dict, eval_data: Optional[str]) -> dict:
+    """What the export's model card says about the run beyond the state: the `run_facts` that
+    `ExportModel` is given (`run_facts_now` adds the state's)."""
+    return {"run_name": run_name, "base_model": base_model, "data": data_summary(train_data, streams),
+            "recipe_changes": recipe_changes(settings, defaults), "eval_data": eval_data}
+
+
 def data_summary(train_data: str, streams: list[StreamEntry]) -> dict:
     """Tasks, buckets, rows and teacher scores of the training streams (from `m3_index.json`)."""
     return {"train_data": str(train_data), "rows": int(sum(s.rows for s in streams)),

@@ -54,6 +54,9 @@ KILL_HOOK_ENV = "M3C_TEST_KILL_DURING_REFRESH"
 class NegativeRefresh(Callback):
     """Re-mine negatives every `interval_epochs` epochs; see the module doc.
 
+    The settings are the run schema's `callbacks.negative_refresh` section (defaults and meanings in
+    m3composer/config.py); `train.negative_refresh_settings` translates it.
+
     Args:
         folder: where versions are written (`run_dir/negatives`; the dataset's `negatives_dir`).
         interval_epochs: refresh after epochs interval, 2·interval, …
@@ -65,9 +68,9 @@ class NegativeRefresh(Callback):
         seed: the draw's seed (the run's).
     """
 
-    def __init__(self, folder: str | os.PathLike, *, interval_epochs: int = 1, head: str = "dense",
-                 rank_range: tuple[int, int] = (10, 100), negatives: int = 7, max_score_ratio: Optional[float] = None,
-                 margin: Optional[float] = None, batch_size: int = 64, seed: int = 42):
+    def __init__(self, folder: str | os.PathLike, *, interval_epochs: int, head: str, rank_range: tuple[int, int],
+                 negatives: int, max_score_ratio: Optional[float], margin: Optional[float], batch_size: int,
+                 seed: int):
         if head not in REFRESH_HEADS:
             raise ValueError(f"NegativeRefresh: head must be one of {REFRESH_HEADS}, got {head!r}")
         if interval_epochs < 1 or negatives < 1 or batch_size < 1:

@@ -56,8 +56,8 @@ class RetrievalEval(Callback):
             query_max_len, passage_max_len, weights, heads, k_values).
     """
 
-    def __init__(self, eval_path: str | os.PathLike, interval: Optional[str] = "100ba", at_fit_end: bool = True,
-                 max_queries: Optional[int] = None, split: str = "test", label: str = "eval", **eval_kwargs: Any):
+    def __init__(self, eval_path: str | os.PathLike, *, interval: Optional[str], max_queries: Optional[int],
+                 at_fit_end: bool = True, split: str = "test", label: str = "eval", **eval_kwargs: Any):
         unknown = set(eval_kwargs) - EVAL_KWARGS
         if unknown:
             raise TypeError(f"RetrievalEval: unknown evaluation argument(s) {sorted(unknown)}; "

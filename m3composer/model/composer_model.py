@@ -76,10 +76,13 @@ class M3Outputs:
 class ComposerM3(ComposerModel):
     """Composer model for unified BGE-M3 fine-tuning.
 
+    The settings that the run schema owns (`loss.*`, `model.gradient_checkpointing`,
+    `model.gradient_cache`) have no default here: their defaults and meanings are in
+    m3composer/config.py (docs/configuration.md), and `train.build_model` passes them.
+
     Args:
         model: the `M3Model` (encoder + heads).
-        temperature: τ of every score (recipe 0.02); forced to 1.0 when the model does not normalise,
-            as the recipe does.
+        temperature: τ of every score; 1.0 when the model does not normalise (`M3Model.score_temperature`).
         unified_finetuning: train sparse, ColBERT and ensemble terms too; off = dense only (the heads
             are frozen so DDP sees no unused trainable parameter, and still saved on export).
         use_self_distill: initial value of `self_distill_on`.
@@ -100,14 +103,12 @@ class ComposerM3(ComposerModel):
             without passage hashes are never masked).
     """
 
-    def __init__(self, model: M3Model, *, temperature: float = 0.02, unified_finetuning: bool = True,
-                 use_self_distill: bool = False, negatives_cross_device: bool = False,
-                 negatives_cross_device_heads: str = "dense", cross_rank_grad_scale: str = "parity",
-                 train_group_size: Optional[int] = None,
-                 bidirectional_parallel: bool = True, knowledge_distillation: bool = False,
-                 gradient_checkpointing: bool = False, colbert_max_elements: int = COLBERT_MAX_ELEMENTS,
-                 gradient_cache: Optional[gradcache.GradientCacheBudget] = None,
-                 mask_false_negatives: bool = True):
+    def __init__(self, model: M3Model, *, temperature: float, unified_finetuning: bool,
+                 use_self_distill: bool, negatives_cross_device: bool,
+                 negatives_cross_device_heads: str, cross_rank_grad_scale: str,
+                 bidirectional_parallel: bool, knowledge_distillation: bool, mask_false_negatives: bool,
+                 gradient_checkpointing: bool, gradient_cache: Optional[gradcache.GradientCacheBudget],
+                 train_group_size: Optional[int] = None, colbert_max_elements: int = COLBERT_MAX_ELEMENTS):
         super().__init__()
         if cross_rank_grad_scale not in distributed.CROSS_RANK_GRAD_SCALES:
             raise ValueError(f"cross_rank_grad_scale must be one of {distributed.CROSS_RANK_GRAD_SCALES}, "
@@ -115,9 +116,10 @@ class ComposerM3(ComposerModel):
         if negatives_cross_device_heads not in distributed.CROSS_DEVICE_HEADS:
             raise ValueError(f"negatives_cross_device_heads must be one of {distributed.CROSS_DEVICE_HEADS}, "
                              f"got {negatives_cross_device_heads!r}")
-        if not model.normalize and temperature != 1.0:
-            log.warning("model does not normalise its vectors: temperature %s forced to 1.0 (as the recipe)", temperature)
-            temperature = 1.0
+        if model.score_temperature(temperature) != temperature:
+            log.warning("model does not normalise its vectors: temperature %s forced to %s (as the recipe)",
+                        temperature, model.score_temperature(temperature))
+        temperature = model.score_temperature(temperature)
         self.model = model
         self.temperature = temperature
         self.unified_finetuning = unified_finetuning

@@ -42,7 +42,28 @@ def sparse_token_weights(hidden: torch.Tensor, sparse_linear: nn.Linear) -> torc
     return torch.relu(sparse_linear(hidden)).squeeze(-1)
 
 
-SPARSE_INITS = ("idf", "lexical_overlap", "default")      # idf: model/sparse_fit.py, needs training data
+# `colbert_dim` that sizes the ColBERT vectors as the encoder's hidden size (the recipe's, D = H)
+COLBERT_DIM_HIDDEN = -1
+
+# How a fresh sparse head starts (`model.new_sparse_head_init`, docs/recipe.md §A fresh sparse head).
+SPARSE_INITS = ("idf", "lexical_overlap", "default")
+FITTED_SPARSE_INITS = ("idf",)      # then fitted on a sample of the training data (model/sparse_fit.py)
+
+
+def init_fresh_sparse_head(sparse_linear: nn.Linear, how: str, temperature: float) -> None:
+    """Start a sparse head the model folder did not have as `how` (one of `SPARSE_INITS`) says:
+    `lexical_overlap` and `idf` start as lexical overlap (`idf` is its special case with every idf
+    equal; `needs_sparse_fit` says it is still to be fitted once the training data is open),
+    `default` keeps PyTorch's init (FlagEmbedding's). `temperature`: the τ the model scores with."""
+    if how not in SPARSE_INITS:
+        raise ValueError(f"unknown sparse head init {how!r}; expected one of {SPARSE_INITS}")
+    if how != "default":
+        init_sparse_as_lexical_overlap(sparse_linear, temperature)
+
+
+def needs_sparse_fit(how: str) -> bool:
+    """Whether a fresh sparse head started as `how` is then fitted to the training data."""
+    return how in FITTED_SPARSE_INITS
 
 
 def init_sparse_as_lexical_overlap(sparse_linear: nn.Linear, temperature: float) -> None:

@@ -142,21 +142,22 @@ class M3Model(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @staticmethod
-    def new_heads(hidden_size: int, colbert_dim: int = -1) -> tuple[nn.Linear, nn.Linear]:
+    def new_heads(hidden_size: int, colbert_dim: int = heads.COLBERT_DIM_HIDDEN) -> tuple[nn.Linear, nn.Linear]:
         """Fresh heads with PyTorch's default init, as the recipe (`colbert_dim <= 0` means D = H)."""
         colbert = nn.Linear(hidden_size, hidden_size if colbert_dim <= 0 else colbert_dim)
         sparse = nn.Linear(hidden_size, 1)
         return colbert, sparse
 
     @classmethod
-    def from_encoder(cls, encoder: PreTrainedModel, *, colbert_dim: int = -1, **kwargs) -> "M3Model":
+    def from_encoder(cls, encoder: PreTrainedModel, *, colbert_dim: int = heads.COLBERT_DIM_HIDDEN,
+                     **kwargs) -> "M3Model":
         """Wrap an encoder with freshly initialised heads."""
         colbert, sparse = cls.new_heads(encoder.config.hidden_size, colbert_dim)
         return cls(encoder, colbert, sparse, **kwargs)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, pooling: Optional[str] = None,
-                        normalize: Optional[bool] = None, colbert_dim: int = -1,
+                        normalize: Optional[bool] = None, colbert_dim: int = heads.COLBERT_DIM_HIDDEN,
                         load_tokenizer: bool = True, special_token_ids: Optional[dict[str, int]] = None,
                         **encoder_kwargs) -> "M3Model":
         """Load an M3 folder (ours, FlagEmbedding's, or a plain HF encoder folder), in eval mode.
@@ -201,6 +202,11 @@ class M3Model(nn.Module):
         model.fresh_heads = fresh
         model.head_init = recorded.head_init
         return model.eval()   # like transformers' from_pretrained; the trainer switches to train()
+
+    def score_temperature(self, temperature: float) -> float:
+        """The τ this model's scores use: `temperature` when it normalises its vectors, else 1 (the
+        recipe's rule: unnormalised inner products are not divided by τ)."""
+        return temperature if self.normalize else 1.0
 
     # ------------------------------------------------------------------ encode / score
     @property

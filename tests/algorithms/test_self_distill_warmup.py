@@ -34,12 +34,12 @@ def _fit(algorithm, steps, **kwargs):
 
 
 def test_switches_on_at_the_start_step():
-    assert _fit(SelfDistillWarmup("3ba"), 6) == [False, False, False, True, True, True]
+    assert _fit(SelfDistillWarmup("3ba", mode="timestamp"), 6) == [False, False, False, True, True, True]
 
 
 def test_bare_number_means_optimizer_batches_and_zero_means_always():
-    assert _fit(SelfDistillWarmup("2"), 4) == [False, False, True, True]
-    assert _fit(SelfDistillWarmup("0ba"), 2) == [True, True]
+    assert _fit(SelfDistillWarmup("2", mode="timestamp"), 4) == [False, False, True, True]
+    assert _fit(SelfDistillWarmup("0ba", mode="timestamp"), 2) == [True, True]
 
 
 def test_forward_calls_mode_is_the_seeds_strict_rule():
@@ -49,7 +49,7 @@ def test_forward_calls_mode_is_the_seeds_strict_rule():
 
 
 def test_resume_switches_at_the_same_step(tmp_path):
-    full = _fit(SelfDistillWarmup("4ba"), 6)
-    _fit(SelfDistillWarmup("4ba"), 2, save_folder=str(tmp_path), save_interval="2ba", save_filename="ep{epoch}-ba{batch}.pt")
-    resumed = _fit(SelfDistillWarmup("4ba"), 6, load_path=str(tmp_path / "ep0-ba2.pt"))
+    full = _fit(SelfDistillWarmup("4ba", mode="timestamp"), 6)
+    _fit(SelfDistillWarmup("4ba", mode="timestamp"), 2, save_folder=str(tmp_path), save_interval="2ba", save_filename="ep{epoch}-ba{batch}.pt")
+    resumed = _fit(SelfDistillWarmup("4ba", mode="timestamp"), 6, load_path=str(tmp_path / "ep0-ba2.pt"))
     assert resumed == full[2:] == [False, False, True, True]

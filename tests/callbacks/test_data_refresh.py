@@ -67,7 +67,7 @@ def test_epoch_boundary_redraws_negatives_and_order(data):
     steps = len(dataset)                      # 12 / 2 + 8 / 2 = 10 steps per epoch on one rank
     assert steps == 10
     record, memory = Record(), InMemoryLogger()
-    _fit(dataset, [DataRefresh(), record], loggers=[memory])
+    _fit(dataset, [DataRefresh(None), record], loggers=[memory])
 
     epoch0, epoch1 = record.steps[:steps], record.steps[steps:]
     assert [e for e, _, _ in record.steps] == [0] * steps + [1] * steps
@@ -111,4 +111,4 @@ class ShortDataset(M3TrainDataset):
 def test_a_short_epoch_raises_at_epoch_end(data):
     dataset = _dataset(data, ShortDataset)
     with pytest.raises(RuntimeError, match=r"epoch 0 served 3 batches but its plan has 10"):
-        _fit(dataset, [DataRefresh()])
+        _fit(dataset, [DataRefresh(None)])

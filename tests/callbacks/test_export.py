@@ -20,6 +20,7 @@ from m3composer.model.composer_model import ComposerM3
 from m3composer.model.m3 import M3Model
 from tests.data.m3_tiny_data import StreamSpec, write_converted
 from m3composer.testing.settings import dataset_settings
+from tests.model.conftest import model_settings
 
 FILES = {"config.json", "model.safetensors", "colbert_linear.pt", "sparse_linear.pt", "m3composer.json"}
 
@@ -28,7 +29,7 @@ def _trainer(tmp_path: Path, tiny_dir: Path, callbacks: list, max_duration: str)
     data = write_converted(tmp_path / "mds", [StreamSpec("t", "len-0-500", 24, num_pos=1, num_neg=3)])
     dataset = M3TrainDataset(str(data), **dataset_settings(train_group_size=2, default_batch_size=4, seed=1,
                                                            query_max_len=16, passage_max_len=16))
-    model = ComposerM3(M3Model.from_pretrained(tiny_dir), train_group_size=2)
+    model = ComposerM3(M3Model.from_pretrained(tiny_dir), **model_settings(train_group_size=2))
     return Trainer(model=model, train_dataloader=make_data_spec(DataLoader(dataset, batch_size=None)),
                    optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2), max_duration=max_duration,
                    device="cpu", device_train_microbatch_size=dataset.max_per_device_batch_size,
@@ -66,7 +67,7 @@ def test_exports_every_n_batches_every_epoch_and_at_fit_end(tmp_path, tiny_dir):
 
 def test_a_failing_export_leaves_no_half_folder_and_keeps_the_previous_one(tmp_path, tiny_dir, monkeypatch):
     export = tmp_path / "export"
-    trainer = _trainer(tmp_path, tiny_dir, [ExportModel(str(export))], "2ba")
+    trainer = _trainer(tmp_path, tiny_dir, [ExportModel(str(export), None)], "2ba")
     trainer.fit()
     before = _weights(export)
 
@@ -95,7 +96,7 @@ def test_an_export_that_fails_at_fit_end_fails_the_run(tmp_path, tiny_dir, monke
         raise OSError("disk full")
 
     monkeypatch.setattr(M3FolderConfig, "save", disk_full)
-    trainer = _trainer(tmp_path, tiny_dir, [ExportModel(str(tmp_path / "export"))], "1ba")
+    trainer = _trainer(tmp_path, tiny_dir, [ExportModel(str(tmp_path / "export"), None)], "1ba")
     with pytest.raises(OSError, match="disk full"):
         trainer.fit()
     trainer.close()
@@ -125,7 +126,7 @@ def test_every_export_has_a_model_card_whose_figures_are_the_runs_logs(tmp_path,
     export = tmp_path / "export"
     facts = {"run_name": "card-test", "base_model": "asset:tiny-xlmr", "recipe_changes": {"optimizer.lr": 0.01},
              "eval_data": str(eval_file)}
-    evaluation = RetrievalEval(eval_file, interval="3ba", batch_size=8, query_max_len=16, passage_max_len=32)
+    evaluation = RetrievalEval(eval_file, interval="3ba", max_queries=None, batch_size=8, query_max_len=16, passage_max_len=32)
     plots, loss_log = Plots(tmp_path / "run"), LossLog(tmp_path / "losses.jsonl")
     trainer = _trainer(tmp_path, tiny_dir, [evaluation, ExportModel(str(export), "3ba", facts), loss_log, plots],
                        "4ba")

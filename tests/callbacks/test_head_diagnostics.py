@@ -9,6 +9,7 @@ from composer.loggers import InMemoryLogger
 from m3composer.callbacks.head_diagnostics import HeadDiagnostics, token_weight_stats
 from m3composer.model.composer_model import ComposerM3
 from m3composer.model.m3 import M3Model
+from tests.model.conftest import model_settings
 from tests.model.test_composer_model import text_batch
 
 
@@ -30,7 +31,7 @@ def test_token_stats_by_hand():
 
 def test_logged_each_step_before_clipping(tiny_dir, tokenizer):
     torch.manual_seed(0)
-    model = ComposerM3(M3Model.from_pretrained(tiny_dir), train_group_size=2)
+    model = ComposerM3(M3Model.from_pretrained(tiny_dir), **model_settings(train_group_size=2))
     batch = text_batch(tokenizer, 4, 2)
     spec = DataSpec([batch, batch, batch], split_batch=lambda b, size: [b],
                     get_num_samples_in_batch=lambda b: b["query_input_ids"].shape[0])

@@ -63,7 +63,7 @@ def test_plots_records_a_training_run_and_writes_at_fit_end(tiny_dir, tokenizer,
     Trainer(model=DenseOnly(m3), train_dataloader=batches(tokenizer, 6), max_duration="6ba",
             optimizers=torch.optim.SGD(m3.parameters(), lr=0.5), device="cpu", progress_bar=False,
             device_train_microbatch_size=len(PAIRS),
-            callbacks=[RetrievalEval(eval_path, interval="3ba", heads=("dense",))] + ([] if as_logger else [plots]),
+            callbacks=[RetrievalEval(eval_path, interval="3ba", max_queries=None, heads=("dense",))] + ([] if as_logger else [plots]),
             loggers=[memory] + ([plots] if as_logger else [])).fit()
     assert [s for s, _ in plots.history["loss/train/dense"]] == [int(ts.batch) for ts, _ in
                                                                  memory.data["loss/train/dense"]]

@@ -66,7 +66,7 @@ def train(tiny_dir, tokenizer, callback, steps, tmp_path):
 
 
 def test_metrics_are_logged_at_every_interval_and_at_fit_end(tiny_dir, tokenizer, eval_path, tmp_path):
-    callback = RetrievalEval(eval_path, interval="2ba", heads=("dense", "sparse", "colbert"), batch_size=3)
+    callback = RetrievalEval(eval_path, interval="2ba", max_queries=None, heads=("dense", "sparse", "colbert"), batch_size=3)
     trainer, m3, memory = train(tiny_dir, tokenizer, callback, steps=5, tmp_path=tmp_path)
     for head in ("dense", "sparse", "colbert", "ensemble"):
         for metric in ("recall@1", "recall@10", "mrr@10", "ndcg@10"):
@@ -84,7 +84,7 @@ def test_metrics_are_logged_at_every_interval_and_at_fit_end(tiny_dir, tokenizer
 
 def test_fit_end_is_not_evaluated_twice_and_interval_none_means_fit_end_only(tiny_dir, tokenizer, eval_path,
                                                                              tmp_path):
-    on_last_step = RetrievalEval(eval_path, interval="2ba", heads=("dense",), label="ret")
+    on_last_step = RetrievalEval(eval_path, interval="2ba", max_queries=None, heads=("dense",), label="ret")
     _, _, memory = train(tiny_dir, tokenizer, on_last_step, steps=4, tmp_path=tmp_path)
     assert [int(ts.batch) for ts, _ in memory.data["metrics/ret/dense/ndcg@10"]] == [2, 4]
     assert "metrics/ret/sparse/ndcg@10" not in memory.data
@@ -96,4 +96,4 @@ def test_fit_end_is_not_evaluated_twice_and_interval_none_means_fit_end_only(tin
 
 def test_unknown_evaluation_arguments_are_refused(eval_path):
     with pytest.raises(TypeError, match="passage_max_length"):
-        RetrievalEval(eval_path, passage_max_length=10)
+        RetrievalEval(eval_path, interval=None, max_queries=None, passage_max_length=10)

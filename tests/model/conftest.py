@@ -26,6 +26,14 @@ def build_recipe_model() -> M3Model:
     return M3Model(encoder, colbert, sparse, pooling="cls", normalize=True, special_token_ids=RECIPE_SPECIAL_IDS)
 
 
+def model_settings(**overrides) -> dict:
+    """ComposerM3's settings as the run schema's defaults give them (`train.composer_model_settings`),
+    without the group-size check, with `overrides` on top."""
+    from m3composer.config import TrainConfig
+    from m3composer.train import composer_model_settings
+    return {**composer_model_settings(TrainConfig()), "train_group_size": None, **overrides}
+
+
 def recipe_batch(queries=RECIPE_QUERY_IDS, passages=RECIPE_PASSAGE_IDS, teacher=RECIPE_TEACHER,
                  has_teacher=True, parallel=False) -> dict:
     q, p = torch.tensor(queries), torch.tensor(passages)

@@ -10,7 +10,7 @@ from m3composer import losses
 from m3composer.model.composer_model import LOSS_KEYS, ComposerM3, InBatchAccuracy
 from m3composer.model.m3 import M3Model
 from m3composer.model.scores import M3Reps
-from tests.model.conftest import build_recipe_model, recipe_batch
+from tests.model.conftest import build_recipe_model, model_settings, recipe_batch
 
 
 def run(model: ComposerM3, batch: dict) -> dict[str, torch.Tensor]:
@@ -25,7 +25,7 @@ def run(model: ComposerM3, batch: dict) -> dict[str, torch.Tensor]:
     (dict(unified_finetuning=False), True, 1.060854),                               # dense only
 ])
 def test_reference_losses_of_recipe_md_match_flagembedding(kwargs, has_teacher, expected):
-    model = ComposerM3(build_recipe_model(), **kwargs).train()
+    model = ComposerM3(build_recipe_model(), **model_settings(**kwargs)).train()
     terms = run(model, recipe_batch(has_teacher=has_teacher))
     assert terms["total"].item() == pytest.approx(expected, abs=1e-5)
 
@@ -33,17 +33,17 @@ def test_reference_losses_of_recipe_md_match_flagembedding(kwargs, has_teacher, 
 def test_loss_dict_has_the_same_keys_whatever_is_switched_off():
     batch = recipe_batch()
     for kwargs in (dict(), dict(use_self_distill=True), dict(unified_finetuning=False)):
-        model = ComposerM3(build_recipe_model(), **kwargs).train()
+        model = ComposerM3(build_recipe_model(), **model_settings(**kwargs)).train()
         terms = run(model, batch)
         assert tuple(terms) == LOSS_KEYS and all(v.dim() == 0 for v in terms.values())
-    off = ComposerM3(build_recipe_model(), unified_finetuning=False).train()
+    off = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False)).train()
     terms = run(off, batch)
     assert terms["sparse"].item() == terms["colbert"].item() == terms["self_distill"].item() == 0.0
     assert not any(p.requires_grad for p in off.model.sparse_linear.parameters())
 
 
 def test_self_distill_switch_on_the_model_changes_the_total_only_when_flipped():
-    model = ComposerM3(build_recipe_model(), use_self_distill=False).train()
+    model = ComposerM3(build_recipe_model(), **model_settings(use_self_distill=False)).train()
     batch = recipe_batch()
     off = run(model, batch)
     model.self_distill_on = True
@@ -53,7 +53,7 @@ def test_self_distill_switch_on_the_model_changes_the_total_only_when_flipped():
 
 
 def test_parallel_batches_add_the_passage_to_query_direction():
-    model = ComposerM3(build_recipe_model(), unified_finetuning=False).train()
+    model = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False)).train()
     plain = run(model, recipe_batch())
     parallel = run(model, recipe_batch(parallel=True))
     out = model(recipe_batch())
@@ -61,12 +61,12 @@ def test_parallel_batches_add_the_passage_to_query_direction():
     assert plain["bidirectional"].item() == 0.0
     assert parallel["bidirectional"].item() == pytest.approx(expected_bi.item(), abs=1e-6)
     assert parallel["total"].item() == pytest.approx((plain["dense"] + expected_bi).item() / 2, abs=1e-6)
-    switched_off = ComposerM3(build_recipe_model(), unified_finetuning=False, bidirectional_parallel=False).train()
+    switched_off = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False, bidirectional_parallel=False)).train()
     assert run(switched_off, recipe_batch(parallel=True))["total"].item() == pytest.approx(plain["total"].item())
 
 
 def test_group_size_is_checked():
-    model = ComposerM3(build_recipe_model(), train_group_size=4)
+    model = ComposerM3(build_recipe_model(), **model_settings(train_group_size=4))
     with pytest.raises(ValueError, match="train_group_size=4"):
         model(recipe_batch())
 
@@ -77,11 +77,11 @@ def _param_grads(module):
 
 def test_gradient_cache_seam_gives_the_same_gradients_as_direct_backprop():
     batch = recipe_batch()
-    direct = ComposerM3(build_recipe_model(), use_self_distill=True).train()
+    direct = ComposerM3(build_recipe_model(), **model_settings(use_self_distill=True)).train()
     run(direct, batch)["total"].backward()
     expected = _param_grads(direct)
 
-    cached = ComposerM3(build_recipe_model(), use_self_distill=True).train()
+    cached = ComposerM3(build_recipe_model(), **model_settings(use_self_distill=True)).train()
     sides = (("query_input_ids", "query_attention_mask", 1), ("passage_input_ids", "passage_attention_mask", 2))
     with torch.no_grad():   # 1) encode without a graph
         reps = [cached.encode(batch[ids], batch[mask]) for ids, mask, _ in sides]
@@ -105,8 +105,8 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_dir, tokenizer):
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = ComposerM3(M3Model.from_pretrained(tiny_dir), gradient_checkpointing=checkpointing,
-                           use_self_distill=True).train()
+        model = ComposerM3(M3Model.from_pretrained(tiny_dir), **model_settings(gradient_checkpointing=checkpointing,
+                           use_self_distill=True)).train()
         # dropout stays on: checkpointing restores the RNG state, so the recomputed masks are the same
         loss = run(model, batch)["total"]
         loss.backward()
@@ -121,7 +121,7 @@ def test_in_batch_accuracy_metric():
     metric = InBatchAccuracy("dense")
     metric.update(torch.tensor([[3.0, 1.0, 0.0, 0.0], [5.0, 0.0, 1.0, 0.0]]), torch.tensor([0, 2]))
     assert metric.compute().item() == pytest.approx(0.5)
-    model = ComposerM3(build_recipe_model())
+    model = ComposerM3(build_recipe_model(), **model_settings())
     assert set(model.get_metrics(is_train=True)) == {"dense_accuracy", "sparse_accuracy", "colbert_accuracy",
                                                      "ensemble_accuracy"}
 
@@ -163,7 +163,7 @@ def test_a_few_trainer_steps_on_real_text_lower_the_loss(tiny_dir, tokenizer):
     from composer.loggers import InMemoryLogger
 
     torch.manual_seed(0)
-    model = ComposerM3(M3Model.from_pretrained(tiny_dir), train_group_size=2, use_self_distill=True)
+    model = ComposerM3(M3Model.from_pretrained(tiny_dir), **model_settings(train_group_size=2, use_self_distill=True))
     batches = [text_batch(tokenizer, 4, 2, offset=0), text_batch(tokenizer, 4, 2, offset=6)]
     spec = DataSpec(batches, split_batch=lambda batch, size: [batch],
                     get_num_samples_in_batch=lambda batch: batch["query_input_ids"].shape[0])
@@ -195,7 +195,7 @@ def test_a_few_trainer_steps_on_real_text_lower_the_loss(tiny_dir, tokenizer):
 
 def test_bf16_autocast_keeps_scores_and_losses_in_fp32():
     batch = recipe_batch()
-    model = ComposerM3(build_recipe_model(), use_self_distill=True).train()
+    model = ComposerM3(build_recipe_model(), **model_settings(use_self_distill=True)).train()
     reference = run(model, batch)["total"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(batch)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from m3composer.model.composer_model import ComposerM3
-from tests.model.conftest import build_recipe_model, recipe_batch
+from tests.model.conftest import build_recipe_model, model_settings, recipe_batch
 
 G = 2
 HEADS = ("dense", "sparse", "colbert", "ensemble")
@@ -61,10 +61,10 @@ def grads(model: ComposerM3) -> dict[str, torch.Tensor]:
 def test_masked_loss_and_gradients_equal_the_hand_loss_without_those_columns(case):
     passage_hashes, positive_hashes, keep = case
     batch = labelled(passage_hashes, positive_hashes)
-    masked = ComposerM3(build_recipe_model(), use_self_distill=True).train()
+    masked = ComposerM3(build_recipe_model(), **model_settings(use_self_distill=True)).train()
     terms = masked.loss(masked(batch), batch)
     terms["total"].backward()
-    by_hand = ComposerM3(build_recipe_model(), use_self_distill=True).train()
+    by_hand = ComposerM3(build_recipe_model(), **model_settings(use_self_distill=True)).train()
     expected = hand_terms(by_hand, batch, keep)
     expected["total"].backward()
     for key, value in expected.items():
@@ -78,7 +78,7 @@ def test_masked_loss_and_gradients_equal_the_hand_loss_without_those_columns(cas
 
 def test_scores_of_masked_columns_get_no_gradient():
     batch = labelled(*ANOTHER_QUERYS_NEGATIVE[:2])
-    model = ComposerM3(build_recipe_model(), use_self_distill=True).train()
+    model = ComposerM3(build_recipe_model(), **model_settings(use_self_distill=True)).train()
     out = model(batch)
     for head in HEADS:
         getattr(out.scores, head).retain_grad()
@@ -92,7 +92,7 @@ def test_scores_of_masked_columns_get_no_gradient():
 def test_kd_masks_other_queries_copies_only():
     # column 1 (query 0's own negative) and column 3 (query 1's) are copies of query 0's positive
     batch = labelled([10, 10, 12, 10], [[10], [12]])
-    model = ComposerM3(build_recipe_model(), unified_finetuning=False, knowledge_distillation=True).train()
+    model = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False, knowledge_distillation=True)).train()
     dense = model(batch).scores.dense
     teacher = torch.softmax(batch["teacher_scores"], dim=-1)
     expected = 0.0
@@ -108,7 +108,7 @@ def test_kd_masks_other_queries_copies_only():
 
 def test_bidirectional_term_drops_the_query_with_the_same_positive():
     batch = labelled([10, 11, 10, 13], [[10], [10]], parallel=True)
-    model = ComposerM3(build_recipe_model(), unified_finetuning=False).train()
+    model = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False)).train()
     dense = model(batch).scores.dense
     terms = model.loss(model(batch), batch)
     # passage→query rows: each positive has only its own query left, so L_bi = 0
@@ -121,12 +121,12 @@ def test_bidirectional_term_drops_the_query_with_the_same_positive():
                                     dict(unified_finetuning=False)])
 def test_no_duplicates_or_switched_off_gives_exactly_todays_loss(kwargs):
     plain = recipe_batch()
-    model = ComposerM3(build_recipe_model(), **kwargs).train()
+    model = ComposerM3(build_recipe_model(), **model_settings(**kwargs)).train()
     today = model.loss(model(plain), plain)
     distinct = labelled([10, 11, 12, 13], [[10], [12]])
     assert {k: v.item() for k, v in model.loss(model(distinct), distinct).items()} == \
         {k: v.item() for k, v in today.items()}
-    off = ComposerM3(build_recipe_model(), mask_false_negatives=False, **kwargs).train()
+    off = ComposerM3(build_recipe_model(), **model_settings(mask_false_negatives=False, **kwargs)).train()
     duplicated = labelled(*ANOTHER_QUERYS_NEGATIVE[:2])
     assert {k: v.item() for k, v in off.loss(off(duplicated), duplicated).items()} == \
         {k: v.item() for k, v in today.items()}

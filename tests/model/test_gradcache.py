@@ -13,7 +13,7 @@ from m3composer.model import gradcache
 from m3composer.model.composer_model import LOSS_KEYS, ComposerM3
 from m3composer.model.gradcache import GradientCacheBudget, plan_chunks
 from m3composer.model.m3 import M3Model
-from tests.model.conftest import build_recipe_model, recipe_batch
+from tests.model.conftest import build_recipe_model, model_settings, recipe_batch
 from tests.model.test_composer_model import text_batch
 
 REL = 1e-5
@@ -89,15 +89,15 @@ def test_cached_loss_and_gradients_equal_the_uncached_ones(kwargs, batch_kwargs,
     EPYC). In float64 that rounding is ~1e-15, so what is compared is the cache's arithmetic. The
     scores and losses are still computed in float32 (`.float()`), as in training."""
     batch = recipe_batch(**batch_kwargs)
-    reference = step(ComposerM3(build_recipe_model().double(), **kwargs).train(), batch)
-    cached = step(ComposerM3(build_recipe_model().double(), gradient_cache=budget, **kwargs).train(), batch)
+    reference = step(ComposerM3(build_recipe_model().double(), **model_settings(**kwargs)).train(), batch)
+    cached = step(ComposerM3(build_recipe_model().double(), **model_settings(gradient_cache=budget, **kwargs)).train(), batch)
     assert_same_step(cached, reference)
 
 
 # -------------------------------------------------- dropout on: the replay draws the same masks
 def tiny_model(tiny_dir, **kwargs) -> ComposerM3:
     torch.manual_seed(0)
-    return ComposerM3(M3Model.from_pretrained(tiny_dir), use_self_distill=True, **kwargs).train()
+    return ComposerM3(M3Model.from_pretrained(tiny_dir), **model_settings(use_self_distill=True, **kwargs)).train()
 
 
 def chunked_reference(model: ComposerM3, batch: dict, chunks, seed: int = 0, autocast=None) -> tuple[dict, dict]:
@@ -181,7 +181,7 @@ def test_a_short_trainer_run_with_the_cache_logs_the_same_losses(tiny_dir, token
     for budget in (None, GradientCacheBudget(5, max_tokens=128)):
         torch.manual_seed(0)
         m3 = M3Model.from_pretrained(tiny_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).double()
-        model = ComposerM3(m3, train_group_size=2, use_self_distill=True, gradient_cache=budget)
+        model = ComposerM3(m3, **model_settings(train_group_size=2, use_self_distill=True, gradient_cache=budget))
         logger = InMemoryLogger()
         trainer = Trainer(model=model, train_dataloader=spec, optimizers=torch.optim.AdamW(model.parameters(), lr=2e-4, eps=1e-6),
                           max_duration="6ba", device_train_microbatch_size=4, loggers=[logger], progress_bar=False,

@@ -11,7 +11,7 @@ import torch
 
 from m3composer.model.composer_model import ComposerM3
 from m3composer.model.gradcache import GradientCacheBudget
-from tests.model.conftest import build_recipe_model
+from tests.model.conftest import build_recipe_model, model_settings
 from tests.model.test_gradcache import REL, param_grads, worst_relative_difference
 from tests.test_distributed import gloo_group, rank_batch, spawn_ranks
 
@@ -28,7 +28,7 @@ BUDGET = GradientCacheBudget(max_sequences=2)       # 3 rows per rank: chunks of
 
 
 def _two_steps(kwargs: dict, budget, rank: int) -> list[dict]:
-    model = ComposerM3(build_recipe_model(), negatives_cross_device=True, gradient_cache=budget, **kwargs).train()
+    model = ComposerM3(build_recipe_model(), **model_settings(negatives_cross_device=True, gradient_cache=budget, **kwargs)).train()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     batch = rank_batch(rank)
     results = []

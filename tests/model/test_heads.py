@@ -116,3 +116,18 @@ def test_colbert_vectors_drop_cls_zero_padding_and_normalise():
     assert torch.allclose(vecs[0].norm(dim=-1), torch.ones(3))
     raw = linear(hidden[0, 1])
     assert torch.allclose(vecs[0, 0], raw / raw.norm())
+
+
+def test_a_fresh_sparse_head_starts_as_its_init_says():
+    torch.manual_seed(0)
+    for how in ("idf", "lexical_overlap"):      # idf starts as lexical overlap, then is fitted
+        head = nn.Linear(4, 1)
+        heads.init_fresh_sparse_head(head, how, temperature=0.04)
+        assert torch.equal(head.weight, torch.zeros_like(head.weight)) and head.bias.item() == pytest.approx(0.2)
+    default = nn.Linear(4, 1)
+    before = default.weight.clone()
+    heads.init_fresh_sparse_head(default, "default", temperature=0.04)
+    assert torch.equal(default.weight, before)
+    assert [h for h in heads.SPARSE_INITS if heads.needs_sparse_fit(h)] == ["idf"]
+    with pytest.raises(ValueError, match="unknown sparse head init"):
+        heads.init_fresh_sparse_head(default, "zeros", temperature=0.04)

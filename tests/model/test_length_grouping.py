@@ -10,6 +10,7 @@ from transformers import XLMRobertaConfig, XLMRobertaModel
 
 from m3composer.model.composer_model import ComposerM3
 from m3composer.model.m3 import M3Model, length_chunks
+from tests.model.conftest import model_settings
 
 
 def _as_lists(chunks):
@@ -67,7 +68,7 @@ def _batch():
 
 
 def _losses_and_grads(grouping: bool):
-    composer = ComposerM3(_model(), train_group_size=2, use_self_distill=True)
+    composer = ComposerM3(_model(), **model_settings(train_group_size=2, use_self_distill=True))
     composer.model.length_grouping = grouping
     composer.model.length_grouping_overhead_tokens = 1.0   # many chunks, mixing queries and passages
     batch = _batch()

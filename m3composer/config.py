@@ -24,10 +24,12 @@ from omegaconf import MISSING, OmegaConf
 
 from m3composer.algorithms.self_distill_warmup import SELF_DISTILL_MODES, parse_start
 from m3composer.data.negatives import parse_rank_range
-from m3composer.model.scores import SCORE_NAMES as REFRESH_HEADS   # NegativeRefresh ranks with any score
 from m3composer.data.plan import PLAN_KINDS, TAIL_RULES
 from m3composer.distributed import CROSS_DEVICE_HEADS, CROSS_RANK_GRAD_SCALES
 from m3composer.model.heads import COLBERT_DIM_HIDDEN, POOLING_METHODS, SPARSE_INITS
+from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN
+from m3composer.model.scores import SCORE_NAMES
+from m3composer.retrieval.mining import MINE_HEAD, MINE_NEGATIVES, MINE_RANK_RANGE
 
 AUTO = "auto"  # instruction prefixes / pooling: take what the model folder records
 # `loggers:` keys -> Composer logger class (their packages are optional)
@@ -264,7 +266,7 @@ class TrainerConfig:
         "sharding hooks, so it is refused)"))
     train_subset_num_batches: Optional[int] = setting(None, (
         "end every epoch after N steps of its plan (Composer's option): shorter epochs for epoch-end work on "
-        "large data (`callbacks.negative_refresh` every N steps, DataRefresh, epoch checkpoints); each epoch "
+        "large data (`callbacks.negative_refresh` every N steps, DataEpoch, epoch checkpoints); each epoch "
         "draws its own plan, so rows after step N of an epoch are not seen in it. Null: whole epochs"))
     object_store_max_attempts: Optional[int] = setting(None, (
         "botocore's total attempts per S3 request for every client of the run (shard downloads, checkpoint "
@@ -288,17 +290,17 @@ class NegativeRefreshConfig:
     interval: str = setting("1ep", (
         "refresh after every N-th epoch (whole epochs only; `trainer.train_subset_num_batches` makes epochs "
         "N steps long); never after the last one"))
-    head: str = setting("dense", (
+    head: str = setting(MINE_HEAD, (
         "the ranking head, as `m3c mine --head`: `dense` (faiss over the pool's vectors, gathered onto every "
         "rank), `sparse`, `colbert` or `ensemble` (exact brute force, the pool sharded over ranks and the top-k "
         "lists merged; 0-13 % slower than dense on the measured pool, where the encoder dominates; the ColBERT "
         "max-sim grows with the square of a stream, BENCHMARKS.md §Negative refresh). With "
         "`loss.unified_finetuning=false` the sparse and ColBERT heads stay as loaded: rank with them only when "
-        "the folder has trained ones"), choices=REFRESH_HEADS)
-    range: str = setting("10-100", (
+        "the folder has trained ones"), choices=SCORE_NAMES)
+    range: str = setting("%d-%d" % MINE_RANK_RANGE, (
         "as `m3c mine --range`: the ranks of the row's stream pool to draw from, after its own positives and "
         "its query text"))
-    negatives: int = setting(7, "as `m3c mine --negatives`: negatives drawn per row from `range`")
+    negatives: int = setting(MINE_NEGATIVES, "as `m3c mine --negatives`: negatives drawn per row from `range`")
     max_score_ratio: Optional[float] = setting(None, (
         "as `m3c mine`'s positive-aware filter: drop candidates scoring above ratio × the positive's score"))
     margin: Optional[float] = setting(None, (
@@ -317,8 +319,8 @@ class CallbacksConfig:
     eval_data: Optional[str] = setting(None, "BEIR folder or query/pos JSONL: retrieval evaluation during training")
     eval_interval: Optional[str] = setting(None, "e.g. `50ba`; null = at the end of training only")
     eval_max_queries: Optional[int] = setting(None, "evaluate the first N queries only (null: all)")
-    eval_batch_size: int = setting(32, "evaluation encoding batch")
-    eval_passage_max_len: int = setting(512, "evaluation passage truncation")
+    eval_batch_size: int = setting(INFERENCE_BATCH_SIZE, "evaluation encoding batch")
+    eval_passage_max_len: int = setting(INFERENCE_PASSAGE_MAX_LEN, "evaluation passage truncation")
     loss_log: Optional[str] = setting(None, (
         "a JSONL file of per-step losses, learning rate and the self-distill switch (rank 0); e.g. "
         "`${run_dir}/losses.jsonl`"))

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from m3composer import checkpoints, distributed, optim
 from m3composer.algorithms import FreezePositionEmbeddings, SelfDistillWarmup
-from m3composer.callbacks.data_refresh import DataRefresh
+from m3composer.callbacks.data_epoch import DataEpoch
 from m3composer.callbacks.export import ExportModel, export_model
 from m3composer.callbacks.model_card import training_facts
 from m3composer.callbacks.preemption import Preemption, preempted
@@ -40,7 +40,7 @@ from m3composer.data.dataset import M3TrainDataset
 from m3composer.data.index import is_remote
 from m3composer.data.negatives import parse_rank_range
 from m3composer.model.composer_model import ComposerM3
-from m3composer.model.folder_config import CONFIG_FILE, M3FolderConfig
+from m3composer.model.folder_config import FOLDER_CONFIG_FILE, M3FolderConfig
 from m3composer.model.gradcache import GradientCacheBudget
 from m3composer.model.heads import init_fresh_sparse_head, needs_sparse_fit
 from m3composer.model.m3 import M3Model
@@ -88,17 +88,17 @@ def model_aware_defaults(cfg: TrainConfig, model_dir: Path) -> ModelDefaults:
         passage_instruction_for_retrieval=pick(d.passage_instruction_for_retrieval, recorded.passage_instruction))
 
 
-def build_model(cfg: TrainConfig, model_dir: Path, chosen: ModelDefaults) -> ComposerM3:
+def build_model(cfg: TrainConfig, model_dir: Path, model_defaults: ModelDefaults) -> ComposerM3:
     encoder_kwargs = {}
     if cfg.model.attn_implementation:
         encoder_kwargs["attn_implementation"] = cfg.model.attn_implementation
     if cfg.model.trust_remote_code:
         encoder_kwargs["trust_remote_code"] = True
-    m3 = M3Model.from_pretrained(model_dir, pooling=chosen.pooling, colbert_dim=cfg.model.colbert_dim,
+    m3 = M3Model.from_pretrained(model_dir, pooling=model_defaults.pooling, colbert_dim=cfg.model.colbert_dim,
                                  **encoder_kwargs)
     # The export records what training used, so evaluation defaults to the same prefixes.
-    m3.query_instruction = chosen.query_instruction_for_retrieval
-    m3.passage_instruction = chosen.passage_instruction_for_retrieval
+    m3.query_instruction = model_defaults.query_instruction_for_retrieval
+    m3.passage_instruction = model_defaults.passage_instruction_for_retrieval
     if m3.fresh_heads:
         init_new_heads(cfg, m3)
     m3.train()
@@ -120,7 +120,7 @@ def loss_settings(loss: LossConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- data
-def build_dataset(cfg: TrainConfig, tokenizer, chosen: ModelDefaults) -> M3TrainDataset:
+def build_dataset(cfg: TrainConfig, tokenizer, model_defaults: ModelDefaults) -> M3TrainDataset:
     d = cfg.data
     local = d.local_cache
     if local is None and (is_remote(d.train_data) or d.cache_limit is not None):   # eviction needs a cache apart
@@ -130,8 +130,8 @@ def build_dataset(cfg: TrainConfig, tokenizer, chosen: ModelDefaults) -> M3Train
         default_batch_size=d.default_batch_size, batch_size_table=d.batch_size_table,
         max_tokens_per_device_batch=d.max_tokens_per_device_batch, query_max_len=d.query_max_len,
         passage_max_len=d.passage_max_len, small_threshold=d.small_threshold, drop_threshold=d.drop_threshold,
-        tail=d.tail, seed=cfg.seed, query_instruction_for_retrieval=chosen.query_instruction_for_retrieval,
-        passage_instruction_for_retrieval=chosen.passage_instruction_for_retrieval, shuffle_ratio=d.shuffle_ratio,
+        tail=d.tail, seed=cfg.seed, query_instruction_for_retrieval=model_defaults.query_instruction_for_retrieval,
+        passage_instruction_for_retrieval=model_defaults.passage_instruction_for_retrieval, shuffle_ratio=d.shuffle_ratio,
         download_retry=d.download_retry, download_timeout=d.download_timeout,
         prefetch_steps=d.prefetch_steps, prefetch_workers=d.prefetch_workers, cache_limit=d.cache_limit,
         plan=d.plan, plan_block_shards=d.plan_block_shards,
@@ -218,11 +218,11 @@ def card_facts(cfg: TrainConfig, dataset: M3TrainDataset) -> dict:
                           eval_data=cfg.callbacks.eval_data)
 
 
-def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: ModelDefaults, run_facts: Optional[dict] = None) -> list:
+def build_callbacks(cfg: TrainConfig, on_gpu: bool, model_defaults: ModelDefaults, run_facts: Optional[dict] = None) -> list:
     from m3composer.callbacks.plots import Plots
     c = cfg.callbacks
     # StepSeed: dropout masks as a function of (seed, rank, step), so a mid-epoch resume is exact.
-    callbacks = [StepSeed(), DataRefresh(cfg.trainer.train_subset_num_batches), SpeedMonitor(window_size=c.speed_window), LRMonitor(), Plots(cfg.run_dir)]
+    callbacks = [StepSeed(), DataEpoch(cfg.trainer.train_subset_num_batches), SpeedMonitor(window_size=c.speed_window), LRMonitor(), Plots(cfg.run_dir)]
     if c.negative_refresh is not None:
         from m3composer.callbacks.negative_refresh import NegativeRefresh
         callbacks.append(NegativeRefresh(negatives_dir(cfg), **negative_refresh_settings(c.negative_refresh, cfg.seed)))
@@ -238,7 +238,8 @@ def build_callbacks(cfg: TrainConfig, on_gpu: bool, chosen: ModelDefaults, run_f
         from m3composer.callbacks.retrieval_eval import RetrievalEval
         callbacks.append(RetrievalEval(
             c.eval_data, interval=c.eval_interval, at_fit_end=True, max_queries=c.eval_max_queries,
-            query_instruction=chosen.query_instruction_for_retrieval or "", passage_instruction=chosen.passage_instruction_for_retrieval or "",
+            query_instruction=model_defaults.query_instruction_for_retrieval or "",
+            passage_instruction=model_defaults.passage_instruction_for_retrieval or "",
             batch_size=c.eval_batch_size, query_max_len=cfg.data.query_max_len,
             passage_max_len=c.eval_passage_max_len))
     # Last, so that an export's model card sees the evaluation of its own step (RetrievalEval runs first).
@@ -312,13 +313,14 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 
     apply_object_store_settings(cfg)
     model_dir = resolve_model_path(cfg.model.name_or_path)
-    chosen = model_aware_defaults(cfg, model_dir)
+    model_defaults = model_aware_defaults(cfg, model_dir)
     if dist.get_global_rank() == 0:
         log.info("model %s: pooling=%s query_instruction=%r passage_instruction=%r (auto = from %s)",
-                 model_dir, chosen.pooling, chosen.query_instruction_for_retrieval, chosen.passage_instruction_for_retrieval,
-                 model_dir / CONFIG_FILE)
-    model = build_model(cfg, model_dir, chosen)
-    dataset = build_dataset(cfg, model.model.tokenizer, chosen)
+                 model_dir, model_defaults.pooling, model_defaults.query_instruction_for_retrieval,
+                 model_defaults.passage_instruction_for_retrieval,
+                 model_dir / FOLDER_CONFIG_FILE)
+    model = build_model(cfg, model_dir, model_defaults)
+    dataset = build_dataset(cfg, model.model.tokenizer, model_defaults)
     microbatch = cfg.trainer.device_train_microbatch_size or dataset.max_per_device_batch_size
     if microbatch < dataset.max_per_device_batch_size:
         raise ConfigError(
@@ -333,7 +335,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
                             pin_memory=on_gpu, persistent_workers=False)
     optimizer = build_optimizer(cfg, model)
     t = cfg.trainer
-    callbacks = build_callbacks(cfg, on_gpu, chosen, card_facts(cfg, dataset))
+    callbacks = build_callbacks(cfg, on_gpu, model_defaults, card_facts(cfg, dataset))
     preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
     if t.preemption_checkpoint and preemption is None and dist.get_global_rank() == 0:
         log.warning("trainer.save_folder is not set: SIGTERM/SIGUSR1 stop the run without a checkpoint")

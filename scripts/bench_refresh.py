@@ -20,7 +20,7 @@ from m3composer.assets.build import resolve_model_dir
 from m3composer.callbacks.negative_refresh import NegativeRefresh
 from m3composer.config import NegativeRefreshConfig, default_settings
 from m3composer.data.dataset import M3TrainDataset
-from m3composer.model.scores import SCORE_NAMES as REFRESH_HEADS
+from m3composer.model.scores import SCORE_NAMES
 from m3composer.model.m3 import M3Model
 from m3composer.testing.settings import dataset_settings
 from m3composer.train import negative_refresh_settings
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="asset:e5-small")
     parser.add_argument("--out", default=None, help="negatives folder (default: a temporary one)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--heads", default="dense", help=f"comma-separated ranking heads of {REFRESH_HEADS} (default dense)")
+    parser.add_argument("--heads", default="dense", help=f"comma-separated ranking heads of {SCORE_NAMES} (default dense)")
     parser.add_argument("--query-max-len", type=int, default=32)
     parser.add_argument("--passage-max-len", type=int, default=128)
     args = parser.parse_args(argv)
@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                              **dataset_settings(train_group_size=4, default_batch_size=8,
                                                 query_max_len=args.query_max_len, passage_max_len=args.passage_max_len))
     heads = args.heads.split(",")
-    unknown = set(heads) - set(REFRESH_HEADS)
+    unknown = set(heads) - set(SCORE_NAMES)
     if unknown:
-        parser.error(f"--heads: unknown {sorted(unknown)}; choose from {REFRESH_HEADS}")
+        parser.error(f"--heads: unknown {sorted(unknown)}; choose from {SCORE_NAMES}")
     for version, head in enumerate(heads, start=1):
         before = peak_rss_mib()
         started = time.perf_counter()

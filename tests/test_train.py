@@ -378,7 +378,7 @@ def test_sigterm_mid_epoch_checkpoints_at_the_step_boundary_and_the_same_command
 
 def test_train_subset_num_batches_ends_every_epoch_after_n_steps_of_a_fresh_plan(tmp_path, train_data):
     """`trainer.train_subset_num_batches` N: epochs of N steps (Composer's option), each the start of
-    that epoch's own plan; epoch-end callbacks (DataRefresh's batch count, NegativeRefresh) run after N."""
+    that epoch's own plan; epoch-end callbacks (DataEpoch's batch count, NegativeRefresh) run after N."""
     from m3composer.train import build_trainer
 
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(

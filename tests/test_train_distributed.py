@@ -226,7 +226,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_and_its_epoch_ends_after_the_
     epoch_end = len(plan_epoch(*sizes, seed=7, epoch=0, world_size=1, history=[(2, done)], tail="keep_if_ge_2W"))
     # the rest of the epoch at half the rows per step takes more steps, and it ends within this run
     assert two_rank_epoch - done < epoch_end - done < done + 10 - done
-    trainer.fit()       # DataRefresh raises at EPOCH_END if the epoch served another number of batches
+    trainer.fit()       # DataEpoch raises at EPOCH_END if the epoch served another number of batches
     trainer.close()
     (fit,) = read_loss_log(tmp_path / "losses.jsonl")
     assert [r["step"] for r in fit] == list(range(done, done + 10))

@@ -1,1 +1,1 @@
-"""Callbacks: data refresh at epoch boundaries, FlagEmbedding-compatible export (more to come)."""
+"""Callbacks: the data epoch (set at epoch boundaries), step seeds, export, evaluation, negative refresh, plots."""

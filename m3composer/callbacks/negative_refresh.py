@@ -43,7 +43,7 @@ from m3composer.data.collate import with_prefix
 from m3composer.data.negatives import (TrainingPool, build_pool, version_arrays, version_sha256, write_pool,
                                        write_version)
 from m3composer.model.inference import unwrap_m3
-from m3composer.model.scores import SCORE_NAMES as REFRESH_HEADS   # every score can rank (retrieval/refresh.py)
+from m3composer.model.scores import SCORE_NAMES
 from m3composer.retrieval.refresh import encode_token_ids, gather_rows, mine_rows, mine_rows_sharded_pool, shard
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,8 @@ class NegativeRefresh(Callback):
     def __init__(self, folder: str | os.PathLike, *, interval_epochs: int, head: str, rank_range: tuple[int, int],
                  negatives: int, max_score_ratio: Optional[float], margin: Optional[float], batch_size: int,
                  seed: int):
-        if head not in REFRESH_HEADS:
-            raise ValueError(f"NegativeRefresh: head must be one of {REFRESH_HEADS}, got {head!r}")
+        if head not in SCORE_NAMES:
+            raise ValueError(f"NegativeRefresh: head must be one of {SCORE_NAMES}, got {head!r}")
         if interval_epochs < 1 or negatives < 1 or batch_size < 1:
             raise ValueError("NegativeRefresh: interval_epochs, negatives and batch_size must be >= 1")
         self.folder = Path(folder)
@@ -88,7 +88,7 @@ class NegativeRefresh(Callback):
         self.history: list[dict] = []      # meta of every refresh this process ran (tests, callers)
 
     def epoch_end(self, state: State, logger: Logger) -> None:
-        # timestamp has moved to the next epoch when EPOCH_END fires (see DataRefresh)
+        # timestamp has moved to the next epoch when EPOCH_END fires (see DataEpoch)
         next_epoch = int(state.timestamp.epoch)
         elapsed = state.get_elapsed_duration()
         if next_epoch % self.interval_epochs or (elapsed is not None and elapsed.value >= 1):

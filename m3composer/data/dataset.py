@@ -8,7 +8,7 @@ tail rule, per-epoch re-draws, borrowed negatives) are in docs/recipe.md §Batch
 §Collation; why it reads by index instead of using Streaming's sampler, how it owns the epoch and
 how it resumes are in docs/architecture.md §Training data: our own epoch plan over random access.
 
-Epochs: call `set_epoch(e)` at every EPOCH_START (`callbacks.data_refresh.DataRefresh` does);
+Epochs: call `set_epoch(e)` at every EPOCH_START (`callbacks.data_epoch.DataEpoch` does);
 `load_state_dict` sets epoch and step on a mid-epoch resume, also from a checkpoint taken at
 another world size (elastic resume: the epoch goes on with the rows its plan still had,
 `plan.plan_epoch(history=…)`; `len()` is then the length of that epoch). Use DataLoader workers
@@ -216,7 +216,7 @@ class M3TrainDataset(IterableDataset):
         return {g.name: n for g, n in zip(self.groups, self.plan(epoch).left_out) if n}
 
     def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` from its first step (DataRefresh calls this at EPOCH_START)."""
+        """Start `epoch` from its first step (DataEpoch calls this at EPOCH_START)."""
         self.epoch, self._start_step, self._history = int(epoch), 0, []
         self._log_plan()
 
@@ -373,7 +373,7 @@ class M3TrainDataset(IterableDataset):
         """Position after `num_samples` global queries of the current epoch (Composer's count).
 
         A checkpoint taken at EPOCH_CHECKPOINT has num_samples 0 and the finished epoch's number;
-        on resume, EPOCH_START fires there (batch_in_epoch is 0) and DataRefresh sets the next epoch.
+        on resume, EPOCH_START fires there (batch_in_epoch is 0) and DataEpoch sets the next epoch.
         `history` is the epoch's elastic-resume history (plan.plan_epoch), empty without one.
         """
         if not from_beginning:

@@ -38,7 +38,7 @@ from m3composer.data.collate import row_passages
 from m3composer.fsutil import building_dir, write_json_atomic
 
 POOL_DIR = "pool"
-INDEX_FILE = "index.json"
+VERSIONS_INDEX_FILE = "index.json"
 
 
 def parse_rank_range(text: str) -> tuple[int, int]:
@@ -197,7 +197,7 @@ def write_version(folder: str | os.PathLike, version: int, row_ids: np.ndarray, 
         write_json_atomic(tmp / "meta.json", meta)
         if before_publish is not None:
             before_publish(tmp)
-    index_path = Path(folder) / INDEX_FILE
+    index_path = Path(folder) / VERSIONS_INDEX_FILE
     index = json.loads(index_path.read_text()) if index_path.is_file() else {"versions": []}
     index["versions"] = sorted([v for v in index["versions"] if v["version"] != version] + [meta],
                                key=lambda v: v["version"])

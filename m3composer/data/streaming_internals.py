@@ -9,7 +9,9 @@ Streaming's own behaviour instead of failing.
 from __future__ import annotations
 
 import atexit
+import threading
 import weakref
+from typing import Callable
 
 import torch.distributed
 from streaming import StreamingDataset
@@ -28,6 +30,51 @@ def release_shared_memory_when_dropped(sd: StreamingDataset) -> None:
     blocks = [sd._locals_shm, sd._shared_barrier._arr.shm, sd._next_epoch.arr.shm, sd._cache_usage.arr.shm,
               sd._shard_states.shm, sd._shard_access_times.shm]   # all it makes when read by index
     weakref.finalize(sd, _release_shared_memory, blocks)
+
+
+_PREFIX_SEARCH = threading.Lock()
+
+
+def open_without_prefix_search_leaks(open_dataset: Callable[[], StreamingDataset]) -> StreamingDataset:
+    """`open_dataset()`, with the blocks it attached to while choosing its shared-memory prefix closed
+    again, instead of keeping their descriptors open until the process exits.
+
+    Streaming 0.13.0's `get_shm_prefix` (streaming/base/shared/prefix.py) walks every prefix that
+    exists on the machine and, for each of its six block names, attaches to that prefix's block; each
+    attachment registers its cleanup with `atexit`, so its descriptor stays open until exit. Every
+    dataset opened while a prefix exists, live or stale (left by a killed process), then costs six
+    descriptors for good: a suite or a notebook that opens hundreds of datasets runs out of them. The
+    walk only reads the blocks; the one attachment kept is a non-leader rank's to its own prefix's
+    `locals` block (the dataset's `_locals_shm`). So this records the walk's attachments (prefix.py's
+    `SharedMemory` swapped for a recording subclass while the dataset is built) and closes the
+    others. Nothing is unlinked: every process sees the same blocks as before (docs/recipe.md
+    §Streaming's shared memory).
+    """
+    from streaming.base.shared import prefix as prefix_module
+
+    original = getattr(prefix_module, "SharedMemory", None)
+    if original is None:                 # another Streaming version: its own behaviour stays
+        return open_dataset()
+    attached: list = []
+
+    class Recorded(original):
+        def __init__(self, name=None, create=None, size=0, auto_cleanup=True):
+            super().__init__(name, create, size, auto_cleanup)
+            if create is False:
+                attached.append(self)
+
+    with _PREFIX_SEARCH:
+        prefix_module.SharedMemory = Recorded
+        try:
+            sd = open_dataset()
+        finally:
+            prefix_module.SharedMemory = original
+    own = getattr(sd, "_locals_shm", None)
+    for block in attached:
+        if block is not own:
+            atexit.unregister(block.cleanup)
+            block.cleanup()
+    return sd
 
 
 def _release_shared_memory(blocks: list) -> None:

@@ -16,7 +16,7 @@ from streaming import Stream, StreamingDataset
 
 from m3composer.data.index import StreamEntry, is_remote, read_streams
 from m3composer.data.shard_checks import enable_hash_checks
-from m3composer.data.streaming_internals import release_shared_memory_when_dropped
+from m3composer.data.streaming_internals import open_without_prefix_search_leaks, release_shared_memory_when_dropped
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,11 @@ def open_streaming_dataset(train_data: str, local_cache: str | None, streams: li
     remote = is_remote(train_data) or local_cache
     locals_ = [os.path.join(local_cache, s.path) if local_cache else os.path.join(root, s.path) for s in streams]
     try:
-        sd = StreamingDataset(
+        sd = open_without_prefix_search_leaks(lambda: StreamingDataset(
             streams=[Stream(remote=f"{root}/{s.path}" if remote else None, local=local)
                      for s, local in zip(streams, locals_)],
             batch_size=1, shuffle=False, download_retry=download_retry, download_timeout=download_timeout,
-            cache_limit=cache_limit)
+            cache_limit=cache_limit))
     except ValueError as err:
         if cache_limit and "cache limit" in str(err).lower():
             raise                   # a limit too low for the data: M3TrainDataset names data.cache_limit

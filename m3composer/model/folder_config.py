@@ -17,7 +17,7 @@ from typing import Optional
 
 from m3composer.model.heads import POOLING_METHODS
 
-CONFIG_FILE = "m3composer.json"
+FOLDER_CONFIG_FILE = "m3composer.json"
 
 
 @dataclass(frozen=True)
@@ -37,17 +37,17 @@ class M3FolderConfig:
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> "M3FolderConfig":
         """The folder's settings; BGE-M3's defaults when it has no `m3composer.json`."""
-        path = Path(folder) / CONFIG_FILE
+        path = Path(folder) / FOLDER_CONFIG_FILE
         if not path.is_file():
             return cls()
         try:
             recorded = json.loads(path.read_text())
             return cls(**recorded)
         except (ValueError, TypeError) as err:
-            raise ValueError(f"{path}: not a valid {CONFIG_FILE} ({err})") from err
+            raise ValueError(f"{path}: not a valid {FOLDER_CONFIG_FILE} ({err})") from err
 
     def save(self, folder: str | os.PathLike) -> Path:
-        path = Path(folder) / CONFIG_FILE
+        path = Path(folder) / FOLDER_CONFIG_FILE
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 

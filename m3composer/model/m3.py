@@ -40,6 +40,10 @@ XLMR_SPECIAL_IDS = {"cls": 0, "pad": 1, "eos": 2, "unk": 3}
 # §Measurements behind code comments).
 OVERHEAD_TOKENS_CPU_MIN = 32.0
 OVERHEAD_TOKENS_GPU = 1024.0
+# Encoding for inference (m3c eval / mine / score-teacher and the evaluation callback), unless told otherwise
+INFERENCE_BATCH_SIZE = 32
+INFERENCE_QUERY_MAX_LEN = 64
+INFERENCE_PASSAGE_MAX_LEN = 512
 
 
 def special_ids_from_tokenizer(tokenizer) -> dict[str, int]:
@@ -372,8 +376,8 @@ class M3Model(nn.Module):
         return folder
 
     # ------------------------------------------------------------------ inference
-    def encode_texts(self, texts: Sequence[str] | str, tokenizer=None, *, batch_size: int = 32,
-                     max_length: int = 512, instruction: Optional[str] = None, return_dense: bool = True,
+    def encode_texts(self, texts: Sequence[str] | str, tokenizer=None, *, batch_size: int = INFERENCE_BATCH_SIZE,
+                     max_length: int = INFERENCE_PASSAGE_MAX_LEN, instruction: Optional[str] = None, return_dense: bool = True,
                      return_sparse: bool = True, return_colbert_vecs: bool = True) -> dict:
         """Encode texts with the meaning of `BGEM3FlagModel.encode`.
 

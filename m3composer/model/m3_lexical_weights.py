@@ -28,7 +28,7 @@ try:
 except ImportError:  # m3composer's tests run the forward without sentence-transformers
     Module = nn.Module
 
-CONFIG_FILE = "config.json"
+MODULE_CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -74,7 +74,7 @@ class M3LexicalWeights(Module):
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
         from safetensors.torch import save_file
         os.makedirs(output_path, exist_ok=True)
-        with open(os.path.join(output_path, CONFIG_FILE), "w", encoding="utf-8") as handle:
+        with open(os.path.join(output_path, MODULE_CONFIG_FILE), "w", encoding="utf-8") as handle:
             json.dump(self.get_config_dict(), handle, indent=2)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
                   os.path.join(output_path, WEIGHTS_FILE))
@@ -83,10 +83,10 @@ class M3LexicalWeights(Module):
     def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> "M3LexicalWeights":
         from safetensors.torch import load_file
         hub = {k: kwargs[k] for k in ("token", "cache_folder", "revision", "local_files_only") if k in kwargs}
-        config_path = cls.load_file_path(model_name_or_path, CONFIG_FILE, subfolder=subfolder, **hub)
+        config_path = cls.load_file_path(model_name_or_path, MODULE_CONFIG_FILE, subfolder=subfolder, **hub)
         weights_path = cls.load_file_path(model_name_or_path, WEIGHTS_FILE, subfolder=subfolder, **hub)
         if config_path is None or weights_path is None:
-            raise FileNotFoundError(f"{model_name_or_path}/{subfolder}: {CONFIG_FILE} and {WEIGHTS_FILE} are needed")
+            raise FileNotFoundError(f"{model_name_or_path}/{subfolder}: {MODULE_CONFIG_FILE} and {WEIGHTS_FILE} are needed")
         with open(config_path, encoding="utf-8") as handle:
             module = cls(**json.load(handle))
         module.load_state_dict(load_file(weights_path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
+from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
 from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS
 
 
@@ -44,8 +45,8 @@ def add_encoding_arguments(parser: argparse.ArgumentParser) -> None:
     add_instruction_arguments(parser)
     parser.add_argument("--pooling", choices=("cls", "mean"), default=None,
                         help="dense pooling (default: the folder's m3composer.json, else cls)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--query-max-len", type=int, default=64)
-    parser.add_argument("--passage-max-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=INFERENCE_BATCH_SIZE)
+    parser.add_argument("--query-max-len", type=int, default=INFERENCE_QUERY_MAX_LEN)
+    parser.add_argument("--passage-max-len", type=int, default=INFERENCE_PASSAGE_MAX_LEN)
     parser.add_argument("--weights", type=parse_weights, default=INFERENCE_ENSEMBLE_WEIGHTS,
                         help="ensemble weights dense,sparse,colbert (default: 0.4,0.2,0.4)")

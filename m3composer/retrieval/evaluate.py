@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 from m3composer.fsutil import write_json_atomic
 from m3composer.model.inference import heads_in_folder, load_model_for_inference, unwrap_m3
+from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
 from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES
 from m3composer.retrieval.beir import EvalSet, load_eval_set
 from m3composer.retrieval.cli_args import add_encoding_arguments, instructions_from_args, parse_heads
@@ -29,8 +30,8 @@ DEFAULT_K_VALUES = (1, 10)
 
 
 def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instruction: Optional[str] = None,
-                   passage_instruction: Optional[str] = None, batch_size: int = 32, query_max_len: int = 64,
-                   passage_max_len: int = 512, weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS,
+                   passage_instruction: Optional[str] = None, batch_size: int = INFERENCE_BATCH_SIZE, query_max_len: int = INFERENCE_QUERY_MAX_LEN,
+                   passage_max_len: int = INFERENCE_PASSAGE_MAX_LEN, weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS,
                    heads: Sequence[str] = HEADS, k_values: Sequence[int] = DEFAULT_K_VALUES,
                    progress: bool = False, per_query: bool = False) -> dict:
     """Metrics per head and for the ensemble on `eval_set`.

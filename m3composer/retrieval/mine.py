@@ -49,10 +49,12 @@ import numpy as np
 from m3composer.data.negatives import parse_rank_range
 from m3composer.fsutil import atomic_file
 from m3composer.model.inference import heads_in_folder, load_model_for_inference, unwrap_m3
+from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
 from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES
 from m3composer.retrieval.beir import load_corpus_texts
 from m3composer.retrieval.cli_args import add_encoding_arguments, instructions_from_args
-from m3composer.retrieval.mining import HNSW_MIN_POOL, INDEXES, faiss_top_k, pair_score, select_negatives
+from m3composer.retrieval.mining import (HNSW_MIN_POOL, INDEXES, MINE_HEAD, MINE_NEGATIVES, MINE_RANK_RANGE, faiss_top_k,
+                                        pair_score, select_negatives)
 from m3composer.retrieval.search import encode_dense, search_top_k
 
 
@@ -90,12 +92,12 @@ def input_pool(rows: Sequence[MineRow]) -> list[str]:
     return list(dict.fromkeys(t for r in rows for t in r.pos + r.neg))
 
 
-def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *, head: str = "dense",
-         rank_range: tuple[int, int] = (10, 100), negatives: int = 7, corpus: Optional[str | os.PathLike] = None,
+def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *, head: str = MINE_HEAD,
+         rank_range: tuple[int, int] = MINE_RANK_RANGE, negatives: int = MINE_NEGATIVES, corpus: Optional[str | os.PathLike] = None,
          max_score_ratio: Optional[float] = None, margin: Optional[float] = None,
          exclude_positives_of_query: bool = False, with_scores: bool = False, scale: float = 1.0,
-         index: str = "auto", seed: int = 42, batch_size: int = 32, query_instruction: Optional[str] = None,
-         passage_instruction: Optional[str] = None, query_max_len: int = 64, passage_max_len: int = 512,
+         index: str = "auto", seed: int = 42, batch_size: int = INFERENCE_BATCH_SIZE, query_instruction: Optional[str] = None,
+         passage_instruction: Optional[str] = None, query_max_len: int = INFERENCE_QUERY_MAX_LEN, passage_max_len: int = INFERENCE_PASSAGE_MAX_LEN,
          weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS, progress: bool = True) -> dict:
     """Write `output_path` = `input_path` with mined `neg` (module doc); returns the summary counts.
 
@@ -213,10 +215,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default=None,
                         help="candidate pool: a BEIR folder or a JSONL of {title?, text} (default: the input's "
                              "positives and negatives, deduplicated)")
-    parser.add_argument("--head", choices=SCORE_NAMES, default="dense", help="the score that ranks (default: dense)")
-    parser.add_argument("--range", dest="rank_range", type=parse_range, default=(10, 100),
-                        help="ranks to sample from, 1-based and inclusive, after removing the positives (default 10-100)")
-    parser.add_argument("--negatives", type=int, default=7, help="negatives per row (default 7)")
+    parser.add_argument("--head", choices=SCORE_NAMES, default=MINE_HEAD,
+                        help=f"the score that ranks (default: {MINE_HEAD})")
+    parser.add_argument("--range", dest="rank_range", type=parse_range, default=MINE_RANK_RANGE,
+                        help="ranks to sample from, 1-based and inclusive, after removing the positives (default %d-%d)"
+                             % MINE_RANK_RANGE)
+    parser.add_argument("--negatives", type=int, default=MINE_NEGATIVES,
+                        help=f"negatives per row (default {MINE_NEGATIVES})")
     parser.add_argument("--max-score-ratio", type=float, default=None,
                         help="drop candidates scoring above RATIO x the positive's score (e.g. 0.95)")
     parser.add_argument("--margin", type=float, default=None,

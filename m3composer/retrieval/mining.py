@@ -21,6 +21,10 @@ from m3composer.model.scores import INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES, col
 INDEXES = ("auto", "flat", "hnsw")
 HNSW_MIN_POOL = 1_000_000     # flat search of 10k queries over 1M e5-small vectors is ~1 min on 2 cores
 HNSW_M = 32
+# what `m3c mine` and `callbacks.negative_refresh` draw unless told otherwise
+MINE_HEAD = "dense"
+MINE_RANK_RANGE = (10, 100)      # 1-based, inclusive
+MINE_NEGATIVES = 7
 
 
 def faiss_top_k(queries: np.ndarray, pool: np.ndarray, k: int, index: str = "auto") -> tuple[np.ndarray, np.ndarray]:

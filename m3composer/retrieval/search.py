@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from m3composer.model.inference import unwrap_m3
+from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
 from m3composer.model.scores import (COLBERT_MAX_ELEMENTS, HEADS, INFERENCE_ENSEMBLE_WEIGHTS, colbert_maxsim,
                                      ensemble_scores)
 from m3composer.padding import right_pad
@@ -159,7 +160,7 @@ def rank_corpus(model, eval_set: EvalSet, *, top_k: int = 10, **kwargs) -> dict[
 
 def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenizer=None,
                  query_instruction: Optional[str] = None, passage_instruction: Optional[str] = None,
-                 batch_size: int = 32, query_max_len: int = 64, passage_max_len: int = 512,
+                 batch_size: int = INFERENCE_BATCH_SIZE, query_max_len: int = INFERENCE_QUERY_MAX_LEN, passage_max_len: int = INFERENCE_PASSAGE_MAX_LEN,
                  weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS, heads: Sequence[str] = HEADS, top_k: int = 10,
                  progress: bool = True, colbert_max_elements: int = COLBERT_MAX_ELEMENTS
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

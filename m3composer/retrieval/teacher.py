@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 from m3composer.fsutil import atomic_file
 from m3composer.model.inference import heads_in_folder, load_model_for_inference, unwrap_m3
+from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
 from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS
 from m3composer.retrieval.cli_args import add_encoding_arguments, instructions_from_args
 from m3composer.retrieval.mining import pair_score
@@ -41,8 +42,8 @@ def _split(encoded: dict, n: int) -> list[dict]:
 
 
 def score_teacher(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *, score: str = "dense",
-                  batch_size: int = 32, query_instruction: Optional[str] = None,
-                  passage_instruction: Optional[str] = None, query_max_len: int = 64, passage_max_len: int = 512,
+                  batch_size: int = INFERENCE_BATCH_SIZE, query_instruction: Optional[str] = None,
+                  passage_instruction: Optional[str] = None, query_max_len: int = INFERENCE_QUERY_MAX_LEN, passage_max_len: int = INFERENCE_PASSAGE_MAX_LEN,
                   weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS, scale: float = 1.0, rows_per_chunk: int = 256,
                   progress: bool = True) -> dict:
     """Write `output_path` = `input_path` with teacher `pos_scores`/`neg_scores`; returns counts.

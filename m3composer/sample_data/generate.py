@@ -102,11 +102,11 @@ def mine_rows(items: Sequence[Item], max_neg: int) -> list[dict]:
         siblings = sorted((j for j in by_group[it.group] if j != i), key=lambda j: (-scores[j], j))
         negatives = siblings[:max_neg]
         if len(negatives) < max_neg:
-            chosen = set(negatives) | {i}
+            taken = set(negatives) | {i}
             for j in np.lexsort((everyone, -scores)):
                 if len(negatives) == max_neg:
                     break
-                if int(j) not in chosen:
+                if int(j) not in taken:
                     negatives.append(int(j))
         raw = scores[[i] + negatives]
         scale = TEACHER_SCALE / raw.max() if raw.max() > 0 else 0.0

@@ -273,33 +273,71 @@ def test_under_a_launcher_the_process_group_must_exist_first(tiny, monkeypatch):
         make(tiny)
 
 
+SHM_BLOCKS = ("locals", "barrier", "next_epoch", "cache_usage", "shard_states", "shard_access_times")
+
+
+def shm_descriptors() -> set[tuple[str, str]]:
+    """(descriptor, /dev/shm block name) of every shared-memory block this process holds open."""
+    import os
+
+    held = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("/dev/shm/"):
+            held.add((fd, os.path.basename(target).removesuffix(" (deleted)")))
+    return held
+
+
 def test_a_dropped_dataset_gives_back_its_shared_memory(tiny):
     """Streaming keeps a StreamingDataset's /dev/shm blocks (and a descriptor each) until the process
     exits; ours are closed and unlinked when the dataset is collected (docs/recipe.md §Streaming's
-    shared memory), so a process opening dataset after dataset does not run out of descriptors."""
+    shared memory), so a process opening dataset after dataset does not run out of descriptors.
+    Only the descriptors opened during this test count: a name can be reused, and an earlier
+    test's descriptor to a deleted block of the same name is not this dataset's."""
     import gc
     import os
 
     from streaming.base.shared.prefix import _get_path
 
+    before = shm_descriptors()
     ds = make(tiny)
     batches = iter(ds)
     next(batches)                       # the blocks are in use, the shard prefetcher runs
     batches.close()                     # what the DataLoader does with an iterator it drops
     prefix = ds._sd._shm_prefix_int
-    names = {_get_path(prefix, n) for n in ("locals", "barrier", "next_epoch", "cache_usage", "shard_states",
-                                            "shard_access_times")}
+    names = {_get_path(prefix, n) for n in SHM_BLOCKS}
 
     def held() -> tuple[set, set]:
-        targets = set()
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                targets.add(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).removesuffix(" (deleted)"))
-            except OSError:
-                continue
-        return names & set(os.listdir("/dev/shm")), names & targets
+        opened = {name for _, name in shm_descriptors() - before}
+        return names & set(os.listdir("/dev/shm")), names & opened
 
     assert held() == (names, names)
     del ds, batches
     gc.collect()
     assert held() == (set(), set())
+
+
+def test_opening_a_dataset_beside_another_keeps_no_descriptor_of_the_other(tmp_path):
+    """Streaming's prefix search attaches to every existing prefix's six blocks and keeps the
+    descriptors until exit (atexit); those attachments are closed once the dataset is open, so a
+    dataset opened while others are alive, or while a killed process's blocks remain, costs only its
+    own six (docs/recipe.md §Streaming's shared memory)."""
+    import gc
+
+    from streaming.base.shared.prefix import _get_path
+
+    first = make(write_converted(tmp_path / "a", [StreamSpec("t1", "len-0-500", 12)]))
+    own_of_first = {name for _, name in shm_descriptors()}
+    for round_ in range(3):
+        before = shm_descriptors()
+        other = make(write_converted(tmp_path / f"b{round_}", [StreamSpec("t1", "len-0-500", 12)]))
+        opened = {name for _, name in shm_descriptors() - before}
+        assert opened == {_get_path(other._sd._shm_prefix_int, block) for block in SHM_BLOCKS}   # its own only
+        assert not opened & own_of_first
+        del other
+        gc.collect()
+        assert shm_descriptors() == before
+    del first

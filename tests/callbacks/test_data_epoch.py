@@ -1,4 +1,4 @@
-"""DataRefresh (m3composer/callbacks/data_refresh.py) in real Composer runs over 2 epochs.
+"""DataEpoch (m3composer/callbacks/data_epoch.py) in real Composer runs over 2 epochs.
 
 The synthetic streams of tests/data/m3_tiny_data.py encode the row and passage number in the
 token ids, so a recorded batch says which rows and which negatives were drawn. A dummy model keeps
@@ -14,7 +14,7 @@ from composer import Callback, Trainer
 from composer.loggers import InMemoryLogger
 from torch.utils.data import DataLoader
 
-from m3composer.callbacks.data_refresh import DataRefresh
+from m3composer.callbacks.data_epoch import DataEpoch
 from m3composer.data.collate import make_data_spec
 from m3composer.data.dataset import M3TrainDataset
 from tests.data.m3_tiny_data import Dummy, StreamSpec, write_converted
@@ -67,7 +67,7 @@ def test_epoch_boundary_redraws_negatives_and_order(data):
     steps = len(dataset)                      # 12 / 2 + 8 / 2 = 10 steps per epoch on one rank
     assert steps == 10
     record, memory = Record(), InMemoryLogger()
-    _fit(dataset, [DataRefresh(None), record], loggers=[memory])
+    _fit(dataset, [DataEpoch(None), record], loggers=[memory])
 
     epoch0, epoch1 = record.steps[:steps], record.steps[steps:]
     assert [e for e, _, _ in record.steps] == [0] * steps + [1] * steps
@@ -111,4 +111,4 @@ class ShortDataset(M3TrainDataset):
 def test_a_short_epoch_raises_at_epoch_end(data):
     dataset = _dataset(data, ShortDataset)
     with pytest.raises(RuntimeError, match=r"epoch 0 served 3 batches but its plan has 10"):
-        _fit(dataset, [DataRefresh(None)])
+        _fit(dataset, [DataEpoch(None)])

@@ -1,4 +1,5 @@
-"""Data refresh at epoch boundaries (FlagEmbedding's `TrainerCallbackForDataRefresh`).
+"""The data epoch, set at epoch boundaries: FlagEmbedding calls this "data refresh" (`TrainerCallbackForDataRefresh`);
+here "refresh" is kept for re-mining negatives (`NegativeRefresh`).
 
 Composer never tells a dataset which epoch starts (it calls `set_epoch` only on a
 DistributedSampler; docs/recipe.md §Epochs and set_epoch), so this Callback does: at
@@ -35,7 +36,7 @@ def _reread_dataloader_len(state: State, subset_num_batches: int | None = None) 
             state.dataloader_len = subset_num_batches
 
 
-class DataRefresh(Callback):
+class DataEpoch(Callback):
     def __init__(self, subset_num_batches: int | None):
         """`subset_num_batches`: `trainer.train_subset_num_batches` (None: whole epochs)."""
         self.subset_num_batches = subset_num_batches

@@ -30,6 +30,7 @@ from m3composer.model.heads import COLBERT_DIM_HIDDEN, POOLING_METHODS, SPARSE_I
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN
 from m3composer.model.scores import SCORE_NAMES
 from m3composer.retrieval.mining import MINE_HEAD, MINE_NEGATIVES, MINE_RANK_RANGE
+from m3composer.retrieval.refresh import REFRESH_BATCH_SIZE
 
 AUTO = "auto"  # instruction prefixes / pooling: take what the model folder records
 # `loggers:` keys -> Composer logger class (their packages are optional)
@@ -306,7 +307,7 @@ class NegativeRefreshConfig:
     margin: Optional[float] = setting(None, (
         "as `m3c mine`'s positive-aware filter: drop candidates scoring above the positive's score minus the "
         "margin (e5's cosines are compressed: prefer a margin, see BENCHMARKS.md §Mining)"))
-    batch_size: int = setting(64, "encoding batch of a refresh (memory of one encoder forward, no gradient)")
+    batch_size: int = setting(REFRESH_BATCH_SIZE, "encoding batch of a refresh (memory of one encoder forward, no gradient)")
 
 
 @dataclass

@@ -40,6 +40,7 @@ from m3composer.retrieval.mining import faiss_top_k, select_negatives
 from m3composer.retrieval.search import RunningTopK, inference_mode, merge_top_k
 from m3composer.seeds import REFRESH_STREAM
 
+REFRESH_BATCH_SIZE = 64             # texts per no-grad encoder forward (`callbacks.negative_refresh.batch_size`)
 QUERY_CHUNK = 8192                  # rows whose query representations are held at once (sharded-pool heads)
 
 
@@ -74,7 +75,8 @@ def token_id_batches(sequences: Sequence[np.ndarray], pad_id: int, batch_size: i
         yield rows, ids, mask
 
 
-def encode_token_ids(model, sequences: Sequence[np.ndarray], pad_id: int, batch_size: int = 64) -> np.ndarray:
+def encode_token_ids(model, sequences: Sequence[np.ndarray], pad_id: int,
+                     batch_size: int = REFRESH_BATCH_SIZE) -> np.ndarray:
     """Dense vectors `(len(sequences), H)` float32 of ready token ids, in input order."""
     m3 = unwrap_m3(model)
     device = next(m3.parameters()).device
@@ -252,7 +254,7 @@ def sharded_top_k(model, pool: TrainingPool, rows: np.ndarray, query_sequences: 
 
 def mine_rows_sharded_pool(model, pool: TrainingPool, query_sequences: Sequence[np.ndarray],
                            passage_share: dict[int, np.ndarray], *, head: str, rank_range: tuple[int, int],
-                           negatives: int, seed: int, version: int, pad_id: int, batch_size: int = 64,
+                           negatives: int, seed: int, version: int, pad_id: int, batch_size: int = REFRESH_BATCH_SIZE,
                            max_score_ratio: Optional[float] = None, margin: Optional[float] = None,
                            query_chunk: int = QUERY_CHUNK, weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS
                            ) -> tuple[np.ndarray, dict]:

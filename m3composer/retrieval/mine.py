@@ -53,8 +53,8 @@ from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN,
 from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES
 from m3composer.retrieval.beir import load_corpus_texts
 from m3composer.retrieval.cli_args import add_encoding_arguments, instructions_from_args
-from m3composer.retrieval.mining import (HNSW_MIN_POOL, INDEXES, MINE_HEAD, MINE_NEGATIVES, MINE_RANK_RANGE, faiss_top_k,
-                                        pair_score, select_negatives)
+from m3composer.retrieval.mining import (HNSW_MIN_POOL, INDEXES, MINE_HEAD, MINE_NEGATIVES, MINE_RANK_RANGE, MINE_SEED,
+                                        faiss_top_k, pair_score, select_negatives)
 from m3composer.retrieval.search import encode_dense, search_top_k
 
 
@@ -96,7 +96,7 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
          rank_range: tuple[int, int] = MINE_RANK_RANGE, negatives: int = MINE_NEGATIVES, corpus: Optional[str | os.PathLike] = None,
          max_score_ratio: Optional[float] = None, margin: Optional[float] = None,
          exclude_positives_of_query: bool = False, with_scores: bool = False, scale: float = 1.0,
-         index: str = "auto", seed: int = 42, batch_size: int = INFERENCE_BATCH_SIZE, query_instruction: Optional[str] = None,
+         index: str = "auto", seed: int = MINE_SEED, batch_size: int = INFERENCE_BATCH_SIZE, query_instruction: Optional[str] = None,
          passage_instruction: Optional[str] = None, query_max_len: int = INFERENCE_QUERY_MAX_LEN, passage_max_len: int = INFERENCE_PASSAGE_MAX_LEN,
          weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS, progress: bool = True) -> dict:
     """Write `output_path` = `input_path` with mined `neg` (module doc); returns the summary counts.
@@ -233,7 +233,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the written scores (default 1)")
     parser.add_argument("--index", choices=INDEXES, default="auto",
                         help=f"dense search: faiss flat (exact) or HNSW; auto = HNSW from {HNSW_MIN_POOL:,} passages")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=MINE_SEED)
     add_encoding_arguments(parser)
     parser.add_argument("--no-progress", action="store_true")
 

@@ -25,6 +25,7 @@ HNSW_M = 32
 MINE_HEAD = "dense"
 MINE_RANK_RANGE = (10, 100)      # 1-based, inclusive
 MINE_NEGATIVES = 7
+MINE_SEED = 42                   # `m3c mine`'s draws (NegativeRefresh draws from the run's seed)
 
 
 def faiss_top_k(queries: np.ndarray, pool: np.ndarray, k: int, index: str = "auto") -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,6 @@
 """m3composer/config.py: YAML + overrides -> typed config; bad keys and values fail naming the key."""
+from pathlib import Path
+
 import pytest
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -136,3 +138,40 @@ def test_a_recipes_outputs_and_data_move_with_run_dir(name):
     paths = lambda cfg: [cfg.data.train_data, cfg.trainer.save_folder, cfg.callbacks.export_dir]
     assert all(p.startswith(default.run_dir + "/") for p in paths(default))
     assert all(p.startswith("/elsewhere/mine/") for p in paths(moved))
+
+
+def test_no_function_in_the_package_restates_a_schema_default():
+    """Each setting's default is written once, in the schema: a parameter named like a schema key
+    (its last part) must not carry the same literal default anywhere else in the package (None and
+    False are too common to count). A shared value is a named constant both import."""
+    import ast
+
+    from m3composer.config import default_settings
+
+    by_name: dict[str, list[tuple[str, object]]] = {}
+
+    def walk(section: dict, prefix: str = "") -> None:
+        for key, value in section.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif value is not None and value is not False:
+                by_name.setdefault(key, []).append((prefix + key, value))
+
+    walk(default_settings())
+    package = Path(__file__).resolve().parents[1] / "m3composer"
+    restated = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = node.args
+            with_defaults = list(zip(a.args[len(a.args) - len(a.defaults):], a.defaults))
+            with_defaults += [(arg, d) for arg, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
+            for arg, default in with_defaults:
+                if isinstance(default, ast.Constant):
+                    restated += [f"{path.relative_to(package.parent)}:{node.lineno} {node.name}({arg.arg}="
+                                 f"{default.value!r}) restates {key}" for key, value in by_name.get(arg.arg, [])
+                                 if value == default.value and type(value) is type(default.value)]
+    assert not restated, "\n".join(restated)

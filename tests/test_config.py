@@ -145,19 +145,21 @@ def test_no_function_in_the_package_restates_a_schema_default():
     (its last part) must not carry the same literal default anywhere else in the package (None and
     False are too common to count). A shared value is a named constant both import."""
     import ast
-
-    from m3composer.config import default_settings
+    import dataclasses
+    import typing
 
     by_name: dict[str, list[tuple[str, object]]] = {}
 
-    def walk(section: dict, prefix: str = "") -> None:
-        for key, value in section.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            elif value is not None and value is not False:
-                by_name.setdefault(key, []).append((prefix + key, value))
+    def walk(section: type, prefix: str = "") -> None:    # every section, the optional ones too
+        hints = typing.get_type_hints(section)
+        for f in dataclasses.fields(section):
+            kind = next((t for t in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(t)), None)
+            if kind is not None:
+                walk(kind, f"{prefix}{f.name}.")
+            elif f.default is not dataclasses.MISSING and f.default is not None and f.default is not False:
+                by_name.setdefault(f.name, []).append((prefix + f.name, f.default))
 
-    walk(default_settings())
+    walk(TrainConfig)
     package = Path(__file__).resolve().parents[1] / "m3composer"
     restated = []
     for path in sorted(package.rglob("*.py")):

@@ -153,7 +153,8 @@ def test_no_function_in_the_package_restates_a_schema_default():
     def walk(section: type, prefix: str = "") -> None:    # every section, the optional ones too
         hints = typing.get_type_hints(section)
         for f in dataclasses.fields(section):
-            kind = next((t for t in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(t)), None)
+            hint = hints[f.name]
+            kind = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
             if kind is not None:
                 walk(kind, f"{prefix}{f.name}.")
             elif f.default is not dataclasses.MISSING and f.default is not None and f.default is not False:

@@ -58,18 +58,22 @@ def write(folder: Path, data: list[dict], hashes: list[str]) -> float:
 
 
 def first_read(folder: Path, cache: Path, validate: bool) -> float:
+    import gc
+
     from streaming import Stream, StreamingDataset
-    from streaming.base.util import clean_stale_shared_memory
+
+    from m3composer.data.streaming_internals import open_releasing_shared_memory
 
     shutil.rmtree(cache, ignore_errors=True)
-    clean_stale_shared_memory()
     start = time.perf_counter()
-    sd = StreamingDataset(streams=[Stream(remote=str(folder), local=str(cache))], batch_size=1, shuffle=False,
-                          validate_hash=SHARD_HASH if validate else None)
+    sd = open_releasing_shared_memory(lambda: StreamingDataset(
+        streams=[Stream(remote=str(folder), local=str(cache))], batch_size=1, shuffle=False,
+        validate_hash=SHARD_HASH if validate else None))
     for i in range(len(sd)):
         sd[i]
     elapsed = time.perf_counter() - start
     del sd
+    gc.collect()        # its shared memory is given back, so the next read can use the same cache folder
     return elapsed
 
 

@@ -16,7 +16,7 @@ from streaming import Stream, StreamingDataset
 
 from m3composer.data.index import StreamEntry, is_remote, read_streams
 from m3composer.data.shard_checks import enable_hash_checks
-from m3composer.data.streaming_internals import open_without_prefix_search_leaks, release_shared_memory_when_dropped
+from m3composer.data.streaming_internals import open_releasing_shared_memory
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def open_streaming_dataset(train_data: str, local_cache: str | None, streams: li
     remote = is_remote(train_data) or local_cache
     locals_ = [os.path.join(local_cache, s.path) if local_cache else os.path.join(root, s.path) for s in streams]
     try:
-        sd = open_without_prefix_search_leaks(lambda: StreamingDataset(
+        sd = open_releasing_shared_memory(lambda: StreamingDataset(
             streams=[Stream(remote=f"{root}/{s.path}" if remote else None, local=local)
                      for s, local in zip(streams, locals_)],
             batch_size=1, shuffle=False, download_retry=download_retry, download_timeout=download_timeout,
@@ -68,7 +68,6 @@ def open_streaming_dataset(train_data: str, local_cache: str | None, streams: li
         if int(n) != s.rows:
             raise ValueError(f"{where}: stream {s.name} lists {s.rows} rows but its MDS index has {int(n)}")
     enable_hash_checks(sd, streams, where)
-    release_shared_memory_when_dropped(sd)
     return sd
 
 

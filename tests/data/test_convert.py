@@ -31,11 +31,11 @@ def read_stream(folder: Path) -> list[dict]:
 
     from streaming import StreamingDataset
 
-    from m3composer.data.streaming_internals import release_shared_memory_when_dropped
+    from m3composer.data.streaming_internals import open_releasing_shared_memory
 
     cache = tempfile.mkdtemp(prefix="cache-", dir=folder.parent.parent.parent)
-    ds = StreamingDataset(remote=str(folder), local=cache, shuffle=False, batch_size=1)
-    release_shared_memory_when_dropped(ds)
+    ds = open_releasing_shared_memory(lambda: StreamingDataset(remote=str(folder), local=cache, shuffle=False,
+                                                               batch_size=1))
     return [ds[i] for i in range(len(ds))]
 
 

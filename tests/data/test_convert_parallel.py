@@ -29,13 +29,12 @@ def read_rows(out: Path) -> dict[str, list[dict]]:
 
     from streaming import StreamingDataset
 
-    from m3composer.data.streaming_internals import release_shared_memory_when_dropped
+    from m3composer.data.streaming_internals import open_releasing_shared_memory
 
     got = {}
     for s in read_index(out)["streams"]:
-        ds = StreamingDataset(remote=str(out / s["path"]), local=tempfile.mkdtemp(prefix="m3c-test-read-"),
-                              shuffle=False, batch_size=1)
-        release_shared_memory_when_dropped(ds)
+        ds = open_releasing_shared_memory(lambda: StreamingDataset(
+            remote=str(out / s["path"]), local=tempfile.mkdtemp(prefix="m3c-test-read-"), shuffle=False, batch_size=1))
         got[s["name"]] = [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in ds[i].items()}
                           for i in range(len(ds))]
     return got

@@ -21,11 +21,10 @@ def keys(s3, prefix: str) -> list[str]:
 def rows_by_source(remote_or_local: str, stream: dict, cache) -> dict[str, dict]:
     from streaming import Stream, StreamingDataset
 
-    from m3composer.data.streaming_internals import release_shared_memory_when_dropped
+    from m3composer.data.streaming_internals import open_releasing_shared_memory
 
-    ds = StreamingDataset(streams=[Stream(remote=f"{remote_or_local}/{stream['path']}", local=str(cache))],
-                          shuffle=False, batch_size=1)
-    release_shared_memory_when_dropped(ds)
+    ds = open_releasing_shared_memory(lambda: StreamingDataset(
+        streams=[Stream(remote=f"{remote_or_local}/{stream['path']}", local=str(cache))], shuffle=False, batch_size=1))
     rows = [ds[i] for i in range(len(ds))]
     return {r["source"]: r for r in rows}
 

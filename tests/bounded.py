@@ -45,3 +45,15 @@ def run(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProc
         pytest.fail(f"{' '.join(map(str, cmd))[:300]} did not finish within {timeout} s; its output and "
                     f"stacks:\n{out[-3000:]}\n{err[-12000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def release_finished_datasets() -> None:
+    """Collect this process's garbage before starting ranks. The ranks of a node choose their shared-memory
+    prefix from the blocks that exist (Streaming's `get_shm_prefix`, each rank walking /dev/shm on its
+    own); a dataset of an earlier test that this process collects while they walk removes blocks between
+    one rank's walk and the other's, and the ranks pick different prefixes ("shared memory prefix=N was
+    not registered by local leader"; seen once in a shuffled run). Collected now, before they start,
+    nothing of ours changes /dev/shm while they choose (docs/recipe.md §Streaming's shared memory)."""
+    import gc
+
+    gc.collect()

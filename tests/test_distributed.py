@@ -145,6 +145,7 @@ def spawn_ranks(worker, out_dir: Path, timeout_s: float = SPAWN_TIMEOUT_S) -> li
     """Run `worker(rank, port, out_dir)` on WORLD processes; each writes `out_dir/rank{r}.pt`. A worker
     that fails or exits non-zero fails the test; one still running after `timeout_s` is sent
     SIGABRT, and the failure shows every rank's stacks."""
+    bounded.release_finished_datasets()
     context = mp.spawn(_traced, args=(worker, _free_port(), str(out_dir)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + timeout_s
     try:

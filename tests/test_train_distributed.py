@@ -56,6 +56,7 @@ def launch(recipe: Path, logs: Path, *, cwd: Path, kill_when: Callable[[int], bo
     error or timeout (or a non-zero exit, or a rank that aborted in C++: "terminate called"; with
     `expect_error`, on a zero exit instead). `script`: another training script and its arguments
     before the recipe (default scripts/train.py); `launcher`: instead of `composer`."""
+    bounded.release_finished_datasets()
     logs.mkdir(parents=True)
     cwd.mkdir(parents=True, exist_ok=True)
     loss_log = Path(_recipe_value(recipe, "callbacks", "loss_log"))

@@ -20,12 +20,11 @@ from streaming import StreamingDataset
 def release_shared_memory_when_dropped(sd: StreamingDataset) -> None:
     """Give back `sd`'s shared-memory blocks when it is garbage-collected, instead of at process exit.
 
-    Streaming registers every block it creates or attaches to with `atexit`, so a dropped
-    StreamingDataset keeps its file descriptors and /dev/shm blocks until the process ends, and each
-    new one attaches to the blocks of every earlier one while it chooses its name prefix: a process
-    that opens datasets again and again (a test suite, a notebook) grows quadratically in file
-    descriptors (measured: 6 datasets in one process, 19 → 259 descriptors; with this, 19 at each).
-    Used by every StreamingDataset this package opens (docs/recipe.md §Streaming's shared memory).
+    Streaming registers every block it creates with `atexit`, so a dropped StreamingDataset keeps its
+    file descriptors and /dev/shm blocks until the process ends (measured: 6 datasets opened and
+    dropped in turn, 19 → 259 descriptors; with this, 19 at each). Called through
+    `open_releasing_shared_memory`, with the prefix search's own attachments closed there
+    (docs/recipe.md §Streaming's shared memory).
     """
     blocks = [sd._locals_shm, sd._shared_barrier._arr.shm, sd._next_epoch.arr.shm, sd._cache_usage.arr.shm,
               sd._shard_states.shm, sd._shard_access_times.shm]   # all it makes when read by index

@@ -17,7 +17,8 @@ on CPU; bf16 autocast on a GPU), unified loss with self-distillation, gradient c
 The search doubles B from 1 until a trial fails, then bisects; B is the largest that trained.
 
 Models: `tiny-v250k` = 2 layers, hidden 64, over the real 250,002-token vocabulary (random init,
-position table 8194, as BENCHMARKS.md's long-passage row); `e5-small` = the offline asset (12 layers,
+position table 8194, as BENCHMARKS.md's long-passage row); `bge-m3-shape` = BGE-M3's shape (24 layers,
+hidden 1024, random init; `bge-m3-shape:N` = N layers); `e5-small` = the offline asset (12 layers,
 hidden 384, vocabulary 250,002; above 512 tokens its 512 learned positions are repeated to fill a longer
 table, `extend_positions`: time and memory do not depend on what the position vectors hold).
 
@@ -63,10 +64,26 @@ def build_model(name: str, max_len: int):
                                   type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2)
         encoder = XLMRobertaModel(config, add_pooling_layer=False)
         return M3Model.from_encoder(encoder, special_token_ids=dict(XLMR_SPECIAL_IDS))
+    if name.split(":")[0] == "bge-m3-shape":
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):   # 568M weights initialise fast there
+            encoder = XLMRobertaModel(bge_m3_shape_config(name, max_len), add_pooling_layer=False)
+        return M3Model.from_encoder(encoder, special_token_ids=dict(XLMR_SPECIAL_IDS))
     from m3composer.assets.build import resolve_model_dir
     m3 = M3Model.from_pretrained(resolve_model_dir("asset:e5-small"), attn_implementation="sdpa")
     extend_positions(m3.encoder, max_len)
     return m3
+
+
+def bge_m3_shape_config(name: str = "bge-m3-shape", max_len: int = 8192):
+    """BGE-M3's own shape (XLM-R large: 24 layers, hidden 1024, 16 heads, the 250,002 vocabulary, 8,194
+    positions), randomly initialised: throughput and memory do not need trained weights.
+    `bge-m3-shape:N` keeps everything but the depth (N layers), for a CPU proof of the same code."""
+    from transformers import XLMRobertaConfig
+    layers = int(name.split(":")[1]) if ":" in name else 24
+    return XLMRobertaConfig(vocab_size=250002, hidden_size=1024, num_hidden_layers=layers, num_attention_heads=16,
+                            intermediate_size=4096, max_position_embeddings=max(8194, max_len + 2),
+                            type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                            attn_implementation="sdpa")
 
 
 def extend_positions(encoder, length: int) -> None:

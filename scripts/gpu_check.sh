@@ -1,30 +1,40 @@
 #!/usr/bin/env bash
-# One command for a machine with one GPU (about 5-8 minutes): the e5-small recipe (bf16 autocast,
-# sdpa, gradient checkpointing, unified loss + self-distillation, G=8) with and without the gradient
-# cache at two bucket lengths (`bench_memory.py --throughput`, which the test suite runs on the CPU),
-# then the largest uncached and cached batch at 8192 tokens on the tiny 250k-vocabulary model.
+# The GPU check on a machine with one GPU and its own Python stack (torch with CUDA), with or
+# without a package registry: installs the kit that `python scripts/gpu_kit.py` built (gpu_kit/,
+# carried beside the tree), then runs scripts/gpu_check.py (its docstring lists the steps).
 #
-#   bash scripts/gpu_check.sh [OUT_DIR]          # default OUT_DIR=gpu_check_out
+#   bash scripts/gpu_check.sh [OUT_DIR] [--cpu]     # default OUT_DIR=gpu_check_out; about 8 minutes
 #
-# Needs: a CUDA GPU, this checkout's Python environment (torch >= 2.4 and transformers >= 4.40;
-# newer than the pins is fine), the e5-small asset (built offline by `m3c assets` if missing; no
-# network). Writes OUT_DIR/throughput.json (samples/s, TFLOP/s against the bf16 peak, peak GPU
-# memory per length, cached and uncached) and OUT_DIR/largest_8192.json; prints both.
-set -euo pipefail
+# Writes OUT_DIR/result.json (every step's figures, or the failing step's name and error) and
+# OUT_DIR/log.txt, plus OUT_DIR/logs.tar.gz (one log per command). Exit 0 only when every step passed.
+# PYTHON picks the interpreter (default python3); the kit goes to GPU_KIT_SITE (default /tmp/m3c-gpu-kit).
+# GPU_KIT_INSTALL=0 installs no wheels: for an interpreter that already has the project's pins (a
+# machine with a registry: `make install`, then PYTHON=.venv/bin/python); gpu_kit/assets.tar.gz is
+# still read (the tokenizer and the sample data).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_out}
+shift || true
+PY=${PYTHON:-python3}
+SITE=${GPU_KIT_SITE:-/tmp/m3c-gpu-kit}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-PY=${PYTHON:-python}
-
-"$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "gpu_check.sh needs a CUDA GPU")'
-# The e5-small recipe at two buckets of its batch table (bf16 autocast on the GPU, sdpa, gradient
-# checkpointing, unified loss + self-distillation, G=8), uncached then cached: median of 5 steps.
-"$PY" scripts/bench_memory.py --throughput 128:64,512:32 --models e5-small --steps 5 \
-    --cache-sequences 64 --cache-tokens 32768 --out "$OUT/throughput.json"
-
-# Largest cached batch at 8192 (tiny model over the 250k vocabulary, 1 step each, GPU memory is the
-# limit; the address-space cap is lifted: CUDA reserves large virtual ranges).
-"$PY" scripts/bench_memory.py --models tiny-v250k --lengths 8192 --steps 1 --time-batch 0 \
-    --mem-cap-gib 100000 --max-batch 256 --cache-sequences 8 --cache-tokens 65536 \
-    --out "$OUT/largest_8192.json" | tail -n 3
+if [ "${GPU_KIT_INSTALL:-1}" = 0 ]; then
+  export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+  "$PY" scripts/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"
+exit "${PIPESTATUS[0]}"
+  exit "${PIPESTATUS[0]}"
+fi
+if ! ls gpu_kit/wheels/*.whl >/dev/null 2>&1; then
+  echo '{"ok": false, "failed_step": "kit", "error": "gpu_kit/wheels is empty: run python scripts/gpu_kit.py here, carry gpu_kit"}' > "$OUT/result.json"
+  cat "$OUT/result.json"; exit 1
+fi
+# The kit's wheels only, never an index: the lent machine reaches no registry.
+if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+     gpu_kit/wheels/*.whl > "$OUT/kit-install.log" 2>&1; then
+  tail -n 20 "$OUT/kit-install.log"
+  echo '{"ok": false, "failed_step": "kit", "error": "pip install of gpu_kit/wheels failed: see kit-install.log"}' > "$OUT/result.json"
+  exit 1
+fi
+export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
+"$PY" scripts/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"
+exit "${PIPESTATUS[0]}"

@@ -81,7 +81,7 @@ def test_cached_trial_reports_memory_per_phase():
 
 
 def test_throughput_mode_of_the_gpu_check_runs_on_the_cpu(tmp_path):
-    """`bench_memory.py --throughput`, as scripts/gpu_check.sh calls it, on a tiny bucket: a row per
+    """`bench_memory.py --throughput` (scripts/gpu_check.py runs the same function) on a tiny bucket: a row per
     setting with a step time, samples/s, TFLOP/s (no bf16 peak on a CPU) and the peak memory."""
     out = tmp_path / "throughput.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

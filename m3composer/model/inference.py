@@ -41,14 +41,28 @@ def heads_in_folder(folder: str | os.PathLike) -> tuple[str, ...]:
     return ("dense",)
 
 
-def load_model_for_inference(folder: str | os.PathLike, pooling: Optional[str] = None):
-    """`M3Model.from_pretrained` without its fresh-heads warning when the folder has no heads (the
-    caller reports those heads as skipped instead)."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def inference_device(name: str) -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; `cpu` / `cuda` as named."""
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: no CUDA GPU is available")
+    return torch.device(name)
+
+
+def load_model_for_inference(folder: str | os.PathLike, pooling: Optional[str] = None, device: str = "cpu"):
+    """`M3Model.from_pretrained` on `device` (`inference_device`), without its fresh-heads warning when
+    the folder has no heads (the caller reports those heads as skipped instead)."""
     m3_log = logging.getLogger("m3composer.model.m3")
     previous = m3_log.level
     if heads_in_folder(folder) != HEADS:
         m3_log.setLevel(logging.ERROR)
     try:
-        return M3Model.from_pretrained(folder, pooling=pooling)
+        return M3Model.from_pretrained(folder, pooling=pooling).to(inference_device(device))
     finally:
         m3_log.setLevel(previous)

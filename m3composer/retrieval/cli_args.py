@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
+from m3composer.model.inference import DEVICES
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
 from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS
 
@@ -45,6 +46,8 @@ def add_encoding_arguments(parser: argparse.ArgumentParser) -> None:
     add_instruction_arguments(parser)
     parser.add_argument("--pooling", choices=("cls", "mean"), default=None,
                         help="dense pooling (default: the folder's m3composer.json, else cls)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where the model encodes (default auto: the GPU when there is one)")
     parser.add_argument("--batch-size", type=int, default=INFERENCE_BATCH_SIZE)
     parser.add_argument("--query-max-len", type=int, default=INFERENCE_QUERY_MAX_LEN)
     parser.add_argument("--passage-max-len", type=int, default=INFERENCE_PASSAGE_MAX_LEN)

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if skipped:
         print(f"[eval] {args.model_dir} has no colbert_linear.pt/sparse_linear.pt: "
               f"skipping the {' and '.join(skipped)} head(s) and the ensemble", file=sys.stderr)
-    model = load_model_for_inference(args.model_dir, pooling=args.pooling)
+    model = load_model_for_inference(args.model_dir, pooling=args.pooling, device=args.device)
     query_instruction, passage_instruction = instructions_from_args(args)
     results = evaluate_model(model, eval_set, query_instruction=query_instruction,
                              passage_instruction=passage_instruction, batch_size=args.batch_size,

@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"m3c mine: error: {args.model} has no colbert_linear.pt/sparse_linear.pt; use --head dense",
               file=sys.stderr)
         return 2
-    model = load_model_for_inference(args.model, pooling=args.pooling)
+    model = load_model_for_inference(args.model, pooling=args.pooling, device=args.device)
     query_instruction, passage_instruction = instructions_from_args(args)
     try:
         summary = mine(args.input, args.output, model, head=args.head, rank_range=args.rank_range,

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"m3c score-teacher: error: {args.model} has no colbert_linear.pt/sparse_linear.pt; "
               f"use --score dense", file=sys.stderr)
         return 2
-    model = load_model_for_inference(args.model, pooling=args.pooling)
+    model = load_model_for_inference(args.model, pooling=args.pooling, device=args.device)
     query_instruction, passage_instruction = instructions_from_args(args)
     try:
         summary = score_teacher(args.input, args.output, model, score=args.score, batch_size=args.batch_size,

@@ -76,7 +76,7 @@ def test_every_head_across_ranks_needs_cross_device_negatives(yaml_path):
 
 def test_self_distill_needs_unified(yaml_path):
     with pytest.raises(ConfigError, match="loss.use_self_distill"):
-        load_config(yaml_path, ["loss.use_self_distill=true", "loss.unified_finetuning=false"])
+        load_config(yaml_path, ["loss.use_self_distill=true", "loss.heads=[dense]"])
 
 
 def test_override_without_equals_is_rejected(yaml_path):

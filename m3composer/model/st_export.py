@@ -134,7 +134,7 @@ def export_sentence_transformers(model_dir: str | Path, out_dir: str | Path, hea
     `out_dir` is built beside itself and renamed into place, so a failure leaves no partial export.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    available = ("dense", "colbert", "sparse") if heads_in_folder(model_dir) != ("dense",) else ("dense",)
+    available = tuple(h for h in HEAD_FOLDERS if h in heads_in_folder(model_dir))
     heads = tuple(heads) if heads else available
     unknown = [h for h in heads if h not in HEAD_FOLDERS]
     if unknown:

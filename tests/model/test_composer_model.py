@@ -22,7 +22,7 @@ def run(model: ComposerM3, batch: dict) -> dict[str, torch.Tensor]:
     (dict(use_self_distill=False), True, 1.104364),                                 # B
     (dict(use_self_distill=True, knowledge_distillation=True), True, 0.922237),     # C: m3_kd_loss
     (dict(use_self_distill=True, knowledge_distillation=True), False, 0.849707),    # no scores in batch -> A
-    (dict(unified_finetuning=False), True, 1.060854),                               # dense only
+    (dict(heads=("dense",)), True, 1.060854),                               # dense only
 ])
 def test_reference_losses_of_recipe_md_match_flagembedding(kwargs, has_teacher, expected):
     model = ComposerM3(build_recipe_model(), **model_settings(**kwargs)).train()
@@ -32,11 +32,11 @@ def test_reference_losses_of_recipe_md_match_flagembedding(kwargs, has_teacher, 
 
 def test_loss_dict_has_the_same_keys_whatever_is_switched_off():
     batch = recipe_batch()
-    for kwargs in (dict(), dict(use_self_distill=True), dict(unified_finetuning=False)):
+    for kwargs in (dict(), dict(use_self_distill=True), dict(heads=("dense",))):
         model = ComposerM3(build_recipe_model(), **model_settings(**kwargs)).train()
         terms = run(model, batch)
         assert tuple(terms) == LOSS_KEYS and all(v.dim() == 0 for v in terms.values())
-    off = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False)).train()
+    off = ComposerM3(build_recipe_model(), **model_settings(heads=("dense",))).train()
     terms = run(off, batch)
     assert terms["sparse"].item() == terms["colbert"].item() == terms["self_distill"].item() == 0.0
     assert not any(p.requires_grad for p in off.model.sparse_linear.parameters())
@@ -53,7 +53,7 @@ def test_self_distill_switch_on_the_model_changes_the_total_only_when_flipped():
 
 
 def test_parallel_batches_add_the_passage_to_query_direction():
-    model = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False)).train()
+    model = ComposerM3(build_recipe_model(), **model_settings(heads=("dense",))).train()
     plain = run(model, recipe_batch())
     parallel = run(model, recipe_batch(parallel=True))
     out = model(recipe_batch())
@@ -61,7 +61,7 @@ def test_parallel_batches_add_the_passage_to_query_direction():
     assert plain["bidirectional"].item() == 0.0
     assert parallel["bidirectional"].item() == pytest.approx(expected_bi.item(), abs=1e-6)
     assert parallel["total"].item() == pytest.approx((plain["dense"] + expected_bi).item() / 2, abs=1e-6)
-    switched_off = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False, bidirectional_parallel=False)).train()
+    switched_off = ComposerM3(build_recipe_model(), **model_settings(heads=("dense",), bidirectional_parallel=False)).train()
     assert run(switched_off, recipe_batch(parallel=True))["total"].item() == pytest.approx(plain["total"].item())
 
 

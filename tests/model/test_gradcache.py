@@ -78,7 +78,7 @@ def test_a_sequence_longer_than_the_token_budget_is_an_error_naming_the_key():
     (dict(use_self_distill=True), {}),                                               # unified + self-distill
     (dict(use_self_distill=True, knowledge_distillation=True), {}),                  # m3_kd_loss, teacher scores
     (dict(use_self_distill=True), dict(parallel=True)),                              # bidirectional term
-    (dict(unified_finetuning=False), dict(parallel=True)),                           # dense only
+    (dict(heads=("dense",)), dict(parallel=True)),                           # dense only
 ])
 @pytest.mark.parametrize("budget", [GradientCacheBudget(1), GradientCacheBudget(4),   # 4 does not divide 6 rows
                                     GradientCacheBudget(16, max_tokens=12)])          # tokens: 2 rows of 6

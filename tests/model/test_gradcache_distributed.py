@@ -18,7 +18,7 @@ from tests.test_distributed import gloo_group, rank_batch, spawn_ranks
 MODES = {
     "unified_parity": dict(use_self_distill=True, cross_rank_grad_scale="parity"),
     "unified_full_batch": dict(use_self_distill=True, cross_rank_grad_scale="full_batch"),
-    "dense_full_batch_kd": dict(unified_finetuning=False, knowledge_distillation=True,
+    "dense_full_batch_kd": dict(heads=("dense",), knowledge_distillation=True,
                                 cross_rank_grad_scale="full_batch"),
     # every head's representations gathered (the cached outputs are the gather's inputs)
     "all_heads_parity": dict(use_self_distill=True, negatives_cross_device_heads="all",

@@ -204,3 +204,77 @@ def test_bf16_autocast_keeps_scores_and_losses_in_fp32():
     assert all(v.dtype == torch.float32 for v in terms.values())
     assert torch.isfinite(terms["total"]) and abs(terms["total"].item() - reference.item()) < 0.2
     terms["total"].backward()
+
+
+# ---------------------------------------------------------------- loss.heads: a subset of the heads
+SUBSETS = [("dense", "sparse"), ("sparse", "colbert"), ("dense", "colbert"), ("sparse",), ("colbert",)]
+CE_WEIGHTS = {"dense": 1.0, "sparse": 0.1, "colbert": 1.0, "ensemble": 1.0}     # recipe.md §Unified loss
+ENSEMBLE = {"dense": 1.0, "sparse": 0.3, "colbert": 1.0}                         # recipe.md §Scores
+DISTILL = {"dense": 1.0, "sparse": 0.1, "colbert": 1.0}                          # recipe.md §Self-distillation
+
+
+@pytest.mark.parametrize("heads", SUBSETS)
+@pytest.mark.parametrize("self_distill", [False, True])
+def test_the_loss_of_a_subset_is_the_hand_computed_sum_over_the_chosen_heads(heads, self_distill):
+    """Per-head InfoNCE from the all-heads score matrices, the ensemble re-summed over the chosen
+    heads only, each sum divided by its number of terms, by hand (torch's cross entropy)."""
+    if self_distill and len(heads) < 2:
+        return      # one head has no ensemble to distil from (config refuses it)
+    batch = recipe_batch()
+    every = ComposerM3(build_recipe_model(), **model_settings()).train()
+    with torch.no_grad():
+        scores = every(batch).scores        # the same weights (seed 0): every head's (2, 4) matrix
+    targets = torch.tensor([0, 2])
+    matrices = {h: getattr(scores, h) for h in heads}
+    if len(heads) > 1:
+        matrices["ensemble"] = sum(ENSEMBLE[h] * matrices[h] for h in heads)
+    ce = {name: torch.nn.functional.cross_entropy(m, targets) for name, m in matrices.items()}
+    expected = sum(CE_WEIGHTS[name] * value for name, value in ce.items()) / len(ce)
+    if self_distill:
+        teacher = torch.softmax(matrices["ensemble"], dim=-1)
+        distill = sum(DISTILL[h] * -(teacher * torch.log_softmax(matrices[h], dim=-1)).sum(-1).mean()
+                      for h in heads) / len(heads)
+        expected = (expected + distill) / 2
+
+    model = ComposerM3(build_recipe_model(), **model_settings(heads=heads, use_self_distill=self_distill)).train()
+    terms = run(model, batch)
+    assert terms["total"].item() == pytest.approx(expected.item(), rel=1e-5)
+    for name in ("dense", "sparse", "colbert", "ensemble"):
+        assert (terms[name].item() == 0.0) == (name not in ce), name
+        if name in ce:
+            assert terms[name].item() == pytest.approx(ce[name].item(), rel=1e-5), name
+    assert set(model.get_metrics(is_train=True)) == {f"{name}_accuracy" for name in ce}
+
+
+@pytest.mark.parametrize("heads", SUBSETS)
+def test_heads_not_chosen_get_no_gradient_no_optimizer_state_and_keep_their_weights(heads):
+    from m3composer import optim
+
+    model = ComposerM3(build_recipe_model(), **model_settings(heads=heads, use_self_distill=len(heads) > 1)).train()
+    linears = {"sparse": model.model.sparse_linear, "colbert": model.model.colbert_linear}
+    before = {h: [p.detach().clone() for p in linear.parameters()] for h, linear in linears.items()}
+    optimizer = optim.adamw(model, lr=1e-2, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8,
+                            new_head_lr_multiplier=10.0)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        run(model, recipe_batch())["total"].backward()
+        for head, linear in linears.items():
+            assert all((p.grad is not None) == (head in heads) for p in linear.parameters()), head
+        optimizer.step()
+    state = {id(p) for p in optimizer.state}
+    for head, linear in linears.items():
+        params = list(linear.parameters())
+        changed = [not torch.equal(p, b) for p, b in zip(params, before[head])]
+        if head in heads:
+            assert any(changed) and all(id(p) in in_optimizer and id(p) in state for p in params), head
+        else:
+            assert not any(changed) and not any(p.requires_grad for p in params), head
+            assert not any(id(p) in in_optimizer or id(p) in state for p in params), head
+    assert model.model.trained_heads == tuple(h for h in ("dense", "sparse", "colbert") if h in heads)
+
+
+def test_heads_must_be_a_non_empty_subset_without_repeats():
+    for heads in ((), ("dense", "dense"), ("lexical",)):
+        with pytest.raises(ValueError, match="heads must be a non-empty subset"):
+            ComposerM3(build_recipe_model(), **model_settings(heads=heads))

@@ -141,6 +141,8 @@ class M3Model(nn.Module):
         # when from_pretrained found no head files, else what the folder's m3composer.json records
         # (heads an earlier run saved untrained). m3c eval skips them (inference.heads_in_folder).
         self.fresh_heads: tuple[str, ...] = ()
+        # of those, the ones the folder's m3composer.json recorded (what a save without training keeps)
+        self.recorded_fresh_heads: tuple[str, ...] = ()
         # The heads a training run trains (ComposerM3 sets it); None: not being trained here
         self.trained_heads: Optional[tuple[str, ...]] = None
         # how the training run initialised fresh heads; recorded in m3composer.json by save_pretrained
@@ -209,6 +211,7 @@ class M3Model(nn.Module):
                     special_token_ids=special_token_ids, tokenizer=tokenizer,
                     query_instruction=recorded.query_instruction, passage_instruction=recorded.passage_instruction)
         model.fresh_heads = fresh
+        model.recorded_fresh_heads = tuple(recorded.fresh_heads)
         model.head_init = recorded.head_init
         return model.eval()   # like transformers' from_pretrained; the trainer switches to train()
 
@@ -353,9 +356,12 @@ class M3Model(nn.Module):
 
     # ------------------------------------------------------------------ save
     def untrained_fresh_heads(self) -> tuple[str, ...]:
-        """Fresh heads that are not being trained: their weights are still as initialised (random),
-        so nothing should rank with them (docs/recipe.md §Choosing the heads)."""
-        return tuple(h for h in self.fresh_heads if h not in (self.trained_heads or ()))
+        """Fresh heads that a training run leaves out of `loss.heads`: their weights are still as
+        initialised (random), so nothing should rank with them (docs/recipe.md §Choosing the heads).
+        A model no run trains (`trained_heads` None) says only what its folder recorded."""
+        if self.trained_heads is None:
+            return self.recorded_fresh_heads
+        return tuple(h for h in self.fresh_heads if h not in self.trained_heads)
 
     def folder_config(self) -> M3FolderConfig:
         """What `save_pretrained` records in `m3composer.json` (and `from_pretrained` reads back): a

@@ -194,7 +194,8 @@ class LossConfig:
         "sum of the terms divided by their number (recipe.md §Choosing the heads). A head not chosen is frozen "
         "(no gradient, no optimizer state, not seen by DDP) and saved as it was; `m3c eval` skips it when it is "
         "a fresh head (the folder had none). It replaces `loss.unified_finetuning` (FlagEmbedding's option), which "
-        "is no longer accepted: a config that sets it stops with an error; `false` there is `[dense]` here"), factory=lambda: list(HEADS), choices=HEADS)
+        "is no longer accepted: a config that sets it stops with an error; `false` there is `[dense]` here"),
+        factory=lambda: list(HEADS), choices=HEADS)
     use_self_distill: bool = setting(False, "self-knowledge distillation from the ensemble (needs two or more `loss.heads`)")
     self_distill_start_step: str = setting("0ba", (
         "when it switches on: a Composer time (`6000ba`, `1ep`); a bare number = optimizer batches; decided "

@@ -7,8 +7,8 @@ card, never a folder without one). The writer puts three things into the folder:
 
 * `training_run.json`: the facts (model/model_card.py renders them): `run_facts` from the trainer
   (base model, training data, the recipe's keys that differ from the defaults, the eval set), plus
-  what the state says now: the heads trained (`loss.heads`) and those left fresh, steps, epoch, wall time (`timestamp.total_wct`, which a resume
-  carries on), hardware, the last step's loss terms (Composer's rank-averaged `total_loss_dict`,
+  what the state says now: the heads trained (`loss.heads`) and those left fresh, steps, epoch,
+  wall time (`timestamp.total_wct`, which a resume carries on), hardware, the last step's loss terms (Composer's rank-averaged `total_loss_dict`,
   the values `LossLog` writes) and the latest `metrics/<label>/<head>/<metric>` of `RetrievalEval`;
 * `plots/losses.png` (and `plots/eval.png`): `write_plots` over the history the `Plots` logger
   recorded, up to this step;

@@ -31,8 +31,8 @@ class M3FolderConfig:
     head_init: Optional[dict] = None
     # The heads the training run that wrote this folder trained (`loss.heads`); None: not written by one.
     trained_heads: Optional[list] = None
-    # Heads still as initialised: neither trained nor loaded from a folder that had them (random, or a
-    # fit that was never trained); evaluation skips them (docs/recipe.md §Choosing the heads).
+    # Heads still as initialised (random): neither trained nor loaded from a folder that had them;
+    # evaluation skips them (docs/recipe.md §Choosing the heads).
     fresh_heads: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):

@@ -139,7 +139,8 @@ class M3Model(nn.Module):
         self.passage_instruction = passage_instruction
         # Heads whose weights are as initialised, never trained (falsy when none): sparse and ColBERT
         # when from_pretrained found no head files, else what the folder's m3composer.json records
-        # (heads an earlier run saved untrained). m3c eval skips them (inference.heads_in_folder).
+        # (heads an earlier run saved untrained). Those no run trains are recorded on save and
+        # skipped by evaluation (`untrained_fresh_heads`, inference.heads_in_folder).
         self.fresh_heads: tuple[str, ...] = ()
         # of those, the ones the folder's m3composer.json recorded (what a save without training keeps)
         self.recorded_fresh_heads: tuple[str, ...] = ()

@@ -63,6 +63,7 @@ def _heads_lines(facts: dict) -> list[str]:
     if trained is None:
         return []
     fresh = facts.get("fresh_heads") or []
+
     def left_out(head: str) -> str:
         if head == "dense":
             return "no loss term of its own; the encoder under it was trained"

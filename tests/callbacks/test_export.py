@@ -208,6 +208,11 @@ def test_a_subset_export_keeps_every_head_says_which_were_trained_and_eval_skips
     cli = json.loads((tmp_path / "m.json").read_text())
     assert cli["skipped_heads"] == ["sparse"] and cli["trained_heads"] == ["dense", "colbert"]
     assert cli["heads"] == ["dense", "colbert"] and "sparse" not in cli and "ensemble" in cli
+    # m3c export-st writes the trained heads' folders only
+    from m3composer.model.st_export import export_sentence_transformers
+    assert sorted(export_sentence_transformers(export, tmp_path / "st")) == ["colbert", "dense"]
+    with pytest.raises(ValueError, match="no trained sparse head .*never trained"):
+        export_sentence_transformers(export, tmp_path / "st2", heads=["sparse"])
     # a later run that trains the sparse head makes it a trained head of its export
     again = ComposerM3(M3Model.from_pretrained(export), **model_settings(heads=("sparse",)))
     assert again.model.fresh_heads == ("sparse",) and again.model.untrained_fresh_heads() == ()

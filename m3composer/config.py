@@ -28,7 +28,7 @@ from m3composer.data.plan import PLAN_KINDS, TAIL_RULES
 from m3composer.distributed import CROSS_DEVICE_HEADS, CROSS_RANK_GRAD_SCALES
 from m3composer.model.heads import COLBERT_DIM_HIDDEN, POOLING_METHODS, SPARSE_INITS
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN
-from m3composer.model.scores import SCORE_NAMES
+from m3composer.model.scores import HEADS, SCORE_NAMES
 from m3composer.retrieval.mining import MINE_HEAD, MINE_NEGATIVES, MINE_RANK_RANGE
 from m3composer.retrieval.refresh import REFRESH_BATCH_SIZE
 
@@ -187,8 +187,16 @@ class DataConfig:
 class LossConfig:
     """The training loss (docs/recipe.md §Contrastive loss to §False-negative masking)."""
     temperature: float = setting(0.02, "τ of every score")
-    unified_finetuning: bool = setting(True, "dense + sparse + ColBERT + ensemble; false = dense only")
-    use_self_distill: bool = setting(False, "self-knowledge distillation from the ensemble (needs unified)")
+    heads: list[str] = setting(doc=(
+        "the heads trained, any non-empty subset in any order (default all three: the recipe). The contrastive "
+        "terms, the ensemble term and self-distillation run over these heads only: the ensemble is the weighted "
+        "sum of the chosen heads' scores (it and self-distillation need two or more), the total is the weighted "
+        "sum of the terms divided by their number (recipe.md §Choosing the heads). A head not chosen is frozen "
+        "(no gradient, no optimizer state, not seen by DDP) and saved as it was; `m3c eval` skips it when it is "
+        "a fresh head (the folder had none). It replaces `loss.unified_finetuning` (FlagEmbedding's option), which "
+        "is no longer accepted: a config that sets it stops with an error; `false` there is `[dense]` here"),
+        factory=lambda: list(HEADS), choices=HEADS)
+    use_self_distill: bool = setting(False, "self-knowledge distillation from the ensemble (needs two or more `loss.heads`)")
     self_distill_start_step: str = setting("0ba", (
         "when it switches on: a Composer time (`6000ba`, `1ep`); a bare number = optimizer batches; decided "
         "from the checkpointed timestamp, so resume is exact"))
@@ -296,8 +304,8 @@ class NegativeRefreshConfig:
         "rank), `sparse`, `colbert` or `ensemble` (exact brute force, the pool sharded over ranks and the top-k "
         "lists merged; 0-13 % slower than dense on the measured pool, where the encoder dominates; the ColBERT "
         "max-sim grows with the square of a stream, BENCHMARKS.md §Negative refresh). With "
-        "`loss.unified_finetuning=false` the sparse and ColBERT heads stay as loaded: rank with them only when "
-        "the folder has trained ones"), choices=SCORE_NAMES)
+        "`loss.heads` leaving a head out, that head stays as loaded: rank with it only when the folder has a "
+        "trained one"), choices=SCORE_NAMES)
     range: str = setting("%d-%d" % MINE_RANK_RANGE, (
         "as `m3c mine --range`: the ranks of the row's stream pool to draw from, after its own positives and "
         "its query text"))
@@ -352,17 +360,33 @@ class ConfigError(ValueError):
     """A configuration value is out of range or inconsistent; the message names the key."""
 
 
+# Keys that were replaced: a YAML or override still setting one fails with what to write instead.
+REPLACED_KEYS = {
+    "loss.unified_finetuning": (
+        "was replaced by loss.heads (recipe.md §Choosing the heads): unified_finetuning=false is "
+        "loss.heads=[dense], true is the default loss.heads=[dense,sparse,colbert]; remove the key"),
+}
+
+
+def _check_replaced_keys(layer, where: str) -> None:
+    for key, message in REPLACED_KEYS.items():
+        if OmegaConf.select(layer, key, default=None, throw_on_missing=False) is not None:
+            raise ConfigError(f"{key} ({where}) {message}")
+
+
 def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Merge `yaml_path` and `key=value` overrides onto the schema; validate; return the dataclass."""
     schema = OmegaConf.structured(TrainConfig)
     layers = [schema]
     if yaml_path is not None:
         layers.append(OmegaConf.load(yaml_path))
+        _check_replaced_keys(layers[-1], str(yaml_path))
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
         layers.append(OmegaConf.from_dotlist(list(overrides)))
+        _check_replaced_keys(layers[-1], "override")
     merged = OmegaConf.merge(*layers)
     # Keys that are only missing through an interpolation (run_dir -> run_name) are not listed twice.
     missing = sorted(k for k in OmegaConf.missing_keys(merged) if not _is_interpolation(merged, k))
@@ -407,7 +431,11 @@ def _check_choices(section: Any, prefix: str = "") -> None:
             _check_choices(value, f"{prefix}{f.name}.")
         elif f.metadata.get("choices"):
             choices = f.metadata["choices"]
-            _check(value in choices, prefix + f.name, f"must be {_choices(*choices)}, got {value!r}")
+            if isinstance(value, list):
+                bad = [v for v in value if v not in choices]
+                _check(not bad, prefix + f.name, f"each must be {_choices(*choices)}, got {bad}")
+            else:
+                _check(value in choices, prefix + f.name, f"must be {_choices(*choices)}, got {value!r}")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -441,14 +469,20 @@ def validate(cfg: TrainConfig) -> None:
         except ValueError as err:
             raise ConfigError(f"data.cache_limit: {err}") from err
     _check(l.temperature > 0 and math.isfinite(l.temperature), "loss.temperature", "must be a positive number")
-    _check(not l.use_self_distill or l.unified_finetuning, "loss.use_self_distill",
-           "needs loss.unified_finetuning=true (the ensemble is the self-distillation teacher)")
+    _check(len(l.heads) >= 1, "loss.heads", f"must name at least one head of {_choices(*HEADS)}")
+    _check(len(set(l.heads)) == len(l.heads), "loss.heads", f"names a head twice: {list(l.heads)}")
+    _check(not l.use_self_distill or len(l.heads) >= 2, "loss.use_self_distill",
+           "needs two or more loss.heads (their ensemble is the self-distillation teacher)")
     try:
         parse_start(l.self_distill_start_step)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"loss.self_distill_start_step: not a Composer time ({e})") from e
-    _check(l.negatives_cross_device_heads == "dense" or (l.negatives_cross_device and l.unified_finetuning),
-           "loss.negatives_cross_device_heads", "all needs loss.negatives_cross_device=true and loss.unified_finetuning=true")
+    _check(l.negatives_cross_device_heads == "dense" or l.negatives_cross_device,
+           "loss.negatives_cross_device_heads", "all needs loss.negatives_cross_device=true")
+    _check(not l.negatives_cross_device or l.negatives_cross_device_heads == "all" or "dense" in l.heads,
+           "loss.negatives_cross_device", "gathers the dense head's negatives only "
+           "(loss.negatives_cross_device_heads=dense), and loss.heads does not train dense: set "
+           "loss.negatives_cross_device_heads=all or loss.negatives_cross_device=false")
     _check(o.lr > 0, "optimizer.lr", "must be positive")
     _check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", "must be two numbers in [0, 1)")

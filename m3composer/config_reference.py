@@ -55,7 +55,9 @@ def _type_name(annotation: Any, choices: tuple) -> str:
     args = typing.get_args(annotation)
     optional = typing.get_origin(annotation) is typing.Union and type(None) in args
     inner = next(a for a in args if a is not type(None)) if optional else annotation
-    if choices:
+    if choices and typing.get_origin(inner) is list:
+        name = "list of " + ", ".join(f"`{c}`" for c in choices)
+    elif choices:
         name = "one of " + ", ".join(f"`{c}`" for c in choices)
     elif typing.get_origin(inner) is list:
         name = f"list of {typing.get_args(inner)[0].__name__}"

@@ -16,6 +16,12 @@ FlagEmbedding's own numbers, recipe.md §Reference numbers):
 where each `L_x` is `info_nce(S_x, y)` (or `m3_kd_loss` when teacher scores are used) and each
 `L'_x` is the soft cross entropy of `S_x` against `softmax(S_ens.detach())`.
 
+When only some heads are trained (`loss.heads`, docs/recipe.md §Choosing the heads) the same
+formulas run over the terms there are: `L` sums the weighted terms of the chosen heads (and the
+ensemble of those heads, when there are two or more) and divides by their number, `L'` sums the
+chosen heads' weighted distillation terms and divides by theirs. With all three heads these are
+the divisors 4 and 3 above; with dense only, `L = L_dense`.
+
 In-batch false negatives (docs/recipe.md §False-negative masking): a column whose passage is
 identical to one of query b's positives is taken out of row b's softmax in every matrix above
 (`false_negative_mask`, `mask_scores`); a matrix without such columns is left unchanged.
@@ -78,19 +84,33 @@ def soft_cross_entropy(scores: torch.Tensor, teacher_probs: torch.Tensor) -> tor
     return -(teacher_probs * torch.log_softmax(scores.float(), dim=-1)).sum(dim=-1).mean()
 
 
-def unified_loss(dense: torch.Tensor, sparse: torch.Tensor, colbert: torch.Tensor, ensemble: torch.Tensor,
+def _weighted_mean(terms: list[tuple[float, torch.Tensor | None]]) -> torch.Tensor:
+    """`Σ w·t / n` over the terms that are not None, summed left to right (n = their number)."""
+    present = [(w, t) for w, t in terms if t is not None]
+    if not present:
+        raise ValueError("no loss term given")
+    total = present[0][0] * present[0][1]
+    for w, t in present[1:]:
+        total = total + w * t
+    return total / len(present)
+
+
+def unified_loss(dense: torch.Tensor | None, sparse: torch.Tensor | None, colbert: torch.Tensor | None,
+                 ensemble: torch.Tensor | None,
                  weights: tuple[float, float, float, float] = UNIFIED_LOSS_WEIGHTS) -> torch.Tensor:
     """`L = (λ_dense·L_dense + λ_ens·L_ens + λ_lex·L_lex + λ_mul·L_mul) / 4`, λ = (1, 0.1, 1, 1) by default.
 
-    Inputs are the four scalar per-head losses (CE or m3_kd_loss). The divisor stays 4 whatever
-    the weights, as in the recipe.
+    Inputs are the scalar per-head losses (CE or m3_kd_loss). The divisor stays 4 whatever the
+    weights, as in the recipe. A term that is None (a head not trained, or no ensemble) is left
+    out of the sum and of the divisor: `(λ_dense·L_dense + λ_lex·L_lex) / 2` for dense and sparse
+    without their ensemble term.
     """
     w_dense, w_lex, w_mul, w_ens = weights
-    return (w_dense * dense + w_ens * ensemble + w_lex * sparse + w_mul * colbert) / 4
+    return _weighted_mean([(w_dense, dense), (w_ens, ensemble), (w_lex, sparse), (w_mul, colbert)])
 
 
-def self_distill_loss(ensemble_scores: torch.Tensor, dense_scores: torch.Tensor, sparse_scores: torch.Tensor,
-                      colbert_scores: torch.Tensor,
+def self_distill_loss(ensemble_scores: torch.Tensor, dense_scores: torch.Tensor | None,
+                      sparse_scores: torch.Tensor | None, colbert_scores: torch.Tensor | None,
                       weights: tuple[float, float, float] = SELF_DISTILL_WEIGHTS) -> torch.Tensor:
     """Self-knowledge distillation: the ensemble is a detached teacher for each head.
 
@@ -99,13 +119,13 @@ def self_distill_loss(ensemble_scores: torch.Tensor, dense_scores: torch.Tensor,
         L'   = (L'_dense + 0.1·L'_lex + L'_mul) / 3
 
     All four score matrices are local `(N, N·G)` (the dense one too, also with cross-rank
-    negatives). No gradient reaches the teacher.
+    negatives). No gradient reaches the teacher. A student that is None (a head not trained) is
+    left out of the sum and of the divisor.
     """
     teacher = torch.softmax(ensemble_scores.detach().float(), dim=-1)
     w_dense, w_lex, w_mul = weights
-    return (w_dense * soft_cross_entropy(dense_scores, teacher)
-            + w_lex * soft_cross_entropy(sparse_scores, teacher)
-            + w_mul * soft_cross_entropy(colbert_scores, teacher)) / 3
+    return _weighted_mean([(w, None if s is None else soft_cross_entropy(s, teacher))
+                           for w, s in ((w_dense, dense_scores), (w_lex, sparse_scores), (w_mul, colbert_scores))])
 
 
 def combine_self_distill(unified: torch.Tensor, self_distill: torch.Tensor) -> torch.Tensor:

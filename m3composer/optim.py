@@ -26,11 +26,13 @@ def parameter_groups(model: torch.nn.Module, *, lr: float, weight_decay: float,
                      new_head_lr_multiplier: float) -> list[dict]:
     """The trainable parameters in decay groups; heads the model folder did not have (an idf-fitted
     sparse head included: 1× measured no better, recipe.md §A fresh sparse head) in groups of their
-    own at `lr × new_head_lr_multiplier`. Frozen parameters are left out."""
+    own at `lr × new_head_lr_multiplier`. Frozen parameters (heads `loss.heads` leaves out) are left
+    out, so they have no optimizer state."""
     m3 = unwrap_m3(model)
     head_ids = set()
-    if m3.fresh_heads and new_head_lr_multiplier != 1.0:
-        head_ids = {id(p) for p in (*m3.sparse_linear.parameters(), *m3.colbert_linear.parameters())}
+    if new_head_lr_multiplier != 1.0:
+        linears = {"sparse": m3.sparse_linear, "colbert": m3.colbert_linear}
+        head_ids = {id(p) for head in m3.fresh_heads for p in linears[head].parameters()}
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     groups = decay_groups([(n, p) for n, p in trainable if id(p) not in head_ids], lr, weight_decay)
     heads = [(n, p) for n, p in trainable if id(p) in head_ids]

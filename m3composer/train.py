@@ -99,7 +99,7 @@ def build_model(cfg: TrainConfig, model_dir: Path, model_defaults: ModelDefaults
     # The export records what training used, so evaluation defaults to the same prefixes.
     m3.query_instruction = model_defaults.query_instruction_for_retrieval
     m3.passage_instruction = model_defaults.passage_instruction_for_retrieval
-    if m3.fresh_heads:
+    if fresh_heads_to_train(cfg, m3):
         init_new_heads(cfg, m3)
     m3.train()
     return ComposerM3(m3, **composer_model_settings(cfg))
@@ -154,12 +154,22 @@ def apply_object_store_settings(cfg: TrainConfig) -> None:
 
 
 # ------------------------------------------------------------------------------ optimisation
+def fresh_heads_to_train(cfg: TrainConfig, m3: M3Model) -> tuple[str, ...]:
+    """The fresh heads (never trained: `M3Model.fresh_heads`) that `loss.heads` trains. A fresh head
+    left out is not initialised nor fitted: it is saved as it is and evaluation skips it."""
+    return tuple(h for h in m3.fresh_heads if h in cfg.loss.heads)
+
+
 def init_new_heads(cfg: TrainConfig, m3: M3Model) -> None:
-    """Initialise heads the model folder did not have as `model.new_sparse_head_init` says
+    """Initialise the fresh heads this run trains as `model.new_sparse_head_init` says
     (model/heads.py), and record how in `m3.head_init` (saved in the export's m3composer.json);
     an `idf` head is fitted by `fit_new_sparse_head` once the training data is open."""
-    init_fresh_sparse_head(m3.sparse_linear, cfg.model.new_sparse_head_init, m3.score_temperature(cfg.loss.temperature))
-    m3.head_init = {"sparse": cfg.model.new_sparse_head_init, "colbert": "default",
+    heads = fresh_heads_to_train(cfg, m3)
+    if "sparse" in heads:
+        init_fresh_sparse_head(m3.sparse_linear, cfg.model.new_sparse_head_init,
+                               m3.score_temperature(cfg.loss.temperature))
+    how = {"sparse": cfg.model.new_sparse_head_init, "colbert": "default"}
+    m3.head_init = {**(m3.head_init or {}), **{h: how[h] for h in heads},
                     "new_head_lr_multiplier": cfg.optimizer.new_head_lr_multiplier}
 
 
@@ -167,7 +177,7 @@ def fit_new_sparse_head(cfg: TrainConfig, m3: M3Model, dataset: M3TrainDataset, 
     """`model.new_sparse_head_init: idf` on a fresh head: fit it to idf-weighted overlap on a sample
     of the training data (model/sparse_fit.py); the fit's facts go into `head_init`. Every rank fits
     the same rows, encoding 1/W of them; on a GPU node on this rank's GPU. None when nothing was fitted."""
-    if not m3.fresh_heads or not needs_sparse_fit(cfg.model.new_sparse_head_init):
+    if "sparse" not in fresh_heads_to_train(cfg, m3) or not needs_sparse_fit(cfg.model.new_sparse_head_init):
         return None
     passages, queries = dataset.head_fit_sample(cfg.model.sparse_init_passages)
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -229,7 +239,7 @@ def build_callbacks(cfg: TrainConfig, on_gpu: bool, model_defaults: ModelDefault
     if c.loss_log:
         from m3composer.callbacks.loss_log import LossLog
         callbacks.append(LossLog(c.loss_log))
-    if cfg.loss.unified_finetuning:
+    if set(cfg.loss.heads) - {"dense"}:      # a head with weights of its own to watch
         from m3composer.callbacks.head_diagnostics import HeadDiagnostics
         callbacks.append(HeadDiagnostics(cfg.optimizer.max_grad_norm))
     if on_gpu:

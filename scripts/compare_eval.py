@@ -3,9 +3,11 @@ and say whether fine-tuning helped, from paired bootstrap intervals over the que
 
 usage: python scripts/compare_eval.py BASE.json FINETUNED.json
 
-Rows are the heads present in either file (a base encoder without trained heads has only dense).
-The verdict compares like with like: the fine-tuned dense head against the base dense head on
-recall@10 and nDCG@10, each as the mean difference with its paired 95 % interval
+Rows are the heads present in either file (a base encoder without trained heads has only dense; a
+fine-tuned folder's fresh heads that its run did not train are not evaluated, and a head evaluated
+but not in the run's `loss.heads` is marked "not trained"). The verdict compares like with like:
+the fine-tuned dense head against the base dense head (or, when the run did not train dense, its
+first trained head that the base has too; none: no verdict) on recall@10 and nDCG@10, each as the mean difference with its paired 95 % interval
 (`m3composer.retrieval.compare`). "better" only when both intervals lie above 0, "worse" when one
 lies below 0 and none above, otherwise "no clear difference": a difference of means that the query
 sample does not support is not a gain. The fine-tuned ensemble is compared with its best single
@@ -34,29 +36,46 @@ def interval(d) -> str:
     return f"{d.base:.4f} -> {d.other:.4f}, {d.difference:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
 
 
+def verdict_head(base: dict, trained: list) -> str | None:
+    """The head the verdict compares: the first trained head the base was evaluated with."""
+    return next((h for h in trained if h in base.get("per_query", {})), None)
+
+
 def main(base_path: str, tuned_path: str) -> int:
     try:
         base, tuned = (json.load(open(p, encoding="utf-8")) for p in (base_path, tuned_path))
-        dense = {m: paired_bootstrap(per_query(base, "dense", m, base_path), per_query(tuned, "dense", m, tuned_path))
-                 for m in VERDICT_METRICS}
+        # `trained_heads`: the run's loss.heads, recorded in the export (absent: not a training export)
+        for results, path in ((base, base_path), (tuned, tuned_path)):
+            per_query(results, "dense", VERDICT_METRICS[0], path)     # no per-query metrics: the one-line error
+        trained = tuned.get("trained_heads") or list(HEADS[:3])
+        head = verdict_head(base, trained)
+        like = {m: paired_bootstrap(per_query(base, head, m, base_path), per_query(tuned, head, m, tuned_path))
+                for m in VERDICT_METRICS} if head else {}
     except (OSError, ValueError, TypeError) as err:
         print(f"compare_eval.py: error: {err}", file=sys.stderr)
         return 2
     print(f"held-out retrieval: {tuned['num_queries']} queries, {tuned['num_docs']} documents")
+    if tuned.get("trained_heads"):
+        print(f"heads trained (loss.heads): {', '.join(tuned['trained_heads'])}")
     header = "head       " + "  ".join(f"{m:>17}" for m in METRICS)
     print(header + "\n" + " " * 11 + "  ".join(f"{'base':>8} {'tuned':>8}" for _ in METRICS))
-    for head in HEADS:
-        if head not in base and head not in tuned:
+    for row in HEADS:
+        if row not in base and row not in tuned:
             continue
-        print(f"{head:<11}" + "  ".join(f"{cell(base, head, m):>8} {cell(tuned, head, m):>8}" for m in METRICS))
+        note = "   (not trained)" if row in HEADS[:3] and row not in trained and row in tuned else ""
+        print(f"{row:<11}" + "  ".join(f"{cell(base, row, m):>8} {cell(tuned, row, m):>8}" for m in METRICS) + note)
 
-    queries = next(iter(dense.values())).queries
-    print(f"\nfine-tuned dense vs base dense, difference with its paired bootstrap 95 % interval over {queries} queries:")
-    for metric, d in dense.items():
-        print(f"  {metric:<10} {interval(d)}: {d.verdict}")
-    print(f"verdict: {HEADLINE[combined_verdict(list(dense.values()))]}")
+    if head is None:
+        print(f"\nno trained head ({', '.join(trained)}) was evaluated on the base model: no like-for-like verdict")
+    else:
+        queries = next(iter(like.values())).queries
+        print(f"\nfine-tuned {head} vs base {head}, difference with its paired bootstrap 95 % interval over "
+              f"{queries} queries:")
+        for metric, d in like.items():
+            print(f"  {metric:<10} {interval(d)}: {d.verdict}")
+        print(f"verdict: {HEADLINE[combined_verdict(list(like.values()))]}")
 
-    singles = {h: tuned[h]["ndcg@10"] for h in ("dense", "sparse", "colbert") if h in tuned}
+    singles = {h: tuned[h]["ndcg@10"] for h in HEADS[:3] if h in tuned}
     if "ensemble" in tuned and singles:
         best = max(singles, key=singles.get)
         d = paired_bootstrap(per_query(tuned, best, "ndcg@10", tuned_path),

@@ -40,7 +40,8 @@ m3c eval "$RUN/export" "$RUN/sample/eval" "${EVAL_ARGS[@]}" --output "$RUN/eval_
 step "6/6 base vs fine-tuned"
 python scripts/compare_eval.py "$RUN/eval_base.json" "$RUN/eval_finetuned.json" | tee "$RUN/comparison.txt"
 # paired bootstrap over the queries: each fine-tuned head against the same head of the base model; the
-# base has only dense, so the fresh sparse/ColBERT heads and the ensemble are listed, not compared
+# base has only dense, so the fresh sparse/ColBERT heads and the ensemble are listed, not compared. With
+# loss.heads=[...] a subset, m3c eval skips the fresh heads the run left untrained (recipe.md §Choosing the heads)
 m3c compare "$RUN/eval_base.json" "$RUN/eval_finetuned.json" | tee -a "$RUN/comparison.txt"
 echo
 echo "export (loads with BGEM3FlagModel and AutoModel): $RUN/export"

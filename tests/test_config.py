@@ -74,9 +74,38 @@ def test_every_head_across_ranks_needs_cross_device_negatives(yaml_path):
     assert cfg.loss.negatives_cross_device_heads == "all"
 
 
-def test_self_distill_needs_unified(yaml_path):
-    with pytest.raises(ConfigError, match="loss.use_self_distill"):
-        load_config(yaml_path, ["loss.use_self_distill=true", "loss.unified_finetuning=false"])
+def test_self_distill_needs_two_heads(yaml_path):
+    for heads in ("[dense]", "[sparse]"):
+        with pytest.raises(ConfigError, match=r"loss\.use_self_distill: needs two or more loss\.heads"):
+            load_config(yaml_path, ["loss.use_self_distill=true", f"loss.heads={heads}"])
+    assert load_config(yaml_path, ["loss.use_self_distill=true", "loss.heads=[sparse,colbert]"]).loss.use_self_distill
+
+
+def test_heads_default_to_the_recipe_and_take_any_non_empty_subset(yaml_path):
+    assert load_config(yaml_path).loss.heads == ["dense", "sparse", "colbert"]
+    assert load_config(yaml_path, ["loss.heads=[colbert,dense]"]).loss.heads == ["colbert", "dense"]
+    for heads, message in (("[]", "must name at least one head"), ("[dense,dense]", "names a head twice"),
+                           ("[dense,lexical]", r"each must be dense, sparse or colbert, got \['lexical'\]")):
+        with pytest.raises(ConfigError, match=rf"loss\.heads: {message}"):
+            load_config(yaml_path, [f"loss.heads={heads}"])
+
+
+def test_unified_finetuning_is_replaced_by_heads_with_an_error_saying_what_to_write(yaml_path, tmp_path):
+    with pytest.raises(ConfigError, match=r"loss\.unified_finetuning \(override\) was replaced by loss\.heads.*"
+                                          r"false is loss\.heads=\[dense\]"):
+        load_config(yaml_path, ["loss.unified_finetuning=false"])
+    old = tmp_path / "old.yaml"
+    old.write_text(MINIMAL + "loss: {unified_finetuning: true}\n")
+    with pytest.raises(ConfigError, match=rf"loss\.unified_finetuning \({old}\) was replaced by loss\.heads"):
+        load_config(old)
+
+
+def test_cross_device_dense_negatives_need_the_dense_head(yaml_path):
+    with pytest.raises(ConfigError, match=r"loss\.negatives_cross_device: gathers the dense head's negatives only"):
+        load_config(yaml_path, ["loss.negatives_cross_device=true", "loss.heads=[sparse]"])
+    cfg = load_config(yaml_path, ["loss.negatives_cross_device=true", "loss.heads=[sparse]",
+                                  "loss.negatives_cross_device_heads=all"])
+    assert cfg.loss.heads == ["sparse"]
 
 
 def test_override_without_equals_is_rejected(yaml_path):

@@ -30,15 +30,15 @@ from tests.model.conftest import (RECIPE_PASSAGE_IDS, RECIPE_QUERY_IDS, RECIPE_T
                                   recipe_batch)
 
 WORLD = 2
-ALL_HEADS = dict(unified_finetuning=True, use_self_distill=True, knowledge_distillation=True,
+ALL_HEADS = dict(heads=("dense", "sparse", "colbert"), use_self_distill=True, knowledge_distillation=True,
                  negatives_cross_device_heads="all")
 SPAWN_TIMEOUT_S = 240
 # (name, ComposerM3 kwargs)
 MODES = [
-    ("dense_parity", dict(unified_finetuning=False, cross_rank_grad_scale="parity")),
-    ("dense_full_batch", dict(unified_finetuning=False, cross_rank_grad_scale="full_batch")),
-    ("unified_self_distill", dict(unified_finetuning=True, use_self_distill=True, cross_rank_grad_scale="parity")),
-    ("dense_masked", dict(unified_finetuning=False, cross_rank_grad_scale="parity")),
+    ("dense_parity", dict(heads=("dense",), cross_rank_grad_scale="parity")),
+    ("dense_full_batch", dict(heads=("dense",), cross_rank_grad_scale="full_batch")),
+    ("unified_self_distill", dict(heads=("dense", "sparse", "colbert"), use_self_distill=True, cross_rank_grad_scale="parity")),
+    ("dense_masked", dict(heads=("dense",), cross_rank_grad_scale="parity")),
     # every head gathered (negatives_cross_device_heads="all"), with teacher scores and the
     # self-distillation term; each rank's batch cut to its own longest text (ColBERT padding differs)
     ("all_heads_full_batch", dict(ALL_HEADS, cross_rank_grad_scale="full_batch")),
@@ -195,7 +195,7 @@ for gather in (distributed.gather_with_grad, distributed.gather_local_grad, dist
 with pytest.raises(ValueError, match="cross_rank_grad_scale"):
     distributed.gather_for_negatives(x, "sum")
 def total(**kwargs):
-    model = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False, **kwargs)).train()
+    model = ComposerM3(build_recipe_model(), **model_settings(heads=("dense",), **kwargs)).train()
     batch = recipe_batch()
     return model.loss(model(batch), batch)
 with_flag, without = total(negatives_cross_device=True), total()
@@ -218,20 +218,20 @@ def test_gather_orders_ranks(two_rank_results):
 
 
 def test_dense_loss_on_each_rank_is_the_full_batch_loss(two_rank_results):
-    full, _ = one_process(unified_finetuning=False)
+    full, _ = one_process(heads=("dense",))
     for rank, result in enumerate(two_rank_results):
         dense = result["dense_parity"]["terms"]["dense"]
         assert dense.item() == pytest.approx(full["dense"].item(), abs=1e-5)   # summation order differs
         assert dense.item() == pytest.approx(1.060854, abs=1e-5)
         # a local-only loss (this rank's 2 passages) is a different number: the other rank's passages count
-        local_model = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False)).train()
+        local_model = ComposerM3(build_recipe_model(), **model_settings(heads=("dense",))).train()
         local_batch = rank_batch(rank)
         local = local_model.loss(local_model(local_batch), local_batch)["dense"]
         assert abs(local.item() - dense.item()) > 1e-3
 
 
 def test_parity_gradient_is_one_over_world_size_of_full_batch(two_rank_results):
-    _, full_grads = one_process(unified_finetuning=False)
+    _, full_grads = one_process(heads=("dense",))
     for result in two_rank_results:
         grads = result["dense_parity"]["grads"]
         assert set(grads) == set(full_grads)
@@ -240,7 +240,7 @@ def test_parity_gradient_is_one_over_world_size_of_full_batch(two_rank_results):
 
 
 def test_full_batch_convention_gradient_equals_one_process_gradient(two_rank_results):
-    _, full_grads = one_process(unified_finetuning=False)
+    _, full_grads = one_process(heads=("dense",))
     for result in two_rank_results:
         assert result["dense_full_batch"]["terms"]["dense"].item() == pytest.approx(1.060854, abs=1e-5)
         for name, g in result["dense_full_batch"]["grads"].items():
@@ -258,8 +258,8 @@ def test_unified_self_distill_per_rank_losses_match_flagembeddings_reference(two
 
 def test_false_negatives_are_masked_across_ranks(two_rank_results):
     # each rank's gathered dense loss is the one-process masked loss, and the gradient keeps the 1/W parity
-    full, full_grads = one_process(masked=True, unified_finetuning=False)
-    unmasked, _ = one_process(unified_finetuning=False)
+    full, full_grads = one_process(masked=True, heads=("dense",))
+    unmasked, _ = one_process(heads=("dense",))
     assert abs(full["dense"].item() - unmasked["dense"].item()) > 1e-3
     for rank, result in enumerate(two_rank_results):
         terms = result["dense_masked"]["terms"]

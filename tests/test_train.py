@@ -202,7 +202,8 @@ def test_export_loads_and_gives_the_in_memory_models_outputs(trained):
     assert set(fit) == {"passages", "queries", "positions", "scale", "r2"}
     assert recorded == {
         "pooling": "cls", "normalize": True, "query_instruction": None, "passage_instruction": None,
-        "head_init": {"sparse": "idf", "colbert": "default", "new_head_lr_multiplier": 10.0}}
+        "head_init": {"sparse": "idf", "colbert": "default", "new_head_lr_multiplier": 10.0},
+        "trained_heads": ["dense", "sparse", "colbert"], "fresh_heads": []}
     loaded = M3Model.from_pretrained(export).eval()
     live = trained["model"].model.eval()
     batch = trained["probe"][0]
@@ -340,6 +341,27 @@ def test_new_heads_start_as_configured_and_the_export_records_it(tmp_path, tiny_
     assert torch.count_nonzero(default.model.sparse_linear.weight) > 0      # PyTorch's init, as FlagEmbedding
     assert build_model(_cfg(tmp_path, train_data), tiny_dir, chosen).model.head_init == {
         "sparse": "idf", "colbert": "default", "new_head_lr_multiplier": 10.0}   # the defaults (fitted later)
+
+
+def test_a_fresh_head_left_out_of_loss_heads_is_not_initialised_fitted_nor_optimised(tmp_path, tiny_dir, train_data):
+    from m3composer.callbacks.head_diagnostics import HeadDiagnostics
+    from m3composer.train import ModelDefaults, build_callbacks, build_model, build_optimizer, fit_new_sparse_head
+
+    chosen = ModelDefaults("cls", None, None)
+    cfg = _cfg(tmp_path, train_data, loss={"heads": ["dense", "colbert"]})
+    model = build_model(cfg, tiny_dir, chosen)
+    m3 = model.model
+    assert m3.fresh_heads == ("sparse", "colbert") and m3.untrained_fresh_heads() == ("sparse",)
+    assert torch.count_nonzero(m3.sparse_linear.weight) > 0            # PyTorch's init, not lexical overlap
+    assert m3.head_init == {"colbert": "default", "new_head_lr_multiplier": 10.0}
+    assert fit_new_sparse_head(cfg, m3, dataset=None, on_gpu=False) is None     # returns before reading data
+    groups = build_optimizer(cfg, model).param_groups
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    assert not any(id(p) in in_groups for p in m3.sparse_linear.parameters())
+    assert {id(p) for g in groups[2:] for p in g["params"]} == {id(p) for p in m3.colbert_linear.parameters()}
+    assert any(isinstance(c, HeadDiagnostics) for c in build_callbacks(cfg, False, chosen))
+    dense_only = _cfg(tmp_path, train_data, loss={"heads": ["dense"], "use_self_distill": False})
+    assert not any(isinstance(c, HeadDiagnostics) for c in build_callbacks(dense_only, False, chosen))
 
 
 def test_sigterm_mid_epoch_checkpoints_at_the_step_boundary_and_the_same_command_resumes_exactly(trained, tmp_path):

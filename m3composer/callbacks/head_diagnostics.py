@@ -13,7 +13,8 @@ total loss falls, because the other terms carry it. These numbers make that visi
     grad_norm/clip_scale              the factor `max_grad_norm` clipping applies (1 = no clipping)
 
 Logged at `Event.AFTER_BACKWARD` (the loss is never split into micro-batches, so the gradients are
-complete there, and clipping has not run yet).
+complete there, and clipping has not run yet). A head that `loss.heads` leaves out (frozen) has no
+`heads/<head>/…` nor `grad_norm/<head>_head` entry.
 """
 from __future__ import annotations
 
@@ -63,17 +64,16 @@ class HeadDiagnostics(Callback):
         if event != Event.AFTER_BACKWARD:
             return
         m3 = unwrap_m3(state.model)
-        sparse_params = list(m3.sparse_linear.parameters())
-        colbert_params = list(m3.colbert_linear.parameters())
-        encoder_params = list(m3.encoder.parameters())
-        encoder, sparse, colbert = _norm(encoder_params), _norm(sparse_params), _norm(colbert_params)
-        total = (encoder ** 2 + sparse ** 2 + colbert ** 2) ** 0.5
-        metrics = {
-            "heads/sparse/weight_norm": float(m3.sparse_linear.weight.detach().float().norm()),
-            "heads/sparse/bias": float(m3.sparse_linear.bias.detach().float().reshape(-1)[0]),
-            "grad_norm/encoder": encoder, "grad_norm/sparse_head": sparse,
-            "grad_norm/colbert_head": colbert, "grad_norm/total": total,
-        }
+        linears = {"sparse": m3.sparse_linear, "colbert": m3.colbert_linear}
+        trained = {name: any(p.requires_grad for p in linear.parameters()) for name, linear in linears.items()}
+        encoder = _norm(m3.encoder.parameters())
+        norms = {f"grad_norm/{name}_head": _norm(linear.parameters())
+                 for name, linear in linears.items() if trained[name]}
+        total = sum([encoder ** 2, *(n ** 2 for n in norms.values())]) ** 0.5
+        metrics = {"grad_norm/encoder": encoder, **norms, "grad_norm/total": total}
+        if trained["sparse"]:
+            metrics["heads/sparse/weight_norm"] = float(m3.sparse_linear.weight.detach().float().norm())
+            metrics["heads/sparse/bias"] = float(m3.sparse_linear.bias.detach().float().reshape(-1)[0])
         if self.max_grad_norm is not None:
             metrics["grad_norm/clip_scale"] = min(1.0, self.max_grad_norm / max(total, 1e-12))
         outputs = state.outputs

@@ -7,8 +7,8 @@ card, never a folder without one). The writer puts three things into the folder:
 
 * `training_run.json`: the facts (model/model_card.py renders them): `run_facts` from the trainer
   (base model, training data, the recipe's keys that differ from the defaults, the eval set), plus
-  what the state says now: steps, epoch, wall time (`timestamp.total_wct`, which a resume
-  carries on), hardware, the last step's loss terms (Composer's rank-averaged `total_loss_dict`,
+  what the state says now: the heads trained (`loss.heads`) and those left fresh, steps, epoch,
+  wall time (`timestamp.total_wct`, which a resume carries on), hardware, the last step's loss terms (Composer's rank-averaged `total_loss_dict`,
   the values `LossLog` writes) and the latest `metrics/<label>/<head>/<metric>` of `RetrievalEval`;
 * `plots/losses.png` (and `plots/eval.png`): `write_plots` over the history the `Plots` logger
   recorded, up to this step;
@@ -117,6 +117,8 @@ def run_facts_now(state: State, run_facts: Optional[dict], history: Optional[dic
         "pooling": m3.pooling, "normalize": m3.normalize,
         "query_instruction": m3.query_instruction, "passage_instruction": m3.passage_instruction,
         "colbert_dim": int(m3.colbert_linear.out_features),
+        "trained_heads": None if m3.trained_heads is None else list(m3.trained_heads),
+        "fresh_heads": list(m3.untrained_fresh_heads()),
         "final_losses": {name[len(LOSS_PREFIX):]: value for name, value in losses.items()
                          if name.startswith(LOSS_PREFIX)} or None,
         "final_losses_step": step if losses else None,

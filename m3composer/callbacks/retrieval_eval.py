@@ -7,7 +7,9 @@ to its first `max_queries` queries) with `m3composer.retrieval.evaluate.evaluate
     metrics/<label>/<head>/<metric>      e.g. metrics/eval/dense/ndcg@10
 
 for head in dense, sparse, colbert, ensemble and metric in recall@1, recall@10, mrr@10, ndcg@10,
-through Composer's loggers (so MLflow, W&B, the console and `InMemoryLogger` all see them).
+through Composer's loggers (so MLflow, W&B, the console and `InMemoryLogger` all see them). A fresh
+head that `loss.heads` leaves out (random weights: `M3Model.untrained_fresh_heads`) is not evaluated,
+and the ensemble is over the others (docs/recipe.md §Choosing the heads).
 
 Only rank 0 evaluates, on the unwrapped `M3Model` (encoder forward only: no collective call
 inside), while the other ranks wait at a barrier; the eval set is read once, lazily, on rank 0.
@@ -25,7 +27,8 @@ from composer.loggers import Logger
 from composer.utils import create_interval_scheduler, dist
 
 from m3composer.callbacks.preemption import preempted
-from m3composer.model.scores import SCORE_NAMES
+from m3composer.model.inference import unwrap_m3
+from m3composer.model.scores import HEADS, SCORE_NAMES
 from m3composer.retrieval.beir import EvalSet, load_eval_set
 from m3composer.retrieval.evaluate import evaluate_model
 
@@ -87,7 +90,10 @@ class RetrievalEval(Callback):
             return
         self._last_evaluated_batch = batch
         if dist.get_global_rank() == 0:
-            results = evaluate_model(state.model, self._load(), **self.eval_kwargs)
+            kwargs = dict(self.eval_kwargs)
+            skip = unwrap_m3(state.model).untrained_fresh_heads()
+            kwargs["heads"] = tuple(h for h in kwargs.get("heads", HEADS) if h not in skip)
+            results = evaluate_model(state.model, self._load(), **kwargs)
             self.history.append((batch, results))
             logger.log_metrics(eval_metrics_to_log(results, self.label))
             log.info("retrieval eval at batch %d: %s", batch,

@@ -14,6 +14,12 @@ in `m3composer.losses`; this module decides which terms apply to a batch:
     self-distill   (L + L') / 2 while `self_distill_on`
     total          what Composer back-propagates
 
+Only the heads in `heads` (`loss.heads`) are encoded, scored and trained (docs/recipe.md §Choosing
+the heads): their terms, the ensemble of those heads when there are two or more (and then
+self-distillation with those heads as students), each sum divided by its number of terms
+(`losses.unified_loss`). The other heads' parameters are frozen here, so they get no gradient, no
+optimizer state (optim.py takes trainable parameters only) and DDP never waits for them.
+
 False negatives (`mask_false_negatives`, docs/recipe.md §False-negative masking): when the batch
 carries `passage_hashes`/`positive_hashes`, a column whose passage is identical to one of query b's
 positives leaves row b's softmax in every matrix above (the gathered dense one included); the
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from composer.models import ComposerModel
@@ -38,7 +44,7 @@ from torchmetrics import Metric
 from m3composer import distributed, losses
 from m3composer.model import gradcache
 from m3composer.model.m3 import M3Model
-from m3composer.model.scores import COLBERT_MAX_ELEMENTS, SCORE_NAMES, M3Reps, M3Scores, dense_scores
+from m3composer.model.scores import COLBERT_MAX_ELEMENTS, HEADS, SCORE_NAMES, M3Reps, M3Scores, dense_scores
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +89,9 @@ class ComposerM3(ComposerModel):
     Args:
         model: the `M3Model` (encoder + heads).
         temperature: τ of every score; 1.0 when the model does not normalise (`M3Model.score_temperature`).
-        unified_finetuning: train sparse, ColBERT and ensemble terms too; off = dense only (the heads
-            are frozen so DDP sees no unused trainable parameter, and still saved on export).
+        heads: the heads trained (any non-empty subset of `HEADS`); the others are frozen so DDP sees
+            no unused trainable parameter, and still saved on export. Recorded on the model as
+            `trained_heads` (the export's m3composer.json says which heads were trained).
         use_self_distill: initial value of `self_distill_on`.
         negatives_cross_device: dense scores against the passages of all ranks (no-op on one process).
         negatives_cross_device_heads: "dense" (the recipe: sparse, ColBERT, ensemble and
@@ -103,7 +110,7 @@ class ComposerM3(ComposerModel):
             without passage hashes are never masked).
     """
 
-    def __init__(self, model: M3Model, *, temperature: float, unified_finetuning: bool,
+    def __init__(self, model: M3Model, *, temperature: float, heads: Sequence[str],
                  use_self_distill: bool, negatives_cross_device: bool,
                  negatives_cross_device_heads: str, cross_rank_grad_scale: str,
                  bidirectional_parallel: bool, knowledge_distillation: bool, mask_false_negatives: bool,
@@ -113,6 +120,9 @@ class ComposerM3(ComposerModel):
         if cross_rank_grad_scale not in distributed.CROSS_RANK_GRAD_SCALES:
             raise ValueError(f"cross_rank_grad_scale must be one of {distributed.CROSS_RANK_GRAD_SCALES}, "
                              f"got {cross_rank_grad_scale!r}")
+        heads = tuple(heads)
+        if not heads or set(heads) - set(HEADS) or len(set(heads)) != len(heads):
+            raise ValueError(f"heads must be a non-empty subset of {HEADS} without repeats, got {list(heads)}")
         if negatives_cross_device_heads not in distributed.CROSS_DEVICE_HEADS:
             raise ValueError(f"negatives_cross_device_heads must be one of {distributed.CROSS_DEVICE_HEADS}, "
                              f"got {negatives_cross_device_heads!r}")
@@ -122,7 +132,7 @@ class ComposerM3(ComposerModel):
         temperature = model.score_temperature(temperature)
         self.model = model
         self.temperature = temperature
-        self.unified_finetuning = unified_finetuning
+        self.heads = tuple(h for h in HEADS if h in heads)      # trained, in HEADS order
         self.negatives_cross_device = negatives_cross_device
         self.negatives_cross_device_heads = negatives_cross_device_heads
         self.cross_rank_grad_scale = cross_rank_grad_scale
@@ -134,16 +144,18 @@ class ComposerM3(ComposerModel):
         self.mask_false_negatives = mask_false_negatives
         # The switch the self-distillation warm-up Algorithm sets each batch.
         self.self_distill_on = bool(use_self_distill)
-        if not unified_finetuning:
-            for p in list(model.colbert_linear.parameters()) + list(model.sparse_linear.parameters()):
-                p.requires_grad_(False)
+        model.trained_heads = self.heads
+        for head, linear in (("sparse", model.sparse_linear), ("colbert", model.colbert_linear)):
+            if head not in self.heads:
+                linear.requires_grad_(False)
         if gradient_checkpointing:
             model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.train_metrics = {f"{h}_accuracy": InBatchAccuracy(h) for h in self._heads()}
         self.val_metrics = {f"{h}_accuracy": InBatchAccuracy(h) for h in self._heads()}
 
     def _heads(self) -> tuple[str, ...]:
-        return SCORE_NAMES if self.unified_finetuning else ("dense",)
+        """The scores trained: the chosen heads, and their ensemble when there are two or more."""
+        return self.heads + (("ensemble",) if len(self.heads) > 1 else ())
 
     # ------------------------------------------------------------------ encode + score
     def group_size(self, batch: dict[str, Any]) -> int:
@@ -157,23 +169,24 @@ class ComposerM3(ComposerModel):
         return group_size
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> M3Reps:
-        unified = self.unified_finetuning
-        return self.model.encode(input_ids, attention_mask, with_sparse=unified, with_colbert=unified)
+        return self.model.encode(input_ids, attention_mask, **self._with_heads())
+
+    def _with_heads(self) -> dict[str, bool]:
+        """The encoder's head switches: only the trained heads' representations are built."""
+        return {"with_sparse": "sparse" in self.heads, "with_colbert": "colbert" in self.heads}
 
     def score(self, q: M3Reps, p: M3Reps) -> M3Scores:
-        return self.model.score(q, p, self.temperature, colbert_max_elements=self.colbert_max_elements)
+        return self.model.score(q, p, self.temperature, heads=self.heads, colbert_max_elements=self.colbert_max_elements)
 
     def forward(self, batch: dict[str, Any]) -> M3Outputs:
         group_size = self.group_size(batch)
         # Queries and passages go through the encoder together (length-sorted chunks, M3Model.encode_many).
-        unified = self.unified_finetuning
         parts = [(batch["query_input_ids"], batch["query_attention_mask"]),
                  (batch["passage_input_ids"], batch["passage_attention_mask"])]
         if self.gradient_cache is not None and torch.is_grad_enabled():
-            q, p = gradcache.encode_many(self.model, parts, self.gradient_cache, with_sparse=unified,
-                                         with_colbert=unified)
+            q, p = gradcache.encode_many(self.model, parts, self.gradient_cache, **self._with_heads())
         else:
-            q, p = self.model.encode_many(parts, with_sparse=unified, with_colbert=unified)
+            q, p = self.model.encode_many(parts, **self._with_heads())
         return M3Outputs(queries=q, passages=p, scores=self.score(q, p), group_size=group_size)
 
     # ------------------------------------------------------------------ loss
@@ -206,17 +219,25 @@ class ComposerM3(ComposerModel):
         to the longest rank's length first, as one process's collate would have padded them)."""
         def gather(x):
             return distributed.gather_for_negatives(x, self.cross_rank_grad_scale)
-        vectors, mask = distributed.pad_to_longest_across_ranks([reps.colbert, reps.colbert_mask], dim=1)
-        return M3Reps(dense=gather(reps.dense), sparse=gather(reps.sparse), colbert=gather(vectors),
-                      colbert_mask=distributed.gather_no_grad(mask))
+        # (heads not trained have no representations to gather)
+        vectors = mask = None
+        if reps.colbert is not None:
+            vectors, mask = distributed.pad_to_longest_across_ranks([reps.colbert, reps.colbert_mask], dim=1)
+        out = M3Reps(dense=gather(reps.dense))
+        if reps.sparse is not None:
+            out.sparse = gather(reps.sparse)
+        if vectors is not None:
+            out.colbert, out.colbert_mask = gather(vectors), distributed.gather_no_grad(mask)
+        return out
 
     def loss_from_reps(self, q: M3Reps, p: M3Reps, batch: dict[str, Any],
                        local_scores: Optional[M3Scores] = None) -> dict[str, torch.Tensor]:
         """All loss terms from the representations (the gradient-cache seam: `q`/`p` may be leaves)."""
         group_size = self.group_size(batch)
         scores = local_scores if local_scores is not None else self.score(q, p)
-        num_queries = scores.dense.shape[0]
-        device = scores.dense.device
+        first = getattr(scores, self.heads[0])
+        num_queries = first.shape[0]
+        device = first.device
         teacher = None
         if self._uses_teacher_scores(batch):
             teacher = torch.softmax(batch["teacher_scores"].to(device).float(), dim=-1)
@@ -233,51 +254,51 @@ class ComposerM3(ComposerModel):
                                    losses.in_batch_targets(n, group_size, head_scores.device))
 
         # Dense: global over all ranks when asked (a no-op without a process group); every head with "all".
-        every_head = gathered and self.unified_finetuning and self.negatives_cross_device_heads == "all"
-        global_scores = None
-        if not gathered:
-            global_dense, global_teacher = scores.dense, teacher
-        else:
+        every_head = gathered and self.negatives_cross_device_heads == "all"
+        global_scores, global_teacher = None, teacher
+        if gathered:
             global_teacher = distributed.gather_no_grad(teacher) if teacher is not None else None
             if every_head:
                 global_scores = self.score(self._gather(q), self._gather(p))
+        zero = first.new_zeros((), dtype=torch.float32)
+        terms = {"dense": zero, "sparse": zero, "colbert": zero, "ensemble": zero,
+                 "self_distill": zero, "bidirectional": zero, "masked_negatives": zero}
+        dense_term = None
+        if "dense" in self.heads:
+            if not gathered:
+                global_dense = scores.dense
+            elif every_head:
                 global_dense = global_scores.dense
             else:
                 q_all = distributed.gather_for_negatives(q.dense, self.cross_rank_grad_scale)
                 p_all = distributed.gather_for_negatives(p.dense, self.cross_rank_grad_scale)
                 global_dense = dense_scores(q_all, p_all, self.temperature)
-        dense_loss = head_loss(global_dense, global_teacher, dense_mask)
-        zero = dense_loss.new_zeros(())
-
-        bidirectional = zero
-        dense_term = dense_loss
-        if self.bidirectional_parallel and bool(batch.get("is_parallel", False)):
-            bidirectional = losses.bidirectional_loss(global_dense, group_size, mask=dense_mask)
-            dense_term = (dense_loss + bidirectional) / 2
-
-        masked = zero
-        if dense_mask is not None:
-            # this rank's rows of the dense mask (all of it when it is local)
-            rows = slice(distributed.rank() * num_queries, (distributed.rank() + 1) * num_queries) if gathered \
-                else slice(None)
-            masked = dense_mask[rows].sum().to(zero.dtype)
-        terms = {"dense": dense_loss, "sparse": zero, "colbert": zero, "ensemble": zero,
-                 "self_distill": zero, "bidirectional": bidirectional, "masked_negatives": masked}
-        if not self.unified_finetuning:
-            terms["total"] = dense_term
-            return terms
+            terms["dense"] = dense_term = head_loss(global_dense, global_teacher, dense_mask)
+            if self.bidirectional_parallel and bool(batch.get("is_parallel", False)):
+                terms["bidirectional"] = losses.bidirectional_loss(global_dense, group_size, mask=dense_mask)
+                dense_term = (terms["dense"] + terms["bidirectional"]) / 2
 
         heads, head_teacher, head_mask = ((global_scores, global_teacher, dense_mask) if every_head
                                           else (scores, teacher, local_mask))
-        terms["sparse"] = head_loss(heads.sparse, head_teacher, head_mask)
-        terms["colbert"] = head_loss(heads.colbert, head_teacher, head_mask)
-        terms["ensemble"] = head_loss(heads.ensemble, head_teacher, head_mask)
-        total = losses.unified_loss(dense_term, terms["sparse"], terms["colbert"], terms["ensemble"])
-        if self.self_distill_on:
+        # counted against the columns of the dense term, or of the other heads' terms without dense
+        counted_global = gathered and ("dense" in self.heads or every_head)
+        counted = dense_mask if counted_global else local_mask
+        if counted is not None:
+            # this rank's rows of the mask (all of it when it is local)
+            rows = slice(distributed.rank() * num_queries, (distributed.rank() + 1) * num_queries) \
+                if counted_global else slice(None)
+            terms["masked_negatives"] = counted[rows].sum().to(zero.dtype)
+        for name in self._heads():
+            if name != "dense":
+                terms[name] = head_loss(getattr(heads, name), head_teacher, head_mask)
+        trained = set(self._heads())
+        total = losses.unified_loss(dense_term, *(terms[h] if h in trained else None
+                                                  for h in ("sparse", "colbert", "ensemble")))
+        if self.self_distill_on and "ensemble" in trained:
             # masked columns get probability 0 in the teacher and in every student
             terms["self_distill"] = losses.self_distill_loss(
-                *(losses.mask_scores(s, head_mask) for s in (heads.ensemble, heads.dense, heads.sparse,
-                                                             heads.colbert)))
+                *(None if s is None else losses.mask_scores(s, head_mask)
+                  for s in (heads.ensemble, heads.dense, heads.sparse, heads.colbert)))
             total = losses.combine_self_distill(total, terms["self_distill"])
         terms["total"] = total
         assert tuple(terms) == LOSS_KEYS

@@ -26,9 +26,14 @@ class M3FolderConfig:
     normalize: bool = True
     query_instruction: Optional[str] = None
     passage_instruction: Optional[str] = None
-    # How the run that produced this folder initialised heads it started without (e.g.
+    # How the run that produced this folder initialised heads it started without and trained (e.g.
     # {"sparse": "lexical_overlap", "new_head_lr_multiplier": 1.0}); None: the heads were loaded.
     head_init: Optional[dict] = None
+    # The heads the training run that wrote this folder trained (`loss.heads`); None: not written by one.
+    trained_heads: Optional[list] = None
+    # Heads still as initialised (random): neither trained nor loaded from a folder that had them;
+    # evaluation skips them (docs/recipe.md §Choosing the heads).
+    fresh_heads: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if self.pooling not in POOLING_METHODS:

@@ -2,7 +2,8 @@
 
 Evaluation, teacher scoring and export all need the bare `M3Model`, whether they are handed a folder,
 the Composer model, or a DDP/FSDP wrapper around it; and they need to know which heads a folder
-really has (a plain encoder folder has the dense head only).
+really has (a plain encoder folder has the dense head only; a run that trained some heads records
+the fresh ones it left untrained).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from m3composer.model.m3 import COLBERT_FILE, SPARSE_FILE, M3Model
+from m3composer.model.folder_config import M3FolderConfig
+from m3composer.model.m3 import COLBERT_FILE, NEW_HEADS, SPARSE_FILE, M3Model
 from m3composer.model.scores import HEADS
 
 
@@ -33,12 +35,22 @@ def unwrap_m3(obj):
     raise TypeError(f"no M3Model found in {type(obj).__name__} (looked at .module, .m3, .model)")
 
 
-def heads_in_folder(folder: str | os.PathLike) -> tuple[str, ...]:
-    """The heads a model folder really has: all three when both head files exist, else dense only."""
+def missing_heads(folder: str | os.PathLike) -> dict[str, str]:
+    """`{head: why}` for the heads a model folder cannot score with: sparse and ColBERT without both
+    head files; a head its `m3composer.json` records as fresh (saved untrained by a run whose
+    `loss.heads` left it out, docs/recipe.md §Choosing the heads), whose weights are random."""
     folder = Path(folder)
-    if (folder / COLBERT_FILE).is_file() and (folder / SPARSE_FILE).is_file():
-        return HEADS
-    return ("dense",)
+    if not ((folder / COLBERT_FILE).is_file() and (folder / SPARSE_FILE).is_file()):
+        return {h: f"no {COLBERT_FILE}/{SPARSE_FILE}" for h in NEW_HEADS}
+    return {h: "never trained (m3composer.json fresh_heads: not in the loss.heads of the run that saved it)"
+            for h in M3FolderConfig.from_folder(folder).fresh_heads}
+
+
+def heads_in_folder(folder: str | os.PathLike) -> tuple[str, ...]:
+    """The heads a model folder really has (in `HEADS` order): dense always, sparse and ColBERT when
+    their files exist and they are not fresh (`missing_heads`)."""
+    missing = missing_heads(folder)
+    return tuple(h for h in HEADS if h not in missing)
 
 
 DEVICES = ("auto", "cpu", "cuda")

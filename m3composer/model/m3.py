@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 COLBERT_FILE = "colbert_linear.pt"
 SPARSE_FILE = "sparse_linear.pt"
+NEW_HEADS = ("sparse", "colbert")     # the heads with weights of their own, new when a folder has no head files
 # XLM-R / bge-m3 ids of <s>, <pad>, </s>, <unk>: used only when neither a tokenizer nor explicit ids exist.
 XLMR_SPECIAL_IDS = {"cls": 0, "pad": 1, "eos": 2, "unk": 3}
 # Per-call overhead of the encoder in tokens (length_chunks); CPU measured, GPU estimated (BENCHMARKS.md
@@ -136,8 +137,15 @@ class M3Model(nn.Module):
         self.special_token_ids = dict(special_token_ids)
         self.query_instruction = query_instruction
         self.passage_instruction = passage_instruction
-        # True when from_pretrained found no head files and initialised the heads itself
-        self.fresh_heads = False
+        # Heads whose weights are as initialised, never trained (falsy when none): sparse and ColBERT
+        # when from_pretrained found no head files, else what the folder's m3composer.json records
+        # (heads an earlier run saved untrained). Those no run trains are recorded on save and
+        # skipped by evaluation (`untrained_fresh_heads`, inference.heads_in_folder).
+        self.fresh_heads: tuple[str, ...] = ()
+        # of those, the ones the folder's m3composer.json recorded (what a save without training keeps)
+        self.recorded_fresh_heads: tuple[str, ...] = ()
+        # The heads a training run trains (ComposerM3 sets it); None: not being trained here
+        self.trained_heads: Optional[tuple[str, ...]] = None
         # how the training run initialised fresh heads; recorded in m3composer.json by save_pretrained
         self.head_init: Optional[dict] = None
         # encode in length-sorted chunks (see encoder_hidden); off = one padded encoder call per encode
@@ -180,7 +188,7 @@ class M3Model(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         hidden = encoder.config.hidden_size
         colbert_path, sparse_path = folder / COLBERT_FILE, folder / SPARSE_FILE
-        fresh = False
+        fresh: tuple[str, ...] = tuple(recorded.fresh_heads)
         if colbert_path.is_file() and sparse_path.is_file():
             colbert_state = torch.load(colbert_path, map_location="cpu", weights_only=True)
             sparse_state = torch.load(sparse_path, map_location="cpu", weights_only=True)
@@ -197,13 +205,14 @@ class M3Model(nn.Module):
             log.warning("%s: no %s/%s; the ColBERT and sparse heads are newly initialised "
                         "(fine for training, not for inference)", folder, COLBERT_FILE, SPARSE_FILE)
             colbert_linear, sparse_linear = cls.new_heads(hidden, colbert_dim)
-            fresh = True
+            fresh = NEW_HEADS
         model = cls(encoder, colbert_linear, sparse_linear,
                     pooling=pooling or recorded.pooling,
                     normalize=recorded.normalize if normalize is None else normalize,
                     special_token_ids=special_token_ids, tokenizer=tokenizer,
                     query_instruction=recorded.query_instruction, passage_instruction=recorded.passage_instruction)
         model.fresh_heads = fresh
+        model.recorded_fresh_heads = tuple(recorded.fresh_heads)
         model.head_init = recorded.head_init
         return model.eval()   # like transformers' from_pretrained; the trainer switches to train()
 
@@ -336,21 +345,33 @@ class M3Model(nn.Module):
                                            input_ids, attention_mask)
 
     @staticmethod
-    def score(q: M3Reps, p: M3Reps, temperature: float, *,
+    def score(q: M3Reps, p: M3Reps, temperature: float, *, heads: Optional[Sequence[str]] = None,
               ensemble_weights: tuple[float, float, float] = ENSEMBLE_WEIGHTS,
               colbert_max_elements: int = COLBERT_MAX_ELEMENTS) -> M3Scores:
-        """Score matrices `(len(q), len(p))` of every head present; see `scores.score`."""
-        return score(q, p, temperature, ensemble_weights=ensemble_weights, colbert_max_elements=colbert_max_elements)
+        """Score matrices `(len(q), len(p))` of `heads` (None: every head present); see `scores.score`."""
+        return score(q, p, temperature, heads=heads, ensemble_weights=ensemble_weights,
+                     colbert_max_elements=colbert_max_elements)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> M3Reps:
         return self.encode(input_ids, attention_mask)
 
     # ------------------------------------------------------------------ save
+    def untrained_fresh_heads(self) -> tuple[str, ...]:
+        """Fresh heads that a training run leaves out of `loss.heads`: their weights are still as
+        initialised (random), so nothing should rank with them (docs/recipe.md §Choosing the heads).
+        A model no run trains (`trained_heads` None) says only what its folder recorded."""
+        if self.trained_heads is None:
+            return self.recorded_fresh_heads
+        return tuple(h for h in self.fresh_heads if h not in self.trained_heads)
+
     def folder_config(self) -> M3FolderConfig:
-        """What `save_pretrained` records in `m3composer.json` (and `from_pretrained` reads back)."""
+        """What `save_pretrained` records in `m3composer.json` (and `from_pretrained` reads back): a
+        fresh head stays fresh unless it is being trained."""
         return M3FolderConfig(pooling=self.pooling, normalize=self.normalize,
                               query_instruction=self.query_instruction, passage_instruction=self.passage_instruction,
-                              head_init=self.head_init)
+                              head_init=self.head_init,
+                              trained_heads=None if self.trained_heads is None else list(self.trained_heads),
+                              fresh_heads=list(self.untrained_fresh_heads()))
 
     def save_pretrained(self, folder: str | os.PathLike, tokenizer=None,
                         extra_files: Optional[Callable[[Path], None]] = None) -> Path:

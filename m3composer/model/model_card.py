@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from m3composer.model.scores import SCORE_NAMES
+from m3composer.model.scores import HEADS, SCORE_NAMES
 
 FACTS_FILE = "training_run.json"
 CARD_FILE = "README.md"
@@ -55,6 +55,25 @@ def _duration(seconds: Optional[float]) -> str:
         return "unknown"
     minutes, secs = divmod(float(seconds), 60.0)
     return f"{seconds:.1f} s" if minutes < 1 else f"{int(minutes)} min {secs:.0f} s ({seconds:.1f} s)"
+
+
+def _heads_lines(facts: dict) -> list[str]:
+    """Which heads the run trained (`loss.heads`), and which it left as they were."""
+    trained = facts.get("trained_heads")
+    if trained is None:
+        return []
+    fresh = facts.get("fresh_heads") or []
+
+    def left_out(head: str) -> str:
+        if head == "dense":
+            return "no loss term of its own; the encoder under it was trained"
+        return "fresh: never trained, skipped by `m3c eval`" if head in fresh else "saved as loaded"
+
+    line = "- heads trained (`loss.heads`): " + ", ".join(f"`{h}`" for h in trained)
+    kept = [h for h in HEADS if h not in trained]
+    if kept:
+        line += "; not trained: " + ", ".join(f"`{h}` ({left_out(h)})" for h in kept)
+    return [line]
 
 
 def _data_section(data: Optional[dict]) -> list[str]:
@@ -167,6 +186,7 @@ def render_card(facts: Optional[dict], kind: str = "m3") -> str:
               f"{_fmt(facts.get('passage_instruction'))}"]
     if facts.get("colbert_dim") is not None:
         lines.append(f"- ColBERT vector size: {facts['colbert_dim']}")
+    lines += _heads_lines(facts)
     if "steps" in facts:
         lines += ["", "## Training", "",
                   f"- steps: {facts.get('steps')} (epoch {facts.get('epochs')})",

@@ -59,7 +59,7 @@ class M3Reps:
 @dataclass
 class M3Scores:
     """Score matrices `(queries, passages)`, already divided by τ. Heads not computed are None."""
-    dense: torch.Tensor
+    dense: Optional[torch.Tensor] = None
     sparse: Optional[torch.Tensor] = None
     colbert: Optional[torch.Tensor] = None
     ensemble: Optional[torch.Tensor] = None
@@ -157,28 +157,41 @@ def colbert_scores(q_vecs: torch.Tensor, q_mask: torch.Tensor, p_vecs: torch.Ten
                           max_elements=max_elements) / temperature
 
 
-def ensemble_scores(dense, sparse=None, colbert=None,
+def ensemble_scores(dense=None, sparse=None, colbert=None,
                     weights: Sequence[float] = ENSEMBLE_WEIGHTS):
     """`S_ens = w_dense·S_dense + w_lex·S_lex + w_mul·S_mul`, summed in that order over the heads
-    given (a head that is None is left out). Tensors of one shape, or plain numbers (one pair)."""
-    w_dense, w_lex, w_mul = weights
-    total = w_dense * dense
-    if sparse is not None:
-        total = total + w_lex * sparse
-    if colbert is not None:
-        total = total + w_mul * colbert
+    given (a head that is None is left out; at least one is needed). Tensors of one shape, or plain
+    numbers (one pair)."""
+    total = None
+    for weight, head_scores in zip(weights, (dense, sparse, colbert)):
+        if head_scores is not None:
+            total = weight * head_scores if total is None else total + weight * head_scores
+    if total is None:
+        raise ValueError("ensemble_scores needs the scores of at least one head")
     return total
 
 
-def score(q: M3Reps, p: M3Reps, temperature: float, *,
+def score(q: M3Reps, p: M3Reps, temperature: float, *, heads: Optional[Sequence[str]] = None,
           ensemble_weights: tuple[float, float, float] = ENSEMBLE_WEIGHTS,
           colbert_max_elements: int = COLBERT_MAX_ELEMENTS) -> M3Scores:
-    """All score matrices between queries `q` and passages `p`; sparse/ColBERT/ensemble only when
-    both sides carry those representations."""
-    dense = dense_scores(q.dense, p.dense, temperature)
-    if q.sparse is None or p.sparse is None or q.colbert is None or p.colbert is None:
-        return M3Scores(dense=dense)
-    sparse = sparse_scores(q.sparse, p.sparse, temperature)
-    colbert = colbert_scores(q.colbert, q.colbert_mask, p.colbert, temperature, colbert_max_elements)
-    return M3Scores(dense=dense, sparse=sparse, colbert=colbert,
-                    ensemble=ensemble_scores(dense, sparse, colbert, ensemble_weights))
+    """Score matrices between queries `q` and passages `p`, and their ensemble when two or more heads
+    are scored (the weighted sum over those heads: recipe.md §Choosing the heads).
+
+    `heads`: the heads to score (each needs both sides' representations); None = dense, plus sparse
+    and ColBERT when both sides carry both."""
+    if heads is None:
+        both = all(r is not None for side in (q, p) for r in (side.sparse, side.colbert))
+        heads = HEADS if both else ("dense",)
+    unknown = set(heads) - set(HEADS)
+    if unknown or not heads:
+        raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {list(heads)}")
+    out = M3Scores()
+    if "dense" in heads:
+        out.dense = dense_scores(q.dense, p.dense, temperature)
+    if "sparse" in heads:
+        out.sparse = sparse_scores(q.sparse, p.sparse, temperature)
+    if "colbert" in heads:
+        out.colbert = colbert_scores(q.colbert, q.colbert_mask, p.colbert, temperature, colbert_max_elements)
+    if len(set(heads)) > 1:
+        out.ensemble = ensemble_scores(out.dense, out.sparse, out.colbert, ensemble_weights)
+    return out

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from m3composer.fsutil import building_dir
 from m3composer.model import m3_lexical_weights
-from m3composer.model.inference import heads_in_folder, load_model_for_inference
+from m3composer.model.inference import load_model_for_inference, missing_heads
 from m3composer.model.model_card import LOSS_PLOT, read_facts, write_card
 
 ST_VERSION = "6.2.0"      # the release whose save() layout these files reproduce
@@ -134,15 +134,16 @@ def export_sentence_transformers(model_dir: str | Path, out_dir: str | Path, hea
     `out_dir` is built beside itself and renamed into place, so a failure leaves no partial export.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    available = ("dense", "colbert", "sparse") if heads_in_folder(model_dir) != ("dense",) else ("dense",)
+    absent = missing_heads(model_dir)
+    available = tuple(h for h in HEAD_FOLDERS if h not in absent)
     heads = tuple(heads) if heads else available
     unknown = [h for h in heads if h not in HEAD_FOLDERS]
     if unknown:
         raise ValueError(f"unknown head(s) {unknown}; choose from {HEAD_FOLDERS}")
     missing = [h for h in heads if h not in available]
     if missing:
-        raise ValueError(f"{model_dir}: no trained {'/'.join(missing)} head (colbert_linear.pt and sparse_linear.pt "
-                         "are needed); export the dense head only with --heads dense")
+        raise ValueError(f"{model_dir}: no trained {'/'.join(missing)} head ({absent[missing[0]]}); export the "
+                         f"heads it has with --heads {','.join(available)}")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
     model = load_model_for_inference(model_dir)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from m3composer.fsutil import write_json_atomic
-from m3composer.model.inference import heads_in_folder, load_model_for_inference, unwrap_m3
+from m3composer.model.folder_config import M3FolderConfig
+from m3composer.model.inference import load_model_for_inference, missing_heads, unwrap_m3
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
 from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES
 from m3composer.retrieval.beir import EvalSet, load_eval_set
@@ -108,12 +109,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for note in eval_set.notes:
         print(f"[eval] note: {note}", file=sys.stderr)
-    available = heads_in_folder(args.model_dir)
-    heads = tuple(h for h in args.heads if h in available)
-    skipped = [h for h in args.heads if h not in available]
-    if skipped:
-        print(f"[eval] {args.model_dir} has no colbert_linear.pt/sparse_linear.pt: "
-              f"skipping the {' and '.join(skipped)} head(s) and the ensemble", file=sys.stderr)
+    missing = missing_heads(args.model_dir)
+    heads = tuple(h for h in args.heads if h not in missing)
+    skipped = [h for h in args.heads if h in missing]
+    for reason in dict.fromkeys(missing[h] for h in skipped):
+        names = [h for h in skipped if missing[h] == reason]
+        print(f"[eval] {args.model_dir}: {reason}: skipping the {' and '.join(names)} head(s)"
+              + (" and the ensemble" if len(heads) < 2 else f"; the ensemble is over {' and '.join(heads)}"),
+              file=sys.stderr)
     model = load_model_for_inference(args.model_dir, pooling=args.pooling, device=args.device)
     query_instruction, passage_instruction = instructions_from_args(args)
     results = evaluate_model(model, eval_set, query_instruction=query_instruction,
@@ -124,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
     results["model"] = str(args.model_dir)
     results["eval_set"] = str(args.eval_path)
     results["skipped_heads"] = skipped
+    # the heads its training run trained (loss.heads), for the quickstart's comparison; None: not recorded
+    results["trained_heads"] = M3FolderConfig.from_folder(args.model_dir).trained_heads
     print(f"[eval] {args.model_dir} on {args.eval_path}: {results['num_queries']} queries, "
           f"{results['num_docs']} documents, instructions q={results['query_instruction']!r} "
           f"p={results['passage_instruction']!r}, {results['seconds']:.1f} s")

@@ -48,7 +48,7 @@ import numpy as np
 
 from m3composer.data.negatives import parse_rank_range
 from m3composer.fsutil import atomic_file
-from m3composer.model.inference import heads_in_folder, load_model_for_inference, unwrap_m3
+from m3composer.model.inference import load_model_for_inference, missing_heads, unwrap_m3
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
 from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES
 from m3composer.retrieval.beir import load_corpus_texts
@@ -239,9 +239,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.head != "dense" and heads_in_folder(args.model) != HEADS:
-        print(f"m3c mine: error: {args.model} has no colbert_linear.pt/sparse_linear.pt; use --head dense",
-              file=sys.stderr)
+    missing = missing_heads(args.model)
+    if args.head != "dense" and missing:
+        print(f"m3c mine: error: {args.model}: {'; '.join(f'{h}: {why}' for h, why in missing.items())}; "
+              "use --head dense", file=sys.stderr)
         return 2
     model = load_model_for_inference(args.model, pooling=args.pooling, device=args.device)
     query_instruction, passage_instruction = instructions_from_args(args)

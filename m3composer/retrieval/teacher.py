@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from m3composer.fsutil import atomic_file
-from m3composer.model.inference import heads_in_folder, load_model_for_inference, unwrap_m3
+from m3composer.model.inference import load_model_for_inference, missing_heads, unwrap_m3
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
-from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS
+from m3composer.model.scores import INFERENCE_ENSEMBLE_WEIGHTS
 from m3composer.retrieval.cli_args import add_encoding_arguments, instructions_from_args
 from m3composer.retrieval.mining import pair_score
 
@@ -121,8 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.score == "ensemble" and heads_in_folder(args.model) != HEADS:
-        print(f"m3c score-teacher: error: {args.model} has no colbert_linear.pt/sparse_linear.pt; "
+    missing = missing_heads(args.model)
+    if args.score == "ensemble" and missing:
+        print(f"m3c score-teacher: error: {args.model}: {'; '.join(f'{h}: {why}' for h, why in missing.items())}; "
               f"use --score dense", file=sys.stderr)
         return 2
     model = load_model_for_inference(args.model, pooling=args.pooling, device=args.device)

@@ -25,11 +25,11 @@ from tests.model.conftest import model_settings
 FILES = {"config.json", "model.safetensors", "colbert_linear.pt", "sparse_linear.pt", "m3composer.json"}
 
 
-def _trainer(tmp_path: Path, tiny_dir: Path, callbacks: list, max_duration: str) -> Trainer:
+def _trainer(tmp_path: Path, tiny_dir: Path, callbacks: list, max_duration: str, **settings) -> Trainer:
     data = write_converted(tmp_path / "mds", [StreamSpec("t", "len-0-500", 24, num_pos=1, num_neg=3)])
     dataset = M3TrainDataset(str(data), **dataset_settings(train_group_size=2, default_batch_size=4, seed=1,
                                                            query_max_len=16, passage_max_len=16))
-    model = ComposerM3(M3Model.from_pretrained(tiny_dir), **model_settings(train_group_size=2))
+    model = ComposerM3(M3Model.from_pretrained(tiny_dir), **model_settings(train_group_size=2, **settings))
     return Trainer(model=model, train_dataloader=make_data_spec(DataLoader(dataset, batch_size=None)),
                    optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2), max_duration=max_duration,
                    device="cpu", device_train_microbatch_size=dataset.max_per_device_batch_size,
@@ -165,3 +165,56 @@ def test_every_export_has_a_model_card_whose_figures_are_the_runs_logs(tmp_path,
     st_card = (tmp_path / "st" / "dense" / "README.md").read_text()
     assert _card_numbers(st_card, "Final losses") == _card_numbers((export / "README.md").read_text(), "Final losses")
     assert "SentenceTransformer(" in st_card and (tmp_path / "st" / "dense" / "plots" / "losses.png").is_file()
+
+
+def test_a_subset_export_keeps_every_head_says_which_were_trained_and_eval_skips_the_fresh_one(tmp_path, tiny_dir,
+                                                                                               capsys):
+    """loss.heads=[dense, colbert] from a folder without heads: the fresh sparse head is saved as it
+    was initialised, recorded as fresh, named in the card, and left out of every evaluation."""
+    from m3composer.callbacks.retrieval_eval import RetrievalEval
+    from m3composer.cli import main as m3c
+    from m3composer.model.inference import heads_in_folder
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"query": q, "pos": [p]}) + "\n" for q, p in EVAL_PAIRS))
+    export = tmp_path / "export"
+    evaluation = RetrievalEval(eval_file, interval=None, max_queries=None, batch_size=8, query_max_len=16,
+                               passage_max_len=32)
+    trainer = _trainer(tmp_path, tiny_dir, [evaluation, ExportModel(str(export), None, {"run_name": "heads"})],
+                       "2ba", heads=("colbert", "dense"))
+    m3 = trainer.state.model.model
+    before = {name: p.detach().clone() for name, p in m3.named_parameters() if not name.startswith("encoder.")}
+    trainer.fit()
+    trainer.close()
+
+    for name in ("sparse_linear.weight", "sparse_linear.bias"):          # saved exactly as initialised
+        assert torch.equal(torch.load(export / "sparse_linear.pt")[name.split(".")[1]], before[name])
+    assert not torch.equal(torch.load(export / "colbert_linear.pt")["weight"], before["colbert_linear.weight"])
+    recorded = M3FolderConfig.from_folder(export)
+    assert recorded.trained_heads == ["dense", "colbert"] and recorded.fresh_heads == ["sparse"]
+    assert heads_in_folder(export) == ("dense", "colbert")
+    facts = json.loads((export / "training_run.json").read_text())
+    assert facts["trained_heads"] == ["dense", "colbert"] and facts["fresh_heads"] == ["sparse"]
+    card = (export / "README.md").read_text()
+    assert ("heads trained (`loss.heads`): `dense`, `colbert`; not trained: `sparse` (fresh: never trained, "
+            "skipped by `m3c eval`)") in card
+    # the callback evaluated the trained heads and their ensemble only
+    (_, results), = evaluation.history
+    assert results["heads"] == ["dense", "colbert"] and "sparse" not in results and "ensemble" in results
+    # so does m3c eval on the export, and it says why
+    assert m3c(["eval", str(export), str(eval_file), "--output", str(tmp_path / "m.json"), "--no-progress",
+                "--passage-max-len", "32"]) == 0
+    assert "never trained" in capsys.readouterr().err
+    cli = json.loads((tmp_path / "m.json").read_text())
+    assert cli["skipped_heads"] == ["sparse"] and cli["trained_heads"] == ["dense", "colbert"]
+    assert cli["heads"] == ["dense", "colbert"] and "sparse" not in cli and "ensemble" in cli
+    # m3c export-st writes the trained heads' folders only
+    from m3composer.model.st_export import export_sentence_transformers
+    assert sorted(export_sentence_transformers(export, tmp_path / "st")) == ["colbert", "dense"]
+    with pytest.raises(ValueError, match="no trained sparse head .*never trained"):
+        export_sentence_transformers(export, tmp_path / "st2", heads=["sparse"])
+    # a later run that trains the sparse head makes it a trained head of its export
+    again = ComposerM3(M3Model.from_pretrained(export), **model_settings(heads=("sparse",)))
+    assert again.model.fresh_heads == ("sparse",) and again.model.untrained_fresh_heads() == ()
+    again.model.save_pretrained(tmp_path / "again")
+    assert heads_in_folder(tmp_path / "again") == ("dense", "sparse", "colbert")

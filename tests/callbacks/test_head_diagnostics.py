@@ -53,3 +53,22 @@ def test_logged_each_step_before_clipping(tiny_dir, tokenizer):
     assert data["grad_norm/clip_scale"] == pytest.approx([0.1 / t for t in data["grad_norm/total"]])
     # the last logged weight norm is that of the weights before the last optimizer step
     assert data["heads/sparse/weight_norm"][0] != data["heads/sparse/weight_norm"][-1]
+
+
+def test_a_head_left_out_of_loss_heads_has_no_entries_and_the_total_is_of_the_trained_parts(tiny_dir, tokenizer):
+    torch.manual_seed(0)
+    model = ComposerM3(M3Model.from_pretrained(tiny_dir), **model_settings(train_group_size=2,
+                                                                           heads=("dense", "colbert")))
+    batch = text_batch(tokenizer, 4, 2)
+    spec = DataSpec([batch, batch], split_batch=lambda b, size: [b],
+                    get_num_samples_in_batch=lambda b: b["query_input_ids"].shape[0])
+    logger = InMemoryLogger()
+    Trainer(model=model, train_dataloader=spec, optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
+            max_duration="2ba", device_train_microbatch_size=4, loggers=[logger], progress_bar=False, device="cpu",
+            callbacks=[HeadDiagnostics(max_grad_norm=None)]).fit()
+    data = {k: [float(v) for _, v in points] for k, points in logger.data.items()}
+    # frozen, no lexical weights built (the loss dict keeps its fixed keys: loss/train/sparse is 0)
+    assert not [name for name in data if "sparse" in name and not name.startswith("loss/")]
+    assert set(data["loss/train/sparse"]) == {0.0}
+    for enc, col, total in zip(data["grad_norm/encoder"], data["grad_norm/colbert_head"], data["grad_norm/total"]):
+        assert col > 0 and total == pytest.approx((enc ** 2 + col ** 2) ** 0.5, rel=1e-5)

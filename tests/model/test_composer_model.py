@@ -22,7 +22,7 @@ def run(model: ComposerM3, batch: dict) -> dict[str, torch.Tensor]:
     (dict(use_self_distill=False), True, 1.104364),                                 # B
     (dict(use_self_distill=True, knowledge_distillation=True), True, 0.922237),     # C: m3_kd_loss
     (dict(use_self_distill=True, knowledge_distillation=True), False, 0.849707),    # no scores in batch -> A
-    (dict(unified_finetuning=False), True, 1.060854),                               # dense only
+    (dict(heads=("dense",)), True, 1.060854),                               # dense only
 ])
 def test_reference_losses_of_recipe_md_match_flagembedding(kwargs, has_teacher, expected):
     model = ComposerM3(build_recipe_model(), **model_settings(**kwargs)).train()
@@ -32,11 +32,11 @@ def test_reference_losses_of_recipe_md_match_flagembedding(kwargs, has_teacher, 
 
 def test_loss_dict_has_the_same_keys_whatever_is_switched_off():
     batch = recipe_batch()
-    for kwargs in (dict(), dict(use_self_distill=True), dict(unified_finetuning=False)):
+    for kwargs in (dict(), dict(use_self_distill=True), dict(heads=("dense",))):
         model = ComposerM3(build_recipe_model(), **model_settings(**kwargs)).train()
         terms = run(model, batch)
         assert tuple(terms) == LOSS_KEYS and all(v.dim() == 0 for v in terms.values())
-    off = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False)).train()
+    off = ComposerM3(build_recipe_model(), **model_settings(heads=("dense",))).train()
     terms = run(off, batch)
     assert terms["sparse"].item() == terms["colbert"].item() == terms["self_distill"].item() == 0.0
     assert not any(p.requires_grad for p in off.model.sparse_linear.parameters())
@@ -53,7 +53,7 @@ def test_self_distill_switch_on_the_model_changes_the_total_only_when_flipped():
 
 
 def test_parallel_batches_add_the_passage_to_query_direction():
-    model = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False)).train()
+    model = ComposerM3(build_recipe_model(), **model_settings(heads=("dense",))).train()
     plain = run(model, recipe_batch())
     parallel = run(model, recipe_batch(parallel=True))
     out = model(recipe_batch())
@@ -61,7 +61,7 @@ def test_parallel_batches_add_the_passage_to_query_direction():
     assert plain["bidirectional"].item() == 0.0
     assert parallel["bidirectional"].item() == pytest.approx(expected_bi.item(), abs=1e-6)
     assert parallel["total"].item() == pytest.approx((plain["dense"] + expected_bi).item() / 2, abs=1e-6)
-    switched_off = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False, bidirectional_parallel=False)).train()
+    switched_off = ComposerM3(build_recipe_model(), **model_settings(heads=("dense",), bidirectional_parallel=False)).train()
     assert run(switched_off, recipe_batch(parallel=True))["total"].item() == pytest.approx(plain["total"].item())
 
 
@@ -204,3 +204,76 @@ def test_bf16_autocast_keeps_scores_and_losses_in_fp32():
     assert all(v.dtype == torch.float32 for v in terms.values())
     assert torch.isfinite(terms["total"]) and abs(terms["total"].item() - reference.item()) < 0.2
     terms["total"].backward()
+
+
+# ---------------------------------------------------------------- loss.heads: a subset of the heads
+SUBSETS = [("dense", "sparse"), ("sparse", "colbert"), ("dense", "colbert"), ("sparse",), ("colbert",)]
+CE_WEIGHTS = {"dense": 1.0, "sparse": 0.1, "colbert": 1.0, "ensemble": 1.0}     # recipe.md §Unified loss
+ENSEMBLE = {"dense": 1.0, "sparse": 0.3, "colbert": 1.0}                         # recipe.md §Scores
+DISTILL = {"dense": 1.0, "sparse": 0.1, "colbert": 1.0}                          # recipe.md §Self-distillation
+
+
+# self-distillation needs two heads (one head has no ensemble to distil from; config refuses it)
+@pytest.mark.parametrize("heads, self_distill", [(h, False) for h in SUBSETS] + [(h, True) for h in SUBSETS
+                                                                                  if len(h) > 1])
+def test_the_loss_of_a_subset_is_the_hand_computed_sum_over_the_chosen_heads(heads, self_distill):
+    """Per-head InfoNCE from the all-heads score matrices, the ensemble re-summed over the chosen
+    heads only, each sum divided by its number of terms, by hand (torch's cross entropy)."""
+    batch = recipe_batch()
+    every = ComposerM3(build_recipe_model(), **model_settings()).train()
+    with torch.no_grad():
+        scores = every(batch).scores        # the same weights (seed 0): every head's (2, 4) matrix
+    targets = torch.tensor([0, 2])
+    matrices = {h: getattr(scores, h) for h in heads}
+    if len(heads) > 1:
+        matrices["ensemble"] = sum(ENSEMBLE[h] * matrices[h] for h in heads)
+    ce = {name: torch.nn.functional.cross_entropy(m, targets) for name, m in matrices.items()}
+    expected = sum(CE_WEIGHTS[name] * value for name, value in ce.items()) / len(ce)
+    if self_distill:
+        teacher = torch.softmax(matrices["ensemble"], dim=-1)
+        distill = sum(DISTILL[h] * -(teacher * torch.log_softmax(matrices[h], dim=-1)).sum(-1).mean()
+                      for h in heads) / len(heads)
+        expected = (expected + distill) / 2
+
+    model = ComposerM3(build_recipe_model(), **model_settings(heads=heads, use_self_distill=self_distill)).train()
+    terms = run(model, batch)
+    assert terms["total"].item() == pytest.approx(expected.item(), rel=1e-5)
+    for name in ("dense", "sparse", "colbert", "ensemble"):
+        assert (terms[name].item() == 0.0) == (name not in ce), name
+        if name in ce:
+            assert terms[name].item() == pytest.approx(ce[name].item(), rel=1e-5), name
+    assert set(model.get_metrics(is_train=True)) == {f"{name}_accuracy" for name in ce}
+
+
+@pytest.mark.parametrize("heads", SUBSETS)
+def test_heads_not_chosen_get_no_gradient_no_optimizer_state_and_keep_their_weights(heads):
+    from m3composer import optim
+
+    model = ComposerM3(build_recipe_model(), **model_settings(heads=heads, use_self_distill=len(heads) > 1)).train()
+    linears = {"sparse": model.model.sparse_linear, "colbert": model.model.colbert_linear}
+    before = {h: [p.detach().clone() for p in linear.parameters()] for h, linear in linears.items()}
+    optimizer = optim.adamw(model, lr=1e-2, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8,
+                            new_head_lr_multiplier=10.0)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        run(model, recipe_batch())["total"].backward()
+        for head, linear in linears.items():
+            assert all((p.grad is not None) == (head in heads) for p in linear.parameters()), head
+        optimizer.step()
+    state = {id(p) for p in optimizer.state}
+    for head, linear in linears.items():
+        params = list(linear.parameters())
+        changed = [not torch.equal(p, b) for p, b in zip(params, before[head])]
+        if head in heads:
+            assert any(changed) and all(id(p) in in_optimizer and id(p) in state for p in params), head
+        else:
+            assert not any(changed) and not any(p.requires_grad for p in params), head
+            assert not any(id(p) in in_optimizer or id(p) in state for p in params), head
+    assert model.model.trained_heads == tuple(h for h in ("dense", "sparse", "colbert") if h in heads)
+
+
+def test_heads_must_be_a_non_empty_subset_without_repeats():
+    for heads in ((), ("dense", "dense"), ("lexical",)):
+        with pytest.raises(ValueError, match="heads must be a non-empty subset"):
+            ComposerM3(build_recipe_model(), **model_settings(heads=heads))

@@ -92,7 +92,7 @@ def test_scores_of_masked_columns_get_no_gradient():
 def test_kd_masks_other_queries_copies_only():
     # column 1 (query 0's own negative) and column 3 (query 1's) are copies of query 0's positive
     batch = labelled([10, 10, 12, 10], [[10], [12]])
-    model = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False, knowledge_distillation=True)).train()
+    model = ComposerM3(build_recipe_model(), **model_settings(heads=("dense",), knowledge_distillation=True)).train()
     dense = model(batch).scores.dense
     teacher = torch.softmax(batch["teacher_scores"], dim=-1)
     expected = 0.0
@@ -108,7 +108,7 @@ def test_kd_masks_other_queries_copies_only():
 
 def test_bidirectional_term_drops_the_query_with_the_same_positive():
     batch = labelled([10, 11, 10, 13], [[10], [10]], parallel=True)
-    model = ComposerM3(build_recipe_model(), **model_settings(unified_finetuning=False)).train()
+    model = ComposerM3(build_recipe_model(), **model_settings(heads=("dense",))).train()
     dense = model(batch).scores.dense
     terms = model.loss(model(batch), batch)
     # passage→query rows: each positive has only its own query left, so L_bi = 0
@@ -118,7 +118,7 @@ def test_bidirectional_term_drops_the_query_with_the_same_positive():
 
 
 @pytest.mark.parametrize("kwargs", [dict(use_self_distill=True), dict(use_self_distill=True, knowledge_distillation=True),
-                                    dict(unified_finetuning=False)])
+                                    dict(heads=("dense",))])
 def test_no_duplicates_or_switched_off_gives_exactly_todays_loss(kwargs):
     plain = recipe_batch()
     model = ComposerM3(build_recipe_model(), **model_settings(**kwargs)).train()

@@ -13,6 +13,7 @@ from m3composer.model import gradcache
 from m3composer.model.composer_model import LOSS_KEYS, ComposerM3
 from m3composer.model.gradcache import GradientCacheBudget, plan_chunks
 from m3composer.model.m3 import M3Model
+from m3composer.model.scores import HEADS
 from tests.model.conftest import build_recipe_model, model_settings, recipe_batch
 from tests.model.test_composer_model import text_batch
 
@@ -78,7 +79,9 @@ def test_a_sequence_longer_than_the_token_budget_is_an_error_naming_the_key():
     (dict(use_self_distill=True), {}),                                               # unified + self-distill
     (dict(use_self_distill=True, knowledge_distillation=True), {}),                  # m3_kd_loss, teacher scores
     (dict(use_self_distill=True), dict(parallel=True)),                              # bidirectional term
-    (dict(unified_finetuning=False), dict(parallel=True)),                           # dense only
+    (dict(heads=("dense",)), dict(parallel=True)),                           # dense only
+    (dict(heads=("dense", "sparse"), use_self_distill=True), dict(parallel=True)),  # a subset: ColBERT frozen
+    (dict(heads=("sparse",), knowledge_distillation=True), {}),                     # sparse only, teacher scores
 ])
 @pytest.mark.parametrize("budget", [GradientCacheBudget(1), GradientCacheBudget(4),   # 4 does not divide 6 rows
                                     GradientCacheBudget(16, max_tokens=12)])          # tokens: 2 rows of 6
@@ -115,14 +118,16 @@ def chunked_reference(model: ComposerM3, batch: dict, chunks, seed: int = 0, aut
 
 # 3 queries + 6 passages = 9 rows: chunks of 1, and chunks of 4 (4 does not divide 9) with gradient
 # checkpointing, whose recomputation inside the replay must draw the same masks once more
-@pytest.mark.parametrize("max_sequences, checkpointing", [(1, False), (4, True)])
-def test_with_dropout_the_replay_reproduces_the_masks(tiny_dir, tokenizer, checkpointing, max_sequences):
+# (and a subset of the heads: the frozen ColBERT head's vectors are not even built by the cache)
+@pytest.mark.parametrize("max_sequences, checkpointing, heads", [(1, False, HEADS), (4, True, HEADS),
+                                                                 (4, False, ("dense", "sparse"))])
+def test_with_dropout_the_replay_reproduces_the_masks(tiny_dir, tokenizer, checkpointing, max_sequences, heads):
     batch = text_batch(tokenizer, 3, 2)
     budget = GradientCacheBudget(max_sequences)
     lengths = torch.cat([batch["query_attention_mask"].sum(1), batch["passage_attention_mask"].sum(1)]).tolist()
-    reference_model = tiny_model(tiny_dir, gradient_checkpointing=checkpointing)
+    reference_model = tiny_model(tiny_dir, gradient_checkpointing=checkpointing, heads=heads)
     reference = chunked_reference(reference_model, batch, plan_chunks(lengths, budget))
-    cached = step(tiny_model(tiny_dir, gradient_cache=budget, gradient_checkpointing=checkpointing), batch)
+    cached = step(tiny_model(tiny_dir, gradient_cache=budget, gradient_checkpointing=checkpointing, heads=heads), batch)
     print("max relative gradient difference:", assert_same_step(cached, reference))
     # the masks matter: another seed gives another loss
     other = tiny_model(tiny_dir, gradient_cache=budget)

@@ -156,3 +156,25 @@ def test_compare_eval_without_per_query_metrics_is_one_line_saying_so(tmp_path, 
     assert _compare_eval().main(str(tmp_path / "plain.json"), tuned) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--per-query" in err
+
+
+def test_the_quickstart_verdict_compares_a_trained_head_and_marks_the_heads_not_trained(tmp_path, capsys):
+    base = _results(tmp_path / "base.json", _dense(LEVEL, LEVEL))
+    rows = _dense(LEVEL, LEVEL)
+    rows["sparse"] = _dense(SHIFT, SHIFT)["dense"]
+    tuned = tmp_path / "tuned.json"
+    _results(tuned, rows)
+    # loss.heads=[sparse]: the base (dense only) has no sparse head, so there is nothing like for like
+    tuned.write_text(json.dumps({**json.loads(tuned.read_text()), "trained_heads": ["sparse"]}))
+    assert _compare_eval().main(base, str(tuned)) == 0
+    out = capsys.readouterr().out
+    assert "heads trained (loss.heads): sparse" in out and "verdict:" not in out
+    assert "no trained head (sparse) was evaluated on the base model" in out
+    dense_row = next(line for line in out.splitlines() if line.startswith("dense "))
+    assert dense_row.endswith("(not trained)")
+    # loss.heads=[dense, sparse]: the trained dense head against the base's
+    tuned.write_text(json.dumps({**json.loads(tuned.read_text()), "trained_heads": ["dense", "sparse"]}))
+    assert _compare_eval().main(base, str(tuned)) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuned dense vs base dense" in out and "verdict: no clear difference" in out
+    assert "(not trained)" not in out

@@ -9,9 +9,14 @@ Streaming's own behaviour instead of failing.
 from __future__ import annotations
 
 import atexit
+import fcntl
+import os
+import tempfile
 import threading
+import time
 import weakref
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch.distributed
 from streaming import StreamingDataset
@@ -32,6 +37,52 @@ def release_shared_memory_when_dropped(sd: StreamingDataset) -> None:
 
 
 _PREFIX_SEARCH = threading.Lock()
+PREFIX_LOCK_FILE = "m3composer-streaming-prefix.lock"   # in the node's temp dir, where Streaming keeps its locks
+
+
+def _prefix_lock_path() -> str:
+    return os.path.join(tempfile.gettempdir(), PREFIX_LOCK_FILE)
+
+
+_held_here = threading.Event()     # this process holds the node's prefix lock (one holder: _PREFIX_SEARCH)
+RELEASE_LOCK_WAIT_S = 10.0         # how long a release waits for another job's dataset to open
+
+
+def _several_ranks() -> bool:
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
+@contextmanager
+def node_prefix_lock() -> Iterator[None]:
+    """Hold the node's shared-memory prefix lock while this job's ranks build their datasets.
+
+    Streaming 0.13.0's `get_shm_prefix` has every rank walk /dev/shm on its own for the first free
+    prefix, then the node's local leader registers it and the other ranks look it up. Nothing stops
+    another job on the same node from registering that prefix in between: its ranks then disagree
+    ("shared memory registered does not match local leader", seen with a second training job started
+    at the same moment). Here each node's local leader (LOCAL_RANK 0, or a plain process) takes an
+    exclusive `flock` first, and every rank passes a barrier before building and another after, so the
+    walks, the registration and the look-ups of one job never interleave with another's that does the
+    same. A StreamingDataset is built by all ranks together already (its own barriers), so the two
+    barriers add no new collective. docs/recipe.md §Streaming's shared memory.
+    """
+    handle = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        handle = open(_prefix_lock_path(), "a")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        _held_here.set()
+    try:
+        if _several_ranks():
+            torch.distributed.barrier()
+        yield
+        if _several_ranks():
+            torch.distributed.barrier()
+    finally:
+        if handle is not None:
+            _held_here.clear()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
 
 
 def open_without_prefix_search_leaks(open_dataset: Callable[[], StreamingDataset]) -> StreamingDataset:
@@ -53,7 +104,8 @@ def open_without_prefix_search_leaks(open_dataset: Callable[[], StreamingDataset
 
     original = getattr(prefix_module, "SharedMemory", None)
     if original is None:                 # another Streaming version: its own behaviour stays
-        return open_dataset()
+        with node_prefix_lock():
+            return open_dataset()
     attached: list = []
 
     class Recorded(original):
@@ -63,7 +115,7 @@ def open_without_prefix_search_leaks(open_dataset: Callable[[], StreamingDataset
                 attached.append(self)
 
     sd = None
-    with _PREFIX_SEARCH:
+    with _PREFIX_SEARCH, node_prefix_lock():
         prefix_module.SharedMemory = Recorded
         try:
             sd = open_dataset()
@@ -89,15 +141,33 @@ def _release_shared_memory(blocks: list) -> None:
     """Close the blocks (unlinking those this process created), unless several ranks are running: the
     ranks of a node pick a common prefix by which blocks exist, and a release at each rank's own GC
     time could make them pick different ones; there Streaming's release at exit stays."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-            torch.distributed.get_world_size() > 1:
+    if _several_ranks():
         return
-    for block in blocks:
-        atexit.unregister(block.cleanup)
+    # Unlinking while another job on the node walks the prefixes could make its ranks disagree, so it
+    # happens under the node's prefix lock. This process may hold it already (a garbage collection
+    # inside an open: waiting would deadlock), or another job may hold it past the wait: then the
+    # blocks are left to exit, as Streaming does.
+    if _held_here.is_set():
+        return
+    with open(_prefix_lock_path(), "a") as handle:
+        deadline = time.monotonic() + RELEASE_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline or _held_here.is_set():
+                    return
+                time.sleep(0.05)
         try:
-            block.cleanup()
-        except BufferError:          # a numpy view of it is still alive: leave it to exit, as Streaming does
-            atexit.register(block.cleanup)
+            for block in blocks:
+                atexit.unregister(block.cleanup)
+                try:
+                    block.cleanup()
+                except BufferError:  # a numpy view of it is still alive: leave it to exit, as Streaming does
+                    atexit.register(block.cleanup)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def release_shards(sd: StreamingDataset, shard_ids) -> None:

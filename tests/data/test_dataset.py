@@ -341,3 +341,40 @@ def test_opening_a_dataset_beside_another_keeps_no_descriptor_of_the_other(tmp_p
         gc.collect()
         assert shm_descriptors() == before
     del first
+
+
+def test_a_dataset_opens_only_once_another_job_on_the_node_has_released_the_prefix_lock(tmp_path):
+    """Another job choosing its shared-memory prefix at the same moment could take the one this job's
+    ranks chose ("shared memory registered does not match local leader"): the node's local leader
+    holds `node_prefix_lock` while its ranks build a dataset, so one job's prefix search never
+    overlaps another's (docs/recipe.md §Streaming's shared memory). Another job holds the lock here
+    (a child process); the dataset is built only after it lets go."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from m3composer.data.streaming_internals import _prefix_lock_path
+
+    root = write_converted(tmp_path / "a", [StreamSpec("t1", "len-0-500", 12)])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         f"f = open({_prefix_lock_path()!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+         "print('held', flush=True); sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        opened = {}
+        thread = threading.Thread(target=lambda: opened.update(ds=make(root), at=time.monotonic()), daemon=True)
+        thread.start()
+        thread.join(3.0)
+        assert not opened, "the dataset was built while another job held the node's prefix lock"
+        released_at = time.monotonic()
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(timeout=30)
+        thread.join(120)
+        assert opened["at"] > released_at and len(opened["ds"]) > 0
+    finally:
+        holder.kill()
+        holder.wait()

@@ -103,6 +103,11 @@ class ModelConfig:
     gradient_checkpointing: bool = setting(False, "non-reentrant activation checkpointing of the encoder")
     gradient_cache: GradientCacheConfig = section(GradientCacheConfig)
     fix_position_embedding: bool = setting(False, "freeze the position embeddings (FreezePositionEmbeddings)")
+    sparse_threshold: float = setting(0.0, (
+        "lexical weights below this are dropped at inference: in evaluation during training and in the export, "
+        "whose `m3composer.json` records it so that `m3c eval`, `M3Model.encode_texts` and search apply it "
+        "(`m3c eval --sparse-threshold` overrides it); training's loss always sees every weight. 0 = keep every "
+        "positive weight (docs/recipe.md §Sparsity control)"))
     attn_implementation: Optional[str] = setting("sdpa", "transformers attention kernel; null = the encoder's default")
     trust_remote_code: bool = setting(False, "allow custom model code in the folder (off unless you turn it on)")
     new_sparse_head_init: str = setting("idf", (
@@ -464,6 +469,8 @@ def validate(cfg: TrainConfig) -> None:
     _check_choices(cfg)
     _check(m.colbert_dim == -1 or m.colbert_dim > 0, "model.colbert_dim", "must be -1 (hidden size) or positive")
     _check(m.sparse_init_passages >= 1, "model.sparse_init_passages", "must be >= 1")
+    _check(m.sparse_threshold >= 0 and math.isfinite(m.sparse_threshold), "model.sparse_threshold",
+           f"must be a number >= 0, got {m.sparse_threshold}")
     _validate_gradient_cache(cfg)
     _check(d.train_group_size >= 1, "data.train_group_size", "must be >= 1")
     _check(d.query_max_len >= 3, "data.query_max_len", "must be >= 3 (<s>, a token, </s>)")

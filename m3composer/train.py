@@ -100,6 +100,7 @@ def build_model(cfg: TrainConfig, model_dir: Path, model_defaults: ModelDefaults
     # The export records what training used, so evaluation defaults to the same prefixes.
     m3.query_instruction = model_defaults.query_instruction_for_retrieval
     m3.passage_instruction = model_defaults.passage_instruction_for_retrieval
+    m3.sparse_threshold = cfg.model.sparse_threshold     # applied at eval, recorded in the export
     if fresh_heads_to_train(cfg, m3):
         init_new_heads(cfg, m3)
     m3.train()

@@ -232,3 +232,14 @@ def test_sparsity_regulariser_is_off_by_default_and_checked(yaml_path):
              r"loss\.sparsity\.regularizer: flops regularises the lexical weights: it needs sparse in loss\.heads")):
         with pytest.raises(ConfigError, match=message):
             load_config(yaml_path, overrides)
+
+
+def test_sparse_threshold_is_checked_and_reaches_the_model(yaml_path):
+    from m3composer.train import build_model, model_aware_defaults, resolve_model_path
+
+    with pytest.raises(ConfigError, match=r"model\.sparse_threshold: must be a number >= 0"):
+        load_config(yaml_path, ["model.sparse_threshold=-0.1"])
+    cfg = load_config(yaml_path, ["model.sparse_threshold=0.05"])
+    folder = resolve_model_path(cfg.model.name_or_path)
+    model = build_model(cfg, folder, model_aware_defaults(cfg, folder))
+    assert model.model.sparse_threshold == 0.05 and model.model.folder_config().sparse_threshold == 0.05

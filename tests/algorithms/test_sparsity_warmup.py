@@ -4,30 +4,25 @@ import torch
 from composer import Trainer
 from composer.core import DataSpec
 from composer.loggers import InMemoryLogger
-from composer.models import ComposerModel
 
 from m3composer.algorithms import SparsityWarmup
+from tests.algorithms.test_self_distill_warmup import Recorder
 
 
-class Recorder(ComposerModel):
+class ScaleRecorder(Recorder):
     """Records the regulariser's scale at every forward (what the M3 loss would read)."""
 
     def __init__(self):
         super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
         self.sparsity_scale = 1.0
-        self.seen = []
 
     def forward(self, batch):
         self.seen.append(self.sparsity_scale)
         return self.w * batch.sum()
 
-    def loss(self, outputs, batch):
-        return (outputs - 1).pow(2).sum()
-
 
 def _fit(algorithm, steps, **kwargs):
-    model = Recorder()
+    model = ScaleRecorder()
     logger = InMemoryLogger()
     trainer = Trainer(model=model, train_dataloader=DataSpec([torch.ones(2, 2)] * 8, get_num_samples_in_batch=lambda b: 2),
                       max_duration=f"{steps}ba", optimizers=torch.optim.SGD(model.parameters(), lr=0.01),

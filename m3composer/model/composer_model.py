@@ -133,7 +133,8 @@ class ComposerM3(ComposerModel):
                  negatives_cross_device_heads: str, cross_rank_grad_scale: str,
                  bidirectional_parallel: bool, knowledge_distillation: bool, mask_false_negatives: bool,
                  gradient_checkpointing: bool, gradient_cache: Optional[gradcache.GradientCacheBudget],
-                 sparsity: Optional[SparsityRegularizer], train_group_size: Optional[int] = None, colbert_max_elements: int = COLBERT_MAX_ELEMENTS):
+                 sparsity: Optional[SparsityRegularizer],
+                 train_group_size: Optional[int] = None, colbert_max_elements: int = COLBERT_MAX_ELEMENTS):
         super().__init__()
         if cross_rank_grad_scale not in distributed.CROSS_RANK_GRAD_SCALES:
             raise ValueError(f"cross_rank_grad_scale must be one of {distributed.CROSS_RANK_GRAD_SCALES}, "

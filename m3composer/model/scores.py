@@ -16,9 +16,10 @@ This module is also the one home of four rules that inference shares with traini
 names (`HEADS`, `SCORE_NAMES`), the ensemble's weighted sum (`ensemble_scores`, with training's
 `ENSEMBLE_WEIGHTS` or BGE-M3's inference weights `INFERENCE_ENSEMBLE_WEIGHTS`) and the ColBERT
 max-sim (`colbert_maxsim`, whose `padding` argument picks training's or inference's treatment of
-padding: recipe.md §ColBERT max-sim variants) and what a lexical vector costs (`LexicalCost`: non-zero
-terms per text and the expected cost of a sparse dot product, recipe.md §Sparsity control). `m3c eval`, `m3c mine`, `m3c score-teacher` and
-NegativeRefresh call them without a temperature.
+padding: recipe.md §ColBERT max-sim variants), and what lexical vectors cost (`LexicalCost`:
+non-zero terms per text and the expected cost of a sparse dot product, recipe.md §Sparsity
+control). `m3c eval`, `m3c mine`, `m3c score-teacher` and NegativeRefresh call them without a
+temperature.
 """
 from __future__ import annotations
 

@@ -1,12 +1,15 @@
 """Retrieval metrics of an M3 model per head and for the ensemble; the `m3c eval` command.
 
-    m3c eval MODEL_DIR EVAL_PATH [--split test] [--heads dense,sparse,colbert] [--output metrics.json]
+    m3c eval MODEL_DIR EVAL_PATH [--split test] [--heads dense,sparse,colbert] [--sparse-threshold 0.01]
+             [--output metrics.json]
 
 `EVAL_PATH` is a BEIR folder or a FlagEmbedding JSONL (`beir.load_eval_set`). Queries get the
 query instruction and corpus texts the passage instruction; both default to what the model folder
 records in `m3composer.json` (e5 models: `query: ` / `passage: `), flags override them. The search
 itself is `search.rank_corpus`; the metrics are `metrics.py`'s: recall@k for each k, MRR and nDCG
-at the largest k.
+at the largest k. With the sparse head it also reports the lexical vectors' non-zero terms per
+query and per passage and the expected cost of a sparse dot product (docs/recipe.md §Sparsity
+control).
 """
 from __future__ import annotations
 
@@ -42,9 +45,10 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
 
     Returns `{"dense": {"recall@1", "recall@10", "mrr@10", "ndcg@10"}, "sparse": ..., "colbert": ...,
     "ensemble": ..., "num_queries", "num_docs", "heads", "weights", "query_instruction",
-    "passage_instruction", "sparse_threshold", "seconds"}`, and with the sparse head `"sparse_cost":
-    {"nonzero_per_query", "nonzero_per_passage", "expected_flops"}` (`scores.LexicalCost`: the
-    lexical vectors' non-zero terms and the expected cost of a sparse dot product, on this set) (heads not evaluated are absent); with `per_query`, also
+    "passage_instruction", "sparse_threshold", "seconds"}` (heads not evaluated are absent), and
+    with the sparse head `"sparse_cost": {"nonzero_per_query", "nonzero_per_passage",
+    "expected_flops"}` (`scores.LexicalCost`: the lexical vectors' non-zero terms and the expected
+    cost of a sparse dot product, on this set, after `model.sparse_threshold`); with `per_query`, also
     `"per_query": {head: {query id: metrics}}`, what `m3c compare` needs for paired intervals.
     """
     m3 = unwrap_m3(model)

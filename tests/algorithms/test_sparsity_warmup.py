@@ -42,3 +42,10 @@ def test_zero_warmup_is_full_weight_and_a_fraction_of_the_run_works():
     assert _fit(SparsityWarmup("0ba"), 3)[0] == [1.0, 1.0, 1.0]
     # 0.5dur of an 8-batch run = 4 batches
     assert _fit(SparsityWarmup("0.5dur"), 8)[0] == pytest.approx([0, 1 / 16, 4 / 16, 9 / 16, 1, 1, 1, 1])
+
+
+def test_resume_continues_the_ramp_at_the_same_step(tmp_path):
+    full, _ = _fit(SparsityWarmup("4ba"), 6)
+    _fit(SparsityWarmup("4ba"), 2, save_folder=str(tmp_path), save_interval="2ba", save_filename="ep{epoch}-ba{batch}.pt")
+    resumed, _ = _fit(SparsityWarmup("4ba"), 6, load_path=str(tmp_path / "ep0-ba2.pt"))
+    assert resumed == pytest.approx(full[2:]) and resumed == pytest.approx([4 / 16, 9 / 16, 1.0, 1.0])

@@ -353,3 +353,9 @@ def test_cli_reports_the_counts_of_a_direct_count_and_applies_the_threshold(tiny
     assert full_flops > 0                                       # queries and passages share terms
     assert want_passage < full_passage                          # the threshold removed terms
     assert result["sparse_cost"]["expected_flops"] < full_flops
+
+
+def test_cli_refuses_a_negative_sparse_threshold(tiny_dir, tmp_path, capsys):
+    eval_path = write_eval_jsonl(tmp_path / "eval.jsonl")
+    assert main(["eval", str(tiny_dir), str(eval_path), "--sparse-threshold", "-0.5", "--no-progress"]) == 2
+    assert "--sparse-threshold must be >= 0, got -0.5" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 from omegaconf import MISSING, OmegaConf
 
 from m3composer.algorithms.self_distill_warmup import SELF_DISTILL_MODES, parse_start
+from m3composer.algorithms.sparsity_warmup import SPARSITY_REGULARIZERS
 from m3composer.data.negatives import parse_rank_range
 from m3composer.data.plan import PLAN_KINDS, TAIL_RULES
 from m3composer.distributed import CROSS_DEVICE_HEADS, CROSS_RANK_GRAD_SCALES
@@ -102,6 +103,11 @@ class ModelConfig:
     gradient_checkpointing: bool = setting(False, "non-reentrant activation checkpointing of the encoder")
     gradient_cache: GradientCacheConfig = section(GradientCacheConfig)
     fix_position_embedding: bool = setting(False, "freeze the position embeddings (FreezePositionEmbeddings)")
+    sparse_threshold: float = setting(0.0, (
+        "lexical weights below this are dropped at inference: in evaluation during training and in the export, "
+        "whose `m3composer.json` records it so that `m3c eval`, `M3Model.encode_texts` and search apply it "
+        "(`m3c eval --sparse-threshold` overrides it); training's loss always sees every weight. 0 = keep every "
+        "positive weight (docs/recipe.md §Sparsity control)"))
     attn_implementation: Optional[str] = setting("sdpa", "transformers attention kernel; null = the encoder's default")
     trust_remote_code: bool = setting(False, "allow custom model code in the folder (off unless you turn it on)")
     new_sparse_head_init: str = setting("idf", (
@@ -184,6 +190,24 @@ class DataConfig:
 
 
 @dataclass
+class SparsityConfig:
+    """A regulariser on the lexical head's weights, to make its vectors sparser (docs/recipe.md
+    §Sparsity control). Off by default: the recipe has none."""
+    regularizer: str = setting("none", (
+        "`none`; `flops` (SPLADE's FLOPS: Σ over the vocabulary of (mean over the batch of a text's weight "
+        "for the term)², a smooth stand-in for the expected cost of a sparse dot product; it pushes down the "
+        "terms many texts share) or `l1` (mean over texts of the sum of their weights). Computed on the "
+        "`(n, V)` vectors of the batch's queries and passages (this rank's), added to the total loss and "
+        "logged as `loss/train/sparsity`; needs `sparse` in `loss.heads`"), choices=SPARSITY_REGULARIZERS)
+    query_weight: float = setting(0.0, "weight of the queries' regulariser (SPLADE used 3e-4 for FLOPS)")
+    passage_weight: float = setting(0.0, "weight of the passages' regulariser (SPLADE used 1e-4 for FLOPS)")
+    warmup: str = setting("0ba", (
+        "both weights ramp up quadratically from 0 to their values over this Composer time (`100ba`, "
+        "`0.1dur`), as SPLADE: weight × min(1, t/warmup)², decided from the checkpointed timestamp "
+        "(SparsityWarmup); `0ba` = full weight from the first step"))
+
+
+@dataclass
 class LossConfig:
     """The training loss (docs/recipe.md §Contrastive loss to §False-negative masking)."""
     temperature: float = setting(0.02, "τ of every score")
@@ -220,6 +244,7 @@ class LossConfig:
         "softmax in every head, ensemble, self-distillation and KD, across ranks; the count per step is "
         "logged as `loss/train/masked_negatives`; no effect on batches without duplicates (docs/recipe.md "
         "§False-negative masking)"))
+    sparsity: SparsityConfig = section(SparsityConfig)
 
 
 @dataclass
@@ -444,6 +469,8 @@ def validate(cfg: TrainConfig) -> None:
     _check_choices(cfg)
     _check(m.colbert_dim == -1 or m.colbert_dim > 0, "model.colbert_dim", "must be -1 (hidden size) or positive")
     _check(m.sparse_init_passages >= 1, "model.sparse_init_passages", "must be >= 1")
+    _check(m.sparse_threshold >= 0 and math.isfinite(m.sparse_threshold), "model.sparse_threshold",
+           f"must be a number >= 0, got {m.sparse_threshold}")
     _validate_gradient_cache(cfg)
     _check(d.train_group_size >= 1, "data.train_group_size", "must be >= 1")
     _check(d.query_max_len >= 3, "data.query_max_len", "must be >= 3 (<s>, a token, </s>)")
@@ -483,6 +510,7 @@ def validate(cfg: TrainConfig) -> None:
            "loss.negatives_cross_device", "gathers the dense head's negatives only "
            "(loss.negatives_cross_device_heads=dense), and loss.heads does not train dense: set "
            "loss.negatives_cross_device_heads=all or loss.negatives_cross_device=false")
+    _validate_sparsity(cfg)
     _check(o.lr > 0, "optimizer.lr", "must be positive")
     _check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", "must be two numbers in [0, 1)")
@@ -534,6 +562,20 @@ def _validate_gradient_cache(cfg: TrainConfig) -> None:
         # inside backward, which FSDP's hooks do not expect, so exactness is not guaranteed.
         _check(not cfg.trainer.fsdp, "model.gradient_cache.enabled",
                "is not supported with trainer.fsdp=true (use DDP)")
+
+
+def _validate_sparsity(cfg: TrainConfig) -> None:
+    s, key = cfg.loss.sparsity, "loss.sparsity"
+    for name in ("query_weight", "passage_weight"):
+        value = getattr(s, name)
+        _check(value >= 0 and math.isfinite(value), f"{key}.{name}", f"must be a number >= 0, got {value}")
+    _check_time(s.warmup, f"{key}.warmup")
+    if s.regularizer != "none":
+        _check("sparse" in cfg.loss.heads, f"{key}.regularizer",
+               f"{s.regularizer} regularises the lexical weights: it needs sparse in loss.heads "
+               f"(got {list(cfg.loss.heads)})")
+        _check(s.query_weight > 0 or s.passage_weight > 0, f"{key}.regularizer",
+               f"{s.regularizer} needs loss.sparsity.query_weight or passage_weight > 0")
 
 
 def _validate_negative_refresh(cfg: TrainConfig) -> None:

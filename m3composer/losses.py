@@ -22,6 +22,13 @@ ensemble of those heads, when there are two or more) and divides by their number
 chosen heads' weighted distillation terms and divides by theirs. With all three heads these are
 the divisors 4 and 3 above; with dense only, `L = L_dense`.
 
+Sparsity control (docs/recipe.md §Sparsity control), when `loss.sparsity` is on, adds to `L_total`
+
+    L_sparsity = s(t) · ( λ_q · R(W_q) + λ_p · R(W_p) )                         sparsity_loss
+
+with `W` the `(n, V)` lexical vectors of the batch's queries or passages, `R` the FLOPS or L1
+regulariser and `s(t)` the warm-up ramp (`sparsity_warmup_scale`).
+
 In-batch false negatives (docs/recipe.md §False-negative masking): a column whose passage is
 identical to one of query b's positives is taken out of row b's softmax in every matrix above
 (`false_negative_mask`, `mask_scores`); a matrix without such columns is left unchanged.
@@ -33,6 +40,7 @@ import torch.nn.functional as F
 
 UNIFIED_LOSS_WEIGHTS = (1.0, 0.1, 1.0, 1.0)      # (dense, lex, mul, ens), recipe.md §Unified loss
 SELF_DISTILL_WEIGHTS = (1.0, 0.1, 1.0)           # (dense, lex, mul), recipe.md §Self-distillation
+SPARSITY_REGULARIZERS = ("none", "flops", "l1")  # loss.sparsity.regularizer, recipe.md §Sparsity control
 
 
 def in_batch_targets(num_queries: int, group_size: int, device=None) -> torch.Tensor:
@@ -195,3 +203,35 @@ def bidirectional_loss(scores: torch.Tensor, group_size: int, mask: torch.Tensor
     if mask is not None:
         passage_to_query = mask_scores(passage_to_query, mask[:, positives].T)
     return F.cross_entropy(passage_to_query.float(), torch.arange(num_queries, device=scores.device))
+
+
+def flops_regularizer(weights: torch.Tensor) -> torch.Tensor:
+    """SPLADE's FLOPS regulariser `Σ_t ( mean_i W[i, t] )²` of lexical vectors `W (n, V)` (weights >= 0).
+
+    `mean_i W[i, t]` stands for the probability that a text has term t, so the sum is a smooth
+    estimate of the expected cost of a sparse dot product (`Σ_t p_q(t)·p_d(t)` when applied to both
+    sides); terms many texts carry cost the most."""
+    return weights.float().mean(dim=0).pow(2).sum()
+
+
+def l1_regularizer(weights: torch.Tensor) -> torch.Tensor:
+    """`mean_i Σ_t W[i, t]` of lexical vectors `W (n, V)` (weights >= 0: the L1 norm)."""
+    return weights.float().sum(dim=1).mean()
+
+
+def sparsity_loss(query_weights: torch.Tensor, passage_weights: torch.Tensor, regularizer: str,
+                  query_weight: float, passage_weight: float) -> torch.Tensor:
+    """`λ_q · R(W_q) + λ_p · R(W_p)`, `R` = `flops_regularizer` or `l1_regularizer` (`regularizer`
+    "flops" / "l1"), `W_q (Nq, V)`, `W_p (Np, V)` each averaged over its own texts."""
+    functions = {"flops": flops_regularizer, "l1": l1_regularizer}
+    if regularizer not in functions:
+        raise ValueError(f"regularizer must be one of {tuple(functions)}, got {regularizer!r}")
+    r = functions[regularizer]
+    return query_weight * r(query_weights) + passage_weight * r(passage_weights)
+
+
+def sparsity_warmup_scale(elapsed: float, warmup: float) -> float:
+    """SPLADE's quadratic ramp `min(1, elapsed / warmup)²` (1 when `warmup` <= 0)."""
+    if warmup <= 0:
+        return 1.0
+    return min(1.0, max(0.0, elapsed) / warmup) ** 2

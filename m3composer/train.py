@@ -27,7 +27,7 @@ from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
 from m3composer import checkpoints, distributed, optim
-from m3composer.algorithms import FreezePositionEmbeddings, SelfDistillWarmup
+from m3composer.algorithms import FreezePositionEmbeddings, SelfDistillWarmup, SparsityWarmup
 from m3composer.callbacks.data_epoch import DataEpoch
 from m3composer.callbacks.export import ExportModel, export_model
 from m3composer.callbacks.model_card import training_facts
@@ -39,7 +39,7 @@ from m3composer.data.collate import make_data_spec
 from m3composer.data.dataset import M3TrainDataset
 from m3composer.data.index import is_remote
 from m3composer.data.negatives import parse_rank_range
-from m3composer.model.composer_model import ComposerM3
+from m3composer.model.composer_model import ComposerM3, SparsityRegularizer
 from m3composer.model.folder_config import FOLDER_CONFIG_FILE, M3FolderConfig
 from m3composer.model.gradcache import GradientCacheBudget
 from m3composer.model.heads import init_fresh_sparse_head, needs_sparse_fit
@@ -48,7 +48,8 @@ from m3composer.model.sparse_fit import fit_sparse_head_to_idf
 
 log = logging.getLogger("m3composer.train")
 
-# `loss` keys that the self-distillation Algorithm reads (build_algorithms); ComposerM3 takes the others.
+# `loss` keys that the self-distillation Algorithm reads (build_algorithms); ComposerM3 takes the others
+# (`loss.sparsity` as a SparsityRegularizer, its warm-up SparsityWarmup's).
 SELF_DISTILL_SCHEDULE = ("self_distill_start_step", "self_distill_mode")
 
 
@@ -99,6 +100,7 @@ def build_model(cfg: TrainConfig, model_dir: Path, model_defaults: ModelDefaults
     # The export records what training used, so evaluation defaults to the same prefixes.
     m3.query_instruction = model_defaults.query_instruction_for_retrieval
     m3.passage_instruction = model_defaults.passage_instruction_for_retrieval
+    m3.sparse_threshold = cfg.model.sparse_threshold     # applied at eval, recorded in the export
     if fresh_heads_to_train(cfg, m3):
         init_new_heads(cfg, m3)
     m3.train()
@@ -116,7 +118,11 @@ def composer_model_settings(cfg: TrainConfig) -> dict:
 
 def loss_settings(loss: LossConfig) -> dict:
     """The `loss` keys ComposerM3 takes, by name."""
-    return {key: value for key, value in asdict(loss).items() if key not in SELF_DISTILL_SCHEDULE}
+    settings = {key: value for key, value in asdict(loss).items() if key not in SELF_DISTILL_SCHEDULE}
+    s = loss.sparsity
+    settings["sparsity"] = (None if s.regularizer == "none"
+                            else SparsityRegularizer(s.regularizer, s.query_weight, s.passage_weight))
+    return settings
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -214,6 +220,8 @@ def build_algorithms(cfg: TrainConfig) -> list:
     algorithms = []
     if cfg.loss.use_self_distill:
         algorithms.append(SelfDistillWarmup(cfg.loss.self_distill_start_step, mode=cfg.loss.self_distill_mode))
+    if cfg.loss.sparsity.regularizer != "none":
+        algorithms.append(SparsityWarmup(cfg.loss.sparsity.warmup))
     if cfg.model.fix_position_embedding:
         algorithms.append(FreezePositionEmbeddings())
     if cfg.optimizer.max_grad_norm is not None:

@@ -207,3 +207,39 @@ def test_no_function_in_the_package_restates_a_schema_default():
                                  f"{default.value!r}) restates {key}" for key, value in by_name.get(arg.arg, [])
                                  if value == default.value and type(value) is type(default.value)]
     assert not restated, "\n".join(restated)
+
+
+def test_sparsity_regulariser_is_off_by_default_and_checked(yaml_path):
+    from m3composer.algorithms import SparsityWarmup
+    from m3composer.model.composer_model import SparsityRegularizer
+    from m3composer.train import build_algorithms, composer_model_settings
+
+    cfg = load_config(yaml_path)
+    assert cfg.loss.sparsity.regularizer == "none"
+    assert composer_model_settings(cfg)["sparsity"] is None
+    assert not any(isinstance(a, SparsityWarmup) for a in build_algorithms(cfg))
+    on = load_config(yaml_path, ["loss.sparsity.regularizer=flops", "loss.sparsity.query_weight=0.3",
+                                 "loss.sparsity.passage_weight=0.1", "loss.sparsity.warmup=100ba"])
+    assert composer_model_settings(on)["sparsity"] == SparsityRegularizer("flops", 0.3, 0.1)
+    assert [a.warmup.value for a in build_algorithms(on) if isinstance(a, SparsityWarmup)] == [100]
+    for overrides, message in (
+            (["loss.sparsity.regularizer=l2"], r"loss\.sparsity\.regularizer: must be none, flops or l1, got 'l2'"),
+            (["loss.sparsity.query_weight=-1"], r"loss\.sparsity\.query_weight: must be a number >= 0"),
+            (["loss.sparsity.passage_weight=nan"], r"loss\.sparsity\.passage_weight: must be a number >= 0"),
+            (["loss.sparsity.warmup=soon"], r"loss\.sparsity\.warmup: 'soon' is not a Composer time"),
+            (["loss.sparsity.regularizer=l1"], r"loss\.sparsity\.regularizer: l1 needs loss\.sparsity\.query_weight"),
+            (["loss.sparsity.regularizer=flops", "loss.sparsity.query_weight=1", "loss.heads=[dense,colbert]"],
+             r"loss\.sparsity\.regularizer: flops regularises the lexical weights: it needs sparse in loss\.heads")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(yaml_path, overrides)
+
+
+def test_sparse_threshold_is_checked_and_reaches_the_model(yaml_path):
+    from m3composer.train import build_model, model_aware_defaults, resolve_model_path
+
+    with pytest.raises(ConfigError, match=r"model\.sparse_threshold: must be a number >= 0"):
+        load_config(yaml_path, ["model.sparse_threshold=-0.1"])
+    cfg = load_config(yaml_path, ["model.sparse_threshold=0.05"])
+    folder = resolve_model_path(cfg.model.name_or_path)
+    model = build_model(cfg, folder, model_aware_defaults(cfg, folder))
+    assert model.model.sparse_threshold == 0.05 and model.model.folder_config().sparse_threshold == 0.05

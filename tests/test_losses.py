@@ -179,3 +179,33 @@ def test_masked_bidirectional_loss_drops_a_query_whose_positive_is_the_same_text
     assert losses.bidirectional_loss(S_DENSE, G, mask=mask).item() == pytest.approx(0.0, abs=1e-6)
     unmasked = losses.bidirectional_loss(S_DENSE, G)
     assert losses.bidirectional_loss(S_DENSE, G, mask=torch.zeros(2, 4, dtype=torch.bool)).item() == unmasked.item()
+
+
+# ------------------------------------------------------------------ sparsity (recipe.md §Sparsity control)
+W_Q = torch.tensor([[0.5, 0.0, 2.0, 0.0], [1.5, 1.0, 0.0, 0.0]])        # 2 queries over a vocabulary of 4
+W_P = torch.tensor([[0.0, 0.0, 1.0, 3.0], [0.0, 2.0, 0.0, 0.0], [4.0, 0.0, 0.0, 1.0]])
+
+
+def test_flops_is_the_sum_of_squared_mean_term_weights():
+    # term means over the 2 queries: 1.0, 0.5, 1.0, 0.0
+    assert losses.flops_regularizer(W_Q).item() == pytest.approx(1.0 + 0.25 + 1.0)
+    # over the 3 passages: 4/3, 2/3, 1/3, 4/3
+    assert losses.flops_regularizer(W_P).item() == pytest.approx((16 + 4 + 1 + 16) / 9)
+
+
+def test_l1_is_the_mean_over_texts_of_the_sum_of_weights():
+    assert losses.l1_regularizer(W_Q).item() == pytest.approx((2.5 + 2.5) / 2)
+    assert losses.l1_regularizer(W_P).item() == pytest.approx((4 + 2 + 5) / 3)
+
+
+def test_sparsity_loss_weights_queries_and_passages_apart():
+    flops = losses.sparsity_loss(W_Q, W_P, "flops", 0.3, 0.1).item()
+    assert flops == pytest.approx(0.3 * 2.25 + 0.1 * 37 / 9)
+    assert losses.sparsity_loss(W_Q, W_P, "l1", 0.0, 2.0).item() == pytest.approx(2.0 * 11 / 3)
+    with pytest.raises(ValueError, match="regularizer must be one of"):
+        losses.sparsity_loss(W_Q, W_P, "none", 1.0, 1.0)
+
+
+def test_sparsity_warmup_is_splades_quadratic_ramp():
+    assert [losses.sparsity_warmup_scale(t, 10) for t in (0, 5, 10, 20)] == [0.0, 0.25, 1.0, 1.0]
+    assert losses.sparsity_warmup_scale(0, 0) == 1.0

@@ -8,6 +8,10 @@ total loss falls, because the other terms carry it. These numbers make that visi
     heads/sparse/zero_weight_share    share of the batch's non-special tokens whose weight is 0
     heads/sparse/shared_token_weight  mean of √(w_q·w_p) over the tokens a query shares with its
                                       positive: the per-token weight behind the sparse score
+    heads/sparse/nonzero_per_query    mean number of non-zero terms of the batch's query vectors
+    heads/sparse/nonzero_per_passage  the same for its passages (hard negatives included)
+    heads/sparse/expected_flops       Σ_t p_q(t)·p_d(t) on the batch: the expected cost of a sparse
+                                      dot product (`scores.LexicalCost`, recipe.md §Sparsity control)
     grad_norm/{encoder,sparse_head,colbert_head,total}
                                       gradient norms after backward, before clipping
     grad_norm/clip_scale              the factor `max_grad_norm` clipping applies (1 = no clipping)
@@ -25,6 +29,7 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 
 from m3composer.model.inference import unwrap_m3
+from m3composer.model.scores import LexicalCost
 
 
 def _norm(params) -> float:
@@ -55,6 +60,14 @@ def token_weight_stats(q_sparse: torch.Tensor, p_sparse: torch.Tensor, batch: di
             "heads/sparse/shared_token_weight": float(torch.cat(shared).mean()) if shared else 0.0}
 
 
+def lexical_cost_stats(q_sparse: torch.Tensor, p_sparse: torch.Tensor) -> dict[str, float]:
+    """`heads/sparse/{nonzero_per_query, nonzero_per_passage, expected_flops}` of one batch (LexicalCost)."""
+    cost = LexicalCost()
+    cost.add("query", q_sparse)
+    cost.add("passage", p_sparse)
+    return {f"heads/sparse/{name}": value for name, value in cost.summary().items()}
+
+
 class HeadDiagnostics(Callback):
     def __init__(self, max_grad_norm: Optional[float]):
         """`max_grad_norm`: the run's clipping threshold (`optimizer.max_grad_norm`; None: no clipping)."""
@@ -81,4 +94,5 @@ class HeadDiagnostics(Callback):
         if queries is not None and getattr(queries, "sparse", None) is not None and passages.sparse is not None:
             metrics.update(token_weight_stats(queries.sparse, passages.sparse, state.batch, outputs.group_size,
                                               set(m3.special_token_ids.values())))
+            metrics.update(lexical_cost_stats(queries.sparse, passages.sparse))
         logger.log_metrics(metrics)

@@ -1,7 +1,7 @@
 """PNG plots of a run: per-head training losses and retrieval metrics over steps.
 
     RUN_DIR/plots/losses.png   loss/train/<term> (dense, sparse, colbert, ensemble, self_distill,
-                               bidirectional, masked_negatives (a count), total), raw per step plus a moving average,
+                               bidirectional, masked_negatives (a count), sparsity, total), raw per step plus a moving average,
                                then the heads' diagnostics: a grid of at most 5 rows, filled down the columns
     RUN_DIR/plots/eval.png     metrics/<label>/<head>/<metric> (what RetrievalEval logs): one panel
                                per metric, one line per head

@@ -12,6 +12,8 @@ in `m3composer.losses`; this module decides which terms apply to a batch:
                    (global ones too with `negatives_cross_device_heads="all"`: every term on the
                    gathered batch, as one process would compute it)
     self-distill   (L + L') / 2 while `self_distill_on`
+    sparsity       + sparsity_scale · (λ_q·R(W_q) + λ_p·R(W_p)) on this rank's lexical vectors, when
+                   `sparsity` (loss.sparsity) is on (docs/recipe.md §Sparsity control)
     total          what Composer back-propagates
 
 Only the heads in `heads` (`loss.heads`) are encoded, scored and trained (docs/recipe.md §Choosing
@@ -28,8 +30,8 @@ dict's `masked_negatives` counts them (this rank's queries, against the columns 
 The loss dict always has the keys `LOSS_KEYS`, in that order, on every rank and step; a term
 that is off is a zero tensor (Composer all-reduces the dict key by key).
 
-The one switch an Algorithm flips is `self_distill_on` (set from `state.timestamp`, so it survives
-a resume); everything else is fixed at construction.
+The switches Algorithms set are `self_distill_on` and `sparsity_scale` (both from `state.timestamp`,
+so they survive a resume); everything else is fixed at construction.
 """
 from __future__ import annotations
 
@@ -48,7 +50,21 @@ from m3composer.model.scores import COLBERT_MAX_ELEMENTS, HEADS, SCORE_NAMES, M3
 
 log = logging.getLogger(__name__)
 
-LOSS_KEYS = SCORE_NAMES + ("self_distill", "bidirectional", "masked_negatives", "total")
+LOSS_KEYS = SCORE_NAMES + ("self_distill", "bidirectional", "masked_negatives", "sparsity", "total")
+
+
+@dataclass(frozen=True)
+class SparsityRegularizer:
+    """`loss.sparsity` when on: `losses.sparsity_loss`'s regulariser and its query/passage weights."""
+    regularizer: str
+    query_weight: float
+    passage_weight: float
+
+    def __post_init__(self):
+        if self.regularizer not in losses.SPARSITY_REGULARIZERS or self.regularizer == "none":
+            raise ValueError(f"regularizer must be one of {losses.SPARSITY_REGULARIZERS[1:]}, got {self.regularizer!r}")
+        if self.query_weight < 0 or self.passage_weight < 0:
+            raise ValueError(f"sparsity weights must be >= 0, got {self.query_weight}, {self.passage_weight}")
 
 
 class InBatchAccuracy(Metric):
@@ -108,6 +124,8 @@ class ComposerM3(ComposerModel):
             (`gradcache`): the same loss and gradients, activations of one chunk at a time; None = off.
         mask_false_negatives: mask in-batch passages identical to a query's positive (batches
             without passage hashes are never masked).
+        sparsity: the lexical-sparsity regulariser (needs the sparse head); None = off. Its weight is
+            scaled by `sparsity_scale` (1 until SparsityWarmup sets it).
     """
 
     def __init__(self, model: M3Model, *, temperature: float, heads: Sequence[str],
@@ -115,6 +133,7 @@ class ComposerM3(ComposerModel):
                  negatives_cross_device_heads: str, cross_rank_grad_scale: str,
                  bidirectional_parallel: bool, knowledge_distillation: bool, mask_false_negatives: bool,
                  gradient_checkpointing: bool, gradient_cache: Optional[gradcache.GradientCacheBudget],
+                 sparsity: Optional[SparsityRegularizer],
                  train_group_size: Optional[int] = None, colbert_max_elements: int = COLBERT_MAX_ELEMENTS):
         super().__init__()
         if cross_rank_grad_scale not in distributed.CROSS_RANK_GRAD_SCALES:
@@ -142,6 +161,11 @@ class ComposerM3(ComposerModel):
         self.colbert_max_elements = colbert_max_elements
         self.gradient_cache = gradient_cache
         self.mask_false_negatives = mask_false_negatives
+        if sparsity is not None and "sparse" not in self.heads:
+            raise ValueError(f"the sparsity regulariser needs the sparse head in heads, got {list(self.heads)}")
+        self.sparsity = sparsity
+        # The regulariser's warm-up scale, set each batch by SparsityWarmup (1 = its full weight).
+        self.sparsity_scale = 1.0
         # The switch the self-distillation warm-up Algorithm sets each batch.
         self.self_distill_on = bool(use_self_distill)
         model.trained_heads = self.heads
@@ -262,7 +286,7 @@ class ComposerM3(ComposerModel):
                 global_scores = self.score(self._gather(q), self._gather(p))
         zero = first.new_zeros((), dtype=torch.float32)
         terms = {"dense": zero, "sparse": zero, "colbert": zero, "ensemble": zero,
-                 "self_distill": zero, "bidirectional": zero, "masked_negatives": zero}
+                 "self_distill": zero, "bidirectional": zero, "masked_negatives": zero, "sparsity": zero}
         dense_term = None
         if "dense" in self.heads:
             if not gathered:
@@ -300,6 +324,11 @@ class ComposerM3(ComposerModel):
                 *(None if s is None else losses.mask_scores(s, head_mask)
                   for s in (heads.ensemble, heads.dense, heads.sparse, heads.colbert)))
             total = losses.combine_self_distill(total, terms["self_distill"])
+        if self.sparsity is not None:
+            # this rank's own texts (never the gathered ones): each rank regularises what it encoded
+            terms["sparsity"] = self.sparsity_scale * losses.sparsity_loss(
+                q.sparse, p.sparse, self.sparsity.regularizer, self.sparsity.query_weight, self.sparsity.passage_weight)
+            total = total + terms["sparsity"]
         terms["total"] = total
         assert tuple(terms) == LOSS_KEYS
         return terms

@@ -34,6 +34,9 @@ class M3FolderConfig:
     # Heads still as initialised (random): neither trained nor loaded from a folder that had them;
     # evaluation skips them (docs/recipe.md §Choosing the heads).
     fresh_heads: list = dataclasses.field(default_factory=list)
+    # Lexical weights below this are dropped at inference (`model.sparse_threshold`, docs/recipe.md
+    # §Sparsity control); 0: every positive weight is kept. FlagEmbedding does not read it.
+    sparse_threshold: float = 0.0
 
     def __post_init__(self):
         if self.pooling not in POOLING_METHODS:

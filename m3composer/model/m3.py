@@ -148,6 +148,8 @@ class M3Model(nn.Module):
         self.trained_heads: Optional[tuple[str, ...]] = None
         # how the training run initialised fresh heads; recorded in m3composer.json by save_pretrained
         self.head_init: Optional[dict] = None
+        # lexical weights below it are zeroed outside training (recipe.md §Sparsity control); 0 = off
+        self.sparse_threshold = 0.0
         # encode in length-sorted chunks (see encoder_hidden); off = one padded encoder call per encode
         self.length_grouping = True
         self.length_grouping_overhead_tokens: Optional[float] = None   # None: length_chunks' default
@@ -214,6 +216,7 @@ class M3Model(nn.Module):
         model.fresh_heads = fresh
         model.recorded_fresh_heads = tuple(recorded.fresh_heads)
         model.head_init = recorded.head_init
+        model.sparse_threshold = recorded.sparse_threshold
         return model.eval()   # like transformers' from_pretrained; the trainer switches to train()
 
     def score_temperature(self, temperature: float) -> float:
@@ -326,8 +329,12 @@ class M3Model(nn.Module):
         return dense, weights, colbert
 
     def sparse_reps(self, token_weights: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Per-position weights `(n, L)` -> the `(n, V)` vocabulary vector (special ids 0)."""
-        return heads.sparse_vocab_weights(token_weights, input_ids, self.vocab_size, self.special_token_ids.values())
+        """Per-position weights `(n, L)` -> the `(n, V)` vocabulary vector (special ids 0); outside
+        training, weights below `sparse_threshold` are 0 too (the loss always sees them all)."""
+        vocab = heads.sparse_vocab_weights(token_weights, input_ids, self.vocab_size, self.special_token_ids.values())
+        if self.sparse_threshold > 0 and not self.training:
+            vocab = vocab.masked_fill(vocab < self.sparse_threshold, 0)
+        return vocab
 
     def reps_from_head_outputs(self, dense: torch.Tensor, weights: Optional[torch.Tensor],
                                colbert: Optional[torch.Tensor], input_ids: torch.Tensor,
@@ -371,7 +378,8 @@ class M3Model(nn.Module):
                               query_instruction=self.query_instruction, passage_instruction=self.passage_instruction,
                               head_init=self.head_init,
                               trained_heads=None if self.trained_heads is None else list(self.trained_heads),
-                              fresh_heads=list(self.untrained_fresh_heads()))
+                              fresh_heads=list(self.untrained_fresh_heads()),
+                              sparse_threshold=float(self.sparse_threshold))
 
     def save_pretrained(self, folder: str | os.PathLike, tokenizer=None,
                         extra_files: Optional[Callable[[Path], None]] = None) -> Path:
@@ -405,7 +413,8 @@ class M3Model(nn.Module):
         Returns `{"dense_vecs": (n, H) float32 array, "lexical_weights": [{token id as str: weight}],
         "colbert_vecs": [(tokens-1, D) float32 arrays]}` (a key is None when not requested; a
         single string gives single items). Lexical weights keep, per token id, the max weight over
-        its positions, dropping special ids and zero weights; ColBERT vectors drop padding.
+        its positions, dropping special ids, zero weights and weights below `sparse_threshold`;
+        ColBERT vectors drop padding.
         `instruction` is prepended verbatim (e.g. the folder's `query_instruction`). Texts are
         sorted by length for batching and returned in input order.
         """
@@ -443,7 +452,7 @@ class M3Model(nn.Module):
                         for row, i in enumerate(idx):
                             lexical: dict[str, float] = {}
                             for token_id, w in zip(encoded[i], weights[row]):
-                                if token_id in special or w <= 0:
+                                if token_id in special or w <= 0 or w < self.sparse_threshold:
                                     continue
                                 key = str(token_id)
                                 if w > lexical.get(key, 0.0):

@@ -12,12 +12,14 @@ ran in. Formulas (docs/recipe.md §Scores), with `τ` the temperature:
     S_mul[q, p]   = ( Σ_i max_j <C_q[i], C_p[j]> ) / N_q / τ,   N_q = number of unmasked query vectors
     S_ens         = w_dense · S_dense + w_lex · S_lex + w_mul · S_mul,   weights (1, 0.3, 1)
 
-This module is also the one home of three rules that inference shares with training: the score
+This module is also the one home of four rules that inference shares with training: the score
 names (`HEADS`, `SCORE_NAMES`), the ensemble's weighted sum (`ensemble_scores`, with training's
 `ENSEMBLE_WEIGHTS` or BGE-M3's inference weights `INFERENCE_ENSEMBLE_WEIGHTS`) and the ColBERT
 max-sim (`colbert_maxsim`, whose `padding` argument picks training's or inference's treatment of
-padding: recipe.md §ColBERT max-sim variants). `m3c eval`, `m3c mine`, `m3c score-teacher` and
-NegativeRefresh call them without a temperature.
+padding: recipe.md §ColBERT max-sim variants), and what lexical vectors cost (`LexicalCost`:
+non-zero terms per text and the expected cost of a sparse dot product, recipe.md §Sparsity
+control). `m3c eval`, `m3c mine`, `m3c score-teacher` and NegativeRefresh call them without a
+temperature.
 """
 from __future__ import annotations
 
@@ -195,3 +197,40 @@ def score(q: M3Reps, p: M3Reps, temperature: float, *, heads: Optional[Sequence[
     if len(set(heads)) > 1:
         out.ensemble = ensemble_scores(out.dense, out.sparse, out.colbert, ensemble_weights)
     return out
+
+
+class LexicalCost:
+    """What the lexical vectors of some texts cost to store and to score, accumulated over batches
+    of `(n, V)` vectors (docs/recipe.md §Sparsity control):
+
+        non-zero terms per query / passage   mean over that side's texts of |{t : w[t] > 0}|
+        expected dot-product cost            Σ_t p_q(t) · p_d(t),  p_x(t) = share of side x's texts
+                                             whose weight for term t is non-zero
+
+    The cost is the expected number of multiplications of one query-passage sparse dot product
+    (SPLADE's "FLOPS"), estimated on the texts seen; the FLOPS regulariser is its smooth stand-in.
+    """
+
+    SIDES = ("query", "passage")
+
+    def __init__(self):
+        self.texts = dict.fromkeys(self.SIDES, 0)
+        self.present: dict[str, Optional[torch.Tensor]] = dict.fromkeys(self.SIDES)   # (V,) texts with term t
+
+    def add(self, side: str, sparse: torch.Tensor) -> None:
+        """Count the non-zero terms of `sparse (n, V)`, the lexical vectors of `n` texts of `side`."""
+        if side not in self.SIDES:
+            raise ValueError(f"side must be one of {self.SIDES}, got {side!r}")
+        per_term = (sparse.detach() > 0).sum(dim=0).to(torch.float64)
+        seen = self.present[side]
+        self.present[side] = per_term if seen is None else seen + per_term
+        self.texts[side] += sparse.shape[0]
+
+    def summary(self) -> dict[str, float]:
+        """`{"nonzero_per_query", "nonzero_per_passage", "expected_flops"}` (0 for a side with no texts)."""
+        out = {f"nonzero_per_{side}": (float(self.present[side].sum()) / self.texts[side]
+                                       if self.texts[side] else 0.0) for side in self.SIDES}
+        q, p = self.present["query"], self.present["passage"]
+        out["expected_flops"] = (float((q / self.texts["query"] * (p / self.texts["passage"])).sum())
+                                 if q is not None and p is not None else 0.0)
+        return out

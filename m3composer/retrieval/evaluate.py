@@ -1,12 +1,15 @@
 """Retrieval metrics of an M3 model per head and for the ensemble; the `m3c eval` command.
 
-    m3c eval MODEL_DIR EVAL_PATH [--split test] [--heads dense,sparse,colbert] [--output metrics.json]
+    m3c eval MODEL_DIR EVAL_PATH [--split test] [--heads dense,sparse,colbert] [--sparse-threshold 0.01]
+             [--output metrics.json]
 
 `EVAL_PATH` is a BEIR folder or a FlagEmbedding JSONL (`beir.load_eval_set`). Queries get the
 query instruction and corpus texts the passage instruction; both default to what the model folder
 records in `m3composer.json` (e5 models: `query: ` / `passage: `), flags override them. The search
 itself is `search.rank_corpus`; the metrics are `metrics.py`'s: recall@k for each k, MRR and nDCG
-at the largest k.
+at the largest k. With the sparse head it also reports the lexical vectors' non-zero terms per
+query and per passage and the expected cost of a sparse dot product (docs/recipe.md §Sparsity
+control).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from m3composer.fsutil import write_json_atomic
 from m3composer.model.folder_config import M3FolderConfig
 from m3composer.model.inference import load_model_for_inference, missing_heads, unwrap_m3
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
-from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES
+from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES, LexicalCost
 from m3composer.retrieval.beir import EvalSet, load_eval_set
 from m3composer.retrieval.cli_args import add_encoding_arguments, instructions_from_args, parse_heads
 from m3composer.retrieval.metrics import mean_metrics, metric_names, per_query_metrics
@@ -42,7 +45,10 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
 
     Returns `{"dense": {"recall@1", "recall@10", "mrr@10", "ndcg@10"}, "sparse": ..., "colbert": ...,
     "ensemble": ..., "num_queries", "num_docs", "heads", "weights", "query_instruction",
-    "passage_instruction", "seconds"}` (heads not evaluated are absent); with `per_query`, also
+    "passage_instruction", "sparse_threshold", "seconds"}` (heads not evaluated are absent), and
+    with the sparse head `"sparse_cost": {"nonzero_per_query", "nonzero_per_passage",
+    "expected_flops"}` (`scores.LexicalCost`: the lexical vectors' non-zero terms and the expected
+    cost of a sparse dot product, on this set, after `model.sparse_threshold`); with `per_query`, also
     `"per_query": {head: {query id: metrics}}`, what `m3c compare` needs for paired intervals.
     """
     m3 = unwrap_m3(model)
@@ -53,17 +59,21 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
     if len(weights) != 3:
         raise ValueError(f"weights are (dense, sparse, colbert), got {list(weights)}")
     started = time.perf_counter()
+    lexical_cost = LexicalCost() if "sparse" in heads else None
     rankings = rank_corpus(m3, eval_set, tokenizer=tokenizer, query_instruction=query_instruction,
                            passage_instruction=passage_instruction, batch_size=batch_size,
                            query_max_len=query_max_len, passage_max_len=passage_max_len, weights=weights,
-                           heads=heads, top_k=max(k_values), progress=progress)
+                           heads=heads, top_k=max(k_values), progress=progress, lexical_cost=lexical_cost)
     results: dict = {head: mean_metrics(ranked, eval_set.qrels, k_values) for head, ranked in rankings.items()}
+    if lexical_cost is not None:
+        results["sparse_cost"] = lexical_cost.summary()
     if per_query:
         results["per_query"] = {head: per_query_metrics(ranked, eval_set.qrels, k_values)
                                 for head, ranked in rankings.items()}
     results.update(num_queries=eval_set.num_queries, num_docs=eval_set.num_docs,
                    heads=[h for h in HEADS if h in rankings], weights=dict(zip(HEADS, map(float, weights))),
                    query_instruction=query_instruction, passage_instruction=passage_instruction,
+                   sparse_threshold=float(m3.sparse_threshold),
                    seconds=round(time.perf_counter() - started, 3))
     return results
 
@@ -76,6 +86,11 @@ def format_table(results: dict, k_values: Sequence[int] = DEFAULT_K_VALUES) -> s
     for head in SCORE_NAMES:
         if head in results:
             lines.append(f"{head:<10}" + "".join(f"{results[head][n]:>9.4f}" for n in names))
+    if "sparse_cost" in results:
+        cost = results["sparse_cost"]
+        lines.append(f"sparse: {cost['nonzero_per_query']:.1f} non-zero terms per query, "
+                     f"{cost['nonzero_per_passage']:.1f} per passage, expected dot-product cost "
+                     f"{cost['expected_flops']:.3f} (threshold {results.get('sparse_threshold', 0.0):g})")
     return "\n".join(lines)
 
 
@@ -87,6 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="qrels split of a BEIR folder (default: test)")
     add_encoding_arguments(parser)
     parser.add_argument("--heads", type=parse_heads, default=HEADS, help="heads to evaluate (default: all three)")
+    parser.add_argument("--sparse-threshold", type=float, default=None,
+                        help="drop lexical weights below this (default: what the folder's m3composer.json records, "
+                             "else 0 = keep every positive weight)")
     parser.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N queries")
     parser.add_argument("--output", default=None, help="write the metrics as JSON here ('-' = stdout)")
     parser.add_argument("--per-query", action="store_true",
@@ -118,6 +136,11 @@ def run(args: argparse.Namespace) -> int:
               + (" and the ensemble" if len(heads) < 2 else f"; the ensemble is over {' and '.join(heads)}"),
               file=sys.stderr)
     model = load_model_for_inference(args.model_dir, pooling=args.pooling, device=args.device)
+    if args.sparse_threshold is not None:
+        if args.sparse_threshold < 0:
+            print(f"m3c eval: error: --sparse-threshold must be >= 0, got {args.sparse_threshold}", file=sys.stderr)
+            return 2
+        model.sparse_threshold = args.sparse_threshold
     query_instruction, passage_instruction = instructions_from_args(args)
     results = evaluate_model(model, eval_set, query_instruction=query_instruction,
                              passage_instruction=passage_instruction, batch_size=args.batch_size,

@@ -28,8 +28,8 @@ import torch
 
 from m3composer.model.inference import unwrap_m3
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
-from m3composer.model.scores import (COLBERT_MAX_ELEMENTS, HEADS, INFERENCE_ENSEMBLE_WEIGHTS, colbert_maxsim,
-                                     ensemble_scores)
+from m3composer.model.scores import (COLBERT_MAX_ELEMENTS, HEADS, INFERENCE_ENSEMBLE_WEIGHTS, LexicalCost,
+                                     colbert_maxsim, ensemble_scores)
 from m3composer.padding import right_pad
 from m3composer.retrieval.beir import EvalSet
 
@@ -57,7 +57,8 @@ class QuerySide:
     """All query representations, kept in encoding order (row r is query `order[r]`)."""
 
     def __init__(self, model, tokenizer, queries: Sequence[str], heads: Sequence[str], instruction: Optional[str],
-                 max_length: int, batch_size: int, device, progress: bool):
+                 max_length: int, batch_size: int, device, progress: bool,
+                 lexical_cost: Optional[LexicalCost] = None):
         from tqdm.auto import tqdm
 
         self.order: list[int] = []
@@ -73,6 +74,8 @@ class QuerySide:
             self.order.extend(indices)
             dense.append(reps.dense.float())
             if with_sparse:
+                if lexical_cost is not None:
+                    lexical_cost.add("query", reps.sparse)
                 nz = reps.sparse.float().nonzero(as_tuple=True)
                 sparse_rows.append(nz[0] + row0)
                 sparse_cols.append(nz[1])
@@ -162,13 +165,14 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
                  query_instruction: Optional[str] = None, passage_instruction: Optional[str] = None,
                  batch_size: int = INFERENCE_BATCH_SIZE, query_max_len: int = INFERENCE_QUERY_MAX_LEN, passage_max_len: int = INFERENCE_PASSAGE_MAX_LEN,
                  weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS, heads: Sequence[str] = HEADS, top_k: int = 10,
-                 progress: bool = True, colbert_max_elements: int = COLBERT_MAX_ELEMENTS
-                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                 progress: bool = True, colbert_max_elements: int = COLBERT_MAX_ELEMENTS,
+                 lexical_cost: Optional[LexicalCost] = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """`{head: (scores (Nq, k), document indices (Nq, k))}`, rows in query order, best first, for
     each head and the ensemble; `k = min(top_k, len(docs))`.
 
     Instructions are used verbatim (None or "" = none). The ensemble is computed when two or more
-    heads are evaluated, as the weighted sum of those heads' scores.
+    heads are evaluated, as the weighted sum of those heads' scores. `lexical_cost`, when given and the
+    sparse head is searched, counts the non-zero lexical terms of every query and document.
     """
     model = unwrap_m3(model)
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
@@ -186,7 +190,7 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
 
     with inference_mode(model):
         q = QuerySide(model, tokenizer, queries, heads, query_instruction, query_max_len,
-                       batch_size, device, progress)
+                       batch_size, device, progress, lexical_cost)
         tops = {h: RunningTopK(len(q), top_k, device) for h in heads + (("ensemble",) if with_ensemble else ())}
         bar = tqdm(total=len(docs), desc="encode corpus", unit="doc", disable=not progress)
         for indices, input_ids, attention_mask in token_batches(docs, tokenizer, passage_instruction,
@@ -196,6 +200,8 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
             doc_indices = torch.tensor(indices, dtype=torch.long, device=device)
             scores = {"dense": q.dense @ d.dense.float().T}
             if "sparse" in heads:
+                if lexical_cost is not None:
+                    lexical_cost.add("passage", d.sparse)
                 d_cols = d.sparse.float()[:, q.vocab.to(device)]                    # (batch, |query vocab|)
                 scores["sparse"] = torch.sparse.mm(q.sparse, d_cols.T.contiguous())
             if "colbert" in heads:

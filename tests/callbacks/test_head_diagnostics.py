@@ -6,7 +6,7 @@ from composer.algorithms import GradientClipping
 from composer.core import DataSpec
 from composer.loggers import InMemoryLogger
 
-from m3composer.callbacks.head_diagnostics import HeadDiagnostics, token_weight_stats
+from m3composer.callbacks.head_diagnostics import HeadDiagnostics, lexical_cost_stats, token_weight_stats
 from m3composer.model.composer_model import ComposerM3
 from m3composer.model.m3 import M3Model
 from tests.model.conftest import model_settings
@@ -27,6 +27,11 @@ def test_token_stats_by_hand():
     assert stats["heads/sparse/zero_weight_share"] == pytest.approx(1 / 5)
     # the query shares only token 5 with its positive: sqrt(0.5 * 2.0) = 1
     assert stats["heads/sparse/shared_token_weight"] == pytest.approx(1.0)
+    # non-zero terms: the query has 1 (token 5), the passages 2 and 1; expected dot-product cost
+    # Σ_t p_q(t)·p_d(t) = p_q(5)·p_d(5) = 1 · 1/2
+    assert lexical_cost_stats(q, p) == pytest.approx({"heads/sparse/nonzero_per_query": 1.0,
+                                                      "heads/sparse/nonzero_per_passage": 1.5,
+                                                      "heads/sparse/expected_flops": 0.5})
 
 
 def test_logged_each_step_before_clipping(tiny_dir, tokenizer):
@@ -43,8 +48,11 @@ def test_logged_each_step_before_clipping(tiny_dir, tokenizer):
     data = {k: [float(v) for _, v in points] for k, points in logger.data.items()}
     for name in ("heads/sparse/weight_norm", "heads/sparse/zero_weight_share", "heads/sparse/shared_token_weight",
                  "grad_norm/encoder", "grad_norm/sparse_head", "grad_norm/colbert_head", "grad_norm/total",
-                 "grad_norm/clip_scale"):
+                 "grad_norm/clip_scale", "heads/sparse/nonzero_per_query", "heads/sparse/nonzero_per_passage",
+                 "heads/sparse/expected_flops"):
         assert len(data[name]) == 3, name
+    # each step's count is the batch's: at most its distinct non-special tokens per text
+    assert all(0 < v <= batch["passage_attention_mask"].sum(1).max() for v in data["heads/sparse/nonzero_per_passage"])
     assert all(0 <= v <= 1 for v in data["heads/sparse/zero_weight_share"])
     # norms are of the unclipped gradients: the total is the norm of the parts, and above the 0.1 clip
     for enc, sp, col, total in zip(data["grad_norm/encoder"], data["grad_norm/sparse_head"],

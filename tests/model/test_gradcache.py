@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from m3composer.model import gradcache
-from m3composer.model.composer_model import LOSS_KEYS, ComposerM3
+from m3composer.model.composer_model import LOSS_KEYS, ComposerM3, SparsityRegularizer
 from m3composer.model.gradcache import GradientCacheBudget, plan_chunks
 from m3composer.model.m3 import M3Model
 from m3composer.model.scores import HEADS
@@ -82,6 +82,8 @@ def test_a_sequence_longer_than_the_token_budget_is_an_error_naming_the_key():
     (dict(heads=("dense",)), dict(parallel=True)),                           # dense only
     (dict(heads=("dense", "sparse"), use_self_distill=True), dict(parallel=True)),  # a subset: ColBERT frozen
     (dict(heads=("sparse",), knowledge_distillation=True), {}),                     # sparse only, teacher scores
+    (dict(use_self_distill=True, sparsity=SparsityRegularizer("flops", 0.3, 0.1)), {}),  # + FLOPS regulariser
+    (dict(heads=("dense", "sparse"), sparsity=SparsityRegularizer("l1", 0.2, 0.05)), {}),  # + L1 regulariser
 ])
 @pytest.mark.parametrize("budget", [GradientCacheBudget(1), GradientCacheBudget(4),   # 4 does not divide 6 rows
                                     GradientCacheBudget(16, max_tokens=12)])          # tokens: 2 rows of 6

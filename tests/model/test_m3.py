@@ -124,3 +124,40 @@ def test_encode_texts_matches_encode_with_flagembedding_semantics(tiny_dir, toke
     assert kept > 0                          # some lexical weights were compared, not only empty dicts
     single = model.encode_texts(TEXTS[0], max_length=32)
     assert single["dense_vecs"].shape == (32,) and isinstance(single["lexical_weights"], dict)
+
+
+def test_sparse_threshold_drops_small_weights_outside_training_and_is_saved(tiny_dir, tmp_path):
+    """docs/recipe.md §Sparsity control: the threshold applies to inference (eval mode, encode_texts),
+    never to training's vectors, and the saved folder records it."""
+    from tests.model.test_composer_model import text_batch
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    model = M3Model.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        model.sparse_linear.bias.fill_(0.5)
+    batch = text_batch(AutoTokenizer.from_pretrained(tiny_dir), 2, 2)
+    ids, mask = batch["passage_input_ids"], batch["passage_attention_mask"]
+    with torch.no_grad():
+        full = model.eval().encode(ids, mask).sparse
+        threshold = float(full[full > 0].median())
+        model.sparse_threshold = threshold
+        cut = model.encode(ids, mask).sparse
+        model.train()
+        torch.manual_seed(1)                                       # the same dropout draws twice
+        training = model.encode(ids, mask).sparse
+        model.sparse_threshold = 0.0
+        torch.manual_seed(1)
+        training_without = model.encode(ids, mask).sparse
+        model.sparse_threshold = threshold
+    model.eval()
+    assert torch.equal(cut, torch.where(full >= threshold, full, torch.zeros_like(full)))
+    assert 0 < int((cut > 0).sum()) < int((full > 0).sum())
+    assert torch.equal(training, training_without)                # training sees every weight
+    assert int(((training > 0) & (training < threshold)).sum()) > 0
+    texts = ["a first passage about sorting lists", "the second one"]
+    lexical = model.encode_texts(texts)["lexical_weights"]
+    assert all(w >= threshold for vec in lexical for w in vec.values())
+    saved = M3Model.from_pretrained(model.save_pretrained(tmp_path / "out"))
+    assert saved.sparse_threshold == threshold
+    assert saved.encode_texts(texts)["lexical_weights"] == lexical

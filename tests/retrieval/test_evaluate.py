@@ -299,3 +299,63 @@ def test_progress_defaults_to_whether_stderr_is_a_terminal_and_the_flags_win(mon
     flags = {None: [], True: ["--progress"], False: ["--no-progress"]}[flag]
     args = build_parser("eval").parse_args(["eval", "MODEL", "EVAL", *flags])
     assert args.progress is flag and show_progress(args.progress) is bars
+
+
+# ---------------------------------------------------------------- sparsity: counts, cost, threshold
+def test_sparse_cost_and_threshold_equal_a_count_by_hand():
+    """Sparse weights of the hand model: a = 1, b = 0, c = 3. Queries "a", "b": 1 and 0 non-zero terms;
+    documents "a", "b", "c b": 1, 0, 1. Expected dot-product cost Σ_t p_q(t)·p_d(t) = p_q(a)·p_d(a) =
+    1/2 · 1/3. A threshold of 2 drops a (1 < 2) and keeps c (3)."""
+    model = hand_model()
+    got = evaluate_model(model, HAND_SET, heads=("dense", "sparse"))
+    assert got["sparse_cost"] == pytest.approx({"nonzero_per_query": 0.5, "nonzero_per_passage": 2 / 3,
+                                                "expected_flops": 1 / 6})
+    assert got["sparse_threshold"] == 0.0
+    model.sparse_threshold = 2.0
+    cut = evaluate_model(model, HAND_SET, heads=("dense", "sparse"))
+    assert cut["sparse_cost"] == pytest.approx({"nonzero_per_query": 0.0, "nonzero_per_passage": 1 / 3,
+                                                "expected_flops": 0.0})
+    assert cut["sparse_threshold"] == 2.0
+    assert "sparse: 0.0 non-zero terms per query, 0.3 per passage" in format_table(cut)
+    assert "sparse_cost" not in evaluate_model(model, HAND_SET, heads=("dense",))
+
+
+def test_cli_reports_the_counts_of_a_direct_count_and_applies_the_threshold(tiny_dir, tmp_path, capsys):
+    torch.manual_seed(1)
+    model = M3Model.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        model.sparse_linear.bias.fill_(0.5)            # most tokens get a positive weight
+    exported = model.save_pretrained(tmp_path / "export")
+    eval_path = write_eval_jsonl(tmp_path / "eval.jsonl")
+    eval_set = load_eval_set(eval_path)
+
+    def direct_counts(threshold: float) -> list[float]:
+        counts = []
+        for texts in (eval_set.queries, eval_set.docs):
+            lexical = model.encode_texts(list(texts), return_dense=False, return_colbert_vecs=False)["lexical_weights"]
+            counts.append(np.mean([sum(w >= threshold for w in vec.values()) for vec in lexical]))
+        return counts
+
+    model.eval()
+    weights = sorted(w for vec in model.encode_texts(list(eval_set.docs))["lexical_weights"] for w in vec.values())
+    threshold = weights[len(weights) // 2]                       # the median passage weight
+    for flags, cut in (([], 0.0), (["--sparse-threshold", str(threshold)], threshold)):
+        out_path = tmp_path / f"cut{cut}.json"
+        assert main(["eval", str(exported), str(eval_path), "--output", str(out_path), "--no-progress", *flags]) == 0
+        assert "non-zero terms per query" in capsys.readouterr().out
+        result = json.loads(out_path.read_text())
+        assert result["sparse_threshold"] == pytest.approx(cut)
+        want_query, want_passage = direct_counts(cut)
+        assert result["sparse_cost"]["nonzero_per_query"] == pytest.approx(want_query)
+        assert result["sparse_cost"]["nonzero_per_passage"] == pytest.approx(want_passage)
+        if cut == 0.0:
+            full_passage, full_flops = want_passage, result["sparse_cost"]["expected_flops"]
+    assert full_flops > 0                                       # queries and passages share terms
+    assert want_passage < full_passage                          # the threshold removed terms
+    assert result["sparse_cost"]["expected_flops"] < full_flops
+
+
+def test_cli_refuses_a_negative_sparse_threshold(tiny_dir, tmp_path, capsys):
+    eval_path = write_eval_jsonl(tmp_path / "eval.jsonl")
+    assert main(["eval", str(tiny_dir), str(eval_path), "--sparse-threshold", "-0.5", "--no-progress"]) == 2
+    assert "--sparse-threshold must be >= 0, got -0.5" in capsys.readouterr().err

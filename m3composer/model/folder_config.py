@@ -34,6 +34,9 @@ class M3FolderConfig:
     # Heads still as initialised (random): neither trained nor loaded from a folder that had them;
     # evaluation skips them (docs/recipe.md §Choosing the heads).
     fresh_heads: list = dataclasses.field(default_factory=list)
+    # The Matryoshka sizes the run trained besides the full ones (`loss.matryoshka`, docs/recipe.md
+    # §Matryoshka): {"dense_dims": [...], "colbert_dims": [...]}; None: full sizes only.
+    matryoshka: Optional[dict] = None
 
     def __post_init__(self):
         if self.pooling not in POOLING_METHODS:

@@ -18,6 +18,8 @@ from tests.model.conftest import build_recipe_model, model_settings, recipe_batc
 from tests.model.test_composer_model import text_batch
 
 REL = 1e-5
+# dense at 3 and 2, ColBERT at 2 and 3 (the recipe model's vectors have 4 dims), unequal weights
+MATRYOSHKA = {"dense_dims": [3, 2], "dense_weights": [0.5, 2.0], "colbert_dims": [2, 3], "colbert_weights": [1.0, 0.25]}
 
 
 def param_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -82,6 +84,8 @@ def test_a_sequence_longer_than_the_token_budget_is_an_error_naming_the_key():
     (dict(heads=("dense",)), dict(parallel=True)),                           # dense only
     (dict(heads=("dense", "sparse"), use_self_distill=True), dict(parallel=True)),  # a subset: ColBERT frozen
     (dict(heads=("sparse",), knowledge_distillation=True), {}),                     # sparse only, teacher scores
+    (dict(use_self_distill=True, matryoshka=MATRYOSHKA), dict(parallel=True)),       # Matryoshka sizes
+    (dict(use_self_distill=True, knowledge_distillation=True, matryoshka=MATRYOSHKA), {}),   # ... and KD
 ])
 @pytest.mark.parametrize("budget", [GradientCacheBudget(1), GradientCacheBudget(4),   # 4 does not divide 6 rows
                                     GradientCacheBudget(16, max_tokens=12)])          # tokens: 2 rows of 6

@@ -368,3 +368,21 @@ def test_matryoshka_sizes_apply_to_the_dense_term_of_parallel_batches_and_dense_
 def test_matryoshka_sizes_are_checked_against_the_model(matryoshka, heads, message):
     with pytest.raises(ValueError, match=message):
         ComposerM3(build_recipe_model(), **model_settings(heads=heads, matryoshka=matryoshka))
+
+
+@pytest.mark.parametrize("cross_device_heads", ["dense", "all"])
+def test_matryoshka_terms_of_the_gathered_paths_equal_the_local_ones_on_one_rank(monkeypatch, cross_device_heads):
+    """The cross-rank branches (dense gathered alone, or every head) cut the gathered vectors; with one
+    rank whose gathers return their input they must give the local terms exactly."""
+    from m3composer import distributed
+    settings = dict(use_self_distill=True, matryoshka=mrl([3, 2], [2, 3], [0.5, 2.0], [1.0, 0.25]))
+    batch = recipe_batch(parallel=True)
+    local = run(ComposerM3(build_recipe_model(), **model_settings(**settings)).train(), batch)
+    for name, fake in (("is_distributed", lambda: True), ("rank", lambda: 0), ("gather_no_grad", lambda x: x),
+                       ("gather_for_negatives", lambda x, scale: x), ("pad_to_longest_across_ranks", lambda xs, dim=1: xs)):
+        monkeypatch.setattr(distributed, name, fake)
+    gathered = run(ComposerM3(build_recipe_model(), **model_settings(
+        negatives_cross_device=True, negatives_cross_device_heads=cross_device_heads, **settings)).train(), batch)
+    for key in LOSS_KEYS:
+        assert gathered[key].item() == pytest.approx(local[key].item(), rel=1e-6), key
+    assert local["dense"].item() > 0 and local["colbert"].item() > 0 and local["self_distill"].item() > 0

@@ -163,7 +163,8 @@ class ComposerM3(ComposerModel):
                  use_self_distill: bool, negatives_cross_device: bool,
                  negatives_cross_device_heads: str, cross_rank_grad_scale: str,
                  bidirectional_parallel: bool, knowledge_distillation: bool, mask_false_negatives: bool,
-                 matryoshka: Mapping[str, Sequence], gradient_checkpointing: bool, gradient_cache: Optional[gradcache.GradientCacheBudget],
+                 matryoshka: Mapping[str, Sequence],
+                 gradient_checkpointing: bool, gradient_cache: Optional[gradcache.GradientCacheBudget],
                  train_group_size: Optional[int] = None, colbert_max_elements: int = COLBERT_MAX_ELEMENTS):
         super().__init__()
         if cross_rank_grad_scale not in distributed.CROSS_RANK_GRAD_SCALES:
@@ -196,8 +197,8 @@ class ComposerM3(ComposerModel):
         model.trained_heads = self.heads
         self.matryoshka = matryoshka_levels(matryoshka, model.encoder.config.hidden_size,
                                             model.colbert_linear.out_features)
-        for head in HEADS:
-            if head not in self.heads and any(getattr(lvl, f"{head}_dim", None) for lvl in self.matryoshka):
+        for head in ("dense", "colbert"):
+            if head not in self.heads and any(getattr(lvl, f"{head}_dim") for lvl in self.matryoshka):
                 raise ValueError(f"loss.matryoshka.{head}_dims: {head} is not in loss.heads {list(self.heads)}")
         model.matryoshka = {f"{h}_dims": [getattr(lvl, f"{h}_dim") for lvl in self.matryoshka
                                           if getattr(lvl, f"{h}_dim") is not None]

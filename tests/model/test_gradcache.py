@@ -123,15 +123,23 @@ def chunked_reference(model: ComposerM3, batch: dict, chunks, seed: int = 0, aut
 # 3 queries + 6 passages = 9 rows: chunks of 1, and chunks of 4 (4 does not divide 9) with gradient
 # checkpointing, whose recomputation inside the replay must draw the same masks once more
 # (and a subset of the heads: the frozen ColBERT head's vectors are not even built by the cache)
-@pytest.mark.parametrize("max_sequences, checkpointing, heads", [(1, False, HEADS), (4, True, HEADS),
-                                                                 (4, False, ("dense", "sparse"))])
-def test_with_dropout_the_replay_reproduces_the_masks(tiny_dir, tokenizer, checkpointing, max_sequences, heads):
+# (and Matryoshka sizes of the tiny model's 32-dim vectors)
+TINY_MATRYOSHKA = {"dense_dims": [16, 8], "dense_weights": [], "colbert_dims": [8, 16], "colbert_weights": [0.5, 1.0]}
+
+
+@pytest.mark.parametrize("max_sequences, checkpointing, heads, matryoshka", [
+    (1, False, HEADS, None), (4, True, HEADS, None), (4, False, ("dense", "sparse"), None),
+    (4, False, HEADS, TINY_MATRYOSHKA)])
+def test_with_dropout_the_replay_reproduces_the_masks(tiny_dir, tokenizer, checkpointing, max_sequences, heads,
+                                                      matryoshka):
     batch = text_batch(tokenizer, 3, 2)
     budget = GradientCacheBudget(max_sequences)
     lengths = torch.cat([batch["query_attention_mask"].sum(1), batch["passage_attention_mask"].sum(1)]).tolist()
-    reference_model = tiny_model(tiny_dir, gradient_checkpointing=checkpointing, heads=heads)
+    sizes = {} if matryoshka is None else {"matryoshka": matryoshka}
+    reference_model = tiny_model(tiny_dir, gradient_checkpointing=checkpointing, heads=heads, **sizes)
     reference = chunked_reference(reference_model, batch, plan_chunks(lengths, budget))
-    cached = step(tiny_model(tiny_dir, gradient_cache=budget, gradient_checkpointing=checkpointing, heads=heads), batch)
+    cached = step(tiny_model(tiny_dir, gradient_cache=budget, gradient_checkpointing=checkpointing, heads=heads,
+                             **sizes), batch)
     print("max relative gradient difference:", assert_same_step(cached, reference))
     # the masks matter: another seed gives another loss
     other = tiny_model(tiny_dir, gradient_cache=budget)

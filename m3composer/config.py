@@ -208,6 +208,25 @@ class SparsityConfig:
 
 
 @dataclass
+class MatryoshkaConfig:
+    """Matryoshka (MRL) sizes of the dense and ColBERT vectors (docs/recipe.md §Matryoshka): each listed
+    size d adds the head's loss on its vectors cut to their first d dims (re-normalised), weighted, to its
+    full-size term; the full size is always trained with weight 1. Empty lists: off."""
+    dense_dims: list[int] = setting(doc=(
+        "extra sizes of the dense vector, each smaller than the encoder's hidden size (e.g. `[192, 96]` for "
+        "e5-small's 384); the full size is always included with weight 1. Empty: off"), factory=list)
+    dense_weights: list[float] = setting(doc=(
+        "the weight of each `dense_dims` size, same length; empty = 1 for each"), factory=list)
+    colbert_dims: list[int] = setting(doc=(
+        "extra sizes of the ColBERT token vectors, each smaller than `model.colbert_dim` (the hidden size by "
+        "default); the full size is always included with weight 1. With `dense_dims` too, both lists have the "
+        "same length: the k-th sizes are scored together in the ensemble and self-distillation. Empty: off"),
+        factory=list)
+    colbert_weights: list[float] = setting(doc=(
+        "the weight of each `colbert_dims` size, same length; empty = 1 for each"), factory=list)
+
+
+@dataclass
 class LossConfig:
     """The training loss (docs/recipe.md §Contrastive loss to §False-negative masking)."""
     temperature: float = setting(0.02, "τ of every score")
@@ -245,6 +264,7 @@ class LossConfig:
         "logged as `loss/train/masked_negatives`; no effect on batches without duplicates (docs/recipe.md "
         "§False-negative masking)"))
     sparsity: SparsityConfig = section(SparsityConfig)
+    matryoshka: MatryoshkaConfig = section(MatryoshkaConfig)
 
 
 @dataclass
@@ -511,6 +531,7 @@ def validate(cfg: TrainConfig) -> None:
            "(loss.negatives_cross_device_heads=dense), and loss.heads does not train dense: set "
            "loss.negatives_cross_device_heads=all or loss.negatives_cross_device=false")
     _validate_sparsity(cfg)
+    _validate_matryoshka(cfg)
     _check(o.lr > 0, "optimizer.lr", "must be positive")
     _check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", "must be two numbers in [0, 1)")
@@ -576,6 +597,26 @@ def _validate_sparsity(cfg: TrainConfig) -> None:
                f"(got {list(cfg.loss.heads)})")
         _check(s.query_weight > 0 or s.passage_weight > 0, f"{key}.regularizer",
                f"{s.regularizer} needs loss.sparsity.query_weight or passage_weight > 0")
+
+
+def _validate_matryoshka(cfg: TrainConfig) -> None:
+    """Each size positive and listed once, each weight positive, one weight per size; a head's sizes
+    only when it is trained. (Each size below the head's vector size is checked when the model is
+    built: `ComposerM3` knows the hidden size and `model.colbert_dim`.)"""
+    mrl = cfg.loss.matryoshka
+    for head in ("dense", "colbert"):
+        dims, weights = getattr(mrl, f"{head}_dims"), getattr(mrl, f"{head}_weights")
+        key = f"loss.matryoshka.{head}_dims"
+        _check(all(d > 0 for d in dims), key, f"each size must be positive, got {list(dims)}")
+        _check(len(set(dims)) == len(dims), key, f"lists a size twice: {list(dims)}")
+        _check(not dims or head in cfg.loss.heads, key, f"{head} is not in loss.heads {list(cfg.loss.heads)}")
+        _check(not weights or len(weights) == len(dims), f"loss.matryoshka.{head}_weights",
+               f"needs one weight per size of {key} ({len(dims)}), got {len(weights)}")
+        _check(all(w > 0 and math.isfinite(w) for w in weights), f"loss.matryoshka.{head}_weights",
+               f"each weight must be a positive number, got {list(weights)}")
+    _check(not (mrl.dense_dims and mrl.colbert_dims) or len(mrl.dense_dims) == len(mrl.colbert_dims),
+           "loss.matryoshka.colbert_dims", f"needs as many sizes as loss.matryoshka.dense_dims "
+           f"({len(mrl.dense_dims)}, the k-th of each are scored together), got {len(mrl.colbert_dims)}")
 
 
 def _validate_negative_refresh(cfg: TrainConfig) -> None:

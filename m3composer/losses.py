@@ -29,11 +29,17 @@ Sparsity control (docs/recipe.md §Sparsity control), when `loss.sparsity` is on
 with `W` the `(n, V)` lexical vectors of the batch's queries or passages, `R` the FLOPS or L1
 regulariser and `s(t)` the warm-up ramp (`sparsity_warmup_scale`).
 
+With Matryoshka sizes (`loss.matryoshka`, docs/recipe.md §Matryoshka) each dense and ColBERT term,
+the ensemble term and each student of `L'` is the weighted sum over the full size and the cut sizes
+(`matryoshka_sum`), the teacher staying the full-size ensemble.
+
 In-batch false negatives (docs/recipe.md §False-negative masking): a column whose passage is
 identical to one of query b's positives is taken out of row b's softmax in every matrix above
 (`false_negative_mask`, `mask_scores`); a matrix without such columns is left unchanged.
 """
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,9 +123,21 @@ def unified_loss(dense: torch.Tensor | None, sparse: torch.Tensor | None, colber
     return _weighted_mean([(w_dense, dense), (w_ens, ensemble), (w_lex, sparse), (w_mul, colbert)])
 
 
+def matryoshka_sum(full: torch.Tensor, prefixes: Sequence[tuple[float, torch.Tensor]] = ()) -> torch.Tensor:
+    """A head's Matryoshka term (docs/recipe.md §Matryoshka): `L = L_full + Σ_k w_k · L_k`, summed left to
+    right, where `L_k` is the same loss on the vectors cut to the k-th smaller size (re-normalised) and
+    `w_k` its weight; the full size always counts with weight 1 and there is no divisor. Without
+    prefixes this is `full` itself (no arithmetic: numerics without Matryoshka are unchanged)."""
+    total = full
+    for weight, term in prefixes:
+        total = total + weight * term
+    return total
+
+
 def self_distill_loss(ensemble_scores: torch.Tensor, dense_scores: torch.Tensor | None,
                       sparse_scores: torch.Tensor | None, colbert_scores: torch.Tensor | None,
-                      weights: tuple[float, float, float] = SELF_DISTILL_WEIGHTS) -> torch.Tensor:
+                      weights: tuple[float, float, float] = SELF_DISTILL_WEIGHTS,
+                      truncated: Mapping[str, Sequence[tuple[float, torch.Tensor]]] | None = None) -> torch.Tensor:
     """Self-knowledge distillation: the ensemble is a detached teacher for each head.
 
         T    = softmax(S_ens.detach(), dim=-1)                 (N, M), rows over all in-batch passages
@@ -129,11 +147,24 @@ def self_distill_loss(ensemble_scores: torch.Tensor, dense_scores: torch.Tensor 
     All four score matrices are local `(N, N·G)` (the dense one too, also with cross-rank
     negatives). No gradient reaches the teacher. A student that is None (a head not trained) is
     left out of the sum and of the divisor.
+
+    `truncated`, optional: Matryoshka prefixes of a student, `{"dense": [(w_k, S_dense@d_k), …],
+    "colbert": […]}`. Each is distilled from the same full-size teacher and the student's term becomes
+    `matryoshka_sum(L'_x, [(w_k, L'_x@d_k)])` (docs/recipe.md §Matryoshka).
     """
     teacher = torch.softmax(ensemble_scores.detach().float(), dim=-1)
+    truncated = truncated or {}
     w_dense, w_lex, w_mul = weights
-    return _weighted_mean([(w, None if s is None else soft_cross_entropy(s, teacher))
-                           for w, s in ((w_dense, dense_scores), (w_lex, sparse_scores), (w_mul, colbert_scores))])
+
+    def student(name: str, s: torch.Tensor | None) -> torch.Tensor | None:
+        if s is None:
+            return None
+        return matryoshka_sum(soft_cross_entropy(s, teacher),
+                              [(w, soft_cross_entropy(t, teacher)) for w, t in truncated.get(name, ())])
+
+    return _weighted_mean([(w, student(name, s)) for name, w, s in
+                           (("dense", w_dense, dense_scores), ("sparse", w_lex, sparse_scores),
+                            ("colbert", w_mul, colbert_scores))])
 
 
 def combine_self_distill(unified: torch.Tensor, self_distill: torch.Tensor) -> torch.Tensor:

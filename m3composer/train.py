@@ -104,7 +104,13 @@ def build_model(cfg: TrainConfig, model_dir: Path, model_defaults: ModelDefaults
     if fresh_heads_to_train(cfg, m3):
         init_new_heads(cfg, m3)
     m3.train()
-    return ComposerM3(m3, **composer_model_settings(cfg))
+    try:
+        return ComposerM3(m3, **composer_model_settings(cfg))
+    except ValueError as err:
+        # a Matryoshka size the model's vectors do not have: known only now (hidden size, colbert_dim)
+        if str(err).startswith("loss.matryoshka."):
+            raise ConfigError(str(err)) from err
+        raise
 
 
 def composer_model_settings(cfg: TrainConfig) -> dict:

@@ -108,6 +108,27 @@ def test_cross_device_dense_negatives_need_the_dense_head(yaml_path):
     assert cfg.loss.heads == ["sparse"]
 
 
+def test_matryoshka_is_off_by_default_and_bad_sizes_or_weights_fail_naming_the_key(yaml_path):
+    mrl = load_config(yaml_path).loss.matryoshka
+    assert mrl.dense_dims == mrl.colbert_dims == mrl.dense_weights == mrl.colbert_weights == []
+    cfg = load_config(yaml_path, ["loss.matryoshka.dense_dims=[16,8]", "loss.matryoshka.dense_weights=[1,0.5]",
+                                  "loss.matryoshka.colbert_dims=[8,4]"])
+    assert (cfg.loss.matryoshka.dense_dims, cfg.loss.matryoshka.colbert_dims) == ([16, 8], [8, 4])
+    for overrides, message in (
+            (["loss.matryoshka.dense_dims=[8,0]"], r"dense_dims: each size must be positive"),
+            (["loss.matryoshka.colbert_dims=[8,8]"], r"colbert_dims: lists a size twice"),
+            (["loss.matryoshka.dense_dims=[16,8]", "loss.matryoshka.dense_weights=[1]"],
+             r"dense_weights: needs one weight per size of loss\.matryoshka\.dense_dims \(2\), got 1"),
+            (["loss.matryoshka.colbert_dims=[8]", "loss.matryoshka.colbert_weights=[-1]"],
+             r"colbert_weights: each weight must be a positive number"),
+            (["loss.matryoshka.colbert_dims=[8]", "loss.heads=[dense,sparse]"],
+             r"colbert_dims: colbert is not in loss\.heads"),
+            (["loss.matryoshka.dense_dims=[16]", "loss.matryoshka.colbert_dims=[8,4]"],
+             r"colbert_dims: needs as many sizes as loss\.matryoshka\.dense_dims")):
+        with pytest.raises(ConfigError, match=rf"loss\.matryoshka\.{message}"):
+            load_config(yaml_path, overrides)
+
+
 def test_override_without_equals_is_rejected(yaml_path):
     with pytest.raises(ConfigError, match="key=value"):
         load_config(yaml_path, ["trainer.max_duration"])

@@ -541,3 +541,17 @@ def test_a_finished_run_keeps_nothing_of_its_dataset_alive(tmp_path, train_data)
     del trainer
     gc.collect()
     assert dataset() is None
+
+
+def test_a_matryoshka_size_the_models_vectors_do_not_have_is_a_config_error_naming_the_key(tmp_path, tiny_dir):
+    from m3composer.train import ModelDefaults, build_model
+
+    chosen = ModelDefaults("cls", None, None)      # the tiny model: hidden 32, ColBERT vectors of 32
+    model = build_model(_cfg(tmp_path, tmp_path / "data", loss={"matryoshka": {"dense_dims": [16, 8]}},
+                             model={"colbert_dim": 24}), tiny_dir, chosen)
+    assert model.model.matryoshka == {"dense_dims": [16, 8], "colbert_dims": []}
+    with pytest.raises(ConfigError, match=r"loss\.matryoshka\.dense_dims: .*below the dense vectors' size 32, got \[32\]"):
+        build_model(_cfg(tmp_path, tmp_path / "data", loss={"matryoshka": {"dense_dims": [32]}}), tiny_dir, chosen)
+    with pytest.raises(ConfigError, match=r"loss\.matryoshka\.colbert_dims: .*size 24, got \[24\]"):
+        build_model(_cfg(tmp_path, tmp_path / "data", loss={"matryoshka": {"colbert_dims": [24]}},
+                         model={"colbert_dim": 24}), tiny_dir, chosen)

@@ -119,6 +119,7 @@ def run_facts_now(state: State, run_facts: Optional[dict], history: Optional[dic
         "colbert_dim": int(m3.colbert_linear.out_features),
         "trained_heads": None if m3.trained_heads is None else list(m3.trained_heads),
         "fresh_heads": list(m3.untrained_fresh_heads()),
+        "matryoshka": m3.matryoshka,
         "final_losses": {name[len(LOSS_PREFIX):]: value for name, value in losses.items()
                          if name.startswith(LOSS_PREFIX)} or None,
         "final_losses_step": step if losses else None,

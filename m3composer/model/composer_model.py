@@ -22,6 +22,11 @@ self-distillation with those heads as students), each sum divided by its number 
 (`losses.unified_loss`). The other heads' parameters are frozen here, so they get no gradient, no
 optimizer state (optim.py takes trainable parameters only) and DDP never waits for them.
 
+Matryoshka (`matryoshka`, docs/recipe.md §Matryoshka): at each level (the k-th extra size of the
+dense and of the ColBERT vectors) the cut vectors are scored again, and the dense, bidirectional,
+ColBERT and ensemble terms and the self-distillation students each sum their full-size term and
+their weighted cut ones (`losses.matryoshka_sum`); the teacher is the full-size ensemble.
+
 False negatives (`mask_false_negatives`, docs/recipe.md §False-negative masking): when the batch
 carries `passage_hashes`/`positive_hashes`, a column whose passage is identical to one of query b's
 positives leaves row b's softmax in every matrix above (the gathered dense one included); the
@@ -37,7 +42,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from composer.models import ComposerModel
@@ -46,7 +51,8 @@ from torchmetrics import Metric
 from m3composer import distributed, losses
 from m3composer.model import gradcache
 from m3composer.model.m3 import M3Model
-from m3composer.model.scores import COLBERT_MAX_ELEMENTS, HEADS, SCORE_NAMES, M3Reps, M3Scores, dense_scores
+from m3composer.model.scores import (COLBERT_MAX_ELEMENTS, HEADS, SCORE_NAMES, M3Reps, M3Scores, colbert_scores,
+                                     dense_scores, ensemble_scores, truncate_reps)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,46 @@ class InBatchAccuracy(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.correct / self.total.clamp_min(1)
+
+
+@dataclass(frozen=True)
+class MatryoshkaLevel:
+    """The k-th Matryoshka size (docs/recipe.md §Matryoshka): the dense and ColBERT vectors' sizes (None:
+    that head stays at full size at this level) and their weights; the ensemble of the level weighs the
+    mean of the weights of the heads it truncates."""
+    dense_dim: Optional[int]
+    colbert_dim: Optional[int]
+    dense_weight: float
+    colbert_weight: float
+
+    @property
+    def ensemble_weight(self) -> float:
+        weights = [w for w, d in ((self.dense_weight, self.dense_dim), (self.colbert_weight, self.colbert_dim))
+                   if d is not None]
+        return sum(weights) / len(weights)
+
+
+def matryoshka_levels(settings: Mapping[str, Sequence], dense_size: int, colbert_size: int) -> tuple[MatryoshkaLevel, ...]:
+    """The levels of `loss.matryoshka` (`dense_dims`, `dense_weights`, `colbert_dims`, `colbert_weights`),
+    the k-th sizes of both heads paired; each size checked against the head's vector size."""
+    per_head = {}
+    for head, size in (("dense", dense_size), ("colbert", colbert_size)):
+        dims, weights = list(settings[f"{head}_dims"]), list(settings[f"{head}_weights"]) or None
+        key = f"loss.matryoshka.{head}_dims"
+        too_big = [d for d in dims if not 0 < d < size]
+        if too_big:
+            raise ValueError(f"{key}: each size must be positive and below the {head} vectors' size {size}, "
+                             f"got {too_big}")
+        if weights is not None and len(weights) != len(dims):
+            raise ValueError(f"loss.matryoshka.{head}_weights: needs one weight per size of {key}")
+        per_head[head] = list(zip(dims, weights or [1.0] * len(dims)))
+    dense, colbert = per_head["dense"], per_head["colbert"]
+    if dense and colbert and len(dense) != len(colbert):
+        raise ValueError("loss.matryoshka.colbert_dims: needs as many sizes as loss.matryoshka.dense_dims")
+    count = max(len(dense), len(colbert))
+    dense = dense or [(None, 0.0)] * count
+    colbert = colbert or [(None, 0.0)] * count
+    return tuple(MatryoshkaLevel(d, c, float(wd), float(wc)) for (d, wd), (c, wc) in zip(dense, colbert))
 
 
 @dataclass
@@ -126,12 +172,16 @@ class ComposerM3(ComposerModel):
             without passage hashes are never masked).
         sparsity: the lexical-sparsity regulariser (needs the sparse head); None = off. Its weight is
             scaled by `sparsity_scale` (1 until SparsityWarmup sets it).
+        matryoshka: `loss.matryoshka`'s keys (`dense_dims`, `dense_weights`, `colbert_dims`,
+            `colbert_weights`): the extra Matryoshka sizes trained (`matryoshka_levels`); empty lists = off.
+            Recorded on the model as `matryoshka` (the export's m3composer.json).
     """
 
     def __init__(self, model: M3Model, *, temperature: float, heads: Sequence[str],
                  use_self_distill: bool, negatives_cross_device: bool,
                  negatives_cross_device_heads: str, cross_rank_grad_scale: str,
                  bidirectional_parallel: bool, knowledge_distillation: bool, mask_false_negatives: bool,
+                 matryoshka: Mapping[str, Sequence],
                  gradient_checkpointing: bool, gradient_cache: Optional[gradcache.GradientCacheBudget],
                  sparsity: Optional[SparsityRegularizer],
                  train_group_size: Optional[int] = None, colbert_max_elements: int = COLBERT_MAX_ELEMENTS):
@@ -169,6 +219,14 @@ class ComposerM3(ComposerModel):
         # The switch the self-distillation warm-up Algorithm sets each batch.
         self.self_distill_on = bool(use_self_distill)
         model.trained_heads = self.heads
+        self.matryoshka = matryoshka_levels(matryoshka, model.encoder.config.hidden_size,
+                                            model.colbert_linear.out_features)
+        for head in ("dense", "colbert"):
+            if head not in self.heads and any(getattr(lvl, f"{head}_dim") for lvl in self.matryoshka):
+                raise ValueError(f"loss.matryoshka.{head}_dims: {head} is not in loss.heads {list(self.heads)}")
+        model.matryoshka = {f"{h}_dims": [getattr(lvl, f"{h}_dim") for lvl in self.matryoshka
+                                          if getattr(lvl, f"{h}_dim") is not None]
+                            for h in ("dense", "colbert")} if self.matryoshka else None
         for head, linear in (("sparse", model.sparse_linear), ("colbert", model.colbert_linear)):
             if head not in self.heads:
                 linear.requires_grad_(False)
@@ -283,23 +341,33 @@ class ComposerM3(ComposerModel):
         if gathered:
             global_teacher = distributed.gather_no_grad(teacher) if teacher is not None else None
             if every_head:
-                global_scores = self.score(self._gather(q), self._gather(p))
+                q_global, p_global = self._gather(q), self._gather(p)
+                global_scores = self.score(q_global, p_global)
+        # (queries, passages, their full-size scores) of the sparse, ColBERT and ensemble terms
+        head_reps = (q_global, p_global, global_scores) if every_head else (q, p, scores)
+        # each Matryoshka level's scores (docs/recipe.md §Matryoshka); none without it
+        levels = [(level, self._level_scores(*head_reps, level)) for level in self.matryoshka]
         zero = first.new_zeros((), dtype=torch.float32)
         terms = {"dense": zero, "sparse": zero, "colbert": zero, "ensemble": zero,
                  "self_distill": zero, "bidirectional": zero, "masked_negatives": zero, "sparsity": zero}
         dense_term = None
         if "dense" in self.heads:
-            if not gathered:
-                global_dense = scores.dense
-            elif every_head:
-                global_dense = global_scores.dense
+            if not gathered or every_head:
+                global_dense = head_reps[2].dense
+                dense_at = self._truncated_scores(levels, "dense")
             else:
                 q_all = distributed.gather_for_negatives(q.dense, self.cross_rank_grad_scale)
                 p_all = distributed.gather_for_negatives(p.dense, self.cross_rank_grad_scale)
                 global_dense = dense_scores(q_all, p_all, self.temperature)
-            terms["dense"] = dense_term = head_loss(global_dense, global_teacher, dense_mask)
+                dense_at = [(lvl.dense_weight, self._dense_scores_at(q_all, p_all, lvl.dense_dim))
+                            for lvl, _ in levels if lvl.dense_dim is not None]
+            terms["dense"] = dense_term = losses.matryoshka_sum(
+                head_loss(global_dense, global_teacher, dense_mask),
+                [(w, head_loss(at, global_teacher, dense_mask)) for w, at in dense_at])
             if self.bidirectional_parallel and bool(batch.get("is_parallel", False)):
-                terms["bidirectional"] = losses.bidirectional_loss(global_dense, group_size, mask=dense_mask)
+                terms["bidirectional"] = losses.matryoshka_sum(
+                    losses.bidirectional_loss(global_dense, group_size, mask=dense_mask),
+                    [(w, losses.bidirectional_loss(at, group_size, mask=dense_mask)) for w, at in dense_at])
                 dense_term = (terms["dense"] + terms["bidirectional"]) / 2
 
         heads, head_teacher, head_mask = ((global_scores, global_teacher, dense_mask) if every_head
@@ -312,17 +380,24 @@ class ComposerM3(ComposerModel):
             rows = slice(distributed.rank() * num_queries, (distributed.rank() + 1) * num_queries) \
                 if counted_global else slice(None)
             terms["masked_negatives"] = counted[rows].sum().to(zero.dtype)
+        truncated = {name: self._truncated_scores(levels, name) for name in ("colbert", "ensemble")}
         for name in self._heads():
             if name != "dense":
-                terms[name] = head_loss(getattr(heads, name), head_teacher, head_mask)
+                terms[name] = losses.matryoshka_sum(
+                    head_loss(getattr(heads, name), head_teacher, head_mask),
+                    [(w, head_loss(at, head_teacher, head_mask)) for w, at in truncated.get(name, ())])
         trained = set(self._heads())
         total = losses.unified_loss(dense_term, *(terms[h] if h in trained else None
                                                   for h in ("sparse", "colbert", "ensemble")))
         if self.self_distill_on and "ensemble" in trained:
-            # masked columns get probability 0 in the teacher and in every student
+            # masked columns get probability 0 in the teacher and in every student; the teacher is the
+            # full-size ensemble, each student's Matryoshka sizes learn from it (recipe.md §Matryoshka)
+            students = {name: [(w, losses.mask_scores(at, head_mask)) for w, at in self._truncated_scores(levels, name)]
+                        for name in ("dense", "colbert")}
             terms["self_distill"] = losses.self_distill_loss(
                 *(None if s is None else losses.mask_scores(s, head_mask)
-                  for s in (heads.ensemble, heads.dense, heads.sparse, heads.colbert)))
+                  for s in (heads.ensemble, heads.dense, heads.sparse, heads.colbert)),
+                truncated=students)
             total = losses.combine_self_distill(total, terms["self_distill"])
         if self.sparsity is not None:
             # this rank's own texts (never the gathered ones): each rank regularises what it encoded
@@ -332,6 +407,37 @@ class ComposerM3(ComposerModel):
         terms["total"] = total
         assert tuple(terms) == LOSS_KEYS
         return terms
+
+    # ------------------------------------------------------------------ Matryoshka
+    def _truncate(self, reps: M3Reps, level: MatryoshkaLevel) -> M3Reps:
+        return truncate_reps(reps, level.dense_dim, level.colbert_dim, self.model.normalize)
+
+    def _dense_scores_at(self, q_dense: torch.Tensor, p_dense: torch.Tensor, dim: int) -> torch.Tensor:
+        q_cut = truncate_reps(M3Reps(dense=q_dense), dim, None, self.model.normalize).dense
+        p_cut = truncate_reps(M3Reps(dense=p_dense), dim, None, self.model.normalize).dense
+        return dense_scores(q_cut, p_cut, self.temperature)
+
+    def _level_scores(self, q: M3Reps, p: M3Reps, full: M3Scores, level: MatryoshkaLevel) -> M3Scores:
+        """The scores at one Matryoshka level: dense and ColBERT from the cut vectors where the level cuts
+        them (else the full-size scores), sparse unchanged, and their ensemble (two or more heads)."""
+        out = M3Scores(dense=full.dense, sparse=full.sparse, colbert=full.colbert)
+        q_cut, p_cut = self._truncate(q, level), self._truncate(p, level)
+        if level.dense_dim is not None and "dense" in self.heads:
+            out.dense = dense_scores(q_cut.dense, p_cut.dense, self.temperature)
+        if level.colbert_dim is not None and "colbert" in self.heads:
+            out.colbert = colbert_scores(q_cut.colbert, q_cut.colbert_mask, p_cut.colbert, self.temperature,
+                                         self.colbert_max_elements)
+        if len(self.heads) > 1:
+            out.ensemble = ensemble_scores(out.dense, out.sparse, out.colbert)
+        return out
+
+    @staticmethod
+    def _truncated_scores(levels: Sequence[tuple[MatryoshkaLevel, M3Scores]], name: str) -> list[tuple[float, torch.Tensor]]:
+        """`(weight, scores)` of score `name` at each level that cuts it (every level for the ensemble)."""
+        if name == "ensemble":
+            return [(lvl.ensemble_weight, at.ensemble) for lvl, at in levels]
+        return [(getattr(lvl, f"{name}_weight"), getattr(at, name)) for lvl, at in levels
+                if getattr(lvl, f"{name}_dim") is not None]
 
     # ------------------------------------------------------------------ metrics
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:

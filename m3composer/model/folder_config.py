@@ -37,6 +37,9 @@ class M3FolderConfig:
     # Lexical weights below this are dropped at inference (`model.sparse_threshold`, docs/recipe.md
     # §Sparsity control); 0: every positive weight is kept. FlagEmbedding does not read it.
     sparse_threshold: float = 0.0
+    # The Matryoshka sizes the run trained besides the full ones (`loss.matryoshka`, docs/recipe.md
+    # §Matryoshka): {"dense_dims": [...], "colbert_dims": [...]}; None: full sizes only.
+    matryoshka: Optional[dict] = None
 
     def __post_init__(self):
         if self.pooling not in POOLING_METHODS:

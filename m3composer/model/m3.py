@@ -150,6 +150,9 @@ class M3Model(nn.Module):
         self.head_init: Optional[dict] = None
         # lexical weights below it are zeroed outside training (recipe.md §Sparsity control); 0 = off
         self.sparse_threshold = 0.0
+        # the Matryoshka sizes trained ({"dense_dims": [...], "colbert_dims": [...]}, docs/recipe.md
+        # §Matryoshka); None: only the full sizes. Recorded in m3composer.json; `m3c eval` reports them
+        self.matryoshka: Optional[dict] = None
         # encode in length-sorted chunks (see encoder_hidden); off = one padded encoder call per encode
         self.length_grouping = True
         self.length_grouping_overhead_tokens: Optional[float] = None   # None: length_chunks' default
@@ -217,6 +220,7 @@ class M3Model(nn.Module):
         model.recorded_fresh_heads = tuple(recorded.fresh_heads)
         model.head_init = recorded.head_init
         model.sparse_threshold = recorded.sparse_threshold
+        model.matryoshka = recorded.matryoshka
         return model.eval()   # like transformers' from_pretrained; the trainer switches to train()
 
     def score_temperature(self, temperature: float) -> float:
@@ -376,7 +380,7 @@ class M3Model(nn.Module):
         fresh head stays fresh unless it is being trained."""
         return M3FolderConfig(pooling=self.pooling, normalize=self.normalize,
                               query_instruction=self.query_instruction, passage_instruction=self.passage_instruction,
-                              head_init=self.head_init,
+                              head_init=self.head_init, matryoshka=self.matryoshka,
                               trained_heads=None if self.trained_heads is None else list(self.trained_heads),
                               fresh_heads=list(self.untrained_fresh_heads()),
                               sparse_threshold=float(self.sparse_threshold))

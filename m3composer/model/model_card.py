@@ -76,6 +76,25 @@ def _heads_lines(facts: dict) -> list[str]:
     return [line]
 
 
+def _matryoshka_lines(facts: dict, kind: str) -> list[str]:
+    """The Matryoshka sizes the run trained (`loss.matryoshka`), with what each costs to store, and how a
+    sentence-transformers folder of `kind` serves them."""
+    sizes = facts.get("matryoshka")
+    if not sizes:
+        return []
+    lines = ["- Matryoshka sizes trained besides the full ones (`loss.matryoshka`): "
+             "cut a vector to its first d dims and L2-normalise it again; `m3c eval` reports each size"]
+    for head, label in (("dense", "dense vector"), ("colbert", "ColBERT vector per token")):
+        dims = sizes.get(f"{head}_dims") or []
+        if dims:
+            lines.append(f"  - {label}: " + ", ".join(f"{d} ({4 * d} bytes fp32, {2 * d} fp16)" for d in dims))
+    if kind == "dense" and sizes.get("dense_dims"):
+        lines.append("  - load a size with `SentenceTransformer(path, truncate_dim=d)` (cosine similarity)")
+    if kind == "colbert" and sizes.get("colbert_dims"):
+        lines.append("  - each ColBERT size has its own folder beside this one, `colbert-<d>`")
+    return lines
+
+
 def _data_section(data: Optional[dict]) -> list[str]:
     if not data:
         return ["Not recorded."]
@@ -187,6 +206,7 @@ def render_card(facts: Optional[dict], kind: str = "m3") -> str:
     if facts.get("colbert_dim") is not None:
         lines.append(f"- ColBERT vector size: {facts['colbert_dim']}")
     lines += _heads_lines(facts)
+    lines += _matryoshka_lines(facts, kind)
     if "steps" in facts:
         lines += ["", "## Training", "",
                   f"- steps: {facts.get('steps')} (epoch {facts.get('epochs')})",

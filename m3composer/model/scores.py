@@ -173,6 +173,22 @@ def ensemble_scores(dense=None, sparse=None, colbert=None,
     return total
 
 
+def truncate_reps(reps: M3Reps, dense_dim: Optional[int], colbert_dim: Optional[int], normalize: bool) -> M3Reps:
+    """Matryoshka prefixes (docs/recipe.md §Matryoshka): the dense vectors cut to their first
+    `dense_dim` dims and the ColBERT vectors to their first `colbert_dim`, each re-normalised (per
+    row, per token) when the model normalises; None keeps that head at full size. Sparse vectors are
+    unchanged. Padding rows of ColBERT stay zero."""
+    from m3composer.model.heads import l2_normalize
+
+    def cut(x: Optional[torch.Tensor], dim: Optional[int]) -> Optional[torch.Tensor]:
+        if x is None or dim is None or dim >= x.shape[-1]:
+            return x
+        return l2_normalize(x[..., :dim]) if normalize else x[..., :dim]
+
+    return M3Reps(dense=cut(reps.dense, dense_dim), sparse=reps.sparse,
+                  colbert=cut(reps.colbert, colbert_dim), colbert_mask=reps.colbert_mask)
+
+
 def score(q: M3Reps, p: M3Reps, temperature: float, *, heads: Optional[Sequence[str]] = None,
           ensemble_weights: tuple[float, float, float] = ENSEMBLE_WEIGHTS,
           colbert_max_elements: int = COLBERT_MAX_ELEMENTS) -> M3Scores:

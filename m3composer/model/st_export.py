@@ -16,6 +16,14 @@ passage instructions as the `query` / `document` prompts (`default_prompt_name` 
 `M3Model.encode_texts` without `instruction`), and a model card (README.md, model/model_card.py).
 `normalize: false` in `m3composer.json` leaves out the Normalize modules.
 
+Matryoshka sizes (docs/recipe.md §Matryoshka), when `m3composer.json` records them: the dense folder
+serves every size as it is, with sentence-transformers' own `truncate_dim` (`SentenceTransformer(path,
+truncate_dim=d)` cuts the normalised vector; its `cosine` similarity normalises again, which is the
+trained score). Its multi-vector encoder has no `truncate_dim`, so each ColBERT size d gets a folder
+of its own, `OUT/colbert-<d>/`: the same modules with the Dense projection cut to its first d output
+rows (`W[:d], b[:d]`), so Normalize then gives exactly the cut, re-normalised vectors. Each carries
+the encoder again.
+
 The ColBERT mask drops tokens by id, not by position: sentence-transformers' `MultiVectorMask` has
 only a token skiplist. M3 drops position 0, which is always the tokenizer's cls token (checked at
 export), so the two differ only for a text that contains the literal cls string (`<s>`), which
@@ -32,6 +40,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from safetensors.torch import save_file
+from torch import nn
 
 from m3composer.fsutil import building_dir
 from m3composer.model import m3_lexical_weights
@@ -79,7 +88,9 @@ def _modules(folder: Path, entries: list[tuple[str, str]]) -> None:
                                     for i, (path, kind) in enumerate(entries)])
 
 
-def _write_head_folder(model, head: str, folder: Path, facts: Optional[dict], source: Path) -> None:
+def _write_head_folder(model, head: str, folder: Path, facts: Optional[dict], source: Path,
+                       colbert_size: Optional[int] = None) -> None:
+    """One head's folder; `colbert_size`: the ColBERT projection cut to that many output dims."""
     folder.mkdir(parents=True)
     state = {k: v.detach().clone().cpu() for k, v in model.encoder.state_dict().items()}
     model.encoder.save_pretrained(folder, state_dict=state, safe_serialization=True)
@@ -97,13 +108,16 @@ def _write_head_folder(model, head: str, folder: Path, facts: Optional[dict], so
         _json(folder / "1_Pooling" / "config.json",
               {"embedding_dimension": hidden, "pooling_mode": model.pooling, "include_prompt": True})
     elif head == "colbert":
-        dim = model.colbert_linear.out_features
+        linear = model.colbert_linear
+        if colbert_size is not None:
+            linear = nn.Linear(hidden, colbert_size)
+            linear.load_state_dict({k: v[:colbert_size] for k, v in model.colbert_linear.state_dict().items()})
         entries.append(("1_Dense", DENSE))
         _json(folder / "1_Dense" / "config.json", {
-            "in_features": hidden, "out_features": dim, "bias": True,
+            "in_features": hidden, "out_features": linear.out_features, "bias": True,
             "activation_function": "torch.nn.modules.linear.Identity",
             "module_input_name": "token_embeddings", "module_output_name": "token_embeddings"})
-        _linear_weights(folder / "1_Dense", model.colbert_linear)
+        _linear_weights(folder / "1_Dense", linear)
     else:
         entries.append(("1_M3LexicalWeights", LEXICAL))
         _json(folder / "1_M3LexicalWeights" / "config.json", {
@@ -129,7 +143,8 @@ def _write_head_folder(model, head: str, folder: Path, facts: Optional[dict], so
 
 def export_sentence_transformers(model_dir: str | Path, out_dir: str | Path, heads: Optional[Sequence[str]] = None,
                                  overwrite: bool = False) -> dict[str, Path]:
-    """Write `out_dir/<head>` for each head (default: every head the folder has); returns the folders.
+    """Write `out_dir/<head>` for each head (default: every head the folder has), and with ColBERT
+    `out_dir/colbert-<d>` for each Matryoshka ColBERT size the folder records; returns the folders.
 
     `out_dir` is built beside itself and renamed into place, so a failure leaves no partial export.
     """
@@ -153,15 +168,20 @@ def export_sentence_transformers(model_dir: str | Path, out_dir: str | Path, hea
         raise ValueError(f"{model_dir}: the tokenizer does not start every text with its cls token, so the "
                          "ColBERT head's first-token drop cannot be written as sentence-transformers' token skiplist")
     facts = read_facts(model_dir)
+    if model.matryoshka and not (facts or {}).get("matryoshka"):      # the cards list the sizes
+        facts = {**(facts or {}), "matryoshka": model.matryoshka}
+    sizes = (model.matryoshka or {}).get("colbert_dims", []) if "colbert" in heads else []
+    folders = [(head, head, None) for head in heads] + [(f"colbert-{d}", "colbert", d) for d in sizes]
     with building_dir(out_dir) as tmp:
-        for head in heads:
-            _write_head_folder(model, head, tmp / head, facts, model_dir)
-    return {head: out_dir / head for head in heads}
+        for name, head, size in folders:
+            _write_head_folder(model, head, tmp / name, facts, model_dir, colbert_size=size)
+    return {name: out_dir / name for name, _, _ in folders}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="an m3composer export or a FlagEmbedding-layout folder (or asset:NAME)")
-    parser.add_argument("out_dir", help="where OUT/dense, OUT/colbert and OUT/sparse are written")
+    parser.add_argument("out_dir", help="where OUT/dense, OUT/colbert and OUT/sparse are written (and "
+                                        "OUT/colbert-<d> per Matryoshka ColBERT size the folder records)")
     parser.add_argument("--heads", default=None,
                         help="comma-separated subset of dense,colbert,sparse (default: every head the folder has)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")

@@ -1,7 +1,7 @@
 """Retrieval metrics of an M3 model per head and for the ensemble; the `m3c eval` command.
 
-    m3c eval MODEL_DIR EVAL_PATH [--split test] [--heads dense,sparse,colbert] [--sparse-threshold 0.01]
-             [--output metrics.json]
+    m3c eval MODEL_DIR EVAL_PATH [--split test] [--heads dense,sparse,colbert] [--dims 64,128]
+             [--sparse-threshold 0.01] [--output metrics.json]
 
 `EVAL_PATH` is a BEIR folder or a FlagEmbedding JSONL (`beir.load_eval_set`). Queries get the
 query instruction and corpus texts the passage instruction; both default to what the model folder
@@ -9,7 +9,9 @@ records in `m3composer.json` (e5 models: `query: ` / `passage: `), flags overrid
 itself is `search.rank_corpus`; the metrics are `metrics.py`'s: recall@k for each k, MRR and nDCG
 at the largest k. With the sparse head it also reports the lexical vectors' non-zero terms per
 query and per passage and the expected cost of a sparse dot product (docs/recipe.md §Sparsity
-control).
+control). With Matryoshka sizes (`--dims`; default: the sizes the folder's `m3composer.json`
+records, docs/recipe.md §Matryoshka) every head is also evaluated with its dense and ColBERT vectors
+cut to each size, under the result's `dims` key.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
                    passage_instruction: Optional[str] = None, batch_size: int = INFERENCE_BATCH_SIZE, query_max_len: int = INFERENCE_QUERY_MAX_LEN,
                    passage_max_len: int = INFERENCE_PASSAGE_MAX_LEN, weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS,
                    heads: Sequence[str] = HEADS, k_values: Sequence[int] = DEFAULT_K_VALUES,
-                   progress: bool = False, per_query: bool = False) -> dict:
+                   progress: bool = False, per_query: bool = False, dims: Sequence[int] = ()) -> dict:
     """Metrics per head and for the ensemble on `eval_set`.
 
     `model` is an `M3Model` or anything `unwrap_m3` opens (DDP, the Composer model). Instructions
@@ -50,6 +52,11 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
     "expected_flops"}` (`scores.LexicalCost`: the lexical vectors' non-zero terms and the expected
     cost of a sparse dot product, on this set, after `model.sparse_threshold`); with `per_query`, also
     `"per_query": {head: {query id: metrics}}`, what `m3c compare` needs for paired intervals.
+
+    `dims`: Matryoshka sizes; for each d, `"dims": {"d": {head: metrics}}` with the dense and ColBERT
+    vectors cut to d and re-normalised, the ensemble over them, and the sparse head's full-size metrics
+    (it is not cut); per-query rows (with `per_query`) under `"dense@d"`, `"colbert@d"`, `"ensemble@d"`.
+    The full-size results stay where they are.
     """
     m3 = unwrap_m3(model)
     if query_instruction is None:
@@ -63,10 +70,15 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
     rankings = rank_corpus(m3, eval_set, tokenizer=tokenizer, query_instruction=query_instruction,
                            passage_instruction=passage_instruction, batch_size=batch_size,
                            query_max_len=query_max_len, passage_max_len=passage_max_len, weights=weights,
-                           heads=heads, top_k=max(k_values), progress=progress, lexical_cost=lexical_cost)
-    results: dict = {head: mean_metrics(ranked, eval_set.qrels, k_values) for head, ranked in rankings.items()}
+                           heads=heads, top_k=max(k_values), progress=progress, lexical_cost=lexical_cost,
+                           dims=dims)
+    metrics = {head: mean_metrics(ranked, eval_set.qrels, k_values) for head, ranked in rankings.items()}
+    results: dict = {head: value for head, value in metrics.items() if "@" not in head}
     if lexical_cost is not None:
         results["sparse_cost"] = lexical_cost.summary()
+    if dims:
+        results["dims"] = {str(dim): {head: metrics[f"{head}@{dim}"] if f"{head}@{dim}" in metrics else metrics[head]
+                                      for head in SCORE_NAMES if head in metrics} for dim in dims}
     if per_query:
         results["per_query"] = {head: per_query_metrics(ranked, eval_set.qrels, k_values)
                                 for head, ranked in rankings.items()}
@@ -86,12 +98,34 @@ def format_table(results: dict, k_values: Sequence[int] = DEFAULT_K_VALUES) -> s
     for head in SCORE_NAMES:
         if head in results:
             lines.append(f"{head:<10}" + "".join(f"{results[head][n]:>9.4f}" for n in names))
+    for dim, at in results.get("dims", {}).items():
+        lines += [f"{head + '@' + dim:<10}" + "".join(f"{at[head][n]:>9.4f}" for n in names)
+                  for head in SCORE_NAMES if head in at and head != "sparse"]
     if "sparse_cost" in results:
         cost = results["sparse_cost"]
         lines.append(f"sparse: {cost['nonzero_per_query']:.1f} non-zero terms per query, "
                      f"{cost['nonzero_per_passage']:.1f} per passage, expected dot-product cost "
                      f"{cost['expected_flops']:.3f} (threshold {results.get('sparse_threshold', 0.0):g})")
     return "\n".join(lines)
+
+
+def parse_dims(text: str) -> tuple[int, ...]:
+    """`--dims 64,128` -> (128, 64), largest first; `""` or `none` -> () (full sizes only)."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        dims = tuple(sorted({int(d) for d in text.split(",") if d.strip()}, reverse=True))
+    except ValueError:
+        dims = (0,)
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"dims: a comma list of positive sizes (or none), got {text!r}")
+    return dims
+
+
+def recorded_dims(model_dir) -> tuple[int, ...]:
+    """The Matryoshka sizes a folder's `m3composer.json` records (dense and ColBERT together), largest first."""
+    recorded = M3FolderConfig.from_folder(model_dir).matryoshka or {}
+    return tuple(sorted(set(recorded.get("dense_dims", [])) | set(recorded.get("colbert_dims", [])), reverse=True))
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -105,6 +139,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sparse-threshold", type=float, default=None,
                         help="drop lexical weights below this (default: what the folder's m3composer.json records, "
                              "else 0 = keep every positive weight)")
+    parser.add_argument("--dims", type=parse_dims, default=None,
+                        help="Matryoshka sizes: also evaluate every head with the dense and ColBERT vectors cut to "
+                             "each (e.g. 64,128; 'none' = full sizes only; default: the sizes the folder records)")
     parser.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N queries")
     parser.add_argument("--output", default=None, help="write the metrics as JSON here ('-' = stdout)")
     parser.add_argument("--per-query", action="store_true",
@@ -146,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
                              passage_instruction=passage_instruction, batch_size=args.batch_size,
                              query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
                              weights=args.weights, heads=heads, progress=show_progress(args.progress),
-                             per_query=args.per_query)
+                             per_query=args.per_query,
+                             dims=recorded_dims(args.model_dir) if args.dims is None else args.dims)
     results["model"] = str(args.model_dir)
     results["eval_set"] = str(args.eval_path)
     results["skipped_heads"] = skipped

@@ -28,8 +28,8 @@ import torch
 
 from m3composer.model.inference import unwrap_m3
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
-from m3composer.model.scores import (COLBERT_MAX_ELEMENTS, HEADS, INFERENCE_ENSEMBLE_WEIGHTS, LexicalCost,
-                                     colbert_maxsim, ensemble_scores)
+from m3composer.model.scores import (COLBERT_MAX_ELEMENTS, HEADS, INFERENCE_ENSEMBLE_WEIGHTS, LexicalCost, M3Reps,
+                                     colbert_maxsim, ensemble_scores, truncate_reps)
 from m3composer.padding import right_pad
 from m3composer.retrieval.beir import EvalSet
 
@@ -139,6 +139,13 @@ def encode_dense(model, texts: Sequence[str], tokenizer, instruction: Optional[s
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
+def _cut(reps: M3Reps, dim: int, normalize: bool) -> M3Reps:
+    """Dense and ColBERT vectors in fp32, cut to `dim` (both heads at one size: `m3c eval --dims`)."""
+    colbert = None if reps.colbert is None else reps.colbert.float()
+    return truncate_reps(M3Reps(dense=reps.dense.float(), colbert=colbert, colbert_mask=reps.colbert_mask),
+                         dim, dim, normalize)
+
+
 @contextmanager
 def inference_mode(model):
     was_training = model.training
@@ -166,13 +173,19 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
                  batch_size: int = INFERENCE_BATCH_SIZE, query_max_len: int = INFERENCE_QUERY_MAX_LEN, passage_max_len: int = INFERENCE_PASSAGE_MAX_LEN,
                  weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS, heads: Sequence[str] = HEADS, top_k: int = 10,
                  progress: bool = True, colbert_max_elements: int = COLBERT_MAX_ELEMENTS,
-                 lexical_cost: Optional[LexicalCost] = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                 lexical_cost: Optional[LexicalCost] = None, dims: Sequence[int] = ()
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """`{head: (scores (Nq, k), document indices (Nq, k))}`, rows in query order, best first, for
     each head and the ensemble; `k = min(top_k, len(docs))`.
 
     Instructions are used verbatim (None or "" = none). The ensemble is computed when two or more
     heads are evaluated, as the weighted sum of those heads' scores. `lexical_cost`, when given and the
     sparse head is searched, counts the non-zero lexical terms of every query and document.
+
+    `dims`: Matryoshka sizes (docs/recipe.md §Matryoshka). For each d, the keys `dense@d`,
+    `colbert@d` (those heads evaluated) and `ensemble@d` rank with the dense and ColBERT vectors cut to
+    their first d dims and re-normalised (`truncate_reps`; a head of d dims or fewer stays whole);
+    the sparse scores are the same at every size. The vectors are encoded once.
     """
     model = unwrap_m3(model)
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
@@ -191,29 +204,41 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
     with inference_mode(model):
         q = QuerySide(model, tokenizer, queries, heads, query_instruction, query_max_len,
                        batch_size, device, progress, lexical_cost)
-        tops = {h: RunningTopK(len(q), top_k, device) for h in heads + (("ensemble",) if with_ensemble else ())}
+        scored = heads + (("ensemble",) if with_ensemble else ())
+        tops = {h: RunningTopK(len(q), top_k, device) for h in scored}
+        # the query side cut to each size once: (dense, ColBERT blocks)
+        cut_queries = {dim: (_cut(M3Reps(dense=q.dense), dim, model.normalize).dense,
+                             [(_cut(M3Reps(dense=q.dense, colbert=vecs), dim, model.normalize).colbert, mask)
+                              for vecs, mask in q.colbert_blocks]) for dim in dims}
+        tops.update({f"{h}@{dim}": RunningTopK(len(q), top_k, device) for dim in dims for h in scored if h != "sparse"})
         bar = tqdm(total=len(docs), desc="encode corpus", unit="doc", disable=not progress)
         for indices, input_ids, attention_mask in token_batches(docs, tokenizer, passage_instruction,
                                                                  passage_max_len, batch_size):
             d = model.encode(input_ids.to(device), attention_mask.to(device),
                              with_sparse="sparse" in heads, with_colbert="colbert" in heads)
             doc_indices = torch.tensor(indices, dtype=torch.long, device=device)
-            scores = {"dense": q.dense @ d.dense.float().T}
+            sparse = None
             if "sparse" in heads:
                 if lexical_cost is not None:
                     lexical_cost.add("passage", d.sparse)
                 d_cols = d.sparse.float()[:, q.vocab.to(device)]                    # (batch, |query vocab|)
-                scores["sparse"] = torch.sparse.mm(q.sparse, d_cols.T.contiguous())
-            if "colbert" in heads:
-                d_vecs, d_mask = d.colbert.float(), d.colbert_mask.bool()
-                scores["colbert"] = torch.cat([colbert_maxsim(vecs, mask, d_vecs, d_mask, padding="masked",
-                                                              max_elements=colbert_max_elements)
-                                               for vecs, mask in q.colbert_blocks])
-            if with_ensemble:
-                scores["ensemble"] = ensemble_scores(scores["dense"], scores.get("sparse"), scores.get("colbert"),
-                                                     weights)
-            for head, head_scores in scores.items():
-                tops[head].update(head_scores, doc_indices)
+                sparse = torch.sparse.mm(q.sparse, d_cols.T.contiguous())
+            at_size = [("", q.dense, q.colbert_blocks, d)]
+            at_size += [(f"@{dim}", q_dense, q_blocks, _cut(d, dim, model.normalize))
+                        for dim, (q_dense, q_blocks) in cut_queries.items()]
+            for suffix, q_dense, q_blocks, docs_at in at_size:
+                scores = {"dense": q_dense @ docs_at.dense.float().T}
+                if "colbert" in heads:
+                    d_vecs, d_mask = docs_at.colbert.float(), docs_at.colbert_mask.bool()
+                    scores["colbert"] = torch.cat([colbert_maxsim(vecs, mask, d_vecs, d_mask, padding="masked",
+                                                                  max_elements=colbert_max_elements)
+                                                   for vecs, mask in q_blocks])
+                if with_ensemble:
+                    scores["ensemble"] = ensemble_scores(scores["dense"], sparse, scores.get("colbert"), weights)
+                if sparse is not None and not suffix:
+                    scores["sparse"] = sparse
+                for head, head_scores in scores.items():
+                    tops[head + suffix].update(head_scores, doc_indices)
             bar.update(len(indices))
         bar.close()
 

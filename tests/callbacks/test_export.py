@@ -218,3 +218,26 @@ def test_a_subset_export_keeps_every_head_says_which_were_trained_and_eval_skips
     assert again.model.fresh_heads == ("sparse",) and again.model.untrained_fresh_heads() == ()
     again.model.save_pretrained(tmp_path / "again")
     assert heads_in_folder(tmp_path / "again") == ("dense", "sparse", "colbert")
+
+
+def test_a_matryoshka_export_records_its_sizes_and_the_card_says_what_each_costs(tmp_path, tiny_dir):
+    export = tmp_path / "export"
+    sizes = {"dense_dims": [16, 8], "dense_weights": [], "colbert_dims": [8, 4], "colbert_weights": [1.0, 0.5]}
+    trainer = _trainer(tmp_path, tiny_dir, [ExportModel(str(export), None, {"run_name": "mrl"})], "1ba",
+                       matryoshka=sizes)
+    trainer.fit()
+    trainer.close()
+    recorded = {"dense_dims": [16, 8], "colbert_dims": [8, 4]}
+    assert M3FolderConfig.from_folder(export).matryoshka == recorded
+    assert M3Model.from_pretrained(export).matryoshka == recorded
+    assert json.loads((export / "training_run.json").read_text())["matryoshka"] == recorded
+    card = (export / "README.md").read_text()
+    assert "Matryoshka sizes trained besides the full ones (`loss.matryoshka`)" in card
+    assert "dense vector: 16 (64 bytes fp32, 32 fp16), 8 (32 bytes fp32, 16 fp16)" in card
+    assert "ColBERT vector per token: 8 (32 bytes fp32, 16 fp16), 4 (16 bytes fp32, 8 fp16)" in card
+    # a run without sizes records none, and its card says nothing about them
+    plain = _trainer(tmp_path / "plain", tiny_dir, [ExportModel(str(tmp_path / "plain-export"), None, None)], "1ba")
+    plain.fit()
+    plain.close()
+    assert M3FolderConfig.from_folder(tmp_path / "plain-export").matryoshka is None
+    assert "Matryoshka" not in (tmp_path / "plain-export" / "README.md").read_text()

@@ -277,3 +277,112 @@ def test_heads_must_be_a_non_empty_subset_without_repeats():
     for heads in ((), ("dense", "dense"), ("lexical",)):
         with pytest.raises(ValueError, match="heads must be a non-empty subset"):
             ComposerM3(build_recipe_model(), **model_settings(heads=heads))
+
+
+# ------------------------------------------------------------------------------------ Matryoshka
+def mrl(dense_dims=(), colbert_dims=(), dense_weights=(), colbert_weights=()) -> dict:
+    """`loss.matryoshka` as ComposerM3 takes it."""
+    return {"dense_dims": list(dense_dims), "dense_weights": list(dense_weights),
+            "colbert_dims": list(colbert_dims), "colbert_weights": list(colbert_weights)}
+
+
+def _cut(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.nn.functional.normalize(x[..., :dim], dim=-1)
+
+
+def test_matryoshka_loss_and_gradient_equal_the_hand_computed_sum():
+    """Recipe model (hidden 4, ColBERT 4), dense at 2 (weight 0.5) and ColBERT at 3 (weight 2), paired in
+    one level whose ensemble weighs (0.5 + 2) / 2; self-distillation from the full-size ensemble."""
+    batch = recipe_batch()
+    settings = model_settings(use_self_distill=True, matryoshka=mrl([2], [3], [0.5], [2.0]))
+    model = ComposerM3(build_recipe_model(), **settings).train()
+    terms = run(model, batch)
+    terms["total"].backward()
+    got = _param_grads(model)
+
+    by_hand = ComposerM3(build_recipe_model(), **model_settings(use_self_distill=True)).train()
+    tau = by_hand.temperature
+    q = by_hand.encode(batch["query_input_ids"], batch["query_attention_mask"])
+    p = by_hand.encode(batch["passage_input_ids"], batch["passage_attention_mask"])
+    s_dense, s_lex = q.dense @ p.dense.T / tau, q.sparse @ p.sparse.T / tau
+
+    def maxsim(qc, pc):   # padding kept, summed over the query's tokens, / their number
+        best = torch.einsum("qin,pjn->qipj", qc, pc).max(dim=-1).values.sum(dim=1)
+        return best / q.colbert_mask.sum(dim=-1, keepdim=True) / tau
+
+    s_mul = maxsim(q.colbert, p.colbert)
+    s_dense2 = _cut(q.dense, 2) @ _cut(p.dense, 2).T / tau
+    s_mul3 = maxsim(_cut(q.colbert, 3), _cut(p.colbert, 3))
+    s_ens, s_ens_level = s_dense + 0.3 * s_lex + s_mul, s_dense2 + 0.3 * s_lex + s_mul3
+    y = torch.tensor([0, 2])
+
+    def ce(s):
+        return torch.nn.functional.cross_entropy(s, y)
+
+    teacher = torch.softmax(s_ens.detach(), dim=-1)
+
+    def sce(s):
+        return -(teacher * torch.log_softmax(s, dim=-1)).sum(dim=-1).mean()
+
+    dense, colbert = ce(s_dense) + 0.5 * ce(s_dense2), ce(s_mul) + 2.0 * ce(s_mul3)
+    ensemble = ce(s_ens) + 1.25 * ce(s_ens_level)
+    unified = (dense + ensemble + 0.1 * ce(s_lex) + colbert) / 4
+    distill = (sce(s_dense) + 0.5 * sce(s_dense2) + 0.1 * sce(s_lex) + sce(s_mul) + 2.0 * sce(s_mul3)) / 3
+    total = (unified + distill) / 2
+    for key, want in (("dense", dense), ("colbert", colbert), ("ensemble", ensemble),
+                      ("self_distill", distill), ("total", total)):
+        assert terms[key].item() == pytest.approx(want.item(), rel=1e-5), key
+    assert terms["dense"].item() > run(by_hand, batch)["dense"].item()   # the prefixes add to the term
+    total.backward()
+    want = _param_grads(by_hand)
+    assert set(got) == set(want)
+    for name, g in want.items():
+        assert torch.allclose(got[name], g, atol=1e-6, rtol=1e-4), name
+
+
+def test_matryoshka_sizes_apply_to_the_dense_term_of_parallel_batches_and_dense_only_runs():
+    """Dense only, dense at 3 and 2 (weights 1): the dense and passage→query terms each become the
+    sum over the full size and the prefixes."""
+    batch = recipe_batch(parallel=True)
+    model = ComposerM3(build_recipe_model(), **model_settings(heads=("dense",), matryoshka=mrl([3, 2]))).train()
+    terms = run(model, batch)
+    reference = ComposerM3(build_recipe_model(), **model_settings(heads=("dense",))).train()
+    q = reference.encode(batch["query_input_ids"], batch["query_attention_mask"])
+    p = reference.encode(batch["passage_input_ids"], batch["passage_attention_mask"])
+    at = [q.dense @ p.dense.T / reference.temperature] + \
+         [_cut(q.dense, d) @ _cut(p.dense, d).T / reference.temperature for d in (3, 2)]
+    y = torch.tensor([0, 2])
+    dense = sum(torch.nn.functional.cross_entropy(s, y) for s in at)
+    bidirectional = sum(losses.bidirectional_loss(s, 2) for s in at)
+    assert terms["dense"].item() == pytest.approx(dense.item(), rel=1e-5)
+    assert terms["bidirectional"].item() == pytest.approx(bidirectional.item(), rel=1e-5)
+    assert terms["total"].item() == pytest.approx((dense + bidirectional).item() / 2, rel=1e-5)
+    assert model.model.matryoshka == {"dense_dims": [3, 2], "colbert_dims": []}
+
+
+@pytest.mark.parametrize("matryoshka, heads, message", [
+    (mrl([4]), ("dense",), r"loss\.matryoshka\.dense_dims: .*below the dense vectors' size 4, got \[4\]"),
+    (mrl(colbert_dims=[2, 5]), ("colbert",), r"loss\.matryoshka\.colbert_dims: .*size 4, got \[5\]"),
+    (mrl(colbert_dims=[2]), ("dense", "sparse"), r"loss\.matryoshka\.colbert_dims: colbert is not in loss\.heads"),
+])
+def test_matryoshka_sizes_are_checked_against_the_model(matryoshka, heads, message):
+    with pytest.raises(ValueError, match=message):
+        ComposerM3(build_recipe_model(), **model_settings(heads=heads, matryoshka=matryoshka))
+
+
+@pytest.mark.parametrize("cross_device_heads", ["dense", "all"])
+def test_matryoshka_terms_of_the_gathered_paths_equal_the_local_ones_on_one_rank(monkeypatch, cross_device_heads):
+    """The cross-rank branches (dense gathered alone, or every head) cut the gathered vectors; with one
+    rank whose gathers return their input they must give the local terms exactly."""
+    from m3composer import distributed
+    settings = dict(use_self_distill=True, matryoshka=mrl([3, 2], [2, 3], [0.5, 2.0], [1.0, 0.25]))
+    batch = recipe_batch(parallel=True)
+    local = run(ComposerM3(build_recipe_model(), **model_settings(**settings)).train(), batch)
+    for name, fake in (("is_distributed", lambda: True), ("rank", lambda: 0), ("gather_no_grad", lambda x: x),
+                       ("gather_for_negatives", lambda x, scale: x), ("pad_to_longest_across_ranks", lambda xs, dim=1: xs)):
+        monkeypatch.setattr(distributed, name, fake)
+    gathered = run(ComposerM3(build_recipe_model(), **model_settings(
+        negatives_cross_device=True, negatives_cross_device_heads=cross_device_heads, **settings)).train(), batch)
+    for key in LOSS_KEYS:
+        assert gathered[key].item() == pytest.approx(local[key].item(), rel=1e-6), key
+    assert local["dense"].item() > 0 and local["colbert"].item() > 0 and local["self_distill"].item() > 0

@@ -18,6 +18,8 @@ from tests.model.conftest import build_recipe_model, model_settings, recipe_batc
 from tests.model.test_composer_model import text_batch
 
 REL = 1e-5
+# dense at 3 and 2, ColBERT at 2 and 3 (the recipe model's vectors have 4 dims), unequal weights
+MATRYOSHKA = {"dense_dims": [3, 2], "dense_weights": [0.5, 2.0], "colbert_dims": [2, 3], "colbert_weights": [1.0, 0.25]}
 
 
 def param_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -84,6 +86,9 @@ def test_a_sequence_longer_than_the_token_budget_is_an_error_naming_the_key():
     (dict(heads=("sparse",), knowledge_distillation=True), {}),                     # sparse only, teacher scores
     (dict(use_self_distill=True, sparsity=SparsityRegularizer("flops", 0.3, 0.1)), {}),  # + FLOPS regulariser
     (dict(heads=("dense", "sparse"), sparsity=SparsityRegularizer("l1", 0.2, 0.05)), {}),  # + L1 regulariser
+    (dict(use_self_distill=True, matryoshka=MATRYOSHKA), dict(parallel=True)),       # Matryoshka sizes
+    (dict(use_self_distill=True, knowledge_distillation=True, matryoshka=MATRYOSHKA), {}),   # ... and KD
+    (dict(use_self_distill=True, matryoshka=MATRYOSHKA, sparsity=SparsityRegularizer("flops", 0.3, 0.1)), {}),  # both
 ])
 @pytest.mark.parametrize("budget", [GradientCacheBudget(1), GradientCacheBudget(4),   # 4 does not divide 6 rows
                                     GradientCacheBudget(16, max_tokens=12)])          # tokens: 2 rows of 6
@@ -121,15 +126,23 @@ def chunked_reference(model: ComposerM3, batch: dict, chunks, seed: int = 0, aut
 # 3 queries + 6 passages = 9 rows: chunks of 1, and chunks of 4 (4 does not divide 9) with gradient
 # checkpointing, whose recomputation inside the replay must draw the same masks once more
 # (and a subset of the heads: the frozen ColBERT head's vectors are not even built by the cache)
-@pytest.mark.parametrize("max_sequences, checkpointing, heads", [(1, False, HEADS), (4, True, HEADS),
-                                                                 (4, False, ("dense", "sparse"))])
-def test_with_dropout_the_replay_reproduces_the_masks(tiny_dir, tokenizer, checkpointing, max_sequences, heads):
+# (and Matryoshka sizes of the tiny model's 32-dim vectors)
+TINY_MATRYOSHKA = {"dense_dims": [16, 8], "dense_weights": [], "colbert_dims": [8, 16], "colbert_weights": [0.5, 1.0]}
+
+
+@pytest.mark.parametrize("max_sequences, checkpointing, heads, matryoshka", [
+    (1, False, HEADS, None), (4, True, HEADS, None), (4, False, ("dense", "sparse"), None),
+    (4, False, HEADS, TINY_MATRYOSHKA)])
+def test_with_dropout_the_replay_reproduces_the_masks(tiny_dir, tokenizer, checkpointing, max_sequences, heads,
+                                                      matryoshka):
     batch = text_batch(tokenizer, 3, 2)
     budget = GradientCacheBudget(max_sequences)
     lengths = torch.cat([batch["query_attention_mask"].sum(1), batch["passage_attention_mask"].sum(1)]).tolist()
-    reference_model = tiny_model(tiny_dir, gradient_checkpointing=checkpointing, heads=heads)
+    sizes = {} if matryoshka is None else {"matryoshka": matryoshka}
+    reference_model = tiny_model(tiny_dir, gradient_checkpointing=checkpointing, heads=heads, **sizes)
     reference = chunked_reference(reference_model, batch, plan_chunks(lengths, budget))
-    cached = step(tiny_model(tiny_dir, gradient_cache=budget, gradient_checkpointing=checkpointing, heads=heads), batch)
+    cached = step(tiny_model(tiny_dir, gradient_cache=budget, gradient_checkpointing=checkpointing, heads=heads,
+                             **sizes), batch)
     print("max relative gradient difference:", assert_same_step(cached, reference))
     # the masks matter: another seed gives another loss
     other = tiny_model(tiny_dir, gradient_cache=budget)

@@ -138,3 +138,28 @@ def test_errors_a_folder_without_heads_and_a_non_empty_output(tmp_path, tiny_dir
     assert m3c(["export-st", str(tiny_dir), str(tmp_path / "out")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
+
+
+def test_each_matryoshka_colbert_size_gets_a_folder_whose_vectors_are_the_cut_renormalised_ones(tmp_path, tiny_dir):
+    torch.manual_seed(3)
+    model = M3Model.from_pretrained(tiny_dir)
+    model.matryoshka = {"dense_dims": [16], "colbert_dims": [8, 4]}
+    source = model.save_pretrained(tmp_path / "m3")
+    assert m3c(["export-st", str(source), str(tmp_path / "st"), "--heads", "dense,colbert"]) == 0
+    out = tmp_path / "st"
+    assert sorted(p.name for p in out.iterdir()) == ["colbert", "colbert-4", "colbert-8", "dense"]
+    tokenizer = model.tokenizer
+    full = model.encode_texts(TEXTS)["colbert_vecs"]
+    for size in (8, 4):
+        folder = out / f"colbert-{size}"
+        assert _modules(folder) == _modules(out / "colbert")
+        assert _json(folder / "1_Dense" / "config.json")["out_features"] == size
+        input_ids, mask, hidden = _hidden(folder, tokenizer, TEXTS)
+        with torch.no_grad():
+            vecs = F.normalize(_linear(folder / "1_Dense")(hidden), dim=-1)
+        keep = mask.bool() & (input_ids != tokenizer.cls_token_id)
+        for row, whole in enumerate(full):
+            cut = whole[:, :size] / np.linalg.norm(whole[:, :size], axis=-1, keepdims=True)
+            assert np.abs(vecs[row][keep[row]].numpy() - cut).max() < 1e-5
+    assert "SentenceTransformer(path, truncate_dim=d)" in (out / "dense" / "README.md").read_text()
+    assert "`colbert-<d>`" in (out / "colbert-8" / "README.md").read_text()

@@ -359,3 +359,70 @@ def test_cli_refuses_a_negative_sparse_threshold(tiny_dir, tmp_path, capsys):
     eval_path = write_eval_jsonl(tmp_path / "eval.jsonl")
     assert main(["eval", str(tiny_dir), str(eval_path), "--sparse-threshold", "-0.5", "--no-progress"]) == 2
     assert "--sparse-threshold must be >= 0, got -0.5" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- Matryoshka sizes (`--dims`)
+
+def _cut(x: np.ndarray, dim: int) -> np.ndarray:
+    x = x[..., :dim]
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def test_each_matryoshka_size_ranks_with_the_cut_renormalised_vectors(tiny_dir):
+    torch.manual_seed(1)                                 # random heads whose cut scores are well separated
+    model = M3Model.from_pretrained(tiny_dir)            # normalises (CLS pooling), hidden = ColBERT size = 32
+    with torch.no_grad():
+        model.sparse_linear.bias.fill_(0.5)
+    weights, dim = (0.4, 0.2, 0.4), 8
+    q = model.encode_texts(TEXTS_SET.queries, batch_size=8, max_length=64)
+    p = model.encode_texts(TEXTS_SET.docs, batch_size=8, max_length=512)
+    full = reference_scores(model, TEXTS_SET, weights)
+    dense = _cut(q["dense_vecs"], dim) @ _cut(p["dense_vecs"], dim).T
+    colbert = np.array([[(_cut(qv, dim) @ _cut(pv, dim).T).max(axis=1).mean() for pv in p["colbert_vecs"]]
+                        for qv in q["colbert_vecs"]])
+    reference = {"dense": dense, "colbert": colbert, "ensemble": 0.4 * dense + 0.2 * full["sparse"] + 0.4 * colbert}
+    for head, scores in reference.items():
+        assert min_neighbour_gap(scores) > 10 * SCORE_TOL, head
+        assert np.abs(scores - full[head]).max() > 1e-3, head    # the cut really changes the scores
+    got = rank_corpus(model, TEXTS_SET, batch_size=3, top_k=7, weights=weights, progress=False, dims=(dim,))
+    assert set(got) == {"dense", "sparse", "colbert", "ensemble", "dense@8", "colbert@8", "ensemble@8"}
+    for head, scores in reference.items():
+        for row, qid in enumerate(TEXTS_SET.query_ids):
+            assert_ranked_by(got[f"{head}@{dim}"][qid], dict(zip(TEXTS_SET.doc_ids, scores[row].tolist())))
+    # a size at or above a head's own leaves it whole; sparse is never cut; full-size results stay in place
+    evaluated = evaluate_model(model, TEXTS_SET, weights=weights, dims=(64, dim))
+    plain = evaluate_model(model, TEXTS_SET, weights=weights)
+    assert list(evaluated["dims"]) == ["64", "8"]
+    for head in ("dense", "sparse", "colbert", "ensemble"):
+        assert evaluated[head] == plain[head] == evaluated["dims"]["64"][head], head
+        expected = mean_metrics(got[f"{head}@{dim}" if head != "sparse" else head], TEXTS_SET.qrels)
+        assert evaluated["dims"]["8"][head] == pytest.approx(expected), head
+    assert "dims" not in plain and "ensemble@8" in format_table(evaluated)
+
+
+def test_cli_evaluates_the_sizes_the_folder_records_unless_told_otherwise(tiny_dir, tmp_path, capsys):
+    torch.manual_seed(1)
+    model = M3Model.from_pretrained(tiny_dir)
+    model.matryoshka = {"dense_dims": [16, 8], "colbert_dims": [8, 4]}     # what a Matryoshka run records
+    exported = model.save_pretrained(tmp_path / "export")
+    assert M3Model.from_pretrained(exported).matryoshka == model.matryoshka
+    eval_path = write_eval_jsonl(tmp_path / "eval.jsonl")
+
+    def cli(*flags) -> dict:
+        assert main(["eval", str(exported), str(eval_path), "--output", str(tmp_path / "m.json"), "--no-progress",
+                     *flags]) == 0
+        return json.loads((tmp_path / "m.json").read_text())
+
+    recorded = cli()
+    assert list(recorded["dims"]) == ["16", "8", "4"]
+    assert set(recorded["dims"]["4"]) == {"dense", "sparse", "colbert", "ensemble"}
+    assert "colbert@4" in capsys.readouterr().out
+    told = cli("--dims", "8,12", "--per-query")
+    assert list(told["dims"]) == ["12", "8"] and "dense@12" in told["per_query"]
+    assert told["dims"]["8"] == recorded["dims"]["8"]
+    for head in ("dense", "sparse", "colbert", "ensemble"):
+        assert told[head] == recorded[head]
+    assert "dims" not in cli("--dims", "none")
+    with pytest.raises(SystemExit):
+        main(["eval", str(exported), str(eval_path), "--dims", "8,0"])
+    assert "dims: a comma list of positive sizes" in capsys.readouterr().err

@@ -204,7 +204,8 @@ def test_export_loads_and_gives_the_in_memory_models_outputs(trained):
         "pooling": "cls", "normalize": True, "query_instruction": None, "passage_instruction": None,
         "head_init": {"sparse": "idf", "colbert": "default", "new_head_lr_multiplier": 10.0},
         "trained_heads": ["dense", "sparse", "colbert"], "fresh_heads": [],
-        "sparse_threshold": 0.0}                                   # model.sparse_threshold (issue 32, item 3)
+        "sparse_threshold": 0.0,                                   # model.sparse_threshold (issue 32, item 3)
+        "matryoshka": None}                                        # no loss.matryoshka sizes (issue 32, item 2)
     loaded = M3Model.from_pretrained(export).eval()
     live = trained["model"].model.eval()
     batch = trained["probe"][0]

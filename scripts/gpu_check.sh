@@ -18,23 +18,22 @@ shift || true
 PY=${PYTHON:-python3}
 SITE=${GPU_KIT_SITE:-/tmp/m3c-gpu-kit}
 mkdir -p "$OUT"
-if [ "${GPU_KIT_INSTALL:-1}" = 0 ]; then
-  export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
-  "$PY" scripts/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"
-exit "${PIPESTATUS[0]}"
-  exit "${PIPESTATUS[0]}"
+if [ "${GPU_KIT_INSTALL:-1}" != 0 ]; then
+  if ! ls gpu_kit/wheels/*.whl >/dev/null 2>&1; then
+    echo '{"ok": false, "failed_step": "kit", "error": "gpu_kit/wheels is empty: run python scripts/gpu_kit.py here, carry gpu_kit"}' > "$OUT/result.json"
+    cat "$OUT/result.json"; exit 1
+  fi
+  # The kit's wheels only, never an index: the lent machine reaches no registry.
+  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+       gpu_kit/wheels/*.whl > "$OUT/kit-install.log" 2>&1; then
+    tail -n 20 "$OUT/kit-install.log"
+    echo '{"ok": false, "failed_step": "kit", "error": "pip install of gpu_kit/wheels failed: see kit-install.log"}' > "$OUT/result.json"
+    exit 1
+  fi
+  SITE_PATH="$SITE:"
+else
+  SITE_PATH=""
 fi
-if ! ls gpu_kit/wheels/*.whl >/dev/null 2>&1; then
-  echo '{"ok": false, "failed_step": "kit", "error": "gpu_kit/wheels is empty: run python scripts/gpu_kit.py here, carry gpu_kit"}' > "$OUT/result.json"
-  cat "$OUT/result.json"; exit 1
-fi
-# The kit's wheels only, never an index: the lent machine reaches no registry.
-if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-     gpu_kit/wheels/*.whl > "$OUT/kit-install.log" 2>&1; then
-  tail -n 20 "$OUT/kit-install.log"
-  echo '{"ok": false, "failed_step": "kit", "error": "pip install of gpu_kit/wheels failed: see kit-install.log"}' > "$OUT/result.json"
-  exit 1
-fi
-export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
+export PYTHONPATH="$SITE_PATH$PWD" PYTHONUNBUFFERED=1
 "$PY" scripts/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"
 exit "${PIPESTATUS[0]}"

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from m3composer import distributed
-from m3composer.model.composer_model import ComposerM3
+from m3composer.model.composer_model import ComposerM3, SparsityRegularizer
 from tests import bounded
 from tests.model.conftest import (RECIPE_PASSAGE_IDS, RECIPE_QUERY_IDS, RECIPE_TEACHER, build_recipe_model, model_settings,
                                   recipe_batch)
@@ -32,6 +32,9 @@ from tests.model.conftest import (RECIPE_PASSAGE_IDS, RECIPE_QUERY_IDS, RECIPE_T
 WORLD = 2
 ALL_HEADS = dict(heads=("dense", "sparse", "colbert"), use_self_distill=True, knowledge_distillation=True,
                  negatives_cross_device_heads="all")
+# loss.matryoshka: dense cut to 2 of the recipe model's 4 dims (weight 0.5), ColBERT to 3 (weight 2)
+MRL = {"dense_dims": [2], "dense_weights": [0.5], "colbert_dims": [3], "colbert_weights": [2.0]}
+L1 = SparsityRegularizer("l1", query_weight=0.3, passage_weight=0.2)
 SPAWN_TIMEOUT_S = 240
 # (name, ComposerM3 kwargs)
 MODES = [
@@ -43,6 +46,8 @@ MODES = [
     # self-distillation term; each rank's batch cut to its own longest text (ColBERT padding differs)
     ("all_heads_full_batch", dict(ALL_HEADS, cross_rank_grad_scale="full_batch")),
     ("all_heads_parity", dict(ALL_HEADS, cross_rank_grad_scale="parity")),
+    # the same with Matryoshka sizes for dense and ColBERT and the L1 sparsity regulariser (issue 32)
+    ("all_heads_mrl_l1_full_batch", dict(ALL_HEADS, matryoshka=MRL, sparsity=L1, cross_rank_grad_scale="full_batch")),
 ]
 # dense_masked: rank 1's negative (global column 3) is rank 0's positive text (docs/recipe.md
 # §False-negative masking), by hash label
@@ -301,3 +306,28 @@ def test_with_every_head_gathered_each_rank_computes_the_one_process_loss_and_gr
         local = model.loss(model(batch), batch)
         for key in ("sparse", "colbert"):
             assert abs(local[key].item() - result["all_heads_parity"]["terms"][key].item()) > 1e-3, key
+
+
+def test_matryoshka_and_the_l1_regulariser_under_two_ranks_give_the_one_process_loss_and_gradient(two_rank_results):
+    """Every head gathered, Matryoshka sizes for dense and ColBERT, and L1 on the lexical vectors: each
+    Matryoshka term is a term of the global batch, so every rank has the one-process value. The regulariser
+    is of each rank's own texts (docs/recipe.md §Sparsity control); L1 is a mean over texts and the ranks
+    hold as many texts each, so the ranks' mean is the one-process term, and after DDP's average the
+    gradient is the one-process gradient."""
+    mode = "all_heads_mrl_l1_full_batch"
+    full, full_grads = one_process(**ALL_HEADS, matryoshka=MRL, sparsity=L1)
+    plain, _ = one_process(**ALL_HEADS)
+    for key in ("dense", "colbert", "ensemble", "self_distill"):
+        assert abs(full[key].item() - plain[key].item()) > 1e-4, key      # the sizes change these terms
+    assert full["sparsity"].item() > 0
+    for result in two_rank_results:
+        terms = result[mode]["terms"]
+        assert list(terms) == list(full)
+        for key in ("dense", "sparse", "colbert", "ensemble", "self_distill"):
+            assert terms[key].item() == pytest.approx(full[key].item(), rel=1e-5, abs=1e-6), key
+        for name, g in result[mode]["grads"].items():
+            assert torch.allclose(g, full_grads[name], atol=1e-6, rtol=1e-4), name
+        assert set(result[mode]["grads"]) == set(full_grads)
+    per_rank = [r[mode]["terms"]["sparsity"].item() for r in two_rank_results]
+    assert abs(per_rank[0] - per_rank[1]) > 1e-4                        # each rank's own texts
+    assert sum(per_rank) / WORLD == pytest.approx(full["sparsity"].item(), rel=1e-5)

@@ -93,15 +93,28 @@ def per_query(results: dict, head: str, metric: str, where: str) -> Optional[dic
         raise ValueError(f"{where}: no metric {metric!r} (has {sorted(next(iter(rows.values())))})") from None
 
 
+def compared_heads(results: dict) -> list[str]:
+    """The heads of an `m3c eval --per-query` JSON in table order: dense, sparse, colbert, ensemble, then the
+    Matryoshka rows (`dense@96`, …: `m3c eval --dims`), largest size first."""
+    rows = results.get("per_query", {})
+    at_size = sorted((h for h in rows if "@" in h),
+                     key=lambda h: (-int(h.split("@")[1]), SCORE_NAMES.index(h.split("@")[0])))
+    return [h for h in SCORE_NAMES if h in rows] + at_size
+
+
 def compare(base: dict, other: dict, *, metric: str = "ndcg@10", base_head: Optional[str] = None,
             samples: int = 10_000, seed: int = 0,
             where: tuple[str, str] = ("base", "other")) -> dict[str, Optional[PairedDifference]]:
-    """Every head of `other` against the same head of `base`, or against `base_head` of `base` for all.
+    """Every head of `other` (its Matryoshka rows too) against the same head of `base`, or against
+    `base_head` of `base` for all.
 
     A head of `other` that `base` has no per-query rows for maps to None (not compared), unless
     `base_head` is given; a `base_head` that `base` lacks is an error."""
+    for results, name in zip((base, other), where):
+        if "per_query" not in results:
+            raise ValueError(f"{name}: no per-query metrics (run m3c eval with --per-query)")
     out: dict[str, Optional[PairedDifference]] = {}
-    for head in SCORE_NAMES:
+    for head in compared_heads(other):
         theirs = per_query(other, head, metric, where[1])
         if theirs is None:
             continue
@@ -135,15 +148,15 @@ def run(args: argparse.Namespace) -> int:
     against = f"the base's {args.base_head} head" if args.base_head else "the same head of the base"
     print(f"{args.metric}, {args.other} vs {args.base}: each head against {against} "
           "(paired bootstrap over queries, 95 %)")
-    print(f"{'head':<10}{'queries':>8}{'base':>9}{'other':>9}{'diff':>9}   interval")
+    print(f"{'head':<12}{'queries':>8}{'base':>9}{'other':>9}{'diff':>9}   interval")
     for head, d in result.items():
         if d is None:
             theirs = per_query(other, head, args.metric, args.other)
-            print(f"{head:<10}{len(theirs):>8}{'-':>9}{np.mean(list(theirs.values())):>9.4f}{'-':>9}   "
+            print(f"{head:<12}{len(theirs):>8}{'-':>9}{np.mean(list(theirs.values())):>9.4f}{'-':>9}   "
                   f"no base {head} head: not compared")
             continue
         mark = "  *" if d.excludes_zero else ""
-        print(f"{head:<10}{d.queries:>8}{d.base:>9.4f}{d.other:>9.4f}{d.difference:>+9.4f}   "
+        print(f"{head:<12}{d.queries:>8}{d.base:>9.4f}{d.other:>9.4f}{d.difference:>+9.4f}   "
               f"[{d.low:+.4f}, {d.high:+.4f}]{mark}")
     print("* the interval excludes 0")
     if args.output:

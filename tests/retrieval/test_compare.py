@@ -82,6 +82,28 @@ def test_a_base_with_every_head_is_compared_head_by_head(tmp_path):
     assert {round(d.base, 6) for d in compare(base, other, base_head="dense").values()} == {0.5}
 
 
+def test_matryoshka_rows_are_compared_too_largest_size_first(tmp_path, capsys):
+    """`m3c eval --dims` writes per-query rows `dense@96`, …; compare pairs them with the same row of the
+    base (plain truncation of a model trained without MRL against an MRL model at the same size)."""
+    queries = [f"q{i}" for i in range(20)]
+    rows = ("dense", "colbert", "ensemble", "dense@96", "colbert@96", "ensemble@96", "dense@192", "colbert@192")
+    base = _eval_json(tmp_path / "base.json", {h: {q: {"ndcg@10": 0.5} for q in queries} for h in rows})
+    other = {h: {q: {"ndcg@10": 0.5 + (0.1 if "@96" in h else 0.0)} for q in queries} for h in rows}
+    other = _eval_json(tmp_path / "other.json", other)
+    result = compare(json.loads(base.read_text()), json.loads(other.read_text()))
+    assert list(result) == ["dense", "colbert", "ensemble", "dense@192", "colbert@192", "dense@96", "colbert@96",
+                            "ensemble@96"]
+    assert {h: round(d.difference, 6) for h, d in result.items()} == {
+        **{h: 0.0 for h in ("dense", "colbert", "ensemble", "dense@192", "colbert@192")},
+        **{h: 0.1 for h in ("dense@96", "colbert@96", "ensemble@96")}}
+    assert main(["compare", str(base), str(other)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ensemble@96"))
+    assert "+0.1000" in row and row.rstrip().endswith("*")
+    # the MRL model at 96 against its own full size: every row against one head of the same file
+    own = compare(json.loads(other.read_text()), json.loads(other.read_text()), base_head="dense")
+    assert round(own["dense@96"].difference, 6) == 0.1 and round(own["colbert"].difference, 6) == 0.0
+
+
 def test_a_base_head_the_base_lacks_is_an_error_naming_it(tmp_path, capsys):
     queries = [f"q{i}" for i in range(5)]
     base = _eval_json(tmp_path / "base.json", {"dense": {q: {"ndcg@10": 0.5} for q in queries}})

@@ -125,3 +125,17 @@ def test_bench_mine_real_texts_and_the_index_alone(jsonl, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "real texts: 4 queries" in out and "faiss flat:" in out and "faiss hnsw:" in out
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 4
+
+
+def test_bench_serving_budget_smoke_pairs_each_variant_with_base(tmp_path, capsys):
+    """`bench_serving_budget.py --smoke`: base and Matryoshka + FLOPS, each through bench_train.py in a
+    child process, on the tiny model; the report pairs their steps (same seed, same batches)."""
+    bench = load_script("bench_serving_budget")
+    assert bench.main(["--smoke", "--work", str(tmp_path), "--json", str(tmp_path / "r.json"), "--timeout", "240"]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result["summary"]) == {"base", "both"}
+    assert result["summary"]["base"]["ratio_to_base"] == 1.0
+    assert result["summary"]["both"]["steps_paired"] == result["steps"] - 1 > 0
+    base, both = (result["runs"][v][0]["losses"] for v in ("base", "both"))
+    assert len(base) == len(both) == result["steps"] and base != both      # the variant's terms are in its loss
+    assert "| both |" in capsys.readouterr().out

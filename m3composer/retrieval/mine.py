@@ -154,7 +154,7 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
         search_at = queries_at = time.perf_counter()    # encoding and search are interleaved here
         top_scores, top_indices = (t.numpy() for t in tops[head])
         used_index = ("exact brute force (search.py)" if first_stage_k is None else
-                      f"re-rank of the first stage's top {max(first_stage_k, k)} (dense {dense_index.kind_for(len(pool))}"
+                      f"re-rank of the first stage's top {min(max(first_stage_k, k), len(pool))} (dense {dense_index.kind_for(len(pool))}"
                       + (", sparse inverted index)" if "sparse" in heads else ")"))
     searched_at = time.perf_counter()
 

@@ -199,9 +199,9 @@ def test_cli_mine_with_rerank(model, real_set, exact, tmp_path):
         return [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
 
     # ensemble: K at least the pool re-ranks everything, so it mines what exact search mines
-    exact = mined("exact.jsonl", "--head", "ensemble")
+    exact_rows = mined("exact.jsonl", "--head", "ensemble")
     whole = mined("whole.jsonl", "--head", "ensemble", "--search", "rerank", "--first-stage-k", "1000")
-    for a, b in zip(exact, whole):
+    for a, b in zip(exact_rows, whole):
         assert set(a["neg"]) == set(b["neg"]) and len(a["neg"]) == 20
         assert sorted(a["neg_scores"]) == pytest.approx(sorted(b["neg_scores"]), abs=1e-5)
     # a small first stage: still 20 ranks (K is raised to the ranks needed), scored exactly

@@ -1,4 +1,6 @@
-"""Exact search over a corpus with every M3 head at once: the engine behind `m3c eval` and `m3c mine`.
+"""Search over a corpus with every M3 head at once: the engine behind `m3c eval` and `m3c mine`.
+Exact by default; with `first_stage_k`, a first stage + re-rank (below, and docs/recipe.md §First
+stage and re-rank) that ranks only each query's candidates with the same scores.
 
 `search_top_k` (and `rank_corpus`, its rankings as document ids) encodes the queries once, then streams the corpus batch by batch and keeps, per head
 and for the ensemble, only a running top-k `(queries, k)`: never a `(queries, documents)` matrix
@@ -17,6 +19,11 @@ deterministic. Memory: the query side (dense `(Nq, H)`, sparse as a torch sparse
 query vocabulary, ColBERT `Nq × Lq × D` floats: about 1.3 GB for 10,000 queries of 32 tokens at
 D = 1024) and one corpus batch (sparse `(batch, V)`, ColBERT `(batch, Lp, D)`). The ColBERT max-sim
 is chunked to stay under `colbert_max_elements` floats per block.
+
+Re-rank (`_rerank_batches`): the corpus is encoded once with the dense and sparse heads into a faiss
+index and an `InvertedIndex` (`first_stage.py`); each query's candidates are the union of its top K
+of each; the candidate documents are then streamed through the same scoring as above, each batch
+scored only for the queries that have a candidate in it and masked to their candidates.
 """
 from __future__ import annotations
 

@@ -362,11 +362,10 @@ def _rerank_batches(model, q: QuerySide, docs: Sequence[str], first_stage_k: int
         batches = encoded_batches(model, docs, with_sparse=with_sparse, with_colbert=True, progress=progress,
                                   desc="re-rank candidates", doc_indices=union, **encoding)
     else:
-        batches = ((union[b:b + encoding["batch_size"]].tolist(),
-                    M3Reps(dense=torch.from_numpy(dense[union[b:b + encoding["batch_size"]]]).to(device),
-                           sparse=None if inverted is None else
-                           inverted.rows(union[b:b + encoding["batch_size"]]).to(device)))
-                   for b in range(0, len(union), encoding["batch_size"]))
+        step = encoding["batch_size"]
+        batches = ((chunk.tolist(), M3Reps(dense=torch.from_numpy(dense[chunk]).to(device),
+                                           sparse=None if inverted is None else inverted.rows(chunk).to(device)))
+                   for chunk in (union[b:b + step] for b in range(0, len(union), step)))
     for indices, d in batches:
         at = np.searchsorted(union, indices)
         counts = ptr[at + 1] - ptr[at]

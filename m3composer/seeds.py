@@ -29,9 +29,12 @@ SHARD_BLOCK_STREAM = 4    # data/plan.py: the shard-aware plan's shuffles (§Sha
 ELASTIC_STREAM = 5        # data/plan.py: the new step order of an elastically resumed epoch
 #                           (docs/architecture.md §Preemption and elastic resume); 3 until it was found to be
 #                           REFRESH_STREAM's tag too
+IVF_TRAIN_STREAM = 6      # retrieval/first_stage.py: the corpus vectors an IVF index's k-means trains on
+#                           (seed 0: `m3c eval`/`m3c mine` have no run seed)
 
 NUMPY_TAGS = {"PLAN_STREAM": PLAN_STREAM, "ROW_STREAM": ROW_STREAM, "REFRESH_STREAM": REFRESH_STREAM,
-              "SHARD_BLOCK_STREAM": SHARD_BLOCK_STREAM, "ELASTIC_STREAM": ELASTIC_STREAM}
+              "SHARD_BLOCK_STREAM": SHARD_BLOCK_STREAM, "ELASTIC_STREAM": ELASTIC_STREAM,
+              "IVF_TRAIN_STREAM": IVF_TRAIN_STREAM}
 
 # sample_data/generate.py: random.Random(f"{seed}:{task}:{TAG}")
 HOLDOUT_TAG = "holdout"   # which items are held out for evaluation

@@ -1,4 +1,5 @@
-"""Command-line options shared by `m3c eval`, `m3c score-teacher` and `m3c mine`: prefixes, pooling, batching, weights."""
+"""Command-line options shared by `m3c eval`, `m3c score-teacher` and `m3c mine`: prefixes, pooling, batching,
+weights, and the search (exact, or first stage + re-rank, with the faiss index's parameters)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,9 @@ from typing import Optional
 from m3composer.model.inference import DEVICES
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
 from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS
+from m3composer.retrieval.first_stage import FIRST_STAGE_K, HNSW_M, HNSW_MIN_POOL, INDEXES, IVF_NPROBE, DenseIndex
+
+SEARCH_MODES = ("exact", "rerank")
 
 
 def parse_weights(text: str) -> tuple[float, float, float]:
@@ -53,3 +57,41 @@ def add_encoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passage-max-len", type=int, default=INFERENCE_PASSAGE_MAX_LEN)
     parser.add_argument("--weights", type=parse_weights, default=INFERENCE_ENSEMBLE_WEIGHTS,
                         help="ensemble weights dense,sparse,colbert (default: 0.4,0.2,0.4)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a positive whole number, got {text!r}")
+    return value
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    """--search exact|rerank, --first-stage-k and the faiss index (`first_stage.DenseIndex`), shared by
+    `m3c eval` and `m3c mine` (docs/recipe.md §First stage and re-rank)."""
+    parser.add_argument("--search", choices=SEARCH_MODES, default="exact",
+                        help="exact: every document scored by every head (the reference); rerank: each head ranks "
+                             "the union of a query's top --first-stage-k by dense (faiss) and by sparse (inverted "
+                             "index), with the same scores")
+    parser.add_argument("--first-stage-k", type=positive_int, default=FIRST_STAGE_K,
+                        help=f"candidates per query from each first stage with --search rerank (default {FIRST_STAGE_K})")
+    parser.add_argument("--index", choices=INDEXES, default="auto",
+                        help="faiss index of dense search: flat (exact), hnsw or ivf (approximate); "
+                             f"auto = hnsw from {HNSW_MIN_POOL:,} passages, else flat")
+    parser.add_argument("--hnsw-m", type=positive_int, default=HNSW_M, help=f"HNSW links per node (default {HNSW_M})")
+    parser.add_argument("--hnsw-ef-search", type=positive_int, default=None,
+                        help="HNSW candidates kept while searching (default max(128, 2k))")
+    parser.add_argument("--ivf-nlist", type=positive_int, default=None,
+                        help="IVF cells (default min(4 sqrt(N), N/39)); k-means trains on a sample of the corpus")
+    parser.add_argument("--ivf-nprobe", type=positive_int, default=IVF_NPROBE,
+                        help=f"IVF cells searched per query (default {IVF_NPROBE}; nlist = flat's results)")
+
+
+def search_from_args(args: argparse.Namespace) -> tuple[Optional[int], DenseIndex]:
+    """`(first_stage_k or None for exact search, the faiss index)` from add_search_arguments' flags."""
+    dense_index = DenseIndex(args.index, hnsw_m=args.hnsw_m, hnsw_ef_search=args.hnsw_ef_search,
+                             ivf_nlist=args.ivf_nlist, ivf_nprobe=args.ivf_nprobe)
+    return (args.first_stage_k if args.search == "rerank" else None), dense_index

@@ -1,7 +1,8 @@
 """Retrieval metrics of an M3 model per head and for the ensemble; the `m3c eval` command.
 
     m3c eval MODEL_DIR EVAL_PATH [--split test] [--heads dense,sparse,colbert] [--dims 64,128]
-             [--sparse-threshold 0.01] [--output metrics.json]
+             [--sparse-threshold 0.01] [--search exact|rerank [--first-stage-k 100] [--index ...] [--agreement]]
+             [--output metrics.json]
 
 `EVAL_PATH` is a BEIR folder or a FlagEmbedding JSONL (`beir.load_eval_set`). Queries get the
 query instruction and corpus texts the passage instruction; both default to what the model folder
@@ -11,7 +12,9 @@ at the largest k. With the sparse head it also reports the lexical vectors' non-
 query and per passage and the expected cost of a sparse dot product (docs/recipe.md §Sparsity
 control). With Matryoshka sizes (`--dims`; default: the sizes the folder's `m3composer.json`
 records, docs/recipe.md §Matryoshka) every head is also evaluated with its dense and ColBERT vectors
-cut to each size, under the result's `dims` key.
+cut to each size, under the result's `dims` key. `--search rerank` ranks with a first stage and a
+re-rank instead of exact search (docs/recipe.md §First stage and re-rank); `--agreement` also runs
+exact search and reports, per head, the recall of its top-10 among the re-ranked top-10.
 """
 from __future__ import annotations
 
@@ -28,7 +31,9 @@ from m3composer.model.inference import load_model_for_inference, missing_heads, 
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
 from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES, LexicalCost
 from m3composer.retrieval.beir import EvalSet, load_eval_set
-from m3composer.retrieval.cli_args import add_encoding_arguments, instructions_from_args, parse_heads
+from m3composer.retrieval.cli_args import (add_encoding_arguments, add_search_arguments, instructions_from_args,
+                                           parse_heads, search_from_args)
+from m3composer.retrieval.first_stage import AGREEMENT_DEPTH, DenseIndex, agreement
 from m3composer.retrieval.metrics import mean_metrics, metric_names, per_query_metrics
 from m3composer.retrieval.search import rank_corpus
 
@@ -39,7 +44,9 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
                    passage_instruction: Optional[str] = None, batch_size: int = INFERENCE_BATCH_SIZE, query_max_len: int = INFERENCE_QUERY_MAX_LEN,
                    passage_max_len: int = INFERENCE_PASSAGE_MAX_LEN, weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS,
                    heads: Sequence[str] = HEADS, k_values: Sequence[int] = DEFAULT_K_VALUES,
-                   progress: bool = False, per_query: bool = False, dims: Sequence[int] = ()) -> dict:
+                   progress: bool = False, per_query: bool = False, dims: Sequence[int] = (),
+                   first_stage_k: Optional[int] = None, dense_index: DenseIndex = DenseIndex(),
+                   with_agreement: bool = False) -> dict:
     """Metrics per head and for the ensemble on `eval_set`.
 
     `model` is an `M3Model` or anything `unwrap_m3` opens (DDP, the Composer model). Instructions
@@ -57,6 +64,12 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
     vectors cut to d and re-normalised, the ensemble over them, and the sparse head's full-size metrics
     (it is not cut); per-query rows (with `per_query`) under `"dense@d"`, `"colbert@d"`, `"ensemble@d"`.
     The full-size results stay where they are.
+
+    `first_stage_k` None: exact search; K: first stage + re-rank (`search.search_top_k`), and
+    `"search": {"mode", "first_stage_k", "index"}` says which. `with_agreement` (re-rank only) also
+    runs exact search: `"agreement": {head: recall of the exact top-10 among the re-ranked top-10}`
+    (`first_stage.agreement`, mean over queries; every key of the rankings, `dense@d` too) and
+    `"search"["exact_seconds"]`, its time (`"seconds"` is the re-rank's).
     """
     m3 = unwrap_m3(model)
     if query_instruction is None:
@@ -65,13 +78,16 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
         passage_instruction = m3.passage_instruction or ""
     if len(weights) != 3:
         raise ValueError(f"weights are (dense, sparse, colbert), got {list(weights)}")
+    if with_agreement and first_stage_k is None:
+        raise ValueError("the agreement with exact search needs a re-rank (first_stage_k)")
     started = time.perf_counter()
     lexical_cost = LexicalCost() if "sparse" in heads else None
-    rankings = rank_corpus(m3, eval_set, tokenizer=tokenizer, query_instruction=query_instruction,
-                           passage_instruction=passage_instruction, batch_size=batch_size,
-                           query_max_len=query_max_len, passage_max_len=passage_max_len, weights=weights,
-                           heads=heads, top_k=max(k_values), progress=progress, lexical_cost=lexical_cost,
-                           dims=dims)
+    search = dict(tokenizer=tokenizer, query_instruction=query_instruction, passage_instruction=passage_instruction,
+                  batch_size=batch_size, query_max_len=query_max_len, passage_max_len=passage_max_len,
+                  weights=weights, heads=heads, top_k=max(max(k_values), AGREEMENT_DEPTH if with_agreement else 0),
+                  progress=progress, dims=dims)
+    rankings = rank_corpus(m3, eval_set, lexical_cost=lexical_cost, first_stage_k=first_stage_k,
+                           dense_index=dense_index, **search)
     metrics = {head: mean_metrics(ranked, eval_set.qrels, k_values) for head, ranked in rankings.items()}
     results: dict = {head: value for head, value in metrics.items() if "@" not in head}
     if lexical_cost is not None:
@@ -82,11 +98,19 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
     if per_query:
         results["per_query"] = {head: per_query_metrics(ranked, eval_set.qrels, k_values)
                                 for head, ranked in rankings.items()}
+    seconds = round(time.perf_counter() - started, 3)
+    results["search"] = ({"mode": "exact"} if first_stage_k is None else
+                         {"mode": "rerank", "first_stage_k": max(first_stage_k, search["top_k"]),
+                          "index": dense_index.kind_for(eval_set.num_docs)})
+    if with_agreement:
+        exact_started = time.perf_counter()
+        results["agreement"] = agreement(rank_corpus(m3, eval_set, **search), rankings)
+        results["search"]["exact_seconds"] = round(time.perf_counter() - exact_started, 3)
     results.update(num_queries=eval_set.num_queries, num_docs=eval_set.num_docs,
                    heads=[h for h in HEADS if h in rankings], weights=dict(zip(HEADS, map(float, weights))),
                    query_instruction=query_instruction, passage_instruction=passage_instruction,
                    sparse_threshold=float(m3.sparse_threshold),
-                   seconds=round(time.perf_counter() - started, 3))
+                   seconds=seconds)
     return results
 
 
@@ -101,6 +125,10 @@ def format_table(results: dict, k_values: Sequence[int] = DEFAULT_K_VALUES) -> s
     for dim, at in results.get("dims", {}).items():
         lines += [f"{head + '@' + dim:<10}" + "".join(f"{at[head][n]:>9.4f}" for n in names)
                   for head in SCORE_NAMES if head in at and head != "sparse"]
+    if "agreement" in results:
+        lines.append(f"agreement with exact search (recall of its top-{AGREEMENT_DEPTH} in the re-ranked "
+                     f"top-{AGREEMENT_DEPTH}): " + ", ".join(f"{head} {value:.4f}"
+                                                            for head, value in results["agreement"].items()))
     if "sparse_cost" in results:
         cost = results["sparse_cost"]
         lines.append(f"sparse: {cost['nonzero_per_query']:.1f} non-zero terms per query, "
@@ -142,6 +170,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dims", type=parse_dims, default=None,
                         help="Matryoshka sizes: also evaluate every head with the dense and ColBERT vectors cut to "
                              "each (e.g. 64,128; 'none' = full sizes only; default: the sizes the folder records)")
+    add_search_arguments(parser)
+    parser.add_argument("--agreement", action="store_true",
+                        help=f"with --search rerank: also run exact search and report, per head, the recall of its "
+                             f"top-{AGREEMENT_DEPTH} among the re-ranked top-{AGREEMENT_DEPTH}")
     parser.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N queries")
     parser.add_argument("--output", default=None, help="write the metrics as JSON here ('-' = stdout)")
     parser.add_argument("--per-query", action="store_true",
@@ -157,6 +189,9 @@ def show_progress(flag: Optional[bool]) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.agreement and args.search != "rerank":
+        print("m3c eval: error: --agreement compares a re-rank with exact search: add --search rerank", file=sys.stderr)
+        return 2
     try:
         eval_set = load_eval_set(args.eval_path, split=args.split).first_queries(args.max_queries)
     except (OSError, ValueError) as err:
@@ -179,11 +214,13 @@ def run(args: argparse.Namespace) -> int:
             return 2
         model.sparse_threshold = args.sparse_threshold
     query_instruction, passage_instruction = instructions_from_args(args)
+    first_stage_k, dense_index = search_from_args(args)
     results = evaluate_model(model, eval_set, query_instruction=query_instruction,
                              passage_instruction=passage_instruction, batch_size=args.batch_size,
                              query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
                              weights=args.weights, heads=heads, progress=show_progress(args.progress),
-                             per_query=args.per_query,
+                             per_query=args.per_query, first_stage_k=first_stage_k, dense_index=dense_index,
+                             with_agreement=args.agreement,
                              dims=recorded_dims(args.model_dir) if args.dims is None else args.dims)
     results["model"] = str(args.model_dir)
     results["eval_set"] = str(args.eval_path)

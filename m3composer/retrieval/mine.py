@@ -27,11 +27,13 @@ A row with fewer than N candidates left keeps what is left (maybe none) and is c
 summary; no row is dropped. Bad lines stop the run with `file:line: reason` (the checks of
 `m3c convert`); the output is written to a temporary name and renamed.
 
-Search: dense uses faiss (`mining.faiss_top_k`: `IndexFlatIP`, exact, up to `HNSW_MIN_POOL`
-passages; above it `IndexHNSWFlat`, approximate); sparse, ColBERT and the ensemble use the exact
-streamed engine of `search.py` (brute force: every query against every passage, the pool encoded
-once; cost in BENCHMARKS.md §Mining). Steps 3-5 are `mining.select_negatives`, the rule
-NegativeRefresh uses too; this module is the command around it.
+Search: dense uses faiss (`first_stage.DenseIndex`, `--index`: `IndexFlatIP`, exact, up to
+`HNSW_MIN_POOL` passages; above it `IndexHNSWFlat`, approximate; or IVF), with either `--search`;
+sparse, ColBERT and the ensemble use `search.py`: exact brute force (every query against every
+passage, the pool encoded once; cost in BENCHMARKS.md §Mining) or, with `--search rerank`, a first
+stage (dense by faiss, sparse by an inverted index; top `--first-stage-k`, at least the ranks
+needed) re-ranked by the head (docs/recipe.md §First stage and re-rank). Steps 3-5 are
+`mining.select_negatives`, the rule NegativeRefresh uses too; this module is the command around it.
 """
 from __future__ import annotations
 
@@ -52,9 +54,10 @@ from m3composer.model.inference import load_model_for_inference, missing_heads, 
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
 from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES
 from m3composer.retrieval.beir import load_corpus_texts
-from m3composer.retrieval.cli_args import add_encoding_arguments, instructions_from_args
-from m3composer.retrieval.mining import (HNSW_MIN_POOL, INDEXES, MINE_HEAD, MINE_NEGATIVES, MINE_RANK_RANGE, MINE_SEED,
-                                        faiss_top_k, pair_score, select_negatives)
+from m3composer.retrieval.cli_args import add_encoding_arguments, add_search_arguments, instructions_from_args, search_from_args
+from m3composer.retrieval.first_stage import DenseIndex, faiss_top_k
+from m3composer.retrieval.mining import (MINE_HEAD, MINE_NEGATIVES, MINE_RANK_RANGE, MINE_SEED, pair_score,
+                                        select_negatives)
 from m3composer.retrieval.search import encode_dense, search_top_k
 
 
@@ -96,18 +99,17 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
          rank_range: tuple[int, int] = MINE_RANK_RANGE, negatives: int = MINE_NEGATIVES, corpus: Optional[str | os.PathLike] = None,
          max_score_ratio: Optional[float] = None, margin: Optional[float] = None,
          exclude_positives_of_query: bool = False, with_scores: bool = False, scale: float = 1.0,
-         index: str = "auto", seed: int = MINE_SEED, batch_size: int = INFERENCE_BATCH_SIZE, query_instruction: Optional[str] = None,
+         dense_index: DenseIndex = DenseIndex(), first_stage_k: Optional[int] = None, seed: int = MINE_SEED, batch_size: int = INFERENCE_BATCH_SIZE, query_instruction: Optional[str] = None,
          passage_instruction: Optional[str] = None, query_max_len: int = INFERENCE_QUERY_MAX_LEN, passage_max_len: int = INFERENCE_PASSAGE_MAX_LEN,
          weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS, progress: bool = True) -> dict:
     """Write `output_path` = `input_path` with mined `neg` (module doc); returns the summary counts.
 
     `model` is an `M3Model` (or a wrapper). Instructions default (None) to the model's recorded
-    ones; "" means none.
+    ones; "" means none. `dense_index`: the faiss index of the dense head (and of the dense first
+    stage); `first_stage_k` None: the other heads search exactly, K: first stage + re-rank.
     """
     if head not in SCORE_NAMES:
         raise ValueError(f"head must be one of {SCORE_NAMES}, got {head!r}")
-    if index not in INDEXES:
-        raise ValueError(f"index must be one of {INDEXES}, got {index!r}")
     if negatives < 0:
         raise ValueError(f"negatives must be >= 0, got {negatives}")
     m3 = unwrap_m3(model)
@@ -142,16 +144,18 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
         queries_at = time.perf_counter()
         p_vecs = encode_dense(m3, pool, tokenizer, p_inst, passage_max_len, desc="encode pool", **common)
         search_at = time.perf_counter()
-        top_scores, top_indices = faiss_top_k(q_vecs, p_vecs, k, index)
-        used_index = ("hnsw" if len(pool) >= HNSW_MIN_POOL else "flat") if index == "auto" else index
+        top_scores, top_indices = faiss_top_k(q_vecs, p_vecs, k, dense_index)
+        used_index = dense_index.kind_for(len(pool))
     else:
         heads = ("dense", head) if head in ("sparse", "colbert") else HEADS
         tops = search_top_k(m3, queries, pool, query_instruction=q_inst, passage_instruction=p_inst,
                             query_max_len=query_max_len, passage_max_len=passage_max_len, weights=weights,
-                            heads=heads, top_k=k, **common)
+                            heads=heads, top_k=k, first_stage_k=first_stage_k, dense_index=dense_index, **common)
         search_at = queries_at = time.perf_counter()    # encoding and search are interleaved here
         top_scores, top_indices = (t.numpy() for t in tops[head])
-        used_index = "exact brute force (search.py)"
+        used_index = ("exact brute force (search.py)" if first_stage_k is None else
+                      f"re-rank of the first stage's top {min(max(first_stage_k, k), len(pool))} (dense {dense_index.kind_for(len(pool))}"
+                      + (", sparse inverted index)" if "sparse" in heads else ")"))
     searched_at = time.perf_counter()
 
     # The positives' own scores (filters and pos_scores) with the same head.
@@ -231,10 +235,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scores", action="store_true",
                         help="also write pos_scores/neg_scores of the same head (knowledge distillation)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the written scores (default 1)")
-    parser.add_argument("--index", choices=INDEXES, default="auto",
-                        help=f"dense search: faiss flat (exact) or HNSW; auto = HNSW from {HNSW_MIN_POOL:,} passages")
     parser.add_argument("--seed", type=int, default=MINE_SEED)
     add_encoding_arguments(parser)
+    add_search_arguments(parser)
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -246,11 +249,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     model = load_model_for_inference(args.model, pooling=args.pooling, device=args.device)
     query_instruction, passage_instruction = instructions_from_args(args)
+    first_stage_k, dense_index = search_from_args(args)
     try:
         summary = mine(args.input, args.output, model, head=args.head, rank_range=args.rank_range,
                        negatives=args.negatives, corpus=args.corpus, max_score_ratio=args.max_score_ratio,
                        margin=args.margin, exclude_positives_of_query=args.exclude_positives_of_query,
-                       with_scores=args.scores, scale=args.scale, index=args.index, seed=args.seed,
+                       with_scores=args.scores, scale=args.scale, dense_index=dense_index,
+                       first_stage_k=first_stage_k, seed=args.seed,
                        batch_size=args.batch_size, query_instruction=query_instruction,
                        passage_instruction=passage_instruction, query_max_len=args.query_max_len,
                        passage_max_len=args.passage_max_len, weights=args.weights, progress=not args.no_progress)

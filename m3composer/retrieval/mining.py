@@ -1,8 +1,6 @@
 """The rules of hard-negative mining, as a library: what `m3c mine` (retrieval/mine.py, the command)
 and NegativeRefresh (retrieval/refresh.py, for callbacks/negative_refresh.py) both call.
 
-- `faiss_top_k`: a dense candidate search with faiss (`IndexFlatIP`, exact, up to `HNSW_MIN_POOL`
-  passages; above it `IndexHNSWFlat`, approximate, M = 32, efSearch = max(128, 2k)).
 - `pair_score`: one (query, passage) score of any head from `M3Model.encode_texts` items, BGE-M3's
   inference scores (no temperature), with the rules of `model/scores.py`; `m3c score-teacher`
   scores its pairs with it too.
@@ -18,31 +16,11 @@ import torch
 
 from m3composer.model.scores import INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES, colbert_maxsim, ensemble_scores
 
-INDEXES = ("auto", "flat", "hnsw")
-HNSW_MIN_POOL = 1_000_000     # flat search of 10k queries over 1M e5-small vectors is ~1 min on 2 cores
-HNSW_M = 32
 # what `m3c mine` and `callbacks.negative_refresh` draw unless told otherwise
 MINE_HEAD = "dense"
 MINE_RANK_RANGE = (10, 100)      # 1-based, inclusive
 MINE_NEGATIVES = 7
 MINE_SEED = 42                   # `m3c mine`'s draws (NegativeRefresh draws from the run's seed)
-
-
-def faiss_top_k(queries: np.ndarray, pool: np.ndarray, k: int, index: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """`(scores, indices)` of the `k` best inner products per query with faiss (module doc); a
-    query with fewer than `k` results is padded with index -1."""
-    import faiss
-
-    if index == "auto":
-        index = "hnsw" if len(pool) >= HNSW_MIN_POOL else "flat"
-    if index == "flat":
-        searcher = faiss.IndexFlatIP(pool.shape[1])
-    else:
-        searcher = faiss.IndexHNSWFlat(pool.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        searcher.hnsw.efSearch = max(128, 2 * k)
-    searcher.add(np.ascontiguousarray(pool, dtype=np.float32))
-    scores, indices = searcher.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    return scores, indices
 
 
 def lexical_match(q_weights: dict, p_weights: dict) -> float:

@@ -36,7 +36,8 @@ from m3composer.data.negatives import TrainingPool
 from m3composer.model.inference import unwrap_m3
 from m3composer.model.scores import INFERENCE_ENSEMBLE_WEIGHTS, colbert_maxsim, ensemble_scores
 from m3composer.padding import right_pad
-from m3composer.retrieval.mining import faiss_top_k, select_negatives
+from m3composer.retrieval.first_stage import faiss_top_k
+from m3composer.retrieval.mining import select_negatives
 from m3composer.retrieval.search import RunningTopK, inference_mode, merge_top_k
 from m3composer.seeds import REFRESH_STREAM
 

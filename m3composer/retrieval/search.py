@@ -1,4 +1,6 @@
-"""Exact search over a corpus with every M3 head at once: the engine behind `m3c eval` and `m3c mine`.
+"""Search over a corpus with every M3 head at once: the engine behind `m3c eval` and `m3c mine`.
+Exact by default; with `first_stage_k`, a first stage + re-rank (below, and docs/recipe.md §First
+stage and re-rank) that ranks only each query's candidates with the same scores.
 
 `search_top_k` (and `rank_corpus`, its rankings as document ids) encodes the queries once, then streams the corpus batch by batch and keeps, per head
 and for the ensemble, only a running top-k `(queries, k)`: never a `(queries, documents)` matrix
@@ -17,6 +19,11 @@ deterministic. Memory: the query side (dense `(Nq, H)`, sparse as a torch sparse
 query vocabulary, ColBERT `Nq × Lq × D` floats: about 1.3 GB for 10,000 queries of 32 tokens at
 D = 1024) and one corpus batch (sparse `(batch, V)`, ColBERT `(batch, Lp, D)`). The ColBERT max-sim
 is chunked to stay under `colbert_max_elements` floats per block.
+
+Re-rank (`_rerank_batches`): the corpus is encoded once with the dense and sparse heads into a faiss
+index and an `InvertedIndex` (`first_stage.py`); each query's candidates are the union of its top K
+of each; the candidate documents are then streamed through the same scoring as above, each batch
+scored only for the queries that have a candidate in it and masked to their candidates.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ from m3composer.model.scores import (COLBERT_MAX_ELEMENTS, HEADS, INFERENCE_ENSE
                                      colbert_maxsim, ensemble_scores, truncate_reps)
 from m3composer.padding import right_pad
 from m3composer.retrieval.beir import EvalSet
+from m3composer.retrieval.first_stage import DenseIndex, InvertedIndex, concat_ranges
 
 TOKENIZE_CHUNK = 4096                 # texts tokenised (and length-sorted) at a time on the corpus side
 
@@ -107,17 +115,26 @@ def merge_top_k(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[to
 
 
 class RunningTopK:
-    """Best `k` (score, document index) per query over corpus batches; ties go to the lower index."""
+    """Best `k` (score, document index) per query over corpus batches; ties go to the lower index.
+    Rows start as `k` entries of (-inf, -1): a query that sees fewer than `k` documents (a re-rank's
+    candidates) keeps that padding at the end."""
 
     def __init__(self, num_queries: int, k: int, device):
         self.k = k
-        self.values = torch.empty((num_queries, 0), device=device)
-        self.indices = torch.empty((num_queries, 0), dtype=torch.long, device=device)
+        self.values = torch.full((num_queries, k), float("-inf"), device=device)
+        self.indices = torch.full((num_queries, k), -1, dtype=torch.long, device=device)
 
-    def update(self, scores: torch.Tensor, doc_indices: torch.Tensor) -> None:
-        values = torch.cat([self.values, scores.float()], dim=1)
-        indices = torch.cat([self.indices, doc_indices.expand(scores.shape[0], -1)], dim=1)
-        self.values, self.indices = merge_top_k(values, indices, self.k)
+    def update(self, scores: torch.Tensor, doc_indices: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
+        """Merge `scores (queries, batch)` of the documents `doc_indices`; `rows`: the query rows
+        `scores` belongs to (default: all)."""
+        kept = (self.values, self.indices) if rows is None else (self.values[rows], self.indices[rows])
+        values = torch.cat([kept[0], scores.float()], dim=1)
+        indices = torch.cat([kept[1], doc_indices.expand(scores.shape[0], -1)], dim=1)
+        values, indices = merge_top_k(values, indices, self.k)
+        if rows is None:
+            self.values, self.indices = values, indices
+        else:
+            self.values[rows], self.indices[rows] = values, indices
 
 
 def encode_dense(model, texts: Sequence[str], tokenizer, instruction: Optional[str], max_length: int,
@@ -159,11 +176,11 @@ def inference_mode(model):
 
 def rank_corpus(model, eval_set: EvalSet, *, top_k: int = 10, **kwargs) -> dict[str, dict[str, list[str]]]:
     """`{head: {query id: [top_k document ids, best first]}}` for each head and the ensemble
-    (`search_top_k`'s keyword arguments)."""
+    (`search_top_k`'s keyword arguments; a re-rank's list is shorter when a query has fewer candidates)."""
     tops = search_top_k(model, eval_set.queries, eval_set.docs, top_k=top_k, **kwargs)
     rankings: dict[str, dict[str, list[str]]] = {}
     for head, (_, indices) in tops.items():
-        rankings[head] = {query_id: [eval_set.doc_ids[i] for i in row]
+        rankings[head] = {query_id: [eval_set.doc_ids[i] for i in row if i >= 0]
                           for query_id, row in zip(eval_set.query_ids, indices.tolist())}
     return rankings
 
@@ -173,7 +190,8 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
                  batch_size: int = INFERENCE_BATCH_SIZE, query_max_len: int = INFERENCE_QUERY_MAX_LEN, passage_max_len: int = INFERENCE_PASSAGE_MAX_LEN,
                  weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS, heads: Sequence[str] = HEADS, top_k: int = 10,
                  progress: bool = True, colbert_max_elements: int = COLBERT_MAX_ELEMENTS,
-                 lexical_cost: Optional[LexicalCost] = None, dims: Sequence[int] = ()
+                 lexical_cost: Optional[LexicalCost] = None, dims: Sequence[int] = (),
+                 first_stage_k: Optional[int] = None, dense_index: DenseIndex = DenseIndex()
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """`{head: (scores (Nq, k), document indices (Nq, k))}`, rows in query order, best first, for
     each head and the ensemble; `k = min(top_k, len(docs))`.
@@ -186,6 +204,12 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
     `colbert@d` (those heads evaluated) and `ensemble@d` rank with the dense and ColBERT vectors cut to
     their first d dims and re-normalised (`truncate_reps`; a head of d dims or fewer stays whole);
     the sparse scores are the same at every size. The vectors are encoded once.
+
+    `first_stage_k`: None = exact search (every document scored). A number K: first stage + re-rank
+    (docs/recipe.md §First stage and re-rank): every head, at every size, ranks only the union of a
+    query's top K by dense (`dense_index`) and, with the sparse head, by sparse (`InvertedIndex`),
+    with the same scores as exact search; a query with fewer than `k` candidates is padded with
+    (-inf, -1). K is raised to `top_k` when smaller. With K >= len(docs) the result is exact search's.
     """
     model = unwrap_m3(model)
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
@@ -194,12 +218,14 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
     unknown = set(heads) - set(HEADS)
     if unknown or "dense" not in heads:
         raise ValueError(f"heads must include dense and come from {HEADS}, got {list(heads)}")
+    if first_stage_k is not None and first_stage_k < 1:
+        raise ValueError(f"first_stage_k must be >= 1, got {first_stage_k}")
     heads = tuple(h for h in HEADS if h in heads)
     with_ensemble = len(heads) > 1
     device = next(model.parameters()).device
     top_k = min(top_k, len(docs))
-
-    from tqdm.auto import tqdm
+    encoding = dict(tokenizer=tokenizer, instruction=passage_instruction, max_length=passage_max_len,
+                    batch_size=batch_size, with_sparse="sparse" in heads, progress=progress)
 
     with inference_mode(model):
         q = QuerySide(model, tokenizer, queries, heads, query_instruction, query_max_len,
@@ -211,22 +237,25 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
                              [(_cut(M3Reps(dense=q.dense, colbert=vecs), dim, model.normalize).colbert, mask)
                               for vecs, mask in q.colbert_blocks]) for dim in dims}
         tops.update({f"{h}@{dim}": RunningTopK(len(q), top_k, device) for dim in dims for h in scored if h != "sparse"})
-        bar = tqdm(total=len(docs), desc="encode corpus", unit="doc", disable=not progress)
-        for indices, input_ids, attention_mask in token_batches(docs, tokenizer, passage_instruction,
-                                                                 passage_max_len, batch_size):
-            d = model.encode(input_ids.to(device), attention_mask.to(device),
-                             with_sparse="sparse" in heads, with_colbert="colbert" in heads)
+        if first_stage_k is None:
+            batches = ((indices, d, None, None) for indices, d in encoded_batches(
+                model, docs, with_colbert="colbert" in heads, lexical_cost=lexical_cost, desc="encode corpus", **encoding))
+        else:
+            batches = _rerank_batches(model, q, docs, max(first_stage_k, top_k), dense_index, with_colbert="colbert" in heads,
+                                      lexical_cost=lexical_cost, **encoding)
+        for indices, d, rows, mask in batches:
             doc_indices = torch.tensor(indices, dtype=torch.long, device=device)
             sparse = None
             if "sparse" in heads:
-                if lexical_cost is not None:
-                    lexical_cost.add("passage", d.sparse)
                 d_cols = d.sparse.float()[:, q.vocab.to(device)]                    # (batch, |query vocab|)
-                sparse = torch.sparse.mm(q.sparse, d_cols.T.contiguous())
+                q_sparse = q.sparse if rows is None else q.sparse.index_select(0, rows)
+                sparse = torch.sparse.mm(q_sparse, d_cols.T.contiguous())
             at_size = [("", q.dense, q.colbert_blocks, d)]
             at_size += [(f"@{dim}", q_dense, q_blocks, _cut(d, dim, model.normalize))
                         for dim, (q_dense, q_blocks) in cut_queries.items()]
             for suffix, q_dense, q_blocks, docs_at in at_size:
+                if rows is not None:
+                    q_dense, q_blocks = q_dense[rows], _block_rows(q_blocks, rows)
                 scores = {"dense": q_dense @ docs_at.dense.float().T}
                 if "colbert" in heads:
                     d_vecs, d_mask = docs_at.colbert.float(), docs_at.colbert_mask.bool()
@@ -238,11 +267,113 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
                 if sparse is not None and not suffix:
                     scores["sparse"] = sparse
                 for head, head_scores in scores.items():
-                    tops[head + suffix].update(head_scores, doc_indices)
-            bar.update(len(indices))
-        bar.close()
+                    if mask is not None:
+                        head_scores = head_scores.masked_fill(~mask, float("-inf"))
+                    tops[head + suffix].update(head_scores, doc_indices, rows)
 
     # back to query order (QuerySide encodes length-sorted)
     back = torch.empty(len(q), dtype=torch.long)
     back[torch.tensor(q.order, dtype=torch.long)] = torch.arange(len(q))
     return {head: (top.values.cpu()[back], top.indices.cpu()[back]) for head, top in tops.items()}
+
+
+def encoded_batches(model, docs: Sequence[str], *, tokenizer, instruction: Optional[str], max_length: int,
+                    batch_size: int, with_sparse: bool, with_colbert: bool, progress: bool, desc: str,
+                    lexical_cost: Optional[LexicalCost] = None, doc_indices: Optional[np.ndarray] = None
+                    ) -> Iterator[tuple[list[int], M3Reps]]:
+    """`(document indices, M3Reps)` per encoder batch of `docs` (of `docs[doc_indices]` when given:
+    the indices are then `doc_indices`' values); `lexical_cost` counts the passages' lexical terms."""
+    from tqdm.auto import tqdm
+
+    texts = docs if doc_indices is None else [docs[i] for i in doc_indices]
+    device = next(model.parameters()).device
+    with tqdm(total=len(texts), desc=desc, unit="doc", disable=not progress) as bar:
+        for indices, input_ids, attention_mask in token_batches(texts, tokenizer, instruction, max_length, batch_size):
+            d = model.encode(input_ids.to(device), attention_mask.to(device),
+                             with_sparse=with_sparse, with_colbert=with_colbert)
+            if lexical_cost is not None and with_sparse:
+                lexical_cost.add("passage", d.sparse)
+            yield (indices if doc_indices is None else [int(doc_indices[i]) for i in indices]), d
+            bar.update(len(indices))
+
+
+def _block_rows(blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """QuerySide's ColBERT blocks `(vecs, mask)` cut to the query rows `rows` (ascending), in row order."""
+    out, start = [], 0
+    for vecs, mask in blocks:
+        local = rows[(rows >= start) & (rows < start + len(vecs))] - start
+        if len(local):
+            out.append((vecs[local], mask[local]))
+        start += len(vecs)
+    return out
+
+
+def _rerank_batches(model, q: QuerySide, docs: Sequence[str], first_stage_k: int, dense_index: DenseIndex, *,
+                    with_sparse: bool, with_colbert: bool, lexical_cost: Optional[LexicalCost], progress: bool,
+                    **encoding) -> Iterator[tuple[list[int], M3Reps, Optional[torch.Tensor], Optional[torch.Tensor]]]:
+    """The batches a re-rank scores: `(document indices, M3Reps, query rows, (rows, batch) candidate
+    mask)`, over the union of every query's first-stage candidates (rows and mask None where a batch
+    concerns every query as a candidate of every document: exact search's computation).
+
+    The corpus is encoded once with the dense and sparse heads, keeping every document's dense
+    vector (`N × H` float32, plus the faiss index's own copy) and lexical weights (`InvertedIndex`,
+    16 bytes per non-zero weight); ColBERT vectors are not kept. When ColBERT is scored the candidate
+    documents are encoded a second time, all heads at once (so up to twice the encoder's work of
+    exact search when the candidates cover the corpus); without ColBERT their kept vectors are
+    scored. The ColBERT max-sim of a batch runs for every query with a candidate in it against the
+    whole batch (then masked); candidates come in corpus order, so with K >= the corpus size the
+    batches, and the scores, are exact search's.
+    """
+    device = next(model.parameters()).device
+    num_docs = len(docs)
+    dense = inverted = None
+    for indices, d in encoded_batches(model, docs, with_sparse=with_sparse, with_colbert=False, progress=progress,
+                                      lexical_cost=lexical_cost, desc="encode corpus", **encoding):
+        if dense is None:
+            dense = np.empty((num_docs, d.dense.shape[1]), dtype=np.float32)
+            inverted = InvertedIndex(num_docs, d.sparse.shape[1]) if with_sparse else None
+        dense[indices] = d.dense.float().cpu().numpy()
+        if inverted is not None:
+            inverted.add(indices, d.sparse)
+    if dense is None:
+        return
+    k = min(first_stage_k, num_docs)
+    _, dense_top = dense_index.search(q.dense.cpu().numpy(), dense, k)
+    pair_rows = [np.repeat(np.arange(len(q)), k)]
+    pair_docs = [dense_top.reshape(-1)]
+    if inverted is not None:
+        inverted.finish()
+        indices = q.sparse.indices().cpu().numpy()                 # coalesced: by row, then column
+        tokens, weights = q.vocab.cpu().numpy()[indices[1]], q.sparse.values().cpu().numpy()
+        ptr = np.searchsorted(indices[0], np.arange(len(q) + 1))
+        for row in range(len(q)):
+            _, top = inverted.search(tokens[ptr[row]:ptr[row + 1]], weights[ptr[row]:ptr[row + 1]], k)
+            pair_rows.append(np.full(len(top), row))
+            pair_docs.append(top)
+    # (query row, document) pairs, once each, sorted by document; faiss's -1 padding dropped
+    keys = np.unique(np.concatenate(pair_docs).astype(np.int64) * len(q) + np.concatenate(pair_rows))
+    keys = keys[keys >= 0]
+    candidate_docs, candidate_rows = keys // len(q), keys % len(q)
+    union, first = np.unique(candidate_docs, return_index=True)
+    ptr = np.append(first, len(keys))
+
+    if with_colbert:
+        batches = encoded_batches(model, docs, with_sparse=with_sparse, with_colbert=True, progress=progress,
+                                  desc="re-rank candidates", doc_indices=union, **encoding)
+    else:
+        step = encoding["batch_size"]
+        batches = ((chunk.tolist(), M3Reps(dense=torch.from_numpy(dense[chunk]).to(device),
+                                           sparse=None if inverted is None else inverted.rows(chunk).to(device)))
+                   for chunk in (union[b:b + step] for b in range(0, len(union), step)))
+    for indices, d in batches:
+        at = np.searchsorted(union, indices)
+        counts = ptr[at + 1] - ptr[at]
+        rows_of_pairs = candidate_rows[concat_ranges(ptr[at], counts)]
+        rows, inverse = np.unique(rows_of_pairs, return_inverse=True)
+        mask = np.zeros((len(rows), len(indices)), dtype=bool)
+        mask[inverse, np.repeat(np.arange(len(indices)), counts)] = True
+        if mask.all() and len(rows) == len(q):
+            yield indices, d, None, None
+        else:
+            yield indices, d, torch.from_numpy(rows).to(device), torch.from_numpy(mask).to(device)

@@ -9,7 +9,8 @@ from m3composer.cli import main
 from m3composer.model.inference import load_model_for_inference
 from m3composer.model.m3 import M3Model
 from m3composer.retrieval.mine import mine
-from m3composer.retrieval.mining import faiss_top_k, pair_score
+from m3composer.retrieval.first_stage import faiss_top_k
+from m3composer.retrieval.mining import pair_score
 from m3composer.retrieval.search import search_top_k
 from tests.ranking import assert_ranked_by
 

@@ -124,7 +124,7 @@ def test_dataframes_and_rdds_of_lines_convert_like_the_files_they_were_read_from
     data = {files[0].name: spark.read.json(str(files[0])),   # a DataFrame (columns, nulls)
             files[1].name: spark.sparkContext.textFile(str(files[1]), 3)}  # an RDD of JSONL lines
     with pytest.raises(ConvertError, match=re.escape(f"{files[1].name}:{bad}: ")):
-        convert_dataframes(data, tmp_path / "refused", e5_dir)
+        convert_dataframes({files[1].name: data[files[1].name]}, tmp_path / "refused", e5_dir)
     assert not (tmp_path / "refused").exists()        # a failed conversion leaves nothing behind
 
     summary = convert_dataframes(data, tmp_path / "spark", e5_dir, on_error="skip")

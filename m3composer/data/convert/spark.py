@@ -1,5 +1,5 @@
 """Conversion on Spark: `write_partition` run as Spark tasks, then one `merge_partitions`, into the
-dataset `m3c convert` writes (docs/operations.md §Converting on Spark).
+dataset `m3c convert` writes (docs/operations.md §Converting on a cluster).
 
 `convert_files(spark, inputs, out, tokenizer)` is `m3c convert INPUTS --workers N` with Spark's
 executors as the workers: the inputs are found and named on the driver (`discover_inputs`) and cut

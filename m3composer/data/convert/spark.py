@@ -13,14 +13,13 @@ system: NFS, Databricks' `/dbfs` or `/Volumes`).
 `convert_dataframes({name: data}, out, tokenizer)` converts what Spark already holds: per name, a
 DataFrame with FlagEmbedding's columns (`spark.read.json(...)`) or an RDD of JSONL lines, dicts or
 Rows. A name stands for an input file's name (`qa`, `kd_len-0-500`, `parallel_en-de`) and gives the
-task, the bucket and the parallel flag by the same rules; row `i` of a name is its line `i + 1`, in
-Spark's order of the data (`zipWithIndex`).
+task, the bucket and the parallel flag by the same rules; row `i` of a name, in Spark's order of the
+data, is its line `i + 1`.
 
 pyspark is never imported here: the caller's session and data are used as they are.
 """
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import itertools
 import os
@@ -54,23 +53,21 @@ def convert_files(spark, inputs: list[str | os.PathLike] | str | os.PathLike, ou
     session, 1-64 MiB; a `.gz` file is one range). Every range is one Spark task and one partition.
     """
     sc = getattr(spark, "sparkContext", spark)
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    files = discover_inputs(inputs)
-    if split_bytes is None:
-        split_bytes = default_split_bytes(sum(f.path.stat().st_size for f in files), sc.defaultParallelism)
-    # executors read the files by absolute path: their working folder is not the driver's
-    units = [dataclasses.replace(u, file=dataclasses.replace(u.file, path=u.file.path.resolve()))
-             for u in plan_units(files, split_bytes)]
+    files = discover_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
     settings = _settings(on_error, max_line_bytes, bucket_edges, batch_rows, compression, shard_size_limit)
-
     out, tokenizer = _absolute(out), _absolute(tokenizer)
 
     def write(job):
         return _write_unit(*job, out, tokenizer, settings)
 
-    return _convert(lambda: sc.parallelize(list(enumerate(units)), len(units)).map(write).collect(),
-                    out, tokenizer, on_error, local_cache)
+    def run_tasks():
+        size = split_bytes or default_split_bytes(sum(f.path.stat().st_size for f in files), sc.defaultParallelism)
+        # executors read the files by absolute path: their working folder is not the driver's
+        units = [dataclasses.replace(u, file=dataclasses.replace(u.file, path=u.file.path.resolve()))
+                 for u in plan_units(files, size)]
+        return sc.parallelize(list(enumerate(units)), len(units)).map(write).collect()
+
+    return _convert(run_tasks, out, tokenizer, on_error, local_cache)
 
 
 def convert_dataframes(data: Mapping[str, object], out: str | os.PathLike, tokenizer, *,
@@ -81,26 +78,42 @@ def convert_dataframes(data: Mapping[str, object], out: str | os.PathLike, token
     """Convert `{name: DataFrame or RDD}` into `out` (as `convert_files`); returns the merge's summary.
 
     A DataFrame's null column is a missing field (`as_line`). Every Spark partition of every name is
-    one partition of the conversion; names are taken in sorted order (their `file_index`).
+    one partition of the conversion; names are taken in sorted order (their `file_index`). The data
+    is computed twice (rows counted per partition, then written), so it must come out the same both
+    times: cache it if it is the result of a nondeterministic shuffle.
     """
     if not data:
         raise ValueError("no data to convert")
     named = [InputFile(path=Path(name), source_name=name, file_index=i, task=safe_name(base_name(name)),
                        bucket=parse_bucket(name), is_parallel="parallel_" in name)
              for i, name in enumerate(sorted(data))]
-    numbered = [getattr(data[f.source_name], "rdd", data[f.source_name]).zipWithIndex() for f in named]
-    # a union's partitions are its members' partitions, in order: partition p belongs to the last
-    # name whose first partition is at or before p
-    starts = list(itertools.accumulate([0] + [rdd.getNumPartitions() for rdd in numbered[:-1]]))
+    rdds = [getattr(data[f.source_name], "rdd", data[f.source_name]) for f in named]
+    sc = rdds[0].context
     settings = _settings(on_error, max_line_bytes, bucket_edges, batch_rows, compression, shard_size_limit)
     out, tokenizer = _absolute(out), _absolute(tokenizer)
 
-    def write(pid, rows):
-        return [_write_rows(named[bisect.bisect_right(starts, pid) - 1], pid, rows, out, tokenizer, settings)]
+    def run_tasks():
+        # Each job runs in the Python workers of the data's own partitions (no second Python stage
+        # per task, as zipWithIndex would add): rows per partition first, for the line numbers.
+        counts = sc.union([rdd.mapPartitions(_count) for rdd in rdds]).collect()
+        starts = list(itertools.accumulate([0] + [rdd.getNumPartitions() for rdd in rdds]))
+        first_lines = [1 + sum(counts[starts[i]:p])
+                       for i in range(len(rdds)) for p in range(starts[i], starts[i + 1])]
 
-    sc = numbered[0].context
-    return _convert(lambda: sc.union(numbered).mapPartitionsWithIndex(write).collect(),
-                    out, tokenizer, on_error, local_cache)
+        def writer(f: InputFile, start: int):
+            def write(j, rows):
+                pid = start + j
+                return [_write(f, pid, rows, first_lines[pid], out, tokenizer, settings)]
+            return write
+
+        return sc.union([rdd.mapPartitionsWithIndex(writer(f, start))
+                         for f, rdd, start in zip(named, rdds, starts)]).collect()
+
+    return _convert(run_tasks, out, tokenizer, on_error, local_cache)
+
+
+def _count(rows) -> list[int]:
+    return [sum(1 for _ in rows)]
 
 
 def _absolute(path: str | os.PathLike) -> str:
@@ -121,25 +134,14 @@ def _write_unit(partition_id: int, unit: Unit, out: str, tokenizer: str, setting
     return _write(unit.file, partition_id, lines, unit.first_line, out, tokenizer, settings)
 
 
-def _write_rows(named: InputFile, partition_id: int, numbered_rows, out: str, tokenizer: str, settings: dict) -> dict:
-    """In a Spark task: `(row, index)` pairs from `zipWithIndex`, consecutive, into partition
-    `partition_id`; an empty partition writes its record all the same (the name's line count)."""
-    numbered_rows = iter(numbered_rows)
-    first = next(numbered_rows, None)
-    if first is None:
-        return _write(named, partition_id, [], 1, out, tokenizer, settings)
-    rows = (row for row, _ in itertools.chain([first], numbered_rows))
-    return _write(named, partition_id, rows, first[1] + 1, out, tokenizer, settings)
-
-
 def _write(f: InputFile, partition_id: int, rows, first_line: int, out: str, tokenizer: str, settings: dict) -> dict:
     return write_partition(rows, out, partition_id, tokenizer, task=f.task, bucket=f.bucket.name if f.bucket else None,
                            is_parallel=f.is_parallel, source=f.source_name, file_index=f.file_index,
                            first_line=first_line, **settings)
 
 
-def _convert(run_tasks, out: str | os.PathLike, tokenizer, on_error: str, local_cache) -> ConvertSummary:
-    """Check the output and the tokenizer, run the Spark job (`run_tasks`), merge. A local `out` is
+def _convert(run_tasks, out: str, tokenizer: str, on_error: str, local_cache) -> ConvertSummary:
+    """Check the output and the tokenizer, plan and run the Spark job (`run_tasks`), merge. A local `out` is
     left as it was found when the job or the merge fails (a remote one keeps its partitions, and no
     `m3_index.json`: it is not a dataset)."""
     start = time.perf_counter()

@@ -8,8 +8,9 @@ it: `m3_index.json` (ids, sources, statistics, tokenizer facts) and every stream
 column, in order. The order is the same, not only the set: the merge takes the partitions in input
 order. Training a few steps on each gives the same losses.
 
-PySpark is a test dependency (`make install`); it needs a Java runtime (`java` on PATH, or
-JAVA_HOME). Without one, and only then, these tests are skipped.
+PySpark is a test dependency (`make install`); it needs a Java runtime, `java` on PATH (PySpark
+3.5: Java 8, 11 or 17). Without one, and only then, these tests are skipped. The session is small
+(2 cores, no UI, 512 MB of driver memory) and stopped at the end of the module.
 """
 from __future__ import annotations
 

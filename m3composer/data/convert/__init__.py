@@ -18,6 +18,7 @@ One file per job:
     writer.py        rows -> tokenised MDS rows (`Converter`)
     workers.py       `workers=N`: pieces converted in worker processes
     partitions.py    `write_partition` / `merge_partitions`: a conversion in pieces, merged
+    spark.py         `convert_files` / `convert_dataframes`: `write_partition` as Spark tasks, merged
     publish.py       local swap into place, object-store upload with the index last
     summary.py       `ConvertSummary`: what a conversion did
     conversion.py    `convert`: one conversion, from inputs to a published dataset

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from m3composer.fsutil import publish_dir
 from m3composer.data.buckets import DEFAULT_EDGES
-from m3composer.data.convert.inputs import Unit, discover_inputs, plan_units
+from m3composer.data.convert.inputs import Unit, default_split_bytes, discover_inputs, plan_units
 from m3composer.data.convert.partitions import merge_parts
 from m3composer.data.convert.publish import prepare_local_out, remote_is_used, upload
 from m3composer.data.convert.stream_stats import finalize_streams
@@ -81,7 +81,7 @@ def convert(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.P
                     conv.convert_unit(Unit(inp), bar)
             else:
                 if split_bytes is None:
-                    split_bytes = min(max(total_bytes // (4 * workers), 1 << 20), 64 << 20)
+                    split_bytes = default_split_bytes(total_bytes, workers)
                 parts = run_workers(plan_units(files, split_bytes), work,
                                     tokenizer if isinstance(tokenizer, (str, os.PathLike)) else tok,
                                     settings, workers, bar)

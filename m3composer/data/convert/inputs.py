@@ -41,6 +41,11 @@ def _strip_suffix(name: str) -> str:
     return name
 
 
+def base_name(file_name: str) -> str:
+    """A file name without its suffix and its `len-A-B` tag: what names its task."""
+    return _BUCKET_TAG.sub("", _strip_suffix(file_name))
+
+
 def safe_name(name: str) -> str:
     """`name` with runs of characters unsafe in a path replaced by `_` (a task's folder name)."""
     return _UNSAFE.sub("_", name).strip("._") or "task"
@@ -67,7 +72,7 @@ def discover_inputs(inputs: list[str | os.PathLike]) -> list[InputFile]:
     # streams of that task. Different directories with the same name get distinct task names.
     identities: list[tuple[Path, str]] = []
     for resolved, _ in ordered:
-        base = _BUCKET_TAG.sub("", _strip_suffix(resolved.name))
+        base = base_name(resolved.name)
         identities.append((resolved.parent, safe_name(base or resolved.parent.name)))
     names = _unique_task_names(identities)
 
@@ -132,6 +137,11 @@ def _line_ranges(path: Path, split_bytes: int, chunk: int = 1 << 20) -> list[tup
             pos += len(block)
     ranges.append((start, size, first))
     return ranges
+
+
+def default_split_bytes(total_bytes: int, workers: int) -> int:
+    """The row-range size when none is given: about 4 pieces per worker, 1-64 MiB each."""
+    return min(max(total_bytes // (4 * workers), 1 << 20), 64 << 20)
 
 
 def plan_units(files: list[InputFile], split_bytes: int | None) -> list[Unit]:

@@ -29,8 +29,9 @@ from m3composer.data.convert import REJECTS_FILE, ConvertError, convert
 from m3composer.data.convert.spark import convert_dataframes, convert_files
 from m3composer.data.index import read_index
 
-pytestmark = pytest.mark.skipif(shutil.which("java") is None,
-                                reason="PySpark needs a Java runtime and no `java` is on PATH")
+pytestmark = [pytest.mark.spark,       # `make test-spark` (not in `make test`: pyproject.toml's addopts)
+              pytest.mark.skipif(shutil.which("java") is None,
+                                 reason="PySpark needs a Java runtime and no `java` is on PATH")]
 
 STEPS = 3
 

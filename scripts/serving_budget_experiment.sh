@@ -5,15 +5,15 @@
 # (`m3c eval --per-query`, `m3c compare`). Rows (ROWS, default all of them):
 #   all           the recipe: dense + sparse + ColBERT (the reference of every other row)
 #   mrl           all three + Matryoshka at 96 of e5-small's 384 for dense and ColBERT (loss.matryoshka)
-#   dense         loss.heads=[dense]
+#   dense         loss.heads=[dense] (self-distillation off: one head has no ensemble)
 #   dense_sparse  loss.heads=[dense,sparse]
-#   sparse        loss.heads=[sparse]
+#   sparse        loss.heads=[sparse] (self-distillation off)
 #   flops<λ>      all three + the FLOPS regulariser, λ for queries and passages (e.g. flops1, flops10),
 #                 warm-up 16ba (SPARSE_WARMUP)
 #   l1-<λ>        the same with the L1 regulariser (e.g. l1-1)
 # `all` and `mrl` are also evaluated with the vectors cut to 96 (--dims 96: plain truncation for `all`);
-# THRESHOLDS (default "0.05 0.1 0.15") re-evaluates the sparse head of `all` and every regularised row with
-# that model.sparse_threshold (`m3c eval --heads sparse --sparse-threshold T`): the trade-off curve.
+# THRESHOLDS (default "0.05 0.1 0.15") re-evaluates dense + sparse (eval needs dense) of `all` and every regularised row with
+# that model.sparse_threshold (`m3c eval --heads dense,sparse --sparse-threshold T`): the trade-off curve.
 # One process per training (NPROC=1) with the quickstart's global batch (16 queries, the 2 ranks'
 # gathered negatives), activation checkpointing on (memory only); trainer.save_folder=null.
 # Outputs: $RUN/<row>-s<seed>/{export,losses.jsonl,train.log}, $RUN/eval_<row>-s<seed>.json,
@@ -40,9 +40,9 @@ row_args() {  # the overrides of one row
   case "$1" in
     all) ;;
     mrl) echo "loss.matryoshka.dense_dims=[$DIM] loss.matryoshka.colbert_dims=[$DIM]" ;;
-    dense) echo "loss.heads=[dense]" ;;
+    dense) echo "loss.heads=[dense] loss.use_self_distill=false" ;;   # one head: no ensemble to distil from
     dense_sparse) echo "loss.heads=[dense,sparse]" ;;
-    sparse) echo "loss.heads=[sparse]" ;;
+    sparse) echo "loss.heads=[sparse] loss.use_self_distill=false" ;;
     flops*|l1-*) reg=flops; l=${1#flops}; [[ $1 == l1-* ]] && { reg=l1; l=${1#l1-}; }
             echo "loss.sparsity.regularizer=$reg loss.sparsity.query_weight=$l loss.sparsity.passage_weight=$l loss.sparsity.warmup=$SPARSE_WARMUP" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
@@ -75,7 +75,7 @@ for seed in $SEEDS; do
       f="$RUN/eval_$row-s$seed-t$t.json"
       [ -f "$f" ] || [ ! -d "$RUN/$row-s$seed/export" ] && continue
       step "$row-s$seed: sparse head at threshold $t"
-      "${M3C[@]}" eval "$RUN/$row-s$seed/export" "$RUN/sample/eval" "${EVAL_ARGS[@]}" --heads sparse \
+      "${M3C[@]}" eval "$RUN/$row-s$seed/export" "$RUN/sample/eval" "${EVAL_ARGS[@]}" --heads dense,sparse \
         --sparse-threshold "$t" --dims none --output "$f" | tail -2
     done
   done

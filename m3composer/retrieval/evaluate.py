@@ -2,7 +2,7 @@
 
     m3c eval MODEL_DIR EVAL_PATH [--split test] [--heads dense,sparse,colbert] [--dims 64,128]
              [--sparse-threshold 0.01] [--search exact|rerank [--first-stage-k 100] [--index ...] [--agreement]]
-             [--output metrics.json]
+             [--corpus-cache DIR] [--output metrics.json]
 
 `EVAL_PATH` is a BEIR folder or a FlagEmbedding JSONL (`beir.load_eval_set`). Queries get the
 query instruction and corpus texts the passage instruction; both default to what the model folder
@@ -15,6 +15,8 @@ records, docs/recipe.md §Matryoshka) every head is also evaluated with its dens
 cut to each size, under the result's `dims` key. `--search rerank` ranks with a first stage and a
 re-rank instead of exact search (docs/recipe.md §First stage and re-rank); `--agreement` also runs
 exact search and reports, per head, the recall of its top-10 among the re-ranked top-10.
+`--corpus-cache DIR` reads the corpus' dense and sparse vectors from an on-disk store, written on the
+first run (`corpus_store.py`, docs/recipe.md §Corpus store).
 """
 from __future__ import annotations
 

@@ -34,6 +34,8 @@ passage, the pool encoded once; cost in BENCHMARKS.md §Mining) or, with `--sear
 stage (dense by faiss, sparse by an inverted index; top `--first-stage-k`, at least the ranks
 needed) re-ranked by the head (docs/recipe.md §First stage and re-rank). Steps 3-5 are
 `mining.select_negatives`, the rule NegativeRefresh uses too; this module is the command around it.
+`--corpus-cache DIR`: the pool's dense (and, for the other heads, sparse) vectors come from an on-disk
+store written on the first run (`corpus_store.py`, docs/recipe.md §Corpus store).
 """
 from __future__ import annotations
 

@@ -24,6 +24,9 @@ Re-rank (`_rerank_batches`): the corpus is encoded once with the dense and spars
 index and an `InvertedIndex` (`first_stage.py`); each query's candidates are the union of its top K
 of each; the candidate documents are then streamed through the same scoring as above, each batch
 scored only for the queries that have a candidate in it and masked to their candidates.
+
+Corpus store (`corpus_cache`, `corpus_store.py`): the documents' dense vectors and lexical weights
+read from disk instead of encoded, for the re-rank's first stage and for exact search without ColBERT.
 """
 from __future__ import annotations
 

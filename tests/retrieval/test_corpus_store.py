@@ -11,38 +11,18 @@ import pytest
 import torch
 
 from m3composer.cli import main
-from m3composer.model.m3 import M3Model
-from m3composer.retrieval.beir import EvalSet
 from m3composer.retrieval.corpus_store import (MANIFEST, CorpusCache, CorpusStore, StoreInterrupted, store_key,
                                               store_settings)
 from m3composer.retrieval.evaluate import evaluate_model
 from m3composer.retrieval.search import search_top_k, stored_corpus
-from m3composer.sample_data.sources import pydoc_sections
 
-from tests.retrieval.test_rerank import write_real_set
+# the tiny model with random heads and 80 pydoc topics, 16 of them queries
+from tests.retrieval.test_rerank import model, real_set, write_real_set  # noqa: F401 (fixtures)
 
 SEARCH = dict(batch_size=16, query_max_len=32, passage_max_len=64, progress=False, query_instruction="",
               passage_instruction="")
 STORE = dict(instruction="", max_length=64, batch_size=16, progress=False)
-SHARD_DOCS = 16                                        # 60 documents: 4 shards, the last one short
-
-
-@pytest.fixture(scope="module")
-def model(tiny_dir):
-    torch.manual_seed(0)
-    model = M3Model.from_pretrained(tiny_dir)          # random heads: every head ranks differently
-    with torch.no_grad():
-        model.sparse_linear.bias.fill_(0.5)            # queries and passages share weighted tokens
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def real_set() -> EvalSet:
-    items = pydoc_sections()[:60]
-    queries = items[:12]
-    return EvalSet(query_ids=[i.item_id for i in queries], queries=[i.query for i in queries],
-                   doc_ids=[i.item_id for i in items], docs=[i.passage for i in items],
-                   qrels={i.item_id: {i.item_id: 1.0} for i in queries})
+SHARD_DOCS = 24                                        # 80 documents: 4 shards, the last one short
 
 
 class EncodedRows:
@@ -86,7 +66,7 @@ def test_a_second_evaluation_reads_the_store_encodes_no_passage_and_gives_the_sa
     assert first["corpus_cache"]["reused"] is False and first["corpus_cache"]["shards_encoded"] == 4
     assert second["corpus_cache"]["reused"] is True and second["corpus_cache"]["shards_reused"] == 4
     assert second["corpus_cache"]["dir"] == first["corpus_cache"]["dir"]
-    assert second["corpus_cache"]["bytes"] == first["corpus_cache"]["bytes"] > 60 * model.encoder.config.hidden_size * 4
+    assert second["corpus_cache"]["bytes"] == first["corpus_cache"]["bytes"] > len(real_set.docs) * model.encoder.config.hidden_size * 4
     for head in heads + ("ensemble",):
         assert first[head] == pytest.approx(plain[head], abs=1e-6), head
         assert second[head] == pytest.approx(plain[head], abs=1e-6), head
@@ -107,7 +87,7 @@ def test_stored_vectors_are_the_encoders(model, real_set, tmp_path):
                               return_sparse=False, return_colbert_vecs=False)["dense_vecs"]
     assert np.allclose(store.dense(), np.asarray(want, dtype=np.float32), atol=1e-5)
     manifest = json.loads((store.dir / MANIFEST).read_text())
-    assert manifest["complete"] and [s["end"] for s in manifest["shards"]] == [16, 32, 48, 60]
+    assert manifest["complete"] and [s["end"] for s in manifest["shards"]] == [24, 48, 72, 80]
     for arrays in shard_arrays(store):
         assert arrays["sparse_indptr"][-1] == len(arrays["sparse_tokens"]) == len(arrays["sparse_weights"]) > 0
         assert (arrays["sparse_weights"] > 0).all()
@@ -126,7 +106,7 @@ def test_a_store_stopped_partway_resumes_at_the_first_missing_shard(model, real_
     assert counter.rows == 2 * SHARD_DOCS
     cut_dir = tmp_path / "cut" / whole.dir.name
     manifest = json.loads((cut_dir / MANIFEST).read_text())
-    assert not manifest["complete"] and [s["start"] for s in manifest["shards"]] == [0, 16]
+    assert not manifest["complete"] and [s["start"] for s in manifest["shards"]] == [0, 24]
 
     # a kill inside the third shard: no partial shard file is left behind
     counter = EncodedRows(model, monkeypatch, fail_after_calls=0)

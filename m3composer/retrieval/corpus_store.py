@@ -43,7 +43,7 @@ def _model_digest(model) -> str:
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -63,8 +63,8 @@ def store_settings(model, tokenizer, docs: Sequence[str], *, instruction: Option
     vocab = hashlib.blake2b(json.dumps(sorted(tokenizer.get_vocab().items())).encode(), digest_size=16).hexdigest()
     return {"format": FORMAT, "model": _model_digest(model), "tokenizer": f"{type(tokenizer).__name__}:{vocab}",
             "pooling": str(model.pooling), "normalize": bool(model.normalize),
-            "sparse_threshold": float(model.sparse_threshold), "heads": ["dense", "sparse"] if with_sparse else ["dense"],
-            "vocab_size": int(model.vocab_size),
+            "sparse_threshold": float(model.sparse_threshold), "vocab_size": int(model.vocab_size),
+            "heads": ["dense", "sparse"] if with_sparse else ["dense"],
             "passage_instruction": instruction or "", "passage_max_len": int(max_length),
             "num_docs": len(docs), "corpus": corpus_digest(docs)}
 
@@ -198,8 +198,8 @@ class CorpusStore:
         parts = [arrays["dense"] for _, arrays in self.shards()]
         return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
-    def batches(self, batch_size: int, device, lexical_cost: Optional[LexicalCost] = None) -> Iterator[tuple[list[int], torch.Tensor,
-                                                                                   Optional[torch.Tensor]]]:
+    def batches(self, batch_size: int, device, lexical_cost: Optional[LexicalCost] = None
+                ) -> Iterator[tuple[list[int], torch.Tensor, Optional[torch.Tensor]]]:
         """`(document indices, dense (b, H), sparse (b, V) or None)` in corpus order, `batch_size` at a
         time: the vectors exact search scores (`search.py`), rebuilt from the shards; `lexical_cost`
         counts the passages' terms."""
@@ -213,6 +213,12 @@ class CorpusStore:
                 if self.with_sparse:
                     sparse = csr_rows(arrays, b, stop, vocab_size).to(device)
                 yield list(range(start + b, start + stop)), torch.from_numpy(arrays["dense"][b:stop]).to(device), sparse
+
+
+def describe(report: dict) -> str:
+    """One line for a command's log: the store, its size, and whether this run encoded into it."""
+    done = "read, nothing encoded" if report["reused"] else f"{report['shards_encoded']} shard(s) encoded"
+    return f"corpus store {report['dir']}: {report['bytes']:,} bytes, {done}, {report['seconds']:.1f} s"
 
 
 def csr_rows(arrays: dict[str, np.ndarray], begin: int, end: int, vocab_size: int) -> torch.Tensor:

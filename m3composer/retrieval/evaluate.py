@@ -35,7 +35,7 @@ from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAM
 from m3composer.retrieval.beir import EvalSet, load_eval_set
 from m3composer.retrieval.cli_args import (add_encoding_arguments, add_search_arguments, corpus_cache_from_args,
                                            instructions_from_args, parse_heads, search_from_args)
-from m3composer.retrieval.corpus_store import CorpusCache
+from m3composer.retrieval.corpus_store import CorpusCache, describe
 from m3composer.retrieval.first_stage import AGREEMENT_DEPTH, DenseIndex, agreement
 from m3composer.retrieval.metrics import mean_metrics, metric_names, per_query_metrics
 from m3composer.retrieval.search import rank_corpus
@@ -247,9 +247,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(results))
     if "corpus_cache" in results:
         cache = results["corpus_cache"]
-        print(f"[eval] corpus store {cache['dir']}: " + (f"{cache['bytes']:,} bytes, "
-              + ("read, nothing encoded" if cache["reused"] else f"{cache['shards_encoded']} shard(s) encoded")
-              + f", {cache['seconds']:.1f} s" if cache["used"] else f"not used: {cache['why']}"))
+        print("[eval] " + (describe(cache) if cache["used"] else f"corpus store {cache['dir']} not used: {cache['why']}"))
     if args.output == "-":
         print(json.dumps(results, indent=2))
     elif args.output:

@@ -58,7 +58,7 @@ from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAM
 from m3composer.retrieval.beir import load_corpus_texts
 from m3composer.retrieval.cli_args import (add_encoding_arguments, add_search_arguments, corpus_cache_from_args,
                                            instructions_from_args, search_from_args)
-from m3composer.retrieval.corpus_store import CorpusCache
+from m3composer.retrieval.corpus_store import CorpusCache, describe
 from m3composer.retrieval.first_stage import DenseIndex, faiss_top_k
 from m3composer.retrieval.mining import (MINE_HEAD, MINE_NEGATIVES, MINE_RANK_RANGE, MINE_SEED, pair_score,
                                         select_negatives)
@@ -283,7 +283,5 @@ def run(args: argparse.Namespace) -> int:
           f"dropped by the score filter; {s['rows_with_scores_dropped']} rows lost their old teacher scores; "
           f"{s['seconds']['total']:.1f} s")
     if s["corpus_cache"] is not None:
-        cache = s["corpus_cache"]
-        print(f"[mine] corpus store {cache['dir']}: {cache['bytes']:,} bytes, "
-              + ("read, nothing encoded" if cache["reused"] else f"{cache['shards_encoded']} shard(s) encoded"))
+        print(f"[mine] {describe(s['corpus_cache'])}")
     return 0

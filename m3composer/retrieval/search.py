@@ -371,7 +371,8 @@ def _kept_vectors(model, docs: Sequence[str], corpus_cache: Optional[CorpusCache
 
 def _rerank_batches(model, q: QuerySide, docs: Sequence[str], first_stage_k: int, dense_index: DenseIndex, *,
                     with_sparse: bool, with_colbert: bool, lexical_cost: Optional[LexicalCost], progress: bool,
-                    corpus_cache: Optional[CorpusCache] = None, **encoding) -> Iterator[tuple[list[int], M3Reps, Optional[torch.Tensor], Optional[torch.Tensor]]]:
+                    corpus_cache: Optional[CorpusCache] = None, **encoding
+                    ) -> Iterator[tuple[list[int], M3Reps, Optional[torch.Tensor], Optional[torch.Tensor]]]:
     """The batches a re-rank scores: `(document indices, M3Reps, query rows, (rows, batch) candidate
     mask)`, over the union of every query's first-stage candidates (rows and mask None where a batch
     concerns every query as a candidate of every document: exact search's computation).
@@ -381,9 +382,10 @@ def _rerank_batches(model, q: QuerySide, docs: Sequence[str], first_stage_k: int
     16 bytes per non-zero weight); ColBERT vectors are not kept. When ColBERT is scored the candidate
     documents are encoded a second time, all heads at once (so up to twice the encoder's work of
     exact search when the candidates cover the corpus); without ColBERT their kept vectors are
-    scored. With `corpus_cache` the kept vectors are read from the store (`stored_corpus`). The ColBERT max-sim of a batch runs for every query with a candidate in it against the
-    whole batch (then masked); candidates come in corpus order, so with K >= the corpus size the
-    batches, and the scores, are exact search's.
+    scored. With `corpus_cache` the kept vectors are read from the store (`stored_corpus`). The
+    ColBERT max-sim of a batch runs for every query with a candidate in it against the whole batch
+    (then masked); candidates come in corpus order, so with K >= the corpus size the batches, and
+    the scores, are exact search's.
     """
     device = next(model.parameters()).device
     num_docs = len(docs)

@@ -184,7 +184,10 @@ class CorpusStore:
                         "end": self.shard_range(s)[1]} for s in done]})
 
     def bytes_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file()) if self.dir.is_dir() else 0
+        """The manifest and the shards; not the dot-prefixed temporary a kill mid-write leaves (never read)."""
+        if not self.dir.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file() and not p.name.startswith("."))
 
     def shards(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """`(first document index, arrays)` per shard, in corpus order (the store must be complete)."""

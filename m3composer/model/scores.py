@@ -235,12 +235,17 @@ class LexicalCost:
 
     def add(self, side: str, sparse: torch.Tensor) -> None:
         """Count the non-zero terms of `sparse (n, V)`, the lexical vectors of `n` texts of `side`."""
+        self.add_counts(side, (sparse.detach() > 0).sum(dim=0), sparse.shape[0])
+
+    def add_counts(self, side: str, texts_with_term, num_texts: int) -> None:
+        """Count `num_texts` texts of `side` whose `(V,)` per-term counts are `texts_with_term` (the
+        number of them with a non-zero weight for each term; a tensor or an array)."""
         if side not in self.SIDES:
             raise ValueError(f"side must be one of {self.SIDES}, got {side!r}")
-        per_term = (sparse.detach() > 0).sum(dim=0).to(torch.float64)
+        per_term = torch.as_tensor(texts_with_term).to(torch.float64).cpu()
         seen = self.present[side]
         self.present[side] = per_term if seen is None else seen + per_term
-        self.texts[side] += sparse.shape[0]
+        self.texts[side] += num_texts
 
     def summary(self) -> dict[str, float]:
         """`{"nonzero_per_query", "nonzero_per_passage", "expected_flops"}` (0 for a side with no texts)."""

@@ -1,5 +1,6 @@
 """Command-line options shared by `m3c eval`, `m3c score-teacher` and `m3c mine`: prefixes, pooling, batching,
-weights, and the search (exact, or first stage + re-rank, with the faiss index's parameters)."""
+weights, and the search (exact, or first stage + re-rank, with the faiss index's parameters, and the
+on-disk corpus store)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ from typing import Optional
 from m3composer.model.inference import DEVICES
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
 from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS
+from m3composer.retrieval.corpus_store import CorpusCache
 from m3composer.retrieval.first_stage import FIRST_STAGE_K, HNSW_M, HNSW_MIN_POOL, INDEXES, IVF_NPROBE, DenseIndex
 
 SEARCH_MODES = ("exact", "rerank")
@@ -88,6 +90,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="IVF cells (default min(4 sqrt(N), N/39)); k-means trains on a sample of the corpus")
     parser.add_argument("--ivf-nprobe", type=positive_int, default=IVF_NPROBE,
                         help=f"IVF cells searched per query (default {IVF_NPROBE}; nlist = flat's results)")
+    parser.add_argument("--corpus-cache", default=None, metavar="DIR",
+                        help="keep the corpus' dense vectors and lexical weights on disk under DIR (one folder per "
+                             "model, settings and corpus), written in shards, resumed after a kill, and read by the next "
+                             "run instead of encoding the corpus again (not for exact search with the ColBERT head)")
 
 
 def search_from_args(args: argparse.Namespace) -> tuple[Optional[int], DenseIndex]:
@@ -95,3 +101,7 @@ def search_from_args(args: argparse.Namespace) -> tuple[Optional[int], DenseInde
     dense_index = DenseIndex(args.index, hnsw_m=args.hnsw_m, hnsw_ef_search=args.hnsw_ef_search,
                              ivf_nlist=args.ivf_nlist, ivf_nprobe=args.ivf_nprobe)
     return (args.first_stage_k if args.search == "rerank" else None), dense_index
+
+
+def corpus_cache_from_args(args: argparse.Namespace) -> Optional[CorpusCache]:
+    return None if args.corpus_cache is None else CorpusCache(args.corpus_cache)

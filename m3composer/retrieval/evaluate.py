@@ -2,7 +2,7 @@
 
     m3c eval MODEL_DIR EVAL_PATH [--split test] [--heads dense,sparse,colbert] [--dims 64,128]
              [--sparse-threshold 0.01] [--search exact|rerank [--first-stage-k 100] [--index ...] [--agreement]]
-             [--output metrics.json]
+             [--corpus-cache DIR] [--output metrics.json]
 
 `EVAL_PATH` is a BEIR folder or a FlagEmbedding JSONL (`beir.load_eval_set`). Queries get the
 query instruction and corpus texts the passage instruction; both default to what the model folder
@@ -15,6 +15,8 @@ records, docs/recipe.md §Matryoshka) every head is also evaluated with its dens
 cut to each size, under the result's `dims` key. `--search rerank` ranks with a first stage and a
 re-rank instead of exact search (docs/recipe.md §First stage and re-rank); `--agreement` also runs
 exact search and reports, per head, the recall of its top-10 among the re-ranked top-10.
+`--corpus-cache DIR` reads the corpus' dense and sparse vectors from an on-disk store, written on the
+first run (`corpus_store.py`, docs/recipe.md §Corpus store).
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ from m3composer.model.inference import load_model_for_inference, missing_heads, 
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
 from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES, LexicalCost
 from m3composer.retrieval.beir import EvalSet, load_eval_set
-from m3composer.retrieval.cli_args import (add_encoding_arguments, add_search_arguments, instructions_from_args,
-                                           parse_heads, search_from_args)
+from m3composer.retrieval.cli_args import (add_encoding_arguments, add_search_arguments, corpus_cache_from_args,
+                                           instructions_from_args, parse_heads, search_from_args)
+from m3composer.retrieval.corpus_store import CorpusCache, describe
 from m3composer.retrieval.first_stage import AGREEMENT_DEPTH, DenseIndex, agreement
 from m3composer.retrieval.metrics import mean_metrics, metric_names, per_query_metrics
 from m3composer.retrieval.search import rank_corpus
@@ -46,7 +49,7 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
                    heads: Sequence[str] = HEADS, k_values: Sequence[int] = DEFAULT_K_VALUES,
                    progress: bool = False, per_query: bool = False, dims: Sequence[int] = (),
                    first_stage_k: Optional[int] = None, dense_index: DenseIndex = DenseIndex(),
-                   with_agreement: bool = False) -> dict:
+                   with_agreement: bool = False, corpus_cache: Optional[CorpusCache] = None) -> dict:
     """Metrics per head and for the ensemble on `eval_set`.
 
     `model` is an `M3Model` or anything `unwrap_m3` opens (DDP, the Composer model). Instructions
@@ -69,7 +72,13 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
     `"search": {"mode", "first_stage_k", "index"}` says which. `with_agreement` (re-rank only) also
     runs exact search: `"agreement": {head: recall of the exact top-10 among the re-ranked top-10}`
     (`first_stage.agreement`, mean over queries; every key of the rankings, `dense@d` too) and
-    `"search"["exact_seconds"]`, its time (`"seconds"` is the re-rank's).
+    `"search"["exact_seconds"]`, its time (`"seconds"` is the re-rank's; the exact search does not
+    use `corpus_cache`).
+
+    `corpus_cache`: the corpus' dense and sparse vectors from an on-disk store (`search.search_top_k`);
+    `"corpus_cache": {"dir", "bytes", "reused", "shards_encoded", "shards_reused", "seconds"}` says
+    which store, its size, and whether this run read it without encoding a passage (`"used": false`
+    and why where the search could not use it).
     """
     m3 = unwrap_m3(model)
     if query_instruction is None:
@@ -87,7 +96,7 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
                   weights=weights, heads=heads, top_k=max(max(k_values), AGREEMENT_DEPTH if with_agreement else 0),
                   progress=progress, dims=dims)
     rankings = rank_corpus(m3, eval_set, lexical_cost=lexical_cost, first_stage_k=first_stage_k,
-                           dense_index=dense_index, **search)
+                           dense_index=dense_index, corpus_cache=corpus_cache, **search)
     metrics = {head: mean_metrics(ranked, eval_set.qrels, k_values) for head, ranked in rankings.items()}
     results: dict = {head: value for head, value in metrics.items() if "@" not in head}
     if lexical_cost is not None:
@@ -102,6 +111,11 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
     results["search"] = ({"mode": "exact"} if first_stage_k is None else
                          {"mode": "rerank", "first_stage_k": max(first_stage_k, search["top_k"]),
                           "index": dense_index.kind_for(eval_set.num_docs)})
+    if corpus_cache is not None:
+        results["corpus_cache"] = (dict(corpus_cache.report, used=True) if corpus_cache.report is not None else
+                                   {"dir": str(corpus_cache.root), "used": False,
+                                    "why": "exact search with the ColBERT head encodes the corpus (ColBERT vectors "
+                                           "are not stored)"})
     if with_agreement:
         exact_started = time.perf_counter()
         results["agreement"] = agreement(rank_corpus(m3, eval_set, **search), rankings)
@@ -220,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
                              query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
                              weights=args.weights, heads=heads, progress=show_progress(args.progress),
                              per_query=args.per_query, first_stage_k=first_stage_k, dense_index=dense_index,
-                             with_agreement=args.agreement,
+                             with_agreement=args.agreement, corpus_cache=corpus_cache_from_args(args),
                              dims=recorded_dims(args.model_dir) if args.dims is None else args.dims)
     results["model"] = str(args.model_dir)
     results["eval_set"] = str(args.eval_path)
@@ -231,6 +245,9 @@ def run(args: argparse.Namespace) -> int:
           f"{results['num_docs']} documents, instructions q={results['query_instruction']!r} "
           f"p={results['passage_instruction']!r}, {results['seconds']:.1f} s")
     print(format_table(results))
+    if "corpus_cache" in results:
+        cache = results["corpus_cache"]
+        print("[eval] " + (describe(cache) if cache["used"] else f"corpus store {cache['dir']} not used: {cache['why']}"))
     if args.output == "-":
         print(json.dumps(results, indent=2))
     elif args.output:

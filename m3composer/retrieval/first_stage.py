@@ -128,6 +128,11 @@ class InvertedIndex:
         docs = np.asarray(doc_indices, dtype=np.int32)[rows.cpu().numpy()]
         self._parts.append((docs, tokens.cpu().numpy().astype(np.int32), values))
 
+    def add_csr(self, first_doc: int, indptr: np.ndarray, tokens: np.ndarray, weights: np.ndarray) -> None:
+        """Documents `first_doc, first_doc + 1, …` given as CSR rows (`corpus_store`'s shards)."""
+        docs = np.repeat(np.arange(first_doc, first_doc + len(indptr) - 1, dtype=np.int32), np.diff(indptr))
+        self._parts.append((docs, tokens.astype(np.int32), weights.astype(np.float32)))
+
     def finish(self) -> "InvertedIndex":
         docs, tokens, values = (np.concatenate([p[i] for p in self._parts]) if self._parts else
                                 np.zeros(0, dtype=dtype) for i, dtype in enumerate((np.int32, np.int32, np.float32)))

@@ -34,6 +34,8 @@ passage, the pool encoded once; cost in BENCHMARKS.md §Mining) or, with `--sear
 stage (dense by faiss, sparse by an inverted index; top `--first-stage-k`, at least the ranks
 needed) re-ranked by the head (docs/recipe.md §First stage and re-rank). Steps 3-5 are
 `mining.select_negatives`, the rule NegativeRefresh uses too; this module is the command around it.
+`--corpus-cache DIR`: the pool's dense (and, for the other heads, sparse) vectors come from an on-disk
+store written on the first run (`corpus_store.py`, docs/recipe.md §Corpus store).
 """
 from __future__ import annotations
 
@@ -54,11 +56,13 @@ from m3composer.model.inference import load_model_for_inference, missing_heads, 
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
 from m3composer.model.scores import HEADS, INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES
 from m3composer.retrieval.beir import load_corpus_texts
-from m3composer.retrieval.cli_args import add_encoding_arguments, add_search_arguments, instructions_from_args, search_from_args
+from m3composer.retrieval.cli_args import (add_encoding_arguments, add_search_arguments, corpus_cache_from_args,
+                                           instructions_from_args, search_from_args)
+from m3composer.retrieval.corpus_store import CorpusCache, describe
 from m3composer.retrieval.first_stage import DenseIndex, faiss_top_k
 from m3composer.retrieval.mining import (MINE_HEAD, MINE_NEGATIVES, MINE_RANK_RANGE, MINE_SEED, pair_score,
                                         select_negatives)
-from m3composer.retrieval.search import encode_dense, search_top_k
+from m3composer.retrieval.search import encode_dense, search_top_k, stored_corpus
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -101,12 +105,15 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
          exclude_positives_of_query: bool = False, with_scores: bool = False, scale: float = 1.0,
          dense_index: DenseIndex = DenseIndex(), first_stage_k: Optional[int] = None, seed: int = MINE_SEED, batch_size: int = INFERENCE_BATCH_SIZE, query_instruction: Optional[str] = None,
          passage_instruction: Optional[str] = None, query_max_len: int = INFERENCE_QUERY_MAX_LEN, passage_max_len: int = INFERENCE_PASSAGE_MAX_LEN,
-         weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS, progress: bool = True) -> dict:
+         weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS, progress: bool = True,
+         corpus_cache: Optional[CorpusCache] = None) -> dict:
     """Write `output_path` = `input_path` with mined `neg` (module doc); returns the summary counts.
 
     `model` is an `M3Model` (or a wrapper). Instructions default (None) to the model's recorded
     ones; "" means none. `dense_index`: the faiss index of the dense head (and of the dense first
     stage); `first_stage_k` None: the other heads search exactly, K: first stage + re-rank.
+    `corpus_cache`: the pool's vectors from an on-disk store (`corpus_store.py`): the dense head reads
+    its dense vectors, the others as `search.search_top_k` does; the summary's `corpus_cache` is its report.
     """
     if head not in SCORE_NAMES:
         raise ValueError(f"head must be one of {SCORE_NAMES}, got {head!r}")
@@ -142,7 +149,11 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
         tokenizer = m3.tokenizer
         q_vecs = encode_dense(m3, queries, tokenizer, q_inst, query_max_len, desc="encode queries", **common)
         queries_at = time.perf_counter()
-        p_vecs = encode_dense(m3, pool, tokenizer, p_inst, passage_max_len, desc="encode pool", **common)
+        if corpus_cache is None:
+            p_vecs = encode_dense(m3, pool, tokenizer, p_inst, passage_max_len, desc="encode pool", **common)
+        else:
+            p_vecs = stored_corpus(m3, pool, corpus_cache, tokenizer=tokenizer, instruction=p_inst,
+                                   max_length=passage_max_len, with_sparse=False, **common).dense()
         search_at = time.perf_counter()
         top_scores, top_indices = faiss_top_k(q_vecs, p_vecs, k, dense_index)
         used_index = dense_index.kind_for(len(pool))
@@ -150,7 +161,8 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
         heads = ("dense", head) if head in ("sparse", "colbert") else HEADS
         tops = search_top_k(m3, queries, pool, query_instruction=q_inst, passage_instruction=p_inst,
                             query_max_len=query_max_len, passage_max_len=passage_max_len, weights=weights,
-                            heads=heads, top_k=k, first_stage_k=first_stage_k, dense_index=dense_index, **common)
+                            heads=heads, top_k=k, first_stage_k=first_stage_k, dense_index=dense_index,
+                            corpus_cache=corpus_cache, **common)
         search_at = queries_at = time.perf_counter()    # encoding and search are interleaved here
         top_scores, top_indices = (t.numpy() for t in tops[head])
         used_index = ("exact brute force (search.py)" if first_stage_k is None else
@@ -209,7 +221,8 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
                "encode_pool": search_at - queries_at if head == "dense" else None,
                "search_only": searched_at - search_at}
     return dict(counts, head=head, index=used_index, k=k, seconds=seconds,
-                query_instruction=q_inst, passage_instruction=p_inst)
+                query_instruction=q_inst, passage_instruction=p_inst,
+                corpus_cache=None if corpus_cache is None else corpus_cache.report)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -258,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
                        first_stage_k=first_stage_k, seed=args.seed,
                        batch_size=args.batch_size, query_instruction=query_instruction,
                        passage_instruction=passage_instruction, query_max_len=args.query_max_len,
-                       passage_max_len=args.passage_max_len, weights=args.weights, progress=not args.no_progress)
+                       passage_max_len=args.passage_max_len, weights=args.weights, progress=not args.no_progress,
+                       corpus_cache=corpus_cache_from_args(args))
     except (OSError, ValueError) as err:
         print(f"m3c mine: error: {err}", file=sys.stderr)
         return 2
@@ -268,4 +282,6 @@ def run(args: argparse.Namespace) -> int:
           f"{args.negatives} (of which {s['rows_without_negatives']} with none), {s['dropped_by_score']} candidates "
           f"dropped by the score filter; {s['rows_with_scores_dropped']} rows lost their old teacher scores; "
           f"{s['seconds']['total']:.1f} s")
+    if s["corpus_cache"] is not None:
+        print(f"[mine] {describe(s['corpus_cache'])}")
     return 0

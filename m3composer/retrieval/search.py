@@ -24,6 +24,9 @@ Re-rank (`_rerank_batches`): the corpus is encoded once with the dense and spars
 index and an `InvertedIndex` (`first_stage.py`); each query's candidates are the union of its top K
 of each; the candidate documents are then streamed through the same scoring as above, each batch
 scored only for the queries that have a candidate in it and masked to their candidates.
+
+Corpus store (`corpus_cache`, `corpus_store.py`): the documents' dense vectors and lexical weights
+read from disk instead of encoded, for the re-rank's first stage and for exact search without ColBERT.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from m3composer.model.scores import (COLBERT_MAX_ELEMENTS, HEADS, INFERENCE_ENSE
                                      colbert_maxsim, ensemble_scores, truncate_reps)
 from m3composer.padding import right_pad
 from m3composer.retrieval.beir import EvalSet
+from m3composer.retrieval.corpus_store import CorpusCache, CorpusStore, count_passage_terms, store_settings
 from m3composer.retrieval.first_stage import DenseIndex, InvertedIndex, concat_ranges
 
 TOKENIZE_CHUNK = 4096                 # texts tokenised (and length-sorted) at a time on the corpus side
@@ -191,8 +195,8 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
                  weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS, heads: Sequence[str] = HEADS, top_k: int = 10,
                  progress: bool = True, colbert_max_elements: int = COLBERT_MAX_ELEMENTS,
                  lexical_cost: Optional[LexicalCost] = None, dims: Sequence[int] = (),
-                 first_stage_k: Optional[int] = None, dense_index: DenseIndex = DenseIndex()
-                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                 first_stage_k: Optional[int] = None, dense_index: DenseIndex = DenseIndex(),
+                 corpus_cache: Optional[CorpusCache] = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """`{head: (scores (Nq, k), document indices (Nq, k))}`, rows in query order, best first, for
     each head and the ensemble; `k = min(top_k, len(docs))`.
 
@@ -210,6 +214,11 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
     query's top K by dense (`dense_index`) and, with the sparse head, by sparse (`InvertedIndex`),
     with the same scores as exact search; a query with fewer than `k` candidates is padded with
     (-inf, -1). K is raised to `top_k` when smaller. With K >= len(docs) the result is exact search's.
+
+    `corpus_cache`: the documents' dense vectors and lexical weights come from an on-disk store
+    (`corpus_store.py`, docs/recipe.md §Corpus store), encoded into it first where it lacks them: the
+    re-rank's first stage always, and exact search without the ColBERT head (ColBERT vectors are not
+    stored; with that head exact search encodes the corpus as without a cache).
     """
     model = unwrap_m3(model)
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
@@ -224,6 +233,8 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
     with_ensemble = len(heads) > 1
     device = next(model.parameters()).device
     top_k = min(top_k, len(docs))
+    if corpus_cache is not None:
+        corpus_cache.report = None              # set again when this search reads the store
     encoding = dict(tokenizer=tokenizer, instruction=passage_instruction, max_length=passage_max_len,
                     batch_size=batch_size, with_sparse="sparse" in heads, progress=progress)
 
@@ -237,12 +248,16 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
                              [(_cut(M3Reps(dense=q.dense, colbert=vecs), dim, model.normalize).colbert, mask)
                               for vecs, mask in q.colbert_blocks]) for dim in dims}
         tops.update({f"{h}@{dim}": RunningTopK(len(q), top_k, device) for dim in dims for h in scored if h != "sparse"})
-        if first_stage_k is None:
+        if first_stage_k is None and corpus_cache is not None and "colbert" not in heads:
+            store = stored_corpus(model, docs, corpus_cache, **encoding)
+            batches = ((indices, M3Reps(dense=dense, sparse=sparse), None, None)
+                       for indices, dense, sparse in store.batches(batch_size, device, lexical_cost))
+        elif first_stage_k is None:
             batches = ((indices, d, None, None) for indices, d in encoded_batches(
                 model, docs, with_colbert="colbert" in heads, lexical_cost=lexical_cost, desc="encode corpus", **encoding))
         else:
             batches = _rerank_batches(model, q, docs, max(first_stage_k, top_k), dense_index, with_colbert="colbert" in heads,
-                                      lexical_cost=lexical_cost, **encoding)
+                                      lexical_cost=lexical_cost, corpus_cache=corpus_cache, **encoding)
         for indices, d, rows, mask in batches:
             doc_indices = torch.tensor(indices, dtype=torch.long, device=device)
             sparse = None
@@ -297,6 +312,21 @@ def encoded_batches(model, docs: Sequence[str], *, tokenizer, instruction: Optio
             bar.update(len(indices))
 
 
+def stored_corpus(model, docs: Sequence[str], corpus_cache: CorpusCache, *, tokenizer, instruction: Optional[str],
+                  max_length: int, batch_size: int, with_sparse: bool, progress: bool) -> CorpusStore:
+    """The store of `docs` under `corpus_cache` for this model and these settings (dense, and sparse
+    with `with_sparse`), its missing shards encoded first (the model in eval mode)."""
+    settings = store_settings(model, tokenizer, docs, instruction=instruction, max_length=max_length,
+                              with_sparse=with_sparse)
+
+    def encode(doc_indices: np.ndarray):
+        return encoded_batches(model, docs, tokenizer=tokenizer, instruction=instruction, max_length=max_length,
+                               batch_size=batch_size, with_sparse=with_sparse, with_colbert=False, progress=progress,
+                               desc="encode corpus into the store", doc_indices=doc_indices)
+    with inference_mode(model):
+        return corpus_cache.open(settings, encode)
+
+
 def _block_rows(blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor
                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """QuerySide's ColBERT blocks `(vecs, mask)` cut to the query rows `rows` (ascending), in row order."""
@@ -309,9 +339,40 @@ def _block_rows(blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: torch
     return out
 
 
+def _kept_vectors(model, docs: Sequence[str], corpus_cache: Optional[CorpusCache], *, with_sparse: bool,
+                  progress: bool, lexical_cost: Optional[LexicalCost], **encoding
+                  ) -> tuple[np.ndarray, Optional[InvertedIndex]]:
+    """Every document's dense vector `(N, H)` and, with `with_sparse`, its lexical weights as an
+    `InvertedIndex` (finished by the caller): read from the store with `corpus_cache`, else encoded."""
+    num_docs = len(docs)
+    dense, inverted = None, None
+    if corpus_cache is not None:
+        store = stored_corpus(model, docs, corpus_cache, with_sparse=with_sparse, progress=progress, **encoding)
+        vocab_size = store.settings["vocab_size"]
+        inverted = InvertedIndex(num_docs, vocab_size) if with_sparse else None
+        parts = []
+        for start, arrays in store.shards():
+            parts.append(arrays["dense"])
+            if inverted is not None:
+                inverted.add_csr(start, arrays["sparse_indptr"], arrays["sparse_tokens"], arrays["sparse_weights"])
+                if lexical_cost is not None:
+                    count_passage_terms(lexical_cost, arrays, vocab_size)
+        return np.concatenate(parts), inverted
+    for indices, d in encoded_batches(model, docs, with_sparse=with_sparse, with_colbert=False, progress=progress,
+                                      lexical_cost=lexical_cost, desc="encode corpus", **encoding):
+        if dense is None:
+            dense = np.empty((num_docs, d.dense.shape[1]), dtype=np.float32)
+            inverted = InvertedIndex(num_docs, d.sparse.shape[1]) if with_sparse else None
+        dense[indices] = d.dense.float().cpu().numpy()
+        if inverted is not None:
+            inverted.add(indices, d.sparse)
+    return dense, inverted
+
+
 def _rerank_batches(model, q: QuerySide, docs: Sequence[str], first_stage_k: int, dense_index: DenseIndex, *,
                     with_sparse: bool, with_colbert: bool, lexical_cost: Optional[LexicalCost], progress: bool,
-                    **encoding) -> Iterator[tuple[list[int], M3Reps, Optional[torch.Tensor], Optional[torch.Tensor]]]:
+                    corpus_cache: Optional[CorpusCache] = None, **encoding
+                    ) -> Iterator[tuple[list[int], M3Reps, Optional[torch.Tensor], Optional[torch.Tensor]]]:
     """The batches a re-rank scores: `(document indices, M3Reps, query rows, (rows, batch) candidate
     mask)`, over the union of every query's first-stage candidates (rows and mask None where a batch
     concerns every query as a candidate of every document: exact search's computation).
@@ -321,23 +382,17 @@ def _rerank_batches(model, q: QuerySide, docs: Sequence[str], first_stage_k: int
     16 bytes per non-zero weight); ColBERT vectors are not kept. When ColBERT is scored the candidate
     documents are encoded a second time, all heads at once (so up to twice the encoder's work of
     exact search when the candidates cover the corpus); without ColBERT their kept vectors are
-    scored. The ColBERT max-sim of a batch runs for every query with a candidate in it against the
-    whole batch (then masked); candidates come in corpus order, so with K >= the corpus size the
-    batches, and the scores, are exact search's.
+    scored. With `corpus_cache` the kept vectors are read from the store (`stored_corpus`). The
+    ColBERT max-sim of a batch runs for every query with a candidate in it against the whole batch
+    (then masked); candidates come in corpus order, so with K >= the corpus size the batches, and
+    the scores, are exact search's.
     """
     device = next(model.parameters()).device
     num_docs = len(docs)
-    dense = inverted = None
-    for indices, d in encoded_batches(model, docs, with_sparse=with_sparse, with_colbert=False, progress=progress,
-                                      lexical_cost=lexical_cost, desc="encode corpus", **encoding):
-        if dense is None:
-            dense = np.empty((num_docs, d.dense.shape[1]), dtype=np.float32)
-            inverted = InvertedIndex(num_docs, d.sparse.shape[1]) if with_sparse else None
-        dense[indices] = d.dense.float().cpu().numpy()
-        if inverted is not None:
-            inverted.add(indices, d.sparse)
-    if dense is None:
+    if not num_docs:
         return
+    dense, inverted = _kept_vectors(model, docs, corpus_cache, with_sparse=with_sparse, progress=progress,
+                                    lexical_cost=lexical_cost, **encoding)
     k = min(first_stage_k, num_docs)
     _, dense_top = dense_index.search(q.dense.cpu().numpy(), dense, k)
     pair_rows = [np.repeat(np.arange(len(q)), k)]

@@ -12,7 +12,7 @@
 #                 warm-up 16ba (SPARSE_WARMUP)
 #   l1-<λ>        the same with the L1 regulariser (e.g. l1-1)
 # `all` and `mrl` are also evaluated with the vectors cut to 96 (--dims 96: plain truncation for `all`);
-# THRESHOLDS (default "0.05 0.1 0.15") re-evaluates dense + sparse (eval needs dense) of `all` and every regularised row with
+# THRESHOLDS (default "0.05 0.1 0.125 0.15") re-evaluates dense + sparse (eval needs dense) of `all` and every regularised row with
 # that model.sparse_threshold (`m3c eval --heads dense,sparse --sparse-threshold T`): the trade-off curve.
 # One process per training (NPROC=1) with the quickstart's global batch (16 queries, the 2 ranks'
 # gathered negatives), activation checkpointing on (memory only); trainer.save_folder=null.
@@ -28,7 +28,7 @@ SEEDS=${SEEDS:-42 43 44}
 ROWS=${ROWS:-all mrl dense dense_sparse sparse}
 DIM=${DIM:-96}
 SPARSE_WARMUP=${SPARSE_WARMUP:-16ba}
-THRESHOLDS=${THRESHOLDS:-0.05 0.1 0.15}
+THRESHOLDS=${THRESHOLDS:-0.05 0.1 0.125 0.15}
 EVAL_ARGS=(--passage-max-len 192 --per-query --no-progress)
 step() { printf '\n=== [%s] %s ===\n' "$(date +%H:%M:%S)" "$*"; }
 mkdir -p "$RUN"

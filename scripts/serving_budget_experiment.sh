@@ -5,13 +5,14 @@
 # (`m3c eval --per-query`, `m3c compare`). Rows (ROWS, default all of them):
 #   all           the recipe: dense + sparse + ColBERT (the reference of every other row)
 #   mrl           all three + Matryoshka at 96 of e5-small's 384 for dense and ColBERT (loss.matryoshka)
+#   mrlw<W>       the same with weight W on the 96 size (e.g. mrlw4; the full size keeps weight 1)
 #   dense         loss.heads=[dense] (self-distillation off: one head has no ensemble)
 #   dense_sparse  loss.heads=[dense,sparse]
 #   sparse        loss.heads=[sparse] (self-distillation off)
 #   flops<λ>      all three + the FLOPS regulariser, λ for queries and passages (e.g. flops1, flops10),
 #                 warm-up 16ba (SPARSE_WARMUP)
 #   l1-<λ>        the same with the L1 regulariser (e.g. l1-1)
-# `all` and `mrl` are also evaluated with the vectors cut to 96 (--dims 96: plain truncation for `all`);
+# `all` and `mrl*` are also evaluated with the vectors cut to 96 (--dims 96: plain truncation for `all`);
 # THRESHOLDS (default "0.05 0.1 0.125 0.15") re-evaluates dense + sparse (eval needs dense) of `all` and every regularised row with
 # that model.sparse_threshold (`m3c eval --heads dense,sparse --sparse-threshold T`): the trade-off curve.
 # One process per training (NPROC=1) with the quickstart's global batch (16 queries, the 2 ranks'
@@ -40,6 +41,8 @@ row_args() {  # the overrides of one row
   case "$1" in
     all) ;;
     mrl) echo "loss.matryoshka.dense_dims=[$DIM] loss.matryoshka.colbert_dims=[$DIM]" ;;
+    mrlw*) w=${1#mrlw}
+           echo "loss.matryoshka.dense_dims=[$DIM] loss.matryoshka.colbert_dims=[$DIM] loss.matryoshka.dense_weights=[$w] loss.matryoshka.colbert_weights=[$w]" ;;
     dense) echo "loss.heads=[dense] loss.use_self_distill=false" ;;   # one head: no ensemble to distil from
     dense_sparse) echo "loss.heads=[dense,sparse]" ;;
     sparse) echo "loss.heads=[sparse] loss.use_self_distill=false" ;;
@@ -64,7 +67,7 @@ for seed in $SEEDS; do
       trainer.save_folder=null run_dir="$out" data.train_data="$RUN/mds" callbacks.export_dir="$out/export" \
       callbacks.loss_log="$out/losses.jsonl" "${extra[@]}" > "$out/train.log" 2>&1
     echo "trained in $(( $(date +%s) - started )) s"
-    dims=(); case "$row" in all|mrl) dims=(--dims "$DIM") ;; esac
+    dims=(); case "$row" in all|mrl*) dims=(--dims "$DIM") ;; esac
     step "$name: held-out eval"
     "${M3C[@]}" eval "$out/export" "$RUN/sample/eval" "${EVAL_ARGS[@]}" "${dims[@]}" \
       --output "$RUN/eval_$name.json" | tail -12

@@ -59,20 +59,24 @@ def main(run: Path) -> None:
                   + " | ".join(diff(cmp, h) if row != "all" else "" for h in HEADS) + " |")
 
     dims = sorted({d for r in evals.values() for d in r.get("dims", {})}, key=int)
+    mrl_rows = sorted({r for r, _, t in evals if r.startswith("mrl") and t is None}, key=lambda r: (len(r), r))
     for dim in dims:
         print(f"\n### Matryoshka at {dim}\n\n`all` cut to {dim} is plain truncation of a model trained without MRL; "
-              f"`mrl` trained {dim} beside the full size. Kept: nDCG@10 at {dim} / the same model's full size.\n")
-        print(f"| seed | head | all full | all@{dim} | mrl full | mrl@{dim} | mrl kept | mrl@{dim} − all@{dim} | "
-              "mrl full − all full |\n|---|---|---|---|---|---|---|---|---|")
+              f"`mrl` trained {dim} beside the full size (`mrlw<W>`: with weight W on {dim}). Kept: nDCG@10 at "
+              f"{dim} / the same model's full size.\n")
+        print(f"| seed | run | head | all full | all@{dim} | run full | run@{dim} | kept | run@{dim} − all@{dim} | "
+              "run full − all full |\n|---|---|---|---|---|---|---|---|---|---|")
         for seed in seeds:
-            base, mrl = evals.get(("all", seed, None)), evals.get(("mrl", seed, None))
-            if base is None or mrl is None:
-                continue
-            cmp = load(run / f"compare_all_mrl-s{seed}.json")
-            for head in ("dense", "colbert", "ensemble"):
-                full, cut = ndcg(mrl, head), ndcg(mrl, head, dim)
-                print(f"| {seed} | {head} | {fmt(ndcg(base, head))} | {fmt(ndcg(base, head, dim))} | {fmt(full)} | "
-                      f"{fmt(cut)} | {cut / full:.1%} | {diff(cmp, f'{head}@{dim}')} | {diff(cmp, head)} |")
+            for row in mrl_rows:
+                base, mrl = evals.get(("all", seed, None)), evals.get((row, seed, None))
+                if base is None or mrl is None:
+                    continue
+                cmp = load(run / f"compare_all_{row}-s{seed}.json")
+                for head in ("dense", "colbert", "ensemble"):
+                    full, cut = ndcg(mrl, head), ndcg(mrl, head, dim)
+                    print(f"| {seed} | {row} | {head} | {fmt(ndcg(base, head))} | {fmt(ndcg(base, head, dim))} | "
+                          f"{fmt(full)} | {fmt(cut)} | {cut / full:.1%} | {diff(cmp, f'{head}@{dim}')} | "
+                          f"{diff(cmp, head)} |")
 
     sparse_rows = sorted({(r, t) for r, _, t in evals if r == "all" or r.startswith(("flops", "l1-"))},
                          key=lambda rt: (rt[0] != "all", rt[0], float(rt[1] or 0)))

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test test-spark test-shuffled install clean
+.PHONY: quickstart test test-spark test-bench test-shuffled install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 # Conversion on a local Spark (tests/data/test_spark.py; needs `java`): CI runs it after `make test`
 test-spark: $(STAMP)
 	$(BIN)/python -m pytest -q -m spark tests/data/test_spark.py
+
+# Every scripts/bench_*.py on its smallest configuration (tests/test_bench_*.py): CI runs it after `make test`
+test-bench: $(STAMP)
+	$(BIN)/python -m pytest -q -m bench tests/test_bench_scripts.py tests/test_bench_memory.py
 
 # The suite in a random order (modules shuffled, and the tests in each): no test may rely on what
 # an earlier one left behind. The seed is printed first; `make test-shuffled SEED=N` reruns that order.

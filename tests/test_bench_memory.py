@@ -12,6 +12,9 @@ import torch
 
 from tests import bounded
 
+# run by `make test-bench` (and CI), not by `make test`: pyproject.toml [tool.pytest.ini_options]
+pytestmark = pytest.mark.bench
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "bench_memory.py"
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+# run by `make test-bench` (and CI), not by `make test`: pyproject.toml [tool.pytest.ini_options]
+pytestmark = pytest.mark.bench
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 

@@ -40,3 +40,9 @@ def test_configuration_reference_lists_every_config_key_with_a_meaning():
     assert keys - set(documented) == set(), "config keys missing from docs/configuration.md"
     assert set(documented) - keys == set(), "docs/configuration.md documents keys the schema does not have"
     assert [k for k, cells in documented.items() if not cells[3]] == [], "config keys without a meaning"
+
+
+def test_the_readme_stays_the_front_door_of_at_most_20_kb():
+    """README.md is the users' front door: at most 20 KB; studies, logs and references go under docs/."""
+    size = (Path(__file__).resolve().parents[1] / "README.md").stat().st_size
+    assert size <= 20 * 1024, f"README.md is {size} bytes; move detail to docs/ (limit 20,480)"

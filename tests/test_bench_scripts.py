@@ -142,3 +142,44 @@ def test_bench_serving_budget_smoke_pairs_each_variant_with_base(tmp_path, capsy
     base, both = (result["runs"][v][0]["losses"] for v in ("base", "both"))
     assert len(base) == len(both) == result["steps"] and base != both      # the variant's terms are in its loss
     assert "| both |" in capsys.readouterr().out
+
+
+def test_bench_corpus_smoke_runs_every_phase_on_a_corpus_built_once(tmp_path, assets, capsys):
+    """`bench_corpus.py --smoke`: a 500-passage corpus of the installed packages' text (BEIR folder and
+    `m3c mine` input), every phase in this process with the tiny model (seeded heads added) to the
+    report's rows; the store is read back by the second eval; a second run reuses the corpus."""
+    bench = load_script("bench_corpus")
+    assert bench.main(["--smoke", "--work", str(tmp_path)]) == 0
+    printed = printed_json(capsys.readouterr().out)
+    assert printed["failed"] == [], printed
+    assert printed["rows"] == ["corpus", "encode", "eval dense exact, 1 rank", "store build", "store reuse",
+                               "re-rank", "mine", "quality"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    corpus = Path(results["corpus_dir"])
+    docs = {d["_id"]: bench.normalise(d["title"] + " " + d["text"]) for d in map(json.loads, (corpus / "corpus.jsonl").open())}
+    assert len(docs) == 500 and len(set(docs.values())) == 500
+    qrels = (corpus / "qrels" / "test.tsv").read_text().splitlines()[1:]
+    assert len(qrels) == 10 and all(line.split("\t")[1] in docs for line in qrels)
+    mine_rows = [json.loads(line) for line in (corpus / "mine.jsonl").open()]
+    assert [bench.normalise(r["pos"][0]) for r in mine_rows] == [docs[line.split("\t")[1]] for line in qrels]
+    phases = results["phases"]
+    assert phases["store reuse"]["result"]["corpus_cache"]["reused"] is True
+    assert phases["store build"]["result"]["corpus_cache"]["reused"] is False
+    assert set(phases["re-rank"]["result"]["agreement"]) == {"dense", "sparse", "colbert", "ensemble"}
+    assert phases["mine"]["result"]["pool"] == 500 and phases["mine"]["result"]["rows"] == 10
+    assert results["projection"]["nonzero_per_passage"] > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| store reuse |" in report and "Projection to 8.8 M passages on 8 GPUs" in report
+    assert bench.main(["--smoke", "--work", str(tmp_path), "--build-only"]) == 0
+    assert "reused" in capsys.readouterr().out
+
+
+def test_bench_corpus_builds_the_same_corpus_twice(tmp_path):
+    """The corpus is a function of the installed packages and the settings: two builds, the same bytes."""
+    bench = load_script("bench_corpus")
+    for name in ("a", "b"):
+        bench.build_corpus(tmp_path / name, passages=300, queries=5, max_words=64, min_words=8)
+    for part in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "mine.jsonl"):
+        assert (tmp_path / "a" / part).read_bytes() == (tmp_path / "b" / part).read_bytes(), part
+    lengths = [len(json.loads(line)["text"].split()) for line in (tmp_path / "a" / "corpus.jsonl").open()]
+    assert len(lengths) == 300 and 8 <= min(lengths) and max(lengths) <= 64

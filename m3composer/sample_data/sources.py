@@ -154,15 +154,22 @@ def _docstrings(module: str, tree: ast.Module) -> Iterator[tuple[str, str]]:
         stack.extend((c, f"{qualname}.{c.name}" if qualname else c.name) for c in reversed(children))
 
 
+def python_docstrings(path: str | os.PathLike, module: str) -> tuple[tuple[str, str], ...]:
+    """(qualified name, cleaned docstring) of the module, classes and functions of one Python source
+    file, in source order, parsed with `ast` (never imported); () for a file that is not valid
+    Python 3 / UTF-8 (a few stdlib files are deliberately not)."""
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return ()
+    return tuple(_docstrings(module, tree))
+
+
 @functools.lru_cache(maxsize=None)
 def _file_docstrings(path: str, module: str, mtime_ns: int, size: int) -> tuple[tuple[str, str], ...]:
-    """The docstrings of one source file, parsed once per process and file version (parsing is most of
-    a `sample-data` run: 8 of 17 s; a process that generates again, as the tests do, reuses it)."""
-    try:
-        tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
-    except (SyntaxError, UnicodeDecodeError, ValueError):
-        return ()  # a few stdlib files are deliberately not valid Python 3 / UTF-8
-    return tuple(_docstrings(module, tree))
+    """`python_docstrings`, once per process and file version (parsing is most of a `sample-data` run:
+    8 of 17 s; a process that generates again, as the tests do, reuses it)."""
+    return python_docstrings(path, module)
 
 
 def stdlib_docstrings(root: str | os.PathLike | None = None, min_query_words: int = 3,

@@ -10,8 +10,9 @@ Each shard is written to a temporary file and renamed (`fsutil.atomic_file`), so
 is a complete one: after a kill the next run reuses every shard present and encodes the missing ones.
 
 The key (`store_key`) is a hash of everything that changes the stored numbers: the model's weights
-(the bytes of every parameter and buffer of the loaded model, in its dtype: a changed, fine-tuned
-or re-cast model is another key; hashing ~2 GB of BGE-M3 costs a few seconds), its pooling,
+(the bytes of the encoder's parameters and buffers, and the sparse head's when sparse vectors are
+stored, in the loaded dtype: a changed, fine-tuned or re-cast model is another key; hashing ~2 GB of
+BGE-M3 costs a few seconds), its pooling,
 normalisation and sparse threshold, the tokenizer's vocabulary, the heads stored, the passage
 instruction and max length, and the corpus (every text, in order). A different key is a different
 directory, so a stale store is never read. Matryoshka sizes are not part of it: the full vectors are
@@ -37,10 +38,16 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 
 
-def _model_digest(model) -> str:
-    """A hash of every parameter and buffer of `model` (names, dtypes, shapes, bytes)."""
+def _model_digest(model, with_sparse: bool) -> str:
+    """A hash of the parameters and buffers the stored vectors come from (names, dtypes, shapes, bytes): the
+    encoder's, and the sparse head's when sparse vectors are stored. The ColBERT head, never stored, is left
+    out, and so is the sparse head of a dense-only store: a folder without head files gets fresh random heads
+    at every load, which must not change the key of what they do not touch."""
     digest = hashlib.blake2b(digest_size=16)
+    kept = ("encoder.", "sparse_linear.") if with_sparse else ("encoder.",)
     for name, tensor in model.state_dict().items():
+        if not name.startswith(kept):
+            continue
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -61,7 +68,7 @@ def store_settings(model, tokenizer, docs: Sequence[str], *, instruction: Option
                    with_sparse: bool) -> dict:
     """What the store's numbers depend on (module doc), as JSON-ready values."""
     vocab = hashlib.blake2b(json.dumps(sorted(tokenizer.get_vocab().items())).encode(), digest_size=16).hexdigest()
-    return {"format": FORMAT, "model": _model_digest(model), "tokenizer": f"{type(tokenizer).__name__}:{vocab}",
+    return {"format": FORMAT, "model": _model_digest(model, with_sparse), "tokenizer": f"{type(tokenizer).__name__}:{vocab}",
             "pooling": str(model.pooling), "normalize": bool(model.normalize),
             "sparse_threshold": float(model.sparse_threshold), "vocab_size": int(model.vocab_size),
             "heads": ["dense", "sparse"] if with_sparse else ["dense"],

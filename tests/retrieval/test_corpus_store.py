@@ -189,3 +189,19 @@ def test_cli_eval_and_mine_reuse_the_store(model, real_set, tmp_path, capsys):
     assert len(list(cache.iterdir())) == 2                       # eval's store (dense + sparse), mine's (dense)
     for plain, stored, again in zip(*mined):
         assert plain["neg_scores"] == pytest.approx(stored["neg_scores"], abs=1e-5) == again["neg_scores"]
+
+
+def test_the_key_hashes_only_the_weights_behind_the_stored_vectors(model, real_set):
+    """A folder without head files gets fresh random heads at every load: a dense-only store must still be
+    found again (its key leaves both heads out), a dense + sparse store is another one when the sparse head
+    differs, and the ColBERT head, never stored, changes no key."""
+    def key(m, with_sparse):
+        return store_key(store_settings(m, m.tokenizer, real_set.docs, instruction="", max_length=64,
+                                        with_sparse=with_sparse))
+
+    sparse_changed, colbert_changed = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        sparse_changed.sparse_linear.weight.add_(torch.randn_like(sparse_changed.sparse_linear.weight))
+        colbert_changed.colbert_linear.weight.add_(torch.randn_like(colbert_changed.colbert_linear.weight))
+    assert key(sparse_changed, False) == key(colbert_changed, False) == key(model, False)
+    assert key(colbert_changed, True) == key(model, True) != key(sparse_changed, True)

@@ -104,6 +104,16 @@ def train_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_weights_dir(tmp_path_factory, tiny_dir) -> Path:
+    """The tiny model's folder without its tokenizer (links to its files): what `build_model` reads in
+    the tests that only look at the model, less a load of the 250k-entry tokenizer each time."""
+    folder = tmp_path_factory.mktemp("tiny-weights")
+    for name in ("config.json", "m3composer.json", "model.safetensors"):
+        (folder / name).symlink_to(tiny_dir / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def trained(tmp_path_factory, train_data):
     """One 16-step run; returns what the tests need (the in-memory model stays alive)."""
     from m3composer.train import build_trainer
@@ -314,14 +324,14 @@ def test_the_same_command_after_a_finished_autoresume_run_only_exports_again(tmp
     assert [[r["step"] for r in fit] for fit in fits] == [[0, 1]]   # the second run trained nothing
 
 
-def test_new_heads_start_as_configured_and_the_export_records_it(tmp_path, tiny_dir, train_data):
+def test_new_heads_start_as_configured_and_the_export_records_it(tmp_path, tiny_weights_dir, train_data):
     from m3composer.model.folder_config import M3FolderConfig
     from m3composer.train import ModelDefaults, build_model, build_optimizer
 
     chosen = ModelDefaults("cls", None, None)
     cfg = _cfg(tmp_path, train_data, model={"new_sparse_head_init": "lexical_overlap"},
                optimizer={"new_head_lr_multiplier": 10.0})
-    model = build_model(cfg, tiny_dir, chosen)
+    model = build_model(cfg, tiny_weights_dir, chosen)
     sparse = model.model.sparse_linear
     assert torch.count_nonzero(sparse.weight) == 0 and sparse.bias.item() == pytest.approx(0.02 ** 0.5)
     # the two usual groups, then two at 10x the lr holding exactly the fresh heads
@@ -339,19 +349,21 @@ def test_new_heads_start_as_configured_and_the_export_records_it(tmp_path, tiny_
     assert not trained.model.fresh_heads
     assert torch.equal(trained.model.sparse_linear.weight, sparse.weight)
     assert [g["lr"] for g in build_optimizer(cfg, trained).param_groups] == [cfg.optimizer.lr] * 2
-    default = build_model(_cfg(tmp_path, train_data, model={"new_sparse_head_init": "default"}), tiny_dir, chosen)
+    default = build_model(_cfg(tmp_path, train_data, model={"new_sparse_head_init": "default"}), tiny_weights_dir,
+                          chosen)
     assert torch.count_nonzero(default.model.sparse_linear.weight) > 0      # PyTorch's init, as FlagEmbedding
-    assert build_model(_cfg(tmp_path, train_data), tiny_dir, chosen).model.head_init == {
+    assert build_model(_cfg(tmp_path, train_data), tiny_weights_dir, chosen).model.head_init == {
         "sparse": "idf", "colbert": "default", "new_head_lr_multiplier": 10.0}   # the defaults (fitted later)
 
 
-def test_a_fresh_head_left_out_of_loss_heads_is_not_initialised_fitted_nor_optimised(tmp_path, tiny_dir, train_data):
+def test_a_fresh_head_left_out_of_loss_heads_is_not_initialised_fitted_nor_optimised(tmp_path, tiny_weights_dir,
+                                                                                     train_data):
     from m3composer.callbacks.head_diagnostics import HeadDiagnostics
     from m3composer.train import ModelDefaults, build_callbacks, build_model, build_optimizer, fit_new_sparse_head
 
     chosen = ModelDefaults("cls", None, None)
     cfg = _cfg(tmp_path, train_data, loss={"heads": ["dense", "colbert"]})
-    model = build_model(cfg, tiny_dir, chosen)
+    model = build_model(cfg, tiny_weights_dir, chosen)
     m3 = model.model
     assert m3.fresh_heads == ("sparse", "colbert") and m3.untrained_fresh_heads() == ("sparse",)
     assert torch.count_nonzero(m3.sparse_linear.weight) > 0            # PyTorch's init, not lexical overlap
@@ -544,15 +556,16 @@ def test_a_finished_run_keeps_nothing_of_its_dataset_alive(tmp_path, train_data)
     assert dataset() is None
 
 
-def test_a_matryoshka_size_the_models_vectors_do_not_have_is_a_config_error_naming_the_key(tmp_path, tiny_dir):
+def test_a_matryoshka_size_the_models_vectors_do_not_have_is_a_config_error_naming_the_key(tmp_path, tiny_weights_dir):
     from m3composer.train import ModelDefaults, build_model
 
     chosen = ModelDefaults("cls", None, None)      # the tiny model: hidden 32, ColBERT vectors of 32
     model = build_model(_cfg(tmp_path, tmp_path / "data", loss={"matryoshka": {"dense_dims": [16, 8]}},
-                             model={"colbert_dim": 24}), tiny_dir, chosen)
+                             model={"colbert_dim": 24}), tiny_weights_dir, chosen)
     assert model.model.matryoshka == {"dense_dims": [16, 8], "colbert_dims": []}
     with pytest.raises(ConfigError, match=r"loss\.matryoshka\.dense_dims: .*below the dense vectors' size 32, got \[32\]"):
-        build_model(_cfg(tmp_path, tmp_path / "data", loss={"matryoshka": {"dense_dims": [32]}}), tiny_dir, chosen)
+        build_model(_cfg(tmp_path, tmp_path / "data", loss={"matryoshka": {"dense_dims": [32]}}), tiny_weights_dir,
+                    chosen)
     with pytest.raises(ConfigError, match=r"loss\.matryoshka\.colbert_dims: .*size 24, got \[24\]"):
         build_model(_cfg(tmp_path, tmp_path / "data", loss={"matryoshka": {"colbert_dims": [24]}},
-                         model={"colbert_dim": 24}), tiny_dir, chosen)
+                         model={"colbert_dim": 24}), tiny_weights_dir, chosen)

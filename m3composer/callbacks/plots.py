@@ -15,6 +15,7 @@ with the Agg backend (no display needed).
 """
 from __future__ import annotations
 
+import io
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -37,7 +38,7 @@ DIAGNOSTIC_SERIES = ("heads/sparse/shared_token_weight", "heads/sparse/zero_weig
 HEAD_ORDER = SCORE_NAMES
 # The loss terms in the order ComposerM3 logs them; unknown terms go just before "total".
 LOSS_ORDER = LOSS_KEYS
-# losses.png is a grid of at most LOSS_MAX_ROWS rows (1,210 px at the 110 dpi of _save_atomic), filled
+# losses.png is a grid of at most LOSS_MAX_ROWS rows (1,210 px at the 110 dpi of _png), filled
 # down the columns, so that the twelve panels of a full run fit a screen (3 x 4: 1,815 x 968 px):
 # 1 column of 8 in, or columns of 5.5 in
 LOSS_MAX_ROWS = 5
@@ -83,9 +84,10 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def _save_atomic(fig, path: Path) -> None:
-    with atomic_file(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=110)
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
 
 
 def _eval_series(history: dict[str, list[tuple[int, float]]]) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -111,13 +113,30 @@ def write_plots(run_dir: str | os.PathLike, history: Mapping[str, Sequence[tuple
                 smoothing_window: int = 10) -> list[Path]:
     """Write `plots/losses.png` and `plots/eval.png` under `run_dir` (each only when it has data);
     returns the paths written."""
+    history = normalize_history(history)
+    key = (smoothing_window, sorted((name, tuple(points)) for name, points in history.items()))
+    if _LAST_RENDER.get("key") != key:
+        # at fit end the export's card and `Plots` draw the same history: draw it once
+        _LAST_RENDER.update(key=key, pngs=_render(history, smoothing_window))
+    written = []
+    for name, png in _LAST_RENDER["pngs"].items():
+        path = Path(run_dir) / "plots" / name
+        with atomic_file(path, "wb") as handle:
+            handle.write(png)
+        written.append(path)
+    return written
+
+
+_LAST_RENDER: dict[str, Any] = {}
+
+
+def _render(history: dict[str, list[tuple[int, float]]], smoothing_window: int) -> dict[str, bytes]:
+    """`{"losses.png": bytes, "eval.png": bytes}`, each only when it has data."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = normalize_history(history)
-    plots_dir = Path(run_dir) / "plots"
-    written = []
+    pngs = {}
 
     losses = {name[len(LOSS_PREFIX):]: pts for name, pts in history.items() if name.startswith(LOSS_PREFIX)}
     # Terms that stayed exactly zero (switched off for the whole run) only clutter the figure.
@@ -150,9 +169,8 @@ def write_plots(run_dir: str | os.PathLike, history: Mapping[str, Sequence[tuple
         fig.suptitle("training loss terms (loss/train/*), then the heads' diagnostics")
         cells[0].legend(loc="upper right", fontsize=8)
         fig.tight_layout()
-        _save_atomic(fig, plots_dir / "losses.png")
+        pngs["losses.png"] = _png(fig)
         plt.close(fig)
-        written.append(plots_dir / "losses.png")
 
     panels = _eval_series(history)
     if panels:
@@ -175,10 +193,9 @@ def write_plots(run_dir: str | os.PathLike, history: Mapping[str, Sequence[tuple
             ax.set_visible(False)
         fig.suptitle("retrieval evaluation (metrics/<label>/<head>/<metric>)")
         fig.tight_layout()
-        _save_atomic(fig, plots_dir / "eval.png")
+        pngs["eval.png"] = _png(fig)
         plt.close(fig)
-        written.append(plots_dir / "eval.png")
-    return written
+    return pngs
 
 
 class Plots(LoggerDestination):

@@ -25,11 +25,15 @@ from tests.model.conftest import model_settings
 FILES = {"config.json", "model.safetensors", "colbert_linear.pt", "sparse_linear.pt", "m3composer.json"}
 
 
-def _trainer(tmp_path: Path, tiny_dir: Path, callbacks: list, max_duration: str, **settings) -> Trainer:
+def _trainer(tmp_path: Path, tiny_dir: Path, callbacks: list, max_duration: str, load_tokenizer: bool = True,
+             **settings) -> Trainer:
+    """`load_tokenizer=False`: a model without its tokenizer, whose exports (and their reloads) skip the
+    250k-entry tokenizer's files, for the tests that look only at weights and schedules."""
     data = write_converted(tmp_path / "mds", [StreamSpec("t", "len-0-500", 24, num_pos=1, num_neg=3)])
     dataset = M3TrainDataset(str(data), **dataset_settings(train_group_size=2, default_batch_size=4, seed=1,
                                                            query_max_len=16, passage_max_len=16))
-    model = ComposerM3(M3Model.from_pretrained(tiny_dir), **model_settings(train_group_size=2, **settings))
+    model = ComposerM3(M3Model.from_pretrained(tiny_dir, load_tokenizer=load_tokenizer),
+                       **model_settings(train_group_size=2, **settings))
     return Trainer(model=model, train_dataloader=make_data_spec(DataLoader(dataset, batch_size=None)),
                    optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2), max_duration=max_duration,
                    device="cpu", device_train_microbatch_size=dataset.max_per_device_batch_size,
@@ -47,7 +51,7 @@ def _same(a: dict, b: dict) -> bool:
 def test_exports_every_n_batches_every_epoch_and_at_fit_end(tmp_path, tiny_dir):
     by_batch, by_epoch = tmp_path / "by_batch", tmp_path / "by_epoch"
     trainer = _trainer(tmp_path, tiny_dir, [ExportModel(str(by_batch), "3ba"), ExportModel(str(by_epoch), "1ep")],
-                       "8ba")
+                       "8ba", load_tokenizer=False)
     trainer.fit()
     trainer.close()
 
@@ -67,7 +71,7 @@ def test_exports_every_n_batches_every_epoch_and_at_fit_end(tmp_path, tiny_dir):
 
 def test_a_failing_export_leaves_no_half_folder_and_keeps_the_previous_one(tmp_path, tiny_dir, monkeypatch):
     export = tmp_path / "export"
-    trainer = _trainer(tmp_path, tiny_dir, [ExportModel(str(export), None)], "2ba")
+    trainer = _trainer(tmp_path, tiny_dir, [ExportModel(str(export), None)], "2ba", load_tokenizer=False)
     trainer.fit()
     before = _weights(export)
 
@@ -96,7 +100,7 @@ def test_an_export_that_fails_at_fit_end_fails_the_run(tmp_path, tiny_dir, monke
         raise OSError("disk full")
 
     monkeypatch.setattr(M3FolderConfig, "save", disk_full)
-    trainer = _trainer(tmp_path, tiny_dir, [ExportModel(str(tmp_path / "export"), None)], "1ba")
+    trainer = _trainer(tmp_path, tiny_dir, [ExportModel(str(tmp_path / "export"), None)], "1ba", load_tokenizer=False)
     with pytest.raises(OSError, match="disk full"):
         trainer.fit()
     trainer.close()
@@ -224,7 +228,7 @@ def test_a_matryoshka_export_records_its_sizes_and_the_card_says_what_each_costs
     export = tmp_path / "export"
     sizes = {"dense_dims": [16, 8], "dense_weights": [], "colbert_dims": [8, 4], "colbert_weights": [1.0, 0.5]}
     trainer = _trainer(tmp_path, tiny_dir, [ExportModel(str(export), None, {"run_name": "mrl"})], "1ba",
-                       matryoshka=sizes)
+                       load_tokenizer=False, matryoshka=sizes)
     trainer.fit()
     trainer.close()
     recorded = {"dense_dims": [16, 8], "colbert_dims": [8, 4]}
@@ -236,7 +240,8 @@ def test_a_matryoshka_export_records_its_sizes_and_the_card_says_what_each_costs
     assert "dense vector: 16 (64 bytes fp32, 32 fp16), 8 (32 bytes fp32, 16 fp16)" in card
     assert "ColBERT vector per token: 8 (32 bytes fp32, 16 fp16), 4 (16 bytes fp32, 8 fp16)" in card
     # a run without sizes records none, and its card says nothing about them
-    plain = _trainer(tmp_path / "plain", tiny_dir, [ExportModel(str(tmp_path / "plain-export"), None, None)], "1ba")
+    plain = _trainer(tmp_path / "plain", tiny_dir, [ExportModel(str(tmp_path / "plain-export"), None, None)], "1ba",
+                     load_tokenizer=False)
     plain.fit()
     plain.close()
     assert M3FolderConfig.from_folder(tmp_path / "plain-export").matryoshka is None

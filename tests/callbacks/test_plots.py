@@ -27,6 +27,21 @@ def synthetic_history(steps=30):
     return history
 
 
+def test_the_same_history_is_drawn_once_and_its_pngs_written_again(tmp_path, monkeypatch):
+    """At fit end the export's card and the Plots logger write the same history: one drawing."""
+    from m3composer.callbacks import plots
+
+    history = synthetic_history(8)
+    first = write_plots(tmp_path / "a", history)
+    with monkeypatch.context() as patched:
+        patched.setattr(plots, "_render", lambda *args: pytest.fail("the same history was drawn again"))
+        second = write_plots(tmp_path / "b", {name: list(points) for name, points in history.items()})
+    assert [p.name for p in second] == [p.name for p in first] == ["losses.png", "eval.png"]
+    assert [p.read_bytes() for p in second] == [p.read_bytes() for p in first]
+    history["loss/train/dense"][-1] = (7, 9.0)                          # another history is drawn anew
+    assert (write_plots(tmp_path / "c", history)[0].read_bytes() != first[0].read_bytes())
+
+
 def test_write_plots_makes_two_non_empty_pngs_and_leaves_out_all_zero_terms(tmp_path):
     written = write_plots(tmp_path / "run", synthetic_history())
     assert written == [tmp_path / "run" / "plots" / "losses.png", tmp_path / "run" / "plots" / "eval.png"]

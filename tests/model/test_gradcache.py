@@ -4,6 +4,7 @@ autocast and Composer's training loop."""
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import numpy as np
 import pytest
@@ -105,9 +106,20 @@ def test_cached_loss_and_gradients_equal_the_uncached_ones(kwargs, batch_kwargs,
 
 
 # -------------------------------------------------- dropout on: the replay draws the same masks
+_LOADED: dict = {}
+
+
 def tiny_model(tiny_dir, **kwargs) -> ComposerM3:
-    torch.manual_seed(0)
-    return ComposerM3(M3Model.from_pretrained(tiny_dir), **model_settings(use_self_distill=True, **kwargs)).train()
+    """The tiny model as loaded after `torch.manual_seed(0)` (its fresh heads drawn from that seed), and
+    the random state it leaves: loaded once, then copied (the tokenizer shared, not copied)."""
+    if tiny_dir not in _LOADED:
+        torch.manual_seed(0)
+        m3 = M3Model.from_pretrained(tiny_dir)
+        _LOADED[tiny_dir] = (m3, torch.get_rng_state())
+    m3, rng = _LOADED[tiny_dir]
+    torch.set_rng_state(rng)
+    m3 = copy.deepcopy(m3, memo={id(m3.tokenizer): m3.tokenizer})
+    return ComposerM3(m3, **model_settings(use_self_distill=True, **kwargs)).train()
 
 
 def chunked_reference(model: ComposerM3, batch: dict, chunks, seed: int = 0, autocast=None) -> tuple[dict, dict]:

@@ -130,13 +130,12 @@ def test_sparse_threshold_drops_small_weights_outside_training_and_is_saved(tiny
     """docs/recipe.md §Sparsity control: the threshold applies to inference (eval mode, encode_texts),
     never to training's vectors, and the saved folder records it."""
     from tests.model.test_composer_model import text_batch
-    from transformers import AutoTokenizer
 
     torch.manual_seed(0)
     model = M3Model.from_pretrained(tiny_dir)
     with torch.no_grad():
         model.sparse_linear.bias.fill_(0.5)
-    batch = text_batch(AutoTokenizer.from_pretrained(tiny_dir), 2, 2)
+    batch = text_batch(model.tokenizer, 2, 2)                    # the folder's tokenizer, loaded with the model
     ids, mask = batch["passage_input_ids"], batch["passage_attention_mask"]
     with torch.no_grad():
         full = model.eval().encode(ids, mask).sparse

@@ -17,6 +17,10 @@ re-rank instead of exact search (docs/recipe.md §First stage and re-rank); `--a
 exact search and reports, per head, the recall of its top-10 among the re-ranked top-10.
 `--corpus-cache DIR` reads the corpus' dense and sparse vectors from an on-disk store, written on the
 first run (`corpus_store.py`, docs/recipe.md §Corpus store).
+
+Under a launcher (`composer -n N -m m3composer.cli eval …`, torchrun) each rank encodes 1/N of the
+queries and the corpus and rank 0 alone prints and writes the results (docs/operations.md §Evaluate,
+mine and score on N ranks).
 """
 from __future__ import annotations
 

@@ -36,6 +36,9 @@ needed) re-ranked by the head (docs/recipe.md §First stage and re-rank). Steps 
 `mining.select_negatives`, the rule NegativeRefresh uses too; this module is the command around it.
 `--corpus-cache DIR`: the pool's dense (and, for the other heads, sparse) vectors come from an on-disk
 store written on the first run (`corpus_store.py`, docs/recipe.md §Corpus store).
+Under a launcher (`composer -n N -m m3composer.cli mine …`, torchrun) each rank encodes 1/N of the
+queries and the pool and rank 0 alone writes the output (docs/operations.md §Evaluate, mine and
+score on N ranks).
 """
 from __future__ import annotations
 

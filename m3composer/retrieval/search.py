@@ -27,6 +27,10 @@ scored only for the queries that have a candidate in it and masked to their cand
 
 Corpus store (`corpus_cache`, `corpus_store.py`): the documents' dense vectors and lexical weights
 read from disk instead of encoded, for the re-rank's first stage and for exact search without ColBERT.
+
+N ranks (`across_ranks`, docs/operations.md §Evaluate, mine and score on N ranks): each rank encodes
+its share of the queries (gathered: `QuerySide.gather_ranks`) and of the corpus, and the ranks'
+top-k lists are merged; every rank returns one process's result.
 """
 from __future__ import annotations
 
@@ -290,7 +294,7 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
         corpus_cache.report = None              # set again when this search reads the store
     shared = across_ranks and is_distributed()
     encoding = dict(tokenizer=tokenizer, instruction=passage_instruction, max_length=passage_max_len,
-                    batch_size=batch_size, with_sparse="sparse" in heads, progress=progress, across_ranks=shared)
+                    batch_size=batch_size, with_sparse="sparse" in heads, progress=progress)
 
     with inference_mode(model):
         first, last, size = my_shard(len(queries)) if shared else (0, len(queries), len(queries))
@@ -306,7 +310,7 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
                               for vecs, mask in q.colbert_blocks]) for dim in dims}
         tops.update({f"{h}@{dim}": RunningTopK(len(q), top_k, device) for dim in dims for h in scored if h != "sparse"})
         if first_stage_k is None and corpus_cache is not None and "colbert" not in heads:
-            store = stored_corpus(model, docs, corpus_cache, **encoding)
+            store = stored_corpus(model, docs, corpus_cache, across_ranks=shared, **encoding)
             own = range(*shard(store.num_shards, rank(), world_size())[:2]) if shared else None
             batches = ((indices, M3Reps(dense=dense, sparse=sparse), None, None)
                        for indices, dense, sparse in store.batches(batch_size, device, lexical_cost, own))
@@ -314,10 +318,11 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
             own_docs = np.arange(*my_shard(len(docs))[:2]) if shared else None
             batches = ((indices, d, None, None) for indices, d in encoded_batches(
                 model, docs, with_colbert="colbert" in heads, lexical_cost=lexical_cost, desc="encode corpus",
-                doc_indices=own_docs, **_without(encoding, "across_ranks")))
+                doc_indices=own_docs, **encoding))
         else:
             batches = _rerank_batches(model, q, docs, max(first_stage_k, top_k), dense_index, with_colbert="colbert" in heads,
-                                      lexical_cost=lexical_cost, corpus_cache=corpus_cache, **encoding)
+                                      lexical_cost=lexical_cost, corpus_cache=corpus_cache, across_ranks=shared,
+                                      **encoding)
         for indices, d, rows, mask in batches:
             doc_indices = torch.tensor(indices, dtype=torch.long, device=device)
             sparse = None
@@ -395,21 +400,13 @@ def stored_corpus(model, docs: Sequence[str], corpus_cache: CorpusCache, *, toke
         return corpus_cache.open(settings, encode, across_ranks)
 
 
-def _without(options: dict, *names: str) -> dict:
-    return {key: value for key, value in options.items() if key not in names}
-
-
 def _sum_across_ranks(lexical_cost: LexicalCost, vocab_size: int) -> None:
     """`lexical_cost` of every rank's texts, in place of this rank's (each counted its own share). Collective."""
-    totals = {}
     for side in lexical_cost.SIDES:
         present = lexical_cost.present[side]
-        present = torch.zeros(vocab_size, dtype=torch.float64) if present is None else present
-        totals[side] = (sum_across_ranks(present), int(sum_across_ranks(torch.tensor([lexical_cost.texts[side]]))))
-    lexical_cost.__init__()
-    for side, (present, texts) in totals.items():
-        if texts:
-            lexical_cost.add_counts(side, present, texts)
+        present = sum_across_ranks(torch.zeros(vocab_size, dtype=torch.float64) if present is None else present)
+        texts = int(sum_across_ranks(torch.tensor([lexical_cost.texts[side]])))
+        lexical_cost.present[side], lexical_cost.texts[side] = (present if texts else None), texts
 
 
 def _block_rows(blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor

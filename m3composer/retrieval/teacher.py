@@ -17,6 +17,9 @@ The recipe's distillation target is `softmax(teacher_scores)` over the query's g
 temperature (docs/recipe.md §m3_kd_loss), so cosine-range scores give an almost flat target. `--scale 50` (= 1/τ
 for the recipe's τ = 0.02, the student's own score scale) gives a target as sharp as the student's
 distribution; reranker logits, the usual teacher in FlagEmbedding, are already on a wide scale.
+
+Under a launcher (`composer -n N -m m3composer.cli score-teacher …`, torchrun) each rank scores 1/N
+of the rows and rank 0 alone writes the output (docs/operations.md §Evaluate, mine and score on N ranks).
 """
 from __future__ import annotations
 

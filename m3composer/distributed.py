@@ -1,4 +1,7 @@
-"""Cross-rank negatives: gather representations from all ranks, with either gradient convention.
+"""Cross-rank negatives: gather representations from all ranks, with either gradient convention;
+the sharing of work among ranks (`shard`, `gather_rows`: NegativeRefresh and the command-line tools
+on N ranks, docs/operations.md §Evaluate, mine and score on N ranks); a tool's process group under a
+launcher; and `shutdown`, the one process-group teardown.
 
 Everything here is a no-op on one process, with or without a process group (FlagEmbedding
 calls `dist.get_rank()` unconditionally and crashes without one).
@@ -18,8 +21,12 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -98,6 +105,81 @@ def pad_to_longest_across_ranks(tensors: list[torch.Tensor], dim: int = 1) -> li
     if longest == here:
         return list(tensors)
     return [torch.nn.functional.pad(x, [0, 0] * (x.dim() - 1 - dim) + [0, longest - here]) for x in tensors]
+
+
+# ---- work shared among ranks (NegativeRefresh, `m3c eval` / `mine` / `score-teacher` on N ranks) --------
+def shard(n: int, rank: int, world_size: int) -> tuple[int, int, int]:
+    """`(start, stop, size)`: rank's contiguous share of n items, every share padded to `size`
+    (only the last shares can be short, so the padded shares concatenated and cut to n are the n items)."""
+    size = -(-n // world_size) if n else 0
+    return min(n, rank * size), min(n, (rank + 1) * size), size
+
+
+def my_shard(n: int) -> tuple[int, int, int]:
+    """`shard(n, …)` of this process (all of it on one process)."""
+    return shard(n, rank(), world_size())
+
+
+def gather_all(local: torch.Tensor) -> list[torch.Tensor]:
+    """`local` (same shape on every rank) from every rank, in rank order; `[local]` on one process."""
+    if not is_distributed():
+        return [local]
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local.contiguous())
+    return parts
+
+
+def gather_rows(local: np.ndarray, total: int, size: int, device) -> np.ndarray:
+    """Every rank's `local` rows (its `shard`, padded here to `size`) concatenated in rank order, cut
+    to `total`: the whole array on every rank. `device`: where the collective runs (cuda under nccl)."""
+    padded = np.zeros((size,) + local.shape[1:], dtype=local.dtype)
+    padded[:len(local)] = local
+    parts = gather_all(torch.from_numpy(padded).to(device))
+    return torch.cat([p.cpu() for p in parts]).numpy()[:total]
+
+
+def gather_ragged(local: np.ndarray, device) -> np.ndarray:
+    """Every rank's `local` (any length along the first axis, the other axes alike) concatenated in
+    rank order, on every rank."""
+    if not is_distributed():
+        return local
+    lengths = [int(n) for n in torch.cat(gather_all(torch.tensor([len(local)], device=device))).cpu()]
+    parts = gather_rows(local, max(lengths) * len(lengths), max(lengths), device).reshape(
+        (len(lengths), max(lengths)) + local.shape[1:])
+    return np.concatenate([part[:n] for part, n in zip(parts, lengths)])
+
+
+def max_across_ranks(value: int, device) -> int:
+    """The largest `value` any rank has (`value` on one process)."""
+    return int(torch.cat(gather_all(torch.tensor([value], device=device))).max())
+
+
+# ---- a tool started by a launcher (`composer -n N`, torchrun) ----------------------------------------
+def launched_world_size() -> int:
+    """WORLD_SIZE as a launcher sets it (`composer -n N` and torchrun both do); 1 without a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextmanager
+def launched_process_group(device: str) -> Iterator[bool]:
+    """For a command-line tool: under a launcher with WORLD_SIZE > 1, the default process group
+    (nccl when `device` is cuda, or auto with a GPU: one GPU per local rank; gloo otherwise) for the
+    body, ended through `shutdown` (ok when the body returned, not when it raised). Yields whether
+    there are several ranks; without a launcher it does nothing and yields False."""
+    if launched_world_size() <= 1:
+        yield False
+        return
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    shutdown_at_exit()
+    ok = False
+    try:
+        yield True
+        ok = True
+    finally:
+        shutdown(ok)
 
 
 # ---- teardown (docs/recipe.md §Process-group teardown) ---------------------------------------------

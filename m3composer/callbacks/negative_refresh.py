@@ -42,9 +42,10 @@ from composer.utils import dist
 from m3composer.data.collate import with_prefix
 from m3composer.data.negatives import (TrainingPool, build_pool, version_arrays, version_sha256, write_pool,
                                        write_version)
+from m3composer.distributed import gather_rows, shard
 from m3composer.model.inference import unwrap_m3
 from m3composer.model.scores import SCORE_NAMES
-from m3composer.retrieval.refresh import encode_token_ids, gather_rows, mine_rows, mine_rows_sharded_pool, shard
+from m3composer.retrieval.refresh import encode_token_ids, mine_rows, mine_rows_sharded_pool
 
 log = logging.getLogger(__name__)
 

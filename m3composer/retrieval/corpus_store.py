@@ -30,6 +30,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from m3composer.distributed import rank, sum_across_ranks, world_size
 from m3composer.fsutil import atomic_file, write_json_atomic
 from m3composer.model.scores import LexicalCost
 
@@ -89,9 +90,15 @@ class CorpusCache:
         self.root, self.shard_docs, self.stop_after = Path(root), shard_docs, stop_after
         self.report: Optional[dict] = None
 
-    def open(self, settings: dict, encode_batches) -> "CorpusStore":
-        """The complete store of `settings`, its missing shards encoded first (`CorpusStore.ensure`)."""
-        store = CorpusStore(self.root, settings, self.shard_docs).ensure(encode_batches, self.stop_after)
+    def open(self, settings: dict, encode_batches, across_ranks: bool = False) -> "CorpusStore":
+        """The complete store of `settings`, its missing shards encoded first (`CorpusStore.ensure`).
+        `across_ranks` (collective; docs/operations.md §Evaluate, mine and score on N ranks): the
+        missing shards are dealt out among the ranks (shard i of the missing ones to rank i mod W),
+        each rank encodes and writes its own, rank 0 alone writes the manifest, and after a barrier
+        every rank reads the whole store. DIR must be a folder every rank sees (one machine, or a shared
+        file system); a store left incomplete by a kill is resumed by the next run on any number of ranks."""
+        store = CorpusStore(self.root, settings, self.shard_docs).ensure(encode_batches, self.stop_after,
+                                                                         across_ranks)
         self.report = store.report
         if store.missing_shards():
             raise StoreInterrupted(f"{store.dir}: stopped after {self.stop_after} shard(s)")
@@ -137,20 +144,29 @@ class CorpusStore:
     def missing_shards(self) -> list[int]:
         return [s for s in range(self.num_shards) if not self.shard_path(s).is_file()]
 
-    def ensure(self, encode_batches, stop_after: Optional[int] = None) -> "CorpusStore":
+    def ensure(self, encode_batches, stop_after: Optional[int] = None, across_ranks: bool = False) -> "CorpusStore":
         """Encode and write every missing shard. `encode_batches(doc_indices)` yields `(document
         indices, M3Reps)` over those documents (`search.encoded_batches`). `stop_after`: return
-        after writing that many shards (what a kill leaves; for tests)."""
+        after writing that many shards (per rank; what a kill leaves; for tests). `across_ranks`:
+        this rank writes its part of the missing shards (`CorpusCache.open`), then waits for the others."""
         started = time.perf_counter()
         missing = self.missing_shards()
+        if across_ranks and int(sum_across_ranks(torch.tensor([len(missing)]))) != len(missing) * world_size():
+            # also a barrier: no rank writes a shard before every rank has listed the missing ones
+            raise RuntimeError(f"{self.dir}: the ranks see different shards: is it on a file system every rank shares?")
+        ours = missing[rank()::world_size()] if across_ranks else missing
+        writes_manifest = not across_ranks or rank() == 0
         written = 0
-        for shard in missing:
+        for shard in ours:
             if stop_after is not None and written >= stop_after:
                 break
             self._write_shard(shard, encode_batches(np.arange(*self.shard_range(shard))))
             written += 1
-            self._write_manifest()
-        if not self.missing_shards():
+            if writes_manifest:
+                self._write_manifest()
+        if across_ranks:
+            written = int(sum_across_ranks(torch.tensor([written])))     # a barrier too: every shard is written
+        if writes_manifest and not self.missing_shards():
             self._write_manifest()
         self.report = {"dir": str(self.dir), "bytes": self.bytes_on_disk(), "reused": written == 0,
                        "shards_encoded": written, "shards_reused": self.num_shards - len(missing),
@@ -196,11 +212,12 @@ class CorpusStore:
             return 0
         return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file() and not p.name.startswith("."))
 
-    def shards(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """`(first document index, arrays)` per shard, in corpus order (the store must be complete)."""
+    def shards(self, only: Optional[range] = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """`(first document index, arrays)` per shard, in corpus order (the store must be complete);
+        `only`: those shards (a rank's share)."""
         from safetensors.numpy import load_file
 
-        for shard in range(self.num_shards):
+        for shard in range(self.num_shards) if only is None else only:
             yield self.shard_range(shard)[0], load_file(self.shard_path(shard))
 
     def dense(self) -> np.ndarray:
@@ -208,13 +225,13 @@ class CorpusStore:
         parts = [arrays["dense"] for _, arrays in self.shards()]
         return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
-    def batches(self, batch_size: int, device, lexical_cost: Optional[LexicalCost] = None
-                ) -> Iterator[tuple[list[int], torch.Tensor, Optional[torch.Tensor]]]:
+    def batches(self, batch_size: int, device, lexical_cost: Optional[LexicalCost] = None,
+                only: Optional[range] = None) -> Iterator[tuple[list[int], torch.Tensor, Optional[torch.Tensor]]]:
         """`(document indices, dense (b, H), sparse (b, V) or None)` in corpus order, `batch_size` at a
-        time: the vectors exact search scores (`search.py`), rebuilt from the shards; `lexical_cost`
-        counts the passages' terms."""
+        time: the vectors exact search scores (`search.py`), rebuilt from the shards (`only`: those
+        shards); `lexical_cost` counts the passages' terms."""
         vocab_size = self.settings["vocab_size"]
-        for start, arrays in self.shards():
+        for start, arrays in self.shards(only):
             if lexical_cost is not None and self.with_sparse:
                 count_passage_terms(lexical_cost, arrays, vocab_size)
             for b in range(0, len(arrays["dense"]), batch_size):

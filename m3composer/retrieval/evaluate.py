@@ -17,6 +17,10 @@ re-rank instead of exact search (docs/recipe.md §First stage and re-rank); `--a
 exact search and reports, per head, the recall of its top-10 among the re-ranked top-10.
 `--corpus-cache DIR` reads the corpus' dense and sparse vectors from an on-disk store, written on the
 first run (`corpus_store.py`, docs/recipe.md §Corpus store).
+
+Under a launcher (`composer -n N -m m3composer.cli eval …`, torchrun) each rank encodes 1/N of the
+queries and the corpus and rank 0 alone prints and writes the results (docs/operations.md §Evaluate,
+mine and score on N ranks).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from m3composer.distributed import launched_process_group, rank
 from m3composer.fsutil import write_json_atomic
 from m3composer.model.folder_config import M3FolderConfig
 from m3composer.model.inference import load_model_for_inference, missing_heads, unwrap_m3
@@ -49,7 +54,8 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
                    heads: Sequence[str] = HEADS, k_values: Sequence[int] = DEFAULT_K_VALUES,
                    progress: bool = False, per_query: bool = False, dims: Sequence[int] = (),
                    first_stage_k: Optional[int] = None, dense_index: DenseIndex = DenseIndex(),
-                   with_agreement: bool = False, corpus_cache: Optional[CorpusCache] = None) -> dict:
+                   with_agreement: bool = False, corpus_cache: Optional[CorpusCache] = None,
+                   across_ranks: bool = False) -> dict:
     """Metrics per head and for the ensemble on `eval_set`.
 
     `model` is an `M3Model` or anything `unwrap_m3` opens (DDP, the Composer model). Instructions
@@ -79,6 +85,9 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
     `"corpus_cache": {"dir", "bytes", "reused", "shards_encoded", "shards_reused", "seconds"}` says
     which store, its size, and whether this run read it without encoding a passage (`"used": false`
     and why where the search could not use it).
+
+    `across_ranks`: a collective; every rank encodes its share of the queries and the corpus and
+    returns the same results (`search.search_top_k`; docs/operations.md §Evaluate, mine and score on N ranks).
     """
     m3 = unwrap_m3(model)
     if query_instruction is None:
@@ -94,7 +103,7 @@ def evaluate_model(model, eval_set: EvalSet, *, tokenizer=None, query_instructio
     search = dict(tokenizer=tokenizer, query_instruction=query_instruction, passage_instruction=passage_instruction,
                   batch_size=batch_size, query_max_len=query_max_len, passage_max_len=passage_max_len,
                   weights=weights, heads=heads, top_k=max(max(k_values), AGREEMENT_DEPTH if with_agreement else 0),
-                  progress=progress, dims=dims)
+                  progress=progress, dims=dims, across_ranks=across_ranks)
     rankings = rank_corpus(m3, eval_set, lexical_cost=lexical_cost, first_stage_k=first_stage_k,
                            dense_index=dense_index, corpus_cache=corpus_cache, **search)
     metrics = {head: mean_metrics(ranked, eval_set.qrels, k_values) for head, ranked in rankings.items()}
@@ -203,6 +212,11 @@ def show_progress(flag: Optional[bool]) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    with launched_process_group(args.device) as across_ranks:
+        return _run(args, across_ranks)
+
+
+def _run(args: argparse.Namespace, across_ranks: bool) -> int:
     if args.agreement and args.search != "rerank":
         print("m3c eval: error: --agreement compares a re-rank with exact search: add --search rerank", file=sys.stderr)
         return 2
@@ -232,10 +246,13 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate_model(model, eval_set, query_instruction=query_instruction,
                              passage_instruction=passage_instruction, batch_size=args.batch_size,
                              query_max_len=args.query_max_len, passage_max_len=args.passage_max_len,
-                             weights=args.weights, heads=heads, progress=show_progress(args.progress),
+                             weights=args.weights, heads=heads, progress=show_progress(args.progress) and rank() == 0,
                              per_query=args.per_query, first_stage_k=first_stage_k, dense_index=dense_index,
                              with_agreement=args.agreement, corpus_cache=corpus_cache_from_args(args),
-                             dims=recorded_dims(args.model_dir) if args.dims is None else args.dims)
+                             dims=recorded_dims(args.model_dir) if args.dims is None else args.dims,
+                             across_ranks=across_ranks)
+    if rank() != 0:         # every rank holds the results; rank 0 alone reports and writes them
+        return 0
     results["model"] = str(args.model_dir)
     results["eval_set"] = str(args.eval_path)
     results["skipped_heads"] = skipped

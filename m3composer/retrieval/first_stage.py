@@ -20,6 +20,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from m3composer.distributed import gather_ragged
 from m3composer.seeds import IVF_TRAIN_STREAM
 
 INDEXES = ("auto", "flat", "hnsw", "ivf")
@@ -132,6 +133,14 @@ class InvertedIndex:
         """Documents `first_doc, first_doc + 1, …` given as CSR rows (`corpus_store`'s shards)."""
         docs = np.repeat(np.arange(first_doc, first_doc + len(indptr) - 1, dtype=np.int32), np.diff(indptr))
         self._parts.append((docs, tokens.astype(np.int32), weights.astype(np.float32)))
+
+    def gather_ranks(self, device) -> "InvertedIndex":
+        """Every rank's added weights in place of this rank's own (each rank added its share of the
+        documents; `finish` sorts, so the result is one process's). Collective; `device`: where it runs."""
+        entries = [np.concatenate([p[i] for p in self._parts]) if self._parts else np.zeros(0, dtype=dtype)
+                   for i, dtype in enumerate((np.int32, np.int32, np.float32))]
+        self._parts = [tuple(gather_ragged(x, device) for x in entries)]
+        return self
 
     def finish(self) -> "InvertedIndex":
         docs, tokens, values = (np.concatenate([p[i] for p in self._parts]) if self._parts else

@@ -36,6 +36,9 @@ needed) re-ranked by the head (docs/recipe.md §First stage and re-rank). Steps 
 `mining.select_negatives`, the rule NegativeRefresh uses too; this module is the command around it.
 `--corpus-cache DIR`: the pool's dense (and, for the other heads, sparse) vectors come from an on-disk
 store written on the first run (`corpus_store.py`, docs/recipe.md §Corpus store).
+Under a launcher (`composer -n N -m m3composer.cli mine …`, torchrun) each rank encodes 1/N of the
+queries and the pool and rank 0 alone writes the output (docs/operations.md §Evaluate, mine and
+score on N ranks).
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -51,6 +55,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from m3composer.data.negatives import parse_rank_range
+from m3composer.distributed import gather_rows, launched_process_group, my_shard, rank
 from m3composer.fsutil import atomic_file
 from m3composer.model.inference import load_model_for_inference, missing_heads, unwrap_m3
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
@@ -60,7 +65,7 @@ from m3composer.retrieval.cli_args import (add_encoding_arguments, add_search_ar
                                            instructions_from_args, search_from_args)
 from m3composer.retrieval.corpus_store import CorpusCache, describe
 from m3composer.retrieval.first_stage import DenseIndex, faiss_top_k
-from m3composer.retrieval.mining import (MINE_HEAD, MINE_NEGATIVES, MINE_RANK_RANGE, MINE_SEED, pair_score,
+from m3composer.retrieval.mining import (MINE_HEAD, MINE_NEGATIVES, MINE_RANK_RANGE, MINE_SEED, score_rows,
                                         select_negatives)
 from m3composer.retrieval.search import encode_dense, search_top_k, stored_corpus
 
@@ -106,7 +111,7 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
          dense_index: DenseIndex = DenseIndex(), first_stage_k: Optional[int] = None, seed: int = MINE_SEED, batch_size: int = INFERENCE_BATCH_SIZE, query_instruction: Optional[str] = None,
          passage_instruction: Optional[str] = None, query_max_len: int = INFERENCE_QUERY_MAX_LEN, passage_max_len: int = INFERENCE_PASSAGE_MAX_LEN,
          weights: Sequence[float] = INFERENCE_ENSEMBLE_WEIGHTS, progress: bool = True,
-         corpus_cache: Optional[CorpusCache] = None) -> dict:
+         corpus_cache: Optional[CorpusCache] = None, across_ranks: bool = False) -> dict:
     """Write `output_path` = `input_path` with mined `neg` (module doc); returns the summary counts.
 
     `model` is an `M3Model` (or a wrapper). Instructions default (None) to the model's recorded
@@ -114,6 +119,10 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
     stage); `first_stage_k` None: the other heads search exactly, K: first stage + re-rank.
     `corpus_cache`: the pool's vectors from an on-disk store (`corpus_store.py`): the dense head reads
     its dense vectors, the others as `search.search_top_k` does; the summary's `corpus_cache` is its report.
+    `across_ranks` (collective; docs/operations.md §Evaluate, mine and score on N ranks): each rank
+    encodes its share of the queries and the pool (dense: the vectors are gathered and each rank
+    searches its share of the rows, the results gathered; other heads: `search.search_top_k`), every
+    rank selects the same negatives, and rank 0 alone writes the output.
     """
     if head not in SCORE_NAMES:
         raise ValueError(f"head must be one of {SCORE_NAMES}, got {head!r}")
@@ -143,26 +152,35 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
     last = rank_range[1]
     k = min(len(pool), last + max((len(e) for e in excluded), default=0))
     queries = [r.query for r in rows]
-    common = dict(batch_size=batch_size, progress=progress)
+    writes = not across_ranks or rank() == 0
+    common = dict(batch_size=batch_size, progress=progress and writes)
     encoded_at = time.perf_counter()
     if head == "dense":
         tokenizer = m3.tokenizer
-        q_vecs = encode_dense(m3, queries, tokenizer, q_inst, query_max_len, desc="encode queries", **common)
+        q_vecs = encode_dense(m3, queries, tokenizer, q_inst, query_max_len, desc="encode queries",
+                              across_ranks=across_ranks, **common)
         queries_at = time.perf_counter()
         if corpus_cache is None:
-            p_vecs = encode_dense(m3, pool, tokenizer, p_inst, passage_max_len, desc="encode pool", **common)
+            p_vecs = encode_dense(m3, pool, tokenizer, p_inst, passage_max_len, desc="encode pool",
+                                  across_ranks=across_ranks, **common)
         else:
             p_vecs = stored_corpus(m3, pool, corpus_cache, tokenizer=tokenizer, instruction=p_inst,
-                                   max_length=passage_max_len, with_sparse=False, **common).dense()
+                                   max_length=passage_max_len, with_sparse=False, across_ranks=across_ranks,
+                                   **common).dense()
         search_at = time.perf_counter()
-        top_scores, top_indices = faiss_top_k(q_vecs, p_vecs, k, dense_index)
+        # each rank searches its share of the rows
+        q_first, q_last, q_size = my_shard(len(queries)) if across_ranks else (0, len(queries), len(queries))
+        top_scores, top_indices = faiss_top_k(q_vecs[q_first:q_last], p_vecs, k, dense_index)
+        if across_ranks:
+            device = next(m3.parameters()).device
+            top_scores, top_indices = (gather_rows(x, len(queries), q_size, device) for x in (top_scores, top_indices))
         used_index = dense_index.kind_for(len(pool))
     else:
         heads = ("dense", head) if head in ("sparse", "colbert") else HEADS
         tops = search_top_k(m3, queries, pool, query_instruction=q_inst, passage_instruction=p_inst,
                             query_max_len=query_max_len, passage_max_len=passage_max_len, weights=weights,
                             heads=heads, top_k=k, first_stage_k=first_stage_k, dense_index=dense_index,
-                            corpus_cache=corpus_cache, **common)
+                            corpus_cache=corpus_cache, across_ranks=across_ranks, **common)
         search_at = queries_at = time.perf_counter()    # encoding and search are interleaved here
         top_scores, top_indices = (t.numpy() for t in tops[head])
         used_index = ("exact brute force (search.py)" if first_stage_k is None else
@@ -176,25 +194,19 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
     if need_pos and head == "dense":
         # the vectors are at hand: positives in the pool are not encoded again
         missing = list(dict.fromkeys(t for r in rows for t in r.pos if t not in pool_index))
-        extra = encode_dense(m3, missing, m3.tokenizer, p_inst, passage_max_len, batch_size, progress=False)
+        extra = encode_dense(m3, missing, m3.tokenizer, p_inst, passage_max_len, batch_size, progress=False,
+                             across_ranks=across_ranks)
         vector_of = {t: extra[j] for j, t in enumerate(missing)}
         pos_scores = [[float(q_vecs[i] @ (vector_of[t] if t in vector_of else p_vecs[pool_index[t]])) for t in r.pos]
                       for i, r in enumerate(rows)]
     elif need_pos:
-        full = True
-
-        def encode(texts, instruction, max_length):
-            out = m3.encode_texts(texts, batch_size=batch_size, max_length=max_length, instruction=instruction,
-                                  return_dense=True, return_sparse=full, return_colbert_vecs=full)
-            return [{key: (v[i] if v is not None else None) for key, v in out.items()} for i in range(len(texts))]
-        q_enc = encode(queries, q_inst, query_max_len)
-        pos_texts = list(dict.fromkeys(t for r in rows for t in r.pos))
-        p_enc = dict(zip(pos_texts, encode(pos_texts, p_inst, passage_max_len)))
-        pos_scores = [[pair_score(q, p_enc[t], head, weights) for t in r.pos] for q, r in zip(q_enc, rows)]
+        pos_scores = score_rows(m3, queries, [r.pos for r in rows], head, weights=weights, batch_size=batch_size,
+                                query_instruction=q_inst, passage_instruction=p_inst, query_max_len=query_max_len,
+                                passage_max_len=passage_max_len, across_ranks=across_ranks)
 
     counts = {"rows": len(rows), "pool": len(pool), "rows_with_fewer_negatives": 0, "rows_without_negatives": 0,
               "dropped_by_score": 0, "negatives_written": 0, "rows_with_scores_dropped": 0}
-    with atomic_file(output_path) as out:
+    with atomic_file(output_path) if writes else nullcontext() as out:
         for i, r in enumerate(rows):
             chosen, dropped = select_negatives(
                 top_indices[i], top_scores[i], excluded[i], rank_range, negatives,
@@ -214,7 +226,8 @@ def mine(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *
                 r.obj.pop("neg_scores", None)
                 counts["rows_with_scores_dropped"] += 1
             counts["negatives_written"] += len(chosen)
-            out.write(json.dumps(r.obj, ensure_ascii=False) + "\n")
+            if out is not None:
+                out.write(json.dumps(r.obj, ensure_ascii=False) + "\n")
     done = time.perf_counter()
     seconds = {"total": done - started, "encode_and_search": searched_at - encoded_at,
                "encode_queries": queries_at - encoded_at if head == "dense" else None,
@@ -255,6 +268,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with launched_process_group(args.device) as across_ranks:
+        return _run(args, across_ranks)
+
+
+def _run(args: argparse.Namespace, across_ranks: bool) -> int:
     missing = missing_heads(args.model)
     if args.head != "dense" and missing:
         print(f"m3c mine: error: {args.model}: {'; '.join(f'{h}: {why}' for h, why in missing.items())}; "
@@ -272,10 +290,12 @@ def run(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, query_instruction=query_instruction,
                        passage_instruction=passage_instruction, query_max_len=args.query_max_len,
                        passage_max_len=args.passage_max_len, weights=args.weights, progress=not args.no_progress,
-                       corpus_cache=corpus_cache_from_args(args))
+                       corpus_cache=corpus_cache_from_args(args), across_ranks=across_ranks)
     except (OSError, ValueError) as err:
         print(f"m3c mine: error: {err}", file=sys.stderr)
         return 2
+    if rank() != 0:
+        return 0
     s = summary
     print(f"[mine] {args.output}: {s['rows']} rows, {s['negatives_written']} negatives from a pool of {s['pool']} "
           f"({s['head']}, {s['index']}, top {s['k']}); {s['rows_with_fewer_negatives']} rows with fewer than "

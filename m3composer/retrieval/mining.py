@@ -4,6 +4,8 @@ and NegativeRefresh (retrieval/refresh.py, for callbacks/negative_refresh.py) bo
 - `pair_score`: one (query, passage) score of any head from `M3Model.encode_texts` items, BGE-M3's
   inference scores (no temperature), with the rules of `model/scores.py`; `m3c score-teacher`
   scores its pairs with it too.
+- `score_rows`: every row's (query, passage) `pair_score`s, the texts encoded once, shared among
+  ranks when asked (`m3c score-teacher`, and `m3c mine`'s positive scores).
 - `select_negatives`: which of a query's ranked candidates become its negatives (ranks after the
   exclusions, the positive-aware filter, a seeded draw; docs/recipe.md §Negative refresh).
 """
@@ -14,6 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from m3composer.distributed import gather_rows, my_shard
 from m3composer.model.scores import INFERENCE_ENSEMBLE_WEIGHTS, SCORE_NAMES, colbert_maxsim, ensemble_scores
 
 # what `m3c mine` and `callbacks.negative_refresh` draw unless told otherwise
@@ -53,6 +56,37 @@ def pair_score(query: dict, passage: dict, head: str,
     if head == "colbert":
         return colbert
     return ensemble_scores(dense, sparse, colbert, weights)
+
+
+def score_rows(m3, queries: Sequence[str], passages: Sequence[Sequence[str]], head: str, *,
+               weights: Sequence[float], batch_size: int, query_instruction: str, passage_instruction: str,
+               query_max_len: int, passage_max_len: int, across_ranks: bool = False) -> list[list[float]]:
+    """`[[pair_score(queries[i], p, head) for p in passages[i]] for every row i]`, each distinct text
+    encoded once with `M3Model.encode_texts` (lexical weights and ColBERT vectors too unless `head` is
+    dense). `across_ranks` (collective; docs/operations.md §Evaluate, mine and score on N ranks):
+    each rank encodes and scores its `distributed.shard` of the rows; every rank gets every row's scores."""
+    full = head != "dense"
+    first, last, size = my_shard(len(queries)) if across_ranks else (0, len(queries), len(queries))
+
+    def encode(texts: list[str], instruction: str, max_length: int) -> dict[str, dict]:
+        texts = list(dict.fromkeys(texts))
+        if not texts:
+            return {}
+        out = m3.encode_texts(texts, batch_size=batch_size, max_length=max_length, instruction=instruction,
+                              return_dense=True, return_sparse=full, return_colbert_vecs=full)
+        return {t: {key: (v[i] if v is not None else None) for key, v in out.items()} for i, t in enumerate(texts)}
+
+    q_enc = encode(list(queries[first:last]), query_instruction, query_max_len)
+    p_enc = encode([t for texts in passages[first:last] for t in texts], passage_instruction, passage_max_len)
+    local = [[pair_score(q_enc[q], p_enc[t], head, weights) for t in texts]
+             for q, texts in zip(queries[first:last], passages[first:last])]
+    if not across_ranks:
+        return local
+    padded = np.zeros((len(local), max((len(t) for t in passages), default=0)), dtype=np.float64)
+    for row, values in enumerate(local):
+        padded[row, :len(values)] = values
+    gathered = gather_rows(padded, len(queries), size, next(m3.parameters()).device)
+    return [row[:len(texts)].tolist() for row, texts in zip(gathered, passages)]
 
 
 def select_negatives(top_indices: Sequence[int], top_scores: Sequence[float], excluded: set[int] | frozenset,

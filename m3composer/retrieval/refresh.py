@@ -30,9 +30,9 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from composer.utils import dist
 
 from m3composer.data.negatives import TrainingPool
+from m3composer.distributed import gather_all, gather_rows, my_shard
 from m3composer.model.inference import unwrap_m3
 from m3composer.model.scores import INFERENCE_ENSEMBLE_WEIGHTS, colbert_maxsim, ensemble_scores
 from m3composer.padding import right_pad
@@ -43,26 +43,6 @@ from m3composer.seeds import REFRESH_STREAM
 
 REFRESH_BATCH_SIZE = 64             # texts per no-grad encoder forward (`callbacks.negative_refresh.batch_size`)
 QUERY_CHUNK = 8192                  # rows whose query representations are held at once (sharded-pool heads)
-
-
-# ---- sharing among ranks -----------------------------------------------------------------------------
-def shard(n: int, rank: int, world_size: int) -> tuple[int, int, int]:
-    """`(start, stop, size)`: rank's contiguous share of n items, every share padded to `size`."""
-    size = -(-n // world_size) if n else 0
-    return min(n, rank * size), min(n, (rank + 1) * size), size
-
-
-def gather_rows(local: np.ndarray, total: int, size: int, device) -> np.ndarray:
-    """Every rank's `local` rows (each padded to `size`) concatenated in rank order, cut to `total`."""
-    padded = np.zeros((size,) + local.shape[1:], dtype=local.dtype)
-    padded[:len(local)] = local
-    parts = dist.all_gather(torch.from_numpy(padded).to(device))
-    return torch.cat([p.cpu() for p in parts]).numpy()[:total]
-
-
-def gather_all(local: torch.Tensor) -> list[torch.Tensor]:
-    """`local` (same shape on every rank) from every rank, in rank order."""
-    return dist.all_gather(local.contiguous())
 
 
 # ---- encoding token ids ------------------------------------------------------------------------------
@@ -186,8 +166,7 @@ def encode_query_reps(model, sequences: Sequence[np.ndarray], pad_id: int, batch
 def gather_query_reps(model, sequences: Sequence[np.ndarray], pad_id: int, batch_size: int, head: str,
                       device) -> QueryReps:
     """Every rank encodes its 1/W of `sequences` (the same list on every rank); all of them, gathered."""
-    rank, world = dist.get_global_rank(), dist.get_world_size()
-    lo, hi, size = shard(len(sequences), rank, world)
+    lo, hi, size = my_shard(len(sequences))
     width = max(2, max(len(s) for s in sequences))
     local = encode_query_reps(model, sequences[lo:hi], pad_id, batch_size, head, width)
     full = {key: torch.from_numpy(gather_rows(value, len(sequences), size, device)).to(device)

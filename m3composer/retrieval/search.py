@@ -27,6 +27,10 @@ scored only for the queries that have a candidate in it and masked to their cand
 
 Corpus store (`corpus_cache`, `corpus_store.py`): the documents' dense vectors and lexical weights
 read from disk instead of encoded, for the re-rank's first stage and for exact search without ColBERT.
+
+N ranks (`across_ranks`, docs/operations.md §Evaluate, mine and score on N ranks): each rank encodes
+its share of the queries (gathered: `QuerySide.gather_ranks`) and of the corpus, and the ranks'
+top-k lists are merged; every rank returns one process's result.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from m3composer.distributed import (gather_all, gather_rows, is_distributed, max_across_ranks, my_shard, rank, shard,
+                                    sum_across_ranks, world_size)
 from m3composer.model.inference import unwrap_m3
 from m3composer.model.m3 import INFERENCE_BATCH_SIZE, INFERENCE_PASSAGE_MAX_LEN, INFERENCE_QUERY_MAX_LEN
 from m3composer.model.scores import (COLBERT_MAX_ELEMENTS, HEADS, INFERENCE_ENSEMBLE_WEIGHTS, LexicalCost, M3Reps,
@@ -77,6 +83,7 @@ class QuerySide:
         dense, sparse_rows, sparse_cols, sparse_vals = [], [], [], []
         self.colbert_blocks: list[tuple[torch.Tensor, torch.Tensor]] = []   # (vecs (n, L, D), mask (n, L))
         with_sparse, with_colbert = "sparse" in heads, "colbert" in heads
+        self.with_colbert = with_colbert
         bar = tqdm(total=len(queries), desc="encode queries", unit="q", disable=not progress)
         for indices, input_ids, attention_mask in token_batches(queries, tokenizer, instruction, max_length,
                                                                  batch_size, chunk_size=max(len(queries), 1)):
@@ -96,17 +103,57 @@ class QuerySide:
                 self.colbert_blocks.append((reps.colbert.float(), reps.colbert_mask.bool()))
             bar.update(len(indices))
         bar.close()
-        self.dense = torch.cat(dense)
+        self.dense = torch.cat(dense) if dense else torch.zeros(0, model.encoder.config.hidden_size, device=device)
         self.sparse = None
         if with_sparse:
-            rows, cols, vals = torch.cat(sparse_rows), torch.cat(sparse_cols), torch.cat(sparse_vals)
-            # Only the vocabulary the queries use can score; documents are cut to these columns.
-            self.vocab, compact_cols = torch.unique(cols, return_inverse=True)
-            self.sparse = torch.sparse_coo_tensor(torch.stack([rows, compact_cols]), vals,
-                                                  (len(self.order), len(self.vocab))).coalesce()
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            self._set_sparse(*(torch.cat(x) if x else empty for x in (sparse_rows, sparse_cols)),
+                             torch.cat(sparse_vals) if sparse_vals else empty.float())
+
+    def _set_sparse(self, rows: torch.Tensor, tokens: torch.Tensor, values: torch.Tensor) -> None:
+        # Only the vocabulary the queries use can score; documents are cut to these columns.
+        self.vocab, compact_cols = torch.unique(tokens, return_inverse=True)
+        self.sparse = torch.sparse_coo_tensor(torch.stack([rows, compact_cols]), values,
+                                              (len(self.order), len(self.vocab))).coalesce()
 
     def __len__(self) -> int:
         return len(self.order)
+
+    def gather_ranks(self, model, first: int, num_queries: int, size: int, batch_size: int) -> None:
+        """Every rank's queries in place of this rank's own: each rank encoded its `distributed.shard`
+        of the queries (`first`: its first query, `size`: the padded share). Rows in rank order, each
+        rank's in its encoding order (`order` says which query a row is); the ColBERT vectors are
+        zero-padded to the longest query of any rank (masked: the scores do not change) and held in
+        blocks of `batch_size` rows. Collective."""
+        device = self.dense.device
+        local = len(self.order)
+        self.order = gather_rows(np.asarray(self.order, dtype=np.int64) + first, num_queries, size, device).tolist()
+        self.dense = torch.from_numpy(gather_rows(self.dense.cpu().numpy(), num_queries, size, device)).to(device)
+        if self.sparse is not None:
+            rows, cols = (x.cpu().numpy() for x in self.sparse.indices())    # coalesced: by row, then column
+            counts = np.bincount(rows, minlength=local)
+            at = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+            width = max_across_ranks(int(counts.max(initial=0)), device)
+            tokens, values = np.zeros((local, width), dtype=np.int64), np.zeros((local, width), dtype=np.float32)
+            tokens[rows, at] = self.vocab.cpu().numpy()[cols]
+            values[rows, at] = self.sparse.values().cpu().numpy()
+            counts, tokens, values = (gather_rows(x, num_queries, size, device) for x in (counts, tokens, values))
+            kept = np.arange(width)[None, :] < counts[:, None]
+            self._set_sparse(*(torch.from_numpy(x).to(device) for x in
+                               (np.nonzero(kept)[0], tokens[kept], values[kept])))
+        if self.with_colbert:
+            longest = max_across_ranks(max((v.shape[1] for v, _ in self.colbert_blocks), default=0), device)
+            vecs = np.zeros((local, longest, model.colbert_linear.out_features), dtype=np.float32)
+            mask = np.zeros((local, longest), dtype=np.uint8)
+            row = 0
+            for block, block_mask in self.colbert_blocks:
+                vecs[row:row + len(block), :block.shape[1]] = block.cpu().numpy()
+                mask[row:row + len(block), :block.shape[1]] = block_mask.cpu().numpy()
+                row += len(block)
+            vecs, mask = (torch.from_numpy(gather_rows(x, num_queries, size, device)).to(device) for x in (vecs, mask))
+            mask = mask.bool()
+            self.colbert_blocks = [(vecs[b:b + batch_size], mask[b:b + batch_size])
+                                   for b in range(0, num_queries, batch_size)]
 
 
 def merge_top_k(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,22 +189,23 @@ class RunningTopK:
 
 
 def encode_dense(model, texts: Sequence[str], tokenizer, instruction: Optional[str], max_length: int,
-                 batch_size: int, progress: bool = True, desc: str = "encode") -> np.ndarray:
-    """Dense vectors `(len(texts), H)` float32 in text order (for an index library)."""
+                 batch_size: int, progress: bool = True, desc: str = "encode", across_ranks: bool = False) -> np.ndarray:
+    """Dense vectors `(len(texts), H)` float32 in text order (for an index library). `across_ranks`
+    (collective): each rank encodes its `distributed.shard` of the texts; every rank gets them all."""
     from tqdm.auto import tqdm
 
     model = unwrap_m3(model)
     device = next(model.parameters()).device
-    out = None
-    with inference_mode(model), tqdm(total=len(texts), desc=desc, unit="text", disable=not progress) as bar:
-        for indices, input_ids, attention_mask in token_batches(texts, tokenizer, instruction, max_length, batch_size):
+    first, last, size = my_shard(len(texts)) if across_ranks else (0, len(texts), len(texts))
+    out = np.zeros((last - first, model.encoder.config.hidden_size), dtype=np.float32)
+    with inference_mode(model), tqdm(total=last - first, desc=desc, unit="text", disable=not progress) as bar:
+        for indices, input_ids, attention_mask in token_batches(texts[first:last], tokenizer, instruction, max_length,
+                                                                batch_size):
             dense = model.encode(input_ids.to(device), attention_mask.to(device),
                                  with_sparse=False, with_colbert=False).dense.float().cpu().numpy()
-            if out is None:
-                out = np.empty((len(texts), dense.shape[1]), dtype=np.float32)
             out[indices] = dense
             bar.update(len(indices))
-    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+    return gather_rows(out, len(texts), size, device) if across_ranks else out
 
 
 def _cut(reps: M3Reps, dim: int, normalize: bool) -> M3Reps:
@@ -196,7 +244,8 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
                  progress: bool = True, colbert_max_elements: int = COLBERT_MAX_ELEMENTS,
                  lexical_cost: Optional[LexicalCost] = None, dims: Sequence[int] = (),
                  first_stage_k: Optional[int] = None, dense_index: DenseIndex = DenseIndex(),
-                 corpus_cache: Optional[CorpusCache] = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                 corpus_cache: Optional[CorpusCache] = None,
+                 across_ranks: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """`{head: (scores (Nq, k), document indices (Nq, k))}`, rows in query order, best first, for
     each head and the ensemble; `k = min(top_k, len(docs))`.
 
@@ -219,6 +268,14 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
     (`corpus_store.py`, docs/recipe.md §Corpus store), encoded into it first where it lacks them: the
     re-rank's first stage always, and exact search without the ColBERT head (ColBERT vectors are not
     stored; with that head exact search encodes the corpus as without a cache).
+
+    `across_ranks` (a collective: every rank calls it with the same arguments; docs/operations.md
+    §Evaluate, mine and score on N ranks): each rank encodes its `distributed.shard` of the queries
+    (then gathered: every rank holds every query's representations) and of the corpus (exact search:
+    its documents; re-rank: its share of the first stage's vectors, gathered, then its share of the
+    candidates), keeps a running top-k over its documents, and the top-k lists of every rank are
+    merged (ties to the lower document, as on one process): every rank returns one process's result.
+    The corpus store is shared among ranks as `CorpusCache.open` says. A no-op without several ranks.
     """
     model = unwrap_m3(model)
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
@@ -235,12 +292,16 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
     top_k = min(top_k, len(docs))
     if corpus_cache is not None:
         corpus_cache.report = None              # set again when this search reads the store
+    shared = across_ranks and is_distributed()
     encoding = dict(tokenizer=tokenizer, instruction=passage_instruction, max_length=passage_max_len,
                     batch_size=batch_size, with_sparse="sparse" in heads, progress=progress)
 
     with inference_mode(model):
-        q = QuerySide(model, tokenizer, queries, heads, query_instruction, query_max_len,
-                       batch_size, device, progress, lexical_cost)
+        first, last, size = my_shard(len(queries)) if shared else (0, len(queries), len(queries))
+        q = QuerySide(model, tokenizer, queries[first:last], heads, query_instruction, query_max_len,
+                      batch_size, device, progress, lexical_cost)
+        if shared:
+            q.gather_ranks(model, first, len(queries), size, batch_size)
         scored = heads + (("ensemble",) if with_ensemble else ())
         tops = {h: RunningTopK(len(q), top_k, device) for h in scored}
         # the query side cut to each size once: (dense, ColBERT blocks)
@@ -249,15 +310,19 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
                               for vecs, mask in q.colbert_blocks]) for dim in dims}
         tops.update({f"{h}@{dim}": RunningTopK(len(q), top_k, device) for dim in dims for h in scored if h != "sparse"})
         if first_stage_k is None and corpus_cache is not None and "colbert" not in heads:
-            store = stored_corpus(model, docs, corpus_cache, **encoding)
+            store = stored_corpus(model, docs, corpus_cache, across_ranks=shared, **encoding)
+            own = range(*shard(store.num_shards, rank(), world_size())[:2]) if shared else None
             batches = ((indices, M3Reps(dense=dense, sparse=sparse), None, None)
-                       for indices, dense, sparse in store.batches(batch_size, device, lexical_cost))
+                       for indices, dense, sparse in store.batches(batch_size, device, lexical_cost, own))
         elif first_stage_k is None:
+            own_docs = np.arange(*my_shard(len(docs))[:2]) if shared else None
             batches = ((indices, d, None, None) for indices, d in encoded_batches(
-                model, docs, with_colbert="colbert" in heads, lexical_cost=lexical_cost, desc="encode corpus", **encoding))
+                model, docs, with_colbert="colbert" in heads, lexical_cost=lexical_cost, desc="encode corpus",
+                doc_indices=own_docs, **encoding))
         else:
             batches = _rerank_batches(model, q, docs, max(first_stage_k, top_k), dense_index, with_colbert="colbert" in heads,
-                                      lexical_cost=lexical_cost, corpus_cache=corpus_cache, **encoding)
+                                      lexical_cost=lexical_cost, corpus_cache=corpus_cache, across_ranks=shared,
+                                      **encoding)
         for indices, d, rows, mask in batches:
             doc_indices = torch.tensor(indices, dtype=torch.long, device=device)
             sparse = None
@@ -286,6 +351,12 @@ def search_top_k(model, queries: Sequence[str], docs: Sequence[str], *, tokenize
                         head_scores = head_scores.masked_fill(~mask, float("-inf"))
                     tops[head + suffix].update(head_scores, doc_indices, rows)
 
+    if shared:          # every rank's top-k over its documents, merged
+        for top in tops.values():
+            top.values, top.indices = merge_top_k(torch.cat(gather_all(top.values), dim=1),
+                                                  torch.cat(gather_all(top.indices), dim=1), top.k)
+        if lexical_cost is not None:
+            _sum_across_ranks(lexical_cost, model.vocab_size)
     # back to query order (QuerySide encodes length-sorted)
     back = torch.empty(len(q), dtype=torch.long)
     back[torch.tensor(q.order, dtype=torch.long)] = torch.arange(len(q))
@@ -313,9 +384,11 @@ def encoded_batches(model, docs: Sequence[str], *, tokenizer, instruction: Optio
 
 
 def stored_corpus(model, docs: Sequence[str], corpus_cache: CorpusCache, *, tokenizer, instruction: Optional[str],
-                  max_length: int, batch_size: int, with_sparse: bool, progress: bool) -> CorpusStore:
+                  max_length: int, batch_size: int, with_sparse: bool, progress: bool,
+                  across_ranks: bool = False) -> CorpusStore:
     """The store of `docs` under `corpus_cache` for this model and these settings (dense, and sparse
-    with `with_sparse`), its missing shards encoded first (the model in eval mode)."""
+    with `with_sparse`), its missing shards encoded first (the model in eval mode; `across_ranks`:
+    shared among the ranks, `CorpusCache.open`)."""
     settings = store_settings(model, tokenizer, docs, instruction=instruction, max_length=max_length,
                               with_sparse=with_sparse)
 
@@ -324,7 +397,16 @@ def stored_corpus(model, docs: Sequence[str], corpus_cache: CorpusCache, *, toke
                                batch_size=batch_size, with_sparse=with_sparse, with_colbert=False, progress=progress,
                                desc="encode corpus into the store", doc_indices=doc_indices)
     with inference_mode(model):
-        return corpus_cache.open(settings, encode)
+        return corpus_cache.open(settings, encode, across_ranks)
+
+
+def _sum_across_ranks(lexical_cost: LexicalCost, vocab_size: int) -> None:
+    """`lexical_cost` of every rank's texts, in place of this rank's (each counted its own share). Collective."""
+    for side in lexical_cost.SIDES:
+        present = lexical_cost.present[side]
+        present = sum_across_ranks(torch.zeros(vocab_size, dtype=torch.float64) if present is None else present)
+        texts = int(sum_across_ranks(torch.tensor([lexical_cost.texts[side]])))
+        lexical_cost.present[side], lexical_cost.texts[side] = (present if texts else None), texts
 
 
 def _block_rows(blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor
@@ -340,38 +422,46 @@ def _block_rows(blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: torch
 
 
 def _kept_vectors(model, docs: Sequence[str], corpus_cache: Optional[CorpusCache], *, with_sparse: bool,
-                  progress: bool, lexical_cost: Optional[LexicalCost], **encoding
+                  progress: bool, lexical_cost: Optional[LexicalCost], across_ranks: bool = False, **encoding
                   ) -> tuple[np.ndarray, Optional[InvertedIndex]]:
     """Every document's dense vector `(N, H)` and, with `with_sparse`, its lexical weights as an
-    `InvertedIndex` (finished by the caller): read from the store with `corpus_cache`, else encoded."""
+    `InvertedIndex` (finished by the caller): read from the store with `corpus_cache`, else encoded.
+    `across_ranks`: each rank encodes its share (and counts its share's lexical terms), every rank
+    gets all of them."""
     num_docs = len(docs)
-    dense, inverted = None, None
+    inverted = InvertedIndex(num_docs, model.vocab_size) if with_sparse else None
     if corpus_cache is not None:
-        store = stored_corpus(model, docs, corpus_cache, with_sparse=with_sparse, progress=progress, **encoding)
+        store = stored_corpus(model, docs, corpus_cache, with_sparse=with_sparse, progress=progress,
+                              across_ranks=across_ranks, **encoding)
         vocab_size = store.settings["vocab_size"]
-        inverted = InvertedIndex(num_docs, vocab_size) if with_sparse else None
+        own = range(*shard(store.num_shards, rank(), world_size())[:2]) if across_ranks else range(store.num_shards)
         parts = []
-        for start, arrays in store.shards():
+        for shard_index, (start, arrays) in enumerate(store.shards()):
             parts.append(arrays["dense"])
             if inverted is not None:
                 inverted.add_csr(start, arrays["sparse_indptr"], arrays["sparse_tokens"], arrays["sparse_weights"])
-                if lexical_cost is not None:
+                if lexical_cost is not None and shard_index in own:
                     count_passage_terms(lexical_cost, arrays, vocab_size)
         return np.concatenate(parts), inverted
+    first, last, size = my_shard(num_docs) if across_ranks else (0, num_docs, num_docs)
+    dense = np.zeros((last - first, model.encoder.config.hidden_size), dtype=np.float32)
     for indices, d in encoded_batches(model, docs, with_sparse=with_sparse, with_colbert=False, progress=progress,
-                                      lexical_cost=lexical_cost, desc="encode corpus", **encoding):
-        if dense is None:
-            dense = np.empty((num_docs, d.dense.shape[1]), dtype=np.float32)
-            inverted = InvertedIndex(num_docs, d.sparse.shape[1]) if with_sparse else None
-        dense[indices] = d.dense.float().cpu().numpy()
+                                      lexical_cost=lexical_cost, desc="encode corpus",
+                                      doc_indices=np.arange(first, last), **encoding):
+        dense[np.asarray(indices) - first] = d.dense.float().cpu().numpy()
         if inverted is not None:
             inverted.add(indices, d.sparse)
+    if across_ranks:
+        device = next(model.parameters()).device
+        dense = gather_rows(dense, num_docs, size, device)
+        if inverted is not None:
+            inverted.gather_ranks(device)
     return dense, inverted
 
 
 def _rerank_batches(model, q: QuerySide, docs: Sequence[str], first_stage_k: int, dense_index: DenseIndex, *,
                     with_sparse: bool, with_colbert: bool, lexical_cost: Optional[LexicalCost], progress: bool,
-                    corpus_cache: Optional[CorpusCache] = None, **encoding
+                    corpus_cache: Optional[CorpusCache] = None, across_ranks: bool = False, **encoding
                     ) -> Iterator[tuple[list[int], M3Reps, Optional[torch.Tensor], Optional[torch.Tensor]]]:
     """The batches a re-rank scores: `(document indices, M3Reps, query rows, (rows, batch) candidate
     mask)`, over the union of every query's first-stage candidates (rows and mask None where a batch
@@ -385,14 +475,15 @@ def _rerank_batches(model, q: QuerySide, docs: Sequence[str], first_stage_k: int
     scored. With `corpus_cache` the kept vectors are read from the store (`stored_corpus`). The
     ColBERT max-sim of a batch runs for every query with a candidate in it against the whole batch
     (then masked); candidates come in corpus order, so with K >= the corpus size the batches, and
-    the scores, are exact search's.
+    the scores, are exact search's. `across_ranks`: every rank holds every document's kept vectors
+    (`_kept_vectors`) and computes the same candidates; it scores its `distributed.shard` of them.
     """
     device = next(model.parameters()).device
     num_docs = len(docs)
     if not num_docs:
         return
     dense, inverted = _kept_vectors(model, docs, corpus_cache, with_sparse=with_sparse, progress=progress,
-                                    lexical_cost=lexical_cost, **encoding)
+                                    lexical_cost=lexical_cost, across_ranks=across_ranks, **encoding)
     k = min(first_stage_k, num_docs)
     _, dense_top = dense_index.search(q.dense.cpu().numpy(), dense, k)
     pair_rows = [np.repeat(np.arange(len(q)), k)]
@@ -412,15 +503,16 @@ def _rerank_batches(model, q: QuerySide, docs: Sequence[str], first_stage_k: int
     candidate_docs, candidate_rows = keys // len(q), keys % len(q)
     union, first = np.unique(candidate_docs, return_index=True)
     ptr = np.append(first, len(keys))
+    own = union[slice(*my_shard(len(union))[:2])] if across_ranks else union
 
     if with_colbert:
         batches = encoded_batches(model, docs, with_sparse=with_sparse, with_colbert=True, progress=progress,
-                                  desc="re-rank candidates", doc_indices=union, **encoding)
+                                  desc="re-rank candidates", doc_indices=own, **encoding)
     else:
         step = encoding["batch_size"]
         batches = ((chunk.tolist(), M3Reps(dense=torch.from_numpy(dense[chunk]).to(device),
                                            sparse=None if inverted is None else inverted.rows(chunk).to(device)))
-                   for chunk in (union[b:b + step] for b in range(0, len(union), step)))
+                   for chunk in (own[b:b + step] for b in range(0, len(own), step)))
     for indices, d in batches:
         at = np.searchsorted(union, indices)
         counts = ptr[at + 1] - ptr[at]

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from m3composer.distributed import launched_process_group, rank
+from m3composer.distributed import launched_process_group, rank, world_size
 from m3composer.fsutil import write_json_atomic
 from m3composer.model.folder_config import M3FolderConfig
 from m3composer.model.inference import load_model_for_inference, missing_heads, unwrap_m3
@@ -256,6 +256,7 @@ def _run(args: argparse.Namespace, across_ranks: bool) -> int:
     results["model"] = str(args.model_dir)
     results["eval_set"] = str(args.eval_path)
     results["skipped_heads"] = skipped
+    results["world_size"] = world_size()       # the ranks that shared the encoding (1: one process)
     # the heads its training run trained (loss.heads), for the quickstart's comparison; None: not recorded
     results["trained_heads"] = M3FolderConfig.from_folder(args.model_dir).trained_heads
     print(f"[eval] {args.model_dir} on {args.eval_path}: {results['num_queries']} queries, "

@@ -141,6 +141,7 @@ def test_eval_on_two_ranks_writes_the_one_process_metrics_from_rank_0(model, mod
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "out/two.json"))
     assert "ensemble" in printed and "[eval]" not in (tmp_path / "logs" / "r1.out").read_text()  # rank 0's table only
     assert (one["num_queries"], one["num_docs"]) == (two["num_queries"], two["num_docs"]) == (15, 79)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
     exact = search_top_k(model, texts["queries"], texts["docs"], top_k=len(texts["docs"]), dims=(8,), **SEARCH)
     compared = 0
     for head, per_query in one["per_query"].items():

@@ -134,17 +134,19 @@ class InvertedIndex:
         docs = np.repeat(np.arange(first_doc, first_doc + len(indptr) - 1, dtype=np.int32), np.diff(indptr))
         self._parts.append((docs, tokens.astype(np.int32), weights.astype(np.float32)))
 
+    def _entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`(documents, tokens, weights)` of every part added so far, concatenated in order."""
+        return tuple(np.concatenate([p[i] for p in self._parts]) if self._parts else np.zeros(0, dtype=dtype)
+                     for i, dtype in enumerate((np.int32, np.int32, np.float32)))
+
     def gather_ranks(self, device) -> "InvertedIndex":
         """Every rank's added weights in place of this rank's own (each rank added its share of the
         documents; `finish` sorts, so the result is one process's). Collective; `device`: where it runs."""
-        entries = [np.concatenate([p[i] for p in self._parts]) if self._parts else np.zeros(0, dtype=dtype)
-                   for i, dtype in enumerate((np.int32, np.int32, np.float32))]
-        self._parts = [tuple(gather_ragged(x, device) for x in entries)]
+        self._parts = [tuple(gather_ragged(x, device) for x in self._entries())]
         return self
 
     def finish(self) -> "InvertedIndex":
-        docs, tokens, values = (np.concatenate([p[i] for p in self._parts]) if self._parts else
-                                np.zeros(0, dtype=dtype) for i, dtype in enumerate((np.int32, np.int32, np.float32)))
+        docs, tokens, values = self._entries()
         self._parts = []
         by_token = np.lexsort((docs, tokens))
         self.post_docs, self.post_weights = docs[by_token], values[by_token]
